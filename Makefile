@@ -1,0 +1,55 @@
+# softcal: every target does its own set-up on a fresh machine.
+#   make test        CPU build (torch 2.13.0, CPU wheel) + the whole test suite
+#   make calibrate   the main job: `softcal calibrate` on the embedded DenseNet-40 / CIFAR-10 logits
+#   make bench       the CPU loss benchmark (both THP settings) -> benchmarks/results/
+#   make cuda-check  compile + link + import the CUDA extension without a GPU (torch 2.14.1, CUDA 13.0)
+PYTHON      ?= python3
+VENV        ?= .venv
+VPY         := $(VENV)/bin/python
+TORCH_SPEC  ?= torch==2.13.0
+DEPS        := numpy scipy matplotlib tqdm pytest ninja setuptools wheel
+CUDA_VENV   ?= .venv-cuda
+CUDA_TORCH  ?= torch==2.14.1
+CUDA_HOME   ?= /usr/local/cuda-13.0
+MAX_JOBS    ?= 2
+
+.PHONY: venv build test calibrate bench cuda-check clean
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q $(TORCH_SPEC) $(DEPS)
+	touch $@
+
+venv: $(VENV)/.ready
+
+build: $(VENV)/.ready
+	MAX_JOBS=$(MAX_JOBS) SOFTCAL_CPU_ONLY=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(VPY) -c "import torch, softcal; assert softcal.backend('cpu') == 'extension', 'extension did not load'; print('softcal', softcal.__version__, 'cpu backend:', softcal.backend('cpu'))"
+
+test: build
+	$(VPY) -m pytest -q tests
+
+calibrate: build
+	$(VENV)/bin/softcal calibrate
+
+bench: build
+	$(VPY) benchmarks/bench_loss.py --device cpu --thp both --out benchmarks/results
+
+# The CUDA build is made in a copy of the tree (build/cuda-check) so that it never replaces the
+# CPU build's softcal/_C*.so; the copy's tests check that every op has a CUDA kernel.
+$(CUDA_VENV)/.ready:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) $(DEPS)
+	touch $@
+
+cuda-check: $(CUDA_VENV)/.ready
+	rm -rf build/cuda-check && mkdir -p build/cuda-check
+	cp -r setup.py pyproject.toml csrc softcal tests build/cuda-check/
+	rm -f build/cuda-check/softcal/_C*.so
+	cd build/cuda-check && CUDA_HOME=$(CUDA_HOME) SOFTCAL_FORCE_CUDA=1 MAX_JOBS=$(MAX_JOBS) \
+		TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
+		../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace
+	cd build/cuda-check && SOFTCAL_EXPECT_CUDA=1 ../../$(CUDA_VENV)/bin/python -m pytest -q tests/test_cuda.py
+
+clean:
+	rm -rf build *.egg-info softcal/_C*.so

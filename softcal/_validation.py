@@ -1,0 +1,161 @@
+"""Argument checks and shape handling shared by the functional API and the reference.
+
+Every error names the argument and the bad value. Nothing here synchronises a CUDA device:
+checks on tensor *values* (target range, a temperature tensor's value) are done by the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+__all__ = [
+    "REDUCTIONS",
+    "check_logits",
+    "check_temperature",
+    "check_label_smoothing",
+    "check_reduction",
+    "check_target",
+    "check_weight",
+    "flatten_classes",
+]
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+Temperature = Union[float, int, torch.Tensor]
+
+
+def check_logits(fn: str, logits: torch.Tensor, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOATS:
+        raise TypeError(
+            f"{fn}: {name} must be float16, bfloat16, float32 or float64, got dtype {logits.dtype}"
+        )
+
+
+def check_temperature(fn: str, temperature: Temperature, device: torch.device) -> Temperature:
+    """Validate a float or 0-dim tensor temperature; return a float or a 0-dim tensor."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or temperature.dim() > 1:
+            raise ValueError(
+                f"{fn}: temperature tensor must have exactly one element (0-dim), "
+                f"got shape {tuple(temperature.shape)}"
+            )
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(
+                f"{fn}: temperature tensor must be floating point, got dtype {temperature.dtype}"
+            )
+        if temperature.device != device:
+            raise ValueError(
+                f"{fn}: temperature is on {temperature.device} but logits is on {device}"
+            )
+        if (temperature.device.type == "cpu" and not _is_fake(temperature)
+                and not torch.compiler.is_compiling()):
+            value = float(temperature.detach())
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{fn}: temperature must be a finite number > 0, got {value}")
+        return temperature.reshape(())
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(
+            f"{fn}: temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}"
+        )
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
+    return value
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
+
+
+def check_label_smoothing(fn: str, label_smoothing: float, name: str = "label_smoothing") -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(label_smoothing).__name__}")
+    value = float(label_smoothing)
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{fn}: {name} must be in [0, 1], got {label_smoothing!r}")
+    return value
+
+
+def check_reduction(fn: str, reduction: str) -> int:
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"{fn}: reduction must be one of 'mean', 'sum', 'none', got {reduction!r}"
+        )
+    return REDUCTIONS[reduction]
+
+
+def check_ignore_index(fn: str, ignore_index: int) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def check_target(fn: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Check the target's type, device and shape against the logits; return it as int64."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"{fn}: target must be an integer tensor of class indices, got dtype {target.dtype} "
+            "(class-probability targets are not supported)"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"{fn}: target is on {target.device} but logits is on {logits.device}")
+    if logits.dim() == 0:
+        raise ValueError(f"{fn}: logits must have at least 1 dimension (classes), got a 0-dim tensor")
+    if logits.dim() == 1:
+        expected: Tuple[int, ...] = ()
+    else:
+        expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"{fn}: target has shape {tuple(target.shape)} but logits of shape "
+            f"{tuple(logits.shape)} needs target of shape {expected}"
+        )
+    return target if target.dtype == torch.int64 else target.long()
+
+
+def check_weight(fn: str, logits: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fn}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    n_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
+    if weight.dim() != 1 or weight.shape[0] != n_classes:
+        raise ValueError(
+            f"{fn}: weight has shape {tuple(weight.shape)} but logits has {n_classes} classes "
+            f"(expected shape ({n_classes},))"
+        )
+    if weight.dtype != logits.dtype:
+        raise TypeError(f"{fn}: weight has dtype {weight.dtype} but logits has dtype {logits.dtype}")
+    if weight.device != logits.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but logits is on {logits.device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{fn}: the gradient with respect to weight is not supported; pass weight.detach()"
+        )
+    return weight
+
+
+def flatten_classes(logits: torch.Tensor, target: torch.Tensor):
+    """(C,), (N, C) or (N, C, d1, ...) -> 2-D (rows, C) with classes last, 1-D target, batch shape.
+
+    (N, C) is returned as it is when its class stride is 1 (any row stride); other layouts are
+    copied once into (rows, C).
+    """
+    if logits.dim() == 1:
+        return logits.unsqueeze(0), target.reshape(1), ()
+    if logits.dim() == 2:
+        x = logits if (logits.stride(1) == 1 or logits.shape[1] <= 1) else logits.contiguous()
+        return x, target, (logits.shape[0],)
+    n_classes = logits.shape[1]
+    batch_shape = (logits.shape[0],) + tuple(logits.shape[2:])
+    x = logits.movedim(1, -1).reshape(-1, n_classes)
+    return x, target.reshape(-1), batch_shape

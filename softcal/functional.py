@@ -1,0 +1,216 @@
+"""Functional API: cross_entropy, softmax and log_softmax with a temperature.
+
+Same argument names and defaults as torch.nn.functional, plus `temperature`. Each function runs
+the compiled kernel for the input's device when the extension has one (softcal.backend() says
+which), and the pure-PyTorch reference otherwise.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Union
+
+import torch
+
+from . import _ops, reference
+from ._validation import (
+    check_ignore_index,
+    check_label_smoothing,
+    check_logits,
+    check_reduction,
+    check_target,
+    check_temperature,
+    check_weight,
+    flatten_classes,
+)
+
+__all__ = ["cross_entropy", "softmax", "log_softmax", "temperature_stats"]
+
+Temperature = Union[float, torch.Tensor]
+
+_warned_devices = set()
+
+
+def _use_kernel(device: torch.device) -> bool:
+    if _ops.has_kernel(device.type):
+        return True
+    if _ops.HAVE_EXTENSION and device.type not in _warned_devices and device.type != "meta":
+        _warned_devices.add(device.type)
+        warnings.warn(
+            f"softcal: the compiled extension has no {device.type} kernels; using the pure-PyTorch "
+            "reference on this device",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _split_temperature(temperature):
+    if isinstance(temperature, torch.Tensor):
+        return temperature, 1.0
+    return None, float(temperature)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Loss and gradient in one kernel call; backward only rescales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, x, temperature_t, target, weight, temperature, eps, ignore_index, reduction,
+                inplace):
+        need_t = temperature_t is not None and temperature_t.requires_grad
+        if inplace:
+            loss, grad_t = torch.ops.softcal.tsce_fused_(x, target, weight, temperature_t,
+                                                         temperature, eps, ignore_index,
+                                                         reduction, need_t)
+            grad = x
+        else:
+            loss, grad, grad_t = torch.ops.softcal.tsce_fused(x, target, weight, temperature_t,
+                                                              temperature, eps, ignore_index,
+                                                              reduction, need_t)
+        ctx.save_for_backward(grad, grad_t)
+        ctx.reduction = reduction
+        ctx.used = False
+        ctx.mark_non_differentiable(grad_t)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad, grad_t = ctx.saved_tensors
+        gx = gt = None
+        if ctx.needs_input_grad[0]:
+            if ctx.used:
+                raise RuntimeError(
+                    "softcal.cross_entropy(fused=True): the backward scales the stored gradient in "
+                    "place and can run only once per forward; use fused=False to call backward "
+                    "twice (retain_graph=True, gradcheck)")
+            ctx.used = True
+            # In place: the gradient buffer is used once (once_differentiable). A 0-dim grad_loss
+            # of 1 is detected on the device and costs no pass over the gradient.
+            torch.ops.softcal.scale_rows_(grad, grad_loss)
+            gx = grad
+        if ctx.needs_input_grad[1]:
+            gt = (grad_t * grad_loss).sum() if ctx.reduction == 0 else grad_t * grad_loss
+        return gx, gt, None, None, None, None, None, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: Temperature = 1.0,
+    label_smoothing: float = 0.0,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    fused: bool = False,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Temperature-scaled, label-smoothed cross-entropy.
+
+    Equals ``F.cross_entropy(logits / temperature, target, weight=weight,
+    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)``.
+
+    Args:
+        logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64.
+        target: class indices of shape (), (N,) or (N, d1, ...); any integer dtype.
+        temperature: a float > 0 or a 0-dim floating tensor on the logits' device; when the
+            tensor requires grad, autograd also returns dL/dT.
+        label_smoothing: eps in [0, 1]; the target distribution is (1 - eps) one-hot + eps / C.
+        weight: (C,) class weights, the logits' dtype and device (not differentiable).
+        ignore_index: rows with this target contribute 0 and are not counted by "mean".
+        reduction: "mean", "sum" or "none".
+        fused: compute the gradient during the forward (one read and one write of the logits
+            in all); backward only rescales it by the upstream gradient. Saves the gradient
+            (logits-sized) from forward to backward instead of the per-row log-sum-exp.
+        inplace: with fused=True, write the gradient into the logits' own buffer (their values
+            are lost; no memory beyond the logits is used). Only for logits that nothing else
+            needs after this call, such as the output of the last linear layer.
+
+    Returns:
+        The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".
+        float16/bfloat16 are computed in float32 inside the kernel.
+    """
+    fn = "softcal.cross_entropy"
+    check_logits(fn, logits)
+    target = check_target(fn, logits, target)
+    weight = check_weight(fn, logits, weight)
+    temperature = check_temperature(fn, temperature, logits.device)
+    eps = check_label_smoothing(fn, label_smoothing)
+    red = check_reduction(fn, reduction)
+    ignore_index = check_ignore_index(fn, ignore_index)
+    if inplace and not fused:
+        raise ValueError(f"{fn}: inplace=True needs fused=True, got fused={fused!r}")
+    if not _use_kernel(logits.device):
+        return reference.cross_entropy(logits, target, temperature=temperature,
+                                       label_smoothing=eps, weight=weight,
+                                       ignore_index=ignore_index, reduction=reduction)
+    x, t, batch_shape = flatten_classes(logits, target)
+    temp_t, temp_f = _split_temperature(temperature)
+    if fused and torch.is_grad_enabled() and (
+        logits.requires_grad or (temp_t is not None and temp_t.requires_grad)
+    ):
+        if inplace and not x.is_contiguous():
+            x = x.contiguous()
+        loss = _FusedCrossEntropy.apply(x, temp_t, t, weight, temp_f, eps, ignore_index, red,
+                                        inplace)
+    else:
+        loss, _, _ = torch.ops.softcal.tsce_fwd(x, t, weight, temp_t, temp_f, eps, ignore_index,
+                                                red)
+    if red == 0:
+        loss = loss.reshape(batch_shape)
+    return loss
+
+
+def _softmax(fn: str, x: torch.Tensor, temperature: Temperature, dim: int, log: bool):
+    check_logits(fn, x, name="input")
+    temperature = check_temperature(fn, temperature, x.device)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{fn}: dim must be an int, got {type(dim).__name__}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"{fn}: dim {dim} is out of range for a tensor of {x.dim()} dimensions")
+    dim = dim % ndim
+    if not _use_kernel(x.device):
+        return reference._softmax_impl(x, temperature, dim, log)
+    temp_t, temp_f = _split_temperature(temperature)
+    if x.dim() == 0:
+        return torch.ops.softcal.softmax_fwd(x.reshape(1), temp_t, temp_f, 0, log).reshape(())
+    return torch.ops.softcal.softmax_fwd(x, temp_t, temp_f, dim, log)
+
+
+def softmax(x: torch.Tensor, temperature: Temperature = 1.0, dim: int = -1) -> torch.Tensor:
+    """softmax(x / temperature) along dim, numerically stable in the kernel.
+
+    x: any shape, float16/bfloat16/float32/float64 (computed in float32 at least); the result
+    has x's shape and dtype. A slice that is entirely -inf gives NaN, as torch.softmax.
+    """
+    return _softmax("softcal.softmax", x, temperature, dim, log=False)
+
+
+def log_softmax(x: torch.Tensor, temperature: Temperature = 1.0, dim: int = -1) -> torch.Tensor:
+    """log_softmax(x / temperature) along dim; see softmax."""
+    return _softmax("softcal.log_softmax", x, temperature, dim, log=True)
+
+
+def temperature_stats(logits: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """Sufficient statistics for fitting a temperature, at beta = 1/T, in one pass.
+
+    Args:
+        logits: (N, C) float16/bfloat16/float32/float64. target: (N,) integer class indices.
+    Returns:
+        float64 tensor [sum_i NLL_i, sum_i (E_p[x_i] - x_i,y), sum_i Var_p[x_i], N]: the NLL at
+        beta and its first and second derivatives with respect to beta.
+    """
+    fn = "softcal.temperature_stats"
+    check_logits(fn, logits)
+    if logits.dim() != 2:
+        raise ValueError(f"{fn}: logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+    target = check_target(fn, logits, target)
+    beta = float(beta)
+    if not (beta > 0 and beta < float("inf")):
+        raise ValueError(f"{fn}: beta must be a finite number > 0, got {beta}")
+    if not _use_kernel(logits.device):
+        return reference.temperature_stats(logits, target, beta)
+    x = logits if logits.stride(1) == 1 else logits.contiguous()
+    return torch.ops.softcal.temperature_stats(x, target, beta)

@@ -1,0 +1,1 @@
+"""Calibration metrics (being written)."""

@@ -1,0 +1,127 @@
+"""The same maths as the kernels, in plain PyTorch.
+
+Two roles: the oracle of the tests (evaluated in float64) and the fallback when the compiled
+extension is not available. Every function here is differentiable by autograd, the temperature
+included when it is a tensor. The formulas are written out in csrc/common.h; these functions
+follow the same conventions for edge cases (fully masked rows, masked logits and the temperature
+gradient, ignored rows).
+
+Inputs are assumed valid (softcal.functional checks them); target values are checked here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ._validation import flatten_classes
+
+__all__ = ["cross_entropy", "softmax", "log_softmax", "temperature_stats"]
+
+Temperature = Union[float, torch.Tensor]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scale(x: torch.Tensor, temperature: Temperature) -> torch.Tensor:
+    """z = x / T, with masked logits (-inf) kept as constants (their T-gradient is 0)."""
+    if isinstance(temperature, torch.Tensor):
+        masked = torch.isneginf(x)
+        safe = torch.where(masked, torch.zeros_like(x), x)
+        t = temperature.to(x.dtype)
+        return torch.where(masked, x, safe / t)
+    return x / temperature
+
+
+def _check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"softcal.cross_entropy: target[{idx}] = {int(target[idx])} is out of range for "
+            f"{n_classes} classes (ignore_index = {ignore_index})"
+        )
+    return valid
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: Temperature = 1.0,
+    label_smoothing: float = 0.0,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """F.cross_entropy(logits / T, ...) computed explicitly in the accumulation dtype."""
+    x, t, batch_shape = flatten_classes(logits, target.long())
+    rows, n_classes = x.shape
+    acc = _acc_dtype(x.dtype)
+    eps = float(label_smoothing)
+    valid = _check_targets(t, n_classes, ignore_index)
+    # Ignored rows contribute nothing; zero them so that a fully masked ignored row stays finite.
+    xa = torch.where(valid[:, None], x.to(acc), torch.zeros((), dtype=acc, device=x.device))
+    z = _scale(xa, temperature)
+    m = z.amax(dim=1, keepdim=True) if n_classes > 0 else z.sum(1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m).detach()
+    lse = m + torch.log(torch.exp(z - m).sum(dim=1, keepdim=True))
+    logp = z - lse
+    t_safe = torch.where(valid, t, torch.zeros_like(t))
+    w = weight.to(acc) if weight is not None else None
+    w_y = w[t_safe] if w is not None else torch.ones(rows, dtype=acc, device=x.device)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    nll = -logp.gather(1, t_safe[:, None]).squeeze(1) * w_y
+    loss = (1.0 - eps) * nll
+    if eps > 0:
+        smooth = -(logp * w).sum(1) if w is not None else -logp.sum(1)
+        loss = loss + (eps / n_classes) * smooth
+    loss = torch.where(valid, loss, zero)
+    denom = torch.where(valid, w_y, zero).sum()
+    if reduction == "none":
+        out = loss.reshape(batch_shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / denom
+    return out.to(logits.dtype)
+
+
+def _softmax_impl(x: torch.Tensor, temperature: Temperature, dim: int, log: bool) -> torch.Tensor:
+    acc = _acc_dtype(x.dtype)
+    z = _scale(x.to(acc), temperature)
+    out = torch.log_softmax(z, dim=dim) if log else torch.softmax(z, dim=dim)
+    return out.to(x.dtype)
+
+
+def softmax(x: torch.Tensor, temperature: Temperature = 1.0, dim: int = -1) -> torch.Tensor:
+    """softmax(x / T) along dim."""
+    return _softmax_impl(x, temperature, dim, log=False)
+
+
+def log_softmax(x: torch.Tensor, temperature: Temperature = 1.0, dim: int = -1) -> torch.Tensor:
+    """log_softmax(x / T) along dim."""
+    return _softmax_impl(x, temperature, dim, log=True)
+
+
+def temperature_stats(logits: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """[sum NLL(beta), sum (E_p[x] - x_y), sum Var_p[x], rows] in float64, p = softmax(beta x)."""
+    x = logits.to(torch.float64)
+    t = target.long().reshape(-1, 1)
+    z = beta * x
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    x_y = x.gather(1, t).squeeze(1)
+    nll = -logp.gather(1, t).squeeze(1)
+    # Centre on the row max for a stable variance; masked logits (-inf) have p = 0.
+    xmax = x.amax(1, keepdim=True)
+    d = torch.where(p > 0, x - xmax, torch.zeros_like(x))
+    mean_d = (p * d).sum(1)
+    var = ((p * (d - mean_d[:, None]) ** 2)).sum(1)
+    dnll = mean_d + xmax.squeeze(1) - x_y
+    rows = float(x.shape[0])
+    return torch.stack([nll.sum(), dnll.sum(), var.sum(), torch.tensor(rows, dtype=torch.float64, device=x.device)])

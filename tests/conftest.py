@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+# Tolerances travel with the dtype: (rtol on values, relative-norm tolerance on gradients).
+# The kernels accumulate in float32 for half types, so the error of a half/bfloat16 result is
+# one rounding of the output; float32 sees a ~1e-6 relative exp error.
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12, grad=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-6, grad=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=1e-3, grad=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=8e-3, grad=1.6e-2),
+}
+
+SHARED_DATA = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "logits")
+)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 on the CPU (0 when both are 0)."""
+    a = a.detach().double().cpu()
+    b = b.detach().double().cpu()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff if denom == 0 else diff / denom
