@@ -796,3 +796,23 @@ def test_label_smoothing_loss_validates_in_init():
         softcal.nn.LabelSmoothingLoss(ignore_index=1.5)
     with pytest.raises(ValueError, match="inplace=True needs fused=True"):
         softcal.nn.LabelSmoothingLoss(inplace=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_row_max_in_a_later_chunk(device, dtype):
+    """Long rows are walked in chunks: a chunk whose max jumps far above the running max (its
+    exps relative to the old max would overflow) and rows whose only finite values come late."""
+    C = 9000
+    x = torch.randn(6, C, dtype=torch.float64)
+    x[0, 7000] = 500.0        # jump of 500 / T after 3 chunks
+    x[1, 2100] = 95.0         # jump just above the 80 / beta threshold at T = 1
+    x[1, 5000] = 190.0
+    x[2, :4100] = -math.inf   # first finite values in the third chunk
+    x[3, 1:] = -math.inf      # a single finite value
+    x[4] = torch.linspace(-50, 50, C)  # the max grows in every chunk
+    x[5, 8999] = 60.0
+    t = torch.tensor([7000, 5000, 4100, 0, 8999, 3])
+    x = x.to(dtype).to(device)
+    for T in (0.5, 1.0, 4.0):
+        for eps in (0.0, 0.1):
+            check_against_reference(x, t.to(device), None, T, eps, "none")

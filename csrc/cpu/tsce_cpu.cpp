@@ -53,12 +53,39 @@ constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 template <typename acc_t>
 constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
 
-// exp on a vector: the float path uses ATen's polynomial exp (|error| ~ 2 ulp; inputs below
-// log(FLT_MIN) give exactly 0, so -inf gives 0), the double path Sleef's 1-ulp exp.
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+// exp(x) for float32 lanes in 11 AVX-512 instructions: x = n ln2 + r with |r| <= ln2/2
+// (Cody-Waite split of ln2), e^r by a degree-5 polynomial fitted on that interval (max relative
+// error 1.1e-7 in exact arithmetic), then r's value scaled by 2^n with vscalefps, which also
+// handles overflow. Inputs below log(FLT_MIN) give exactly 0 (so -inf gives 0 and no denormal
+// is ever produced); NaN stays NaN.
+inline __m512 exp_avx512(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(0.0083751353f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041917566f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666415f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49998868f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+#endif
+
+// exp on a vector. float: the AVX-512 routine above where built for AVX-512, else ATen's
+// polynomial exp_u20 (inputs below log(FLT_MIN) give exactly 0, so -inf gives 0); double:
+// Sleef's 1-ulp exp.
 template <typename acc_t>
 inline Vec<acc_t> vexp(const Vec<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+    return Vec<float>(exp_avx512(v));
+#else
     return v.exp_u20();
+#endif
   } else {
     return v.exp();
   }
@@ -148,7 +175,55 @@ struct RowStats {
   acc_t dot;     // sum_c w_c x_c (only when requested)
 };
 
-// One read of a row: the online (chunked) max and sum of exps, and optionally sum w_c x_c.
+template <typename acc_t>
+struct ChunkSums {
+  acc_t max, sumexp, dot;
+};
+
+// One walk over x[0:n]: its max, sum_i exp(beta * x_i - shift) and (when kDot) sum w_i x_i.
+template <typename acc_t, bool kDot>
+inline ChunkSums<acc_t> chunk_exp_max_dot(const acc_t* x, const acc_t* w, int64_t n, acc_t beta,
+                                          acc_t shift) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  const Vec<acc_t> vb(beta), vs(-shift);
+  Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>), s0(0), s1(0), d0(0), d1(0);
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    const Vec<acc_t> a = Vec<acc_t>::loadu(x + i), b = Vec<acc_t>::loadu(x + i + V);
+    m0 = at::vec::maximum(m0, a);
+    m1 = at::vec::maximum(m1, b);
+    s0 = s0 + vexp(at::vec::fmadd(a, vb, vs));
+    s1 = s1 + vexp(at::vec::fmadd(b, vb, vs));
+    if constexpr (kDot) {
+      if (w == nullptr) {
+        d0 = d0 + a;
+        d1 = d1 + b;
+      } else {
+        d0 = at::vec::fmadd(a, Vec<acc_t>::loadu(w + i), d0);
+        d1 = at::vec::fmadd(b, Vec<acc_t>::loadu(w + i + V), d1);
+      }
+    }
+  }
+  auto add = std::plus<Vec<acc_t>>();
+  ChunkSums<acc_t> r;
+  r.max = at::vec::vec_reduce_all<acc_t>(
+      [](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
+  r.sumexp = at::vec::vec_reduce_all<acc_t>(add, s0 + s1);
+  r.dot = kDot ? at::vec::vec_reduce_all<acc_t>(add, d0 + d1) : acc_t(0);
+  for (; i < n; ++i) {
+    const acc_t v = x[i];
+    r.max = (std::isnan(v) || v > r.max) ? v : r.max;
+    r.sumexp += std::exp(beta * v - shift);
+    if constexpr (kDot) r.dot += (w == nullptr ? v : w[i] * v);
+  }
+  return r;
+}
+
+// One read of a row: the online max and sum of exps, and optionally sum w_c x_c.
+// Each chunk is walked once: its exps are taken relative to the running max (exact in floating
+// point as long as they cannot overflow), and the sum is rescaled when the chunk's max is
+// larger. The first chunk holding a finite value, or a chunk whose max exceeds the running max
+// by more than 80 / beta (its exps could overflow), is walked a second time while in L1.
 template <typename scalar_t, typename acc_t>
 inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
                                  bool need_dot, acc_t* buf) {
@@ -156,21 +231,28 @@ inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const acc_t* xa = as_acc(x + c0, n, buf);
-    const acc_t cm = chunk_max(xa, n);
-    if (std::isnan(cm)) {
-      st.max = cm;
+    const acc_t* wc = w == nullptr ? nullptr : w + c0;
+    const bool have_shift = st.max > kNegInf<acc_t>;
+    const acc_t shift = have_shift ? beta * st.max : acc_t(0);
+    const ChunkSums<acc_t> cs = need_dot ? chunk_exp_max_dot<acc_t, true>(xa, wc, n, beta, shift)
+                                         : chunk_exp_max_dot<acc_t, false>(xa, wc, n, beta, shift);
+    st.dot += cs.dot;
+    if (std::isnan(cs.max) || cs.max == std::numeric_limits<acc_t>::infinity()) {
+      st.max = cs.max;  // NaN or +inf: no softmax; the caller turns this into NaN
       return st;
     }
-    if (cm > st.max) {
-      if (std::isinf(cm)) {  // +inf: no softmax; the caller turns this into NaN
-        st.max = cm;
-        return st;
+    if (cs.max == kNegInf<acc_t>) continue;  // all masked so far
+    if (have_shift && !(beta * (cs.max - st.max) > acc_t(80))) {
+      st.sumexp += cs.sumexp;  // exps relative to the old max
+      if (cs.max > st.max) {
+        st.sumexp *= std::exp(beta * (st.max - cs.max));
+        st.max = cs.max;
       }
-      st.sumexp *= std::exp(beta * (st.max - cm));  // exp(-inf) = 0 on the first chunk
-      st.max = cm;
+    } else {  // no shift yet, or one far too small: walk the chunk again with its own max
+      st.sumexp = have_shift ? st.sumexp * std::exp(beta * (st.max - cs.max)) : acc_t(0);
+      st.max = cs.max;
+      st.sumexp += chunk_sum_exp(xa, n, beta, beta * st.max);
     }
-    if (st.max != kNegInf<acc_t>) st.sumexp += chunk_sum_exp(xa, n, beta, beta * st.max);
-    if (need_dot) st.dot += chunk_dot(xa, w == nullptr ? nullptr : w + c0, n);
   }
   return st;
 }
