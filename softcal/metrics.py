@@ -1,1 +1,309 @@
-"""Calibration metrics (being written)."""
+"""Calibration metrics for classifiers: ECE (equal-width, adaptive, classwise), MCE, RMS
+calibration error, Brier score, NLL and accuracy.
+
+Every function takes ``scores`` of shape (N, C) and ``labels`` of shape (N,) (or (N, 1)):
+
+* by default ``scores`` are logits (float16/bfloat16/float32/float64, any device); an optional
+  ``temperature`` T > 0 divides them first;
+* with ``probs=True`` they are probabilities (rows in [0, 1] summing to 1); ``temperature`` is then
+  applied as softmax(log(p) / T).
+
+Computation is in float64 on the scores' device, vectorised with bincount/scatter_add (no Python
+loop over bins); each metric returns a Python float (one device synchronisation at the end).
+
+Binning (as in Guo et al. 2017 and gpleiss/temperature_scaling): with ``n_bins`` equal-width bins
+the k-th bin is (k/n, (k+1)/n]; a confidence of exactly 0 belongs to the first bin and exactly
+1.0 to the last.
+
+Definitions (acc_b, conf_b: accuracy and mean confidence of the rows in bin b; n_b its size):
+
+* ECE  = sum_b (n_b / N) |acc_b - conf_b|  (top label: confidence = max_k p_k)
+* MCE  = max over non-empty bins of |acc_b - conf_b|
+* RMSCE = sqrt(sum_b (n_b / N) (acc_b - conf_b)^2)
+* adaptive ECE: as ECE, but the bins hold equal numbers of rows (sorted by confidence)
+* classwise ECE (Kull et al. 2019): for each class k, ECE of p_k against 1[y = k] over all rows,
+  averaged over classes
+* Brier = mean_i sum_k (p_ik - 1[y_i = k])^2  (in [0, 2])
+* NLL = mean_i -log p_i,y_i (from log_softmax when given logits)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+__all__ = [
+    "CalibrationReport",
+    "ReliabilityBins",
+    "accuracy",
+    "adaptive_ece",
+    "brier_score",
+    "calibration_report",
+    "classwise_ece",
+    "ece",
+    "expected_calibration_error",
+    "maximum_calibration_error",
+    "mce",
+    "nll",
+    "reliability_bins",
+    "rms_calibration_error",
+]
+
+Temperature = Optional[Union[float, torch.Tensor]]
+
+
+# ---------------------------------------------------------------------- input handling
+def _prepare(fn: str, scores, labels, temperature: Temperature, probs: bool
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (probabilities float64 (N, C), log-probabilities float64 (N, C), labels int64 (N,))."""
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(scores)
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels)
+    name = "probs" if probs else "logits"
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must be floating point, got dtype {scores.dtype}")
+    if scores.dim() != 2:
+        raise ValueError(f"{fn}: {name} must be 2-D (N, C), got shape {tuple(scores.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise TypeError(f"{fn}: labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)
+    if labels.dim() != 1 or labels.shape[0] != scores.shape[0]:
+        raise ValueError(f"{fn}: labels has shape {tuple(labels.shape)} but {name} has "
+                         f"{scores.shape[0]} rows (expected ({scores.shape[0]},))")
+    n, c = scores.shape
+    if n == 0:
+        raise ValueError(f"{fn}: empty input (0 rows)")
+    labels = labels.to(scores.device, torch.int64)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= c:
+        raise ValueError(f"{fn}: labels must be in [0, {c - 1}] for {c} classes, got label "
+                         f"{lo if lo < 0 else hi}")
+    x = scores.to(torch.float64)
+    if temperature is not None:
+        t = temperature.detach().to(x.device, torch.float64) if isinstance(temperature, torch.Tensor) \
+            else float(temperature)
+        if not isinstance(t, torch.Tensor) and not (t > 0 and t < float("inf")):
+            raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
+    else:
+        t = None
+    if probs:
+        if t is None:
+            p = x
+            logp = torch.log(x.clamp_min(torch.finfo(torch.float64).tiny))
+            return p, logp, labels
+        x = torch.log(x)
+    if t is not None:
+        x = x / t
+    logp = torch.log_softmax(x, dim=1)
+    return logp.exp(), logp, labels
+
+
+def _bin_index(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Bin of each confidence: bin k is (k/n, (k+1)/n]; 0 -> bin 0, 1.0 -> bin n-1."""
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=conf.device)[1:]
+    edges[-1] = 1.0
+    # bucketize(right=False): index i with edges[i-1] < conf <= edges[i].
+    return torch.bucketize(conf, edges, right=False).clamp_(0, n_bins - 1)
+
+
+def _check_bins(fn: str, n_bins: int) -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"{fn}: n_bins must be an int >= 1, got {n_bins!r}")
+    return n_bins
+
+
+@dataclass
+class ReliabilityBins:
+    """Per-bin statistics of top-label confidence (tensors of shape (n_bins,), float64).
+
+    edges: (n_bins + 1,) bin edges; count: rows per bin; confidence: mean confidence per bin
+    (NaN where empty); accuracy: accuracy per bin (NaN where empty).
+    """
+
+    edges: torch.Tensor
+    count: torch.Tensor
+    confidence: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def _top_label(p: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    conf, pred = p.max(dim=1)
+    return conf, (pred == labels).to(torch.float64)
+
+
+def _binned(conf: torch.Tensor, hit: torch.Tensor, idx: torch.Tensor, n_bins: int):
+    count = torch.bincount(idx, minlength=n_bins).to(torch.float64)
+    sum_conf = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).scatter_add_(0, idx, conf)
+    sum_hit = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).scatter_add_(0, idx, hit)
+    return count, sum_conf, sum_hit
+
+
+def reliability_bins(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
+                     probs: bool = False) -> ReliabilityBins:
+    """Equal-width reliability bins of top-label confidence (what a reliability diagram plots)."""
+    fn = "softcal.metrics.reliability_bins"
+    n_bins = _check_bins(fn, n_bins)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    conf, hit = _top_label(p, y)
+    count, sc, sh = _binned(conf, hit, _bin_index(conf, n_bins), n_bins)
+    safe = count.clamp_min(1)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=count.device)
+    return ReliabilityBins(
+        edges=torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64),
+        count=count.cpu(),
+        confidence=torch.where(count > 0, sc / safe, nan).cpu(),
+        accuracy=torch.where(count > 0, sh / safe, nan).cpu(),
+    )
+
+
+def _gaps(count: torch.Tensor, sum_conf: torch.Tensor, sum_hit: torch.Tensor, n: int):
+    """|acc_b - conf_b| per bin (0 for empty bins) and bin weights n_b / N."""
+    gap = (sum_hit - sum_conf).abs() / count.clamp_min(1)
+    return gap, count / n
+
+
+def _ece_terms(p, y, n_bins):
+    conf, hit = _top_label(p, y)
+    count, sc, sh = _binned(conf, hit, _bin_index(conf, n_bins), n_bins)
+    return _gaps(count, sc, sh, conf.shape[0]), count
+
+
+def expected_calibration_error(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
+                               probs: bool = False) -> float:
+    """Top-label ECE with ``n_bins`` equal-width bins, in [0, 1] (multiply by 100 for %).
+
+    scores: (N, C) logits (or probabilities with probs=True); labels: (N,) integers in [0, C).
+    """
+    fn = "softcal.metrics.ece"
+    n_bins = _check_bins(fn, n_bins)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    (gap, w), _ = _ece_terms(p, y, n_bins)
+    return float((gap * w).sum())
+
+
+def maximum_calibration_error(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
+                              probs: bool = False) -> float:
+    """Largest |accuracy - confidence| over the non-empty equal-width bins, in [0, 1]."""
+    fn = "softcal.metrics.mce"
+    n_bins = _check_bins(fn, n_bins)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    (gap, _w), count = _ece_terms(p, y, n_bins)
+    return float(torch.where(count > 0, gap, torch.zeros_like(gap)).max())
+
+
+def rms_calibration_error(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
+                          probs: bool = False) -> float:
+    """Root-mean-square calibration error over equal-width bins, in [0, 1]."""
+    fn = "softcal.metrics.rms_calibration_error"
+    n_bins = _check_bins(fn, n_bins)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    (gap, w), _ = _ece_terms(p, y, n_bins)
+    return float((w * gap * gap).sum().sqrt())
+
+
+def adaptive_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
+                 probs: bool = False) -> float:
+    """Top-label ECE with equal-mass bins: rows sorted by confidence, split into ``n_bins``
+    groups whose sizes differ by at most one (row r of N goes to bin floor(r * n_bins / N))."""
+    fn = "softcal.metrics.adaptive_ece"
+    n_bins = _check_bins(fn, n_bins)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    conf, hit = _top_label(p, y)
+    n = conf.shape[0]
+    order = torch.argsort(conf, stable=True)
+    idx = torch.empty_like(order)
+    idx[order] = torch.arange(n, device=conf.device) * n_bins // n
+    count, sc, sh = _binned(conf, hit, idx, n_bins)
+    gap, w = _gaps(count, sc, sh, n)
+    return float((gap * w).sum())
+
+
+def classwise_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
+                  probs: bool = False) -> float:
+    """Classwise ECE (Kull et al. 2019): mean over classes k of the equal-width-binned ECE of
+    p_k against 1[y = k], over all N rows."""
+    fn = "softcal.metrics.classwise_ece"
+    n_bins = _check_bins(fn, n_bins)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    n, c = p.shape
+    target = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
+    flat = (_bin_index(p, n_bins) + n_bins * torch.arange(c, device=p.device)[None, :]).reshape(-1)
+    count, sc, sh = _binned(p.reshape(-1), target.reshape(-1), flat, n_bins * c)
+    gap = (sh - sc).abs()  # n_b |acc_b - conf_b|
+    return float(gap.sum() / (n * c))
+
+
+def brier_score(scores, labels, *, temperature: Temperature = None, probs: bool = False) -> float:
+    """Multi-class Brier score: mean over rows of sum_k (p_k - 1[y = k])^2, in [0, 2]."""
+    p, _, y = _prepare("softcal.metrics.brier_score", scores, labels, temperature, probs)
+    sq = (p * p).sum(1) - 2 * p.gather(1, y[:, None]).squeeze(1) + 1
+    return float(sq.mean())
+
+
+def nll(scores, labels, *, temperature: Temperature = None, probs: bool = False) -> float:
+    """Mean negative log-likelihood of the labels (natural log). With probs=True and no
+    temperature, a probability of 0 is clamped to the smallest float64 (NLL about 708)."""
+    _, logp, y = _prepare("softcal.metrics.nll", scores, labels, temperature, probs)
+    return float(-logp.gather(1, y[:, None]).mean())
+
+
+def accuracy(scores, labels, *, probs: bool = False) -> float:
+    """Fraction of rows whose arg-max class is the label (ties: the first maximum)."""
+    p, _, y = _prepare("softcal.metrics.accuracy", scores, labels, None, probs)
+    return float((p.argmax(1) == y).to(torch.float64).mean())
+
+
+ece = expected_calibration_error
+mce = maximum_calibration_error
+
+
+@dataclass
+class CalibrationReport:
+    """All metrics at once (fractions in [0, 1], not percentages; NLL in nats)."""
+
+    n: int
+    classes: int
+    n_bins: int
+    accuracy: float
+    nll: float
+    ece: float
+    adaptive_ece: float
+    classwise_ece: float
+    mce: float
+    rmsce: float
+    brier: float
+
+    def to_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def calibration_report(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
+                       probs: bool = False) -> CalibrationReport:
+    """Every metric in this module on (scores, labels), computing the probabilities once."""
+    fn = "softcal.metrics.calibration_report"
+    n_bins = _check_bins(fn, n_bins)
+    p, logp, y = _prepare(fn, scores, labels, temperature, probs)
+    n, c = p.shape
+    kw = dict(n_bins=n_bins, probs=True)
+    (gap, w), count = _ece_terms(p, y, n_bins)
+    nonempty = torch.where(count > 0, gap, torch.zeros_like(gap))
+    sq = (p * p).sum(1) - 2 * p.gather(1, y[:, None]).squeeze(1) + 1
+    vals = torch.stack([
+        (p.argmax(1) == y).to(torch.float64).mean(),
+        -logp.gather(1, y[:, None]).mean(),
+        (gap * w).sum(),
+        nonempty.max(),
+        (w * gap * gap).sum().sqrt(),
+        sq.mean(),
+    ]).cpu().tolist()
+    return CalibrationReport(
+        n=n, classes=c, n_bins=n_bins,
+        accuracy=vals[0], nll=vals[1], ece=vals[2],
+        adaptive_ece=adaptive_ece(p, y, **kw),
+        classwise_ece=classwise_ece(p, y, **kw),
+        mce=vals[3], rmsce=vals[4], brier=vals[5],
+    )
