@@ -700,8 +700,9 @@ def test_errors_name_argument_and_value(device):
     ce = softcal.cross_entropy
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         _err(ValueError, r"temperature must be a finite number > 0, got", ce, x, t, temperature=bad)
-    _err(ValueError, r"temperature must be a finite number > 0, got -2", ce, x, t,
-         temperature=torch.tensor(-2.0))  # CPU tensor: value checked
+    if device.type == "cpu":  # a CPU tensor's value is checked (on CUDA the kernel reads it)
+        _err(ValueError, r"temperature must be a finite number > 0, got -2", ce, x, t,
+             temperature=torch.tensor(-2.0))
     _err(TypeError, r"temperature must be a float or a 0-dim tensor, got str", ce, x, t, temperature="2")
     _err(ValueError, r"temperature tensor must have exactly one element .* got shape \(2,\)", ce, x, t,
          temperature=torch.ones(2, device=device))

@@ -55,9 +55,9 @@ constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
 
 #if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
 // exp(x) for float32 lanes in 11 AVX-512 instructions: x = n ln2 + r with |r| <= ln2/2
-// (Cody-Waite split of ln2), e^r by a degree-5 polynomial fitted on that interval (max relative
-// error 1.1e-7 in exact arithmetic), then r's value scaled by 2^n with vscalefps, which also
-// handles overflow. Inputs below log(FLT_MIN) give exactly 0 (so -inf gives 0 and no denormal
+// (Cody-Waite split of ln2), e^r by a degree-5 polynomial fitted on that interval with its
+// constant term 1 (max relative error 1.05e-7 in exact arithmetic; exp(0) == 1 exactly), then
+// scaled by 2^n with vscalefps, which also handles overflow. Inputs below log(FLT_MIN) give exactly 0 (so -inf gives 0 and no denormal
 // is ever produced); NaN stays NaN.
 inline __m512 exp_avx512(__m512 x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
@@ -65,12 +65,12 @@ inline __m512 exp_avx512(__m512 x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(0.0083751353f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041917566f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666415f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49998868f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001f));
+  __m512 p = _mm512_set1_ps(0.0082615288f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041898742f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16668114f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49999142f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.99999952f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));  // exp(0) == 1 exactly
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 #endif
@@ -112,28 +112,49 @@ inline void store_from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
   }
 }
 
+// The last n < V elements as a vector: `loaded` zero-filled, `masked` with the unused lanes set
+// to -inf (so that they drop out of maxima and exps), `lanes` true on the used lanes.
+template <typename acc_t>
+struct Tail {
+  Vec<acc_t> loaded, masked, lanes;
+};
+
+template <typename acc_t>
+inline Tail<acc_t> load_tail(const acc_t* x, int64_t n) {
+  Tail<acc_t> t;
+  t.loaded = Vec<acc_t>::loadu(x, n);
+  t.lanes = Vec<acc_t>::arange(acc_t(0), acc_t(1)) < Vec<acc_t>(static_cast<acc_t>(n));
+  t.masked = Vec<acc_t>::blendv(Vec<acc_t>(kNegInf<acc_t>), t.loaded, t.lanes);
+  return t;
+}
+
 // NaN-propagating max of x[0:n].
 template <typename acc_t>
 inline acc_t chunk_max(const acc_t* x, int64_t n) {
   constexpr int64_t V = Vec<acc_t>::size();
-  acc_t m = kNegInf<acc_t>;
+  Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>);
   int64_t i = 0;
-  if (n >= 2 * V) {
-    Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>);
-    for (; i + 2 * V <= n; i += 2 * V) {
-      m0 = at::vec::maximum(m0, Vec<acc_t>::loadu(x + i));
-      m1 = at::vec::maximum(m1, Vec<acc_t>::loadu(x + i + V));
-    }
-    m0 = at::vec::maximum(m0, m1);
-    m = at::vec::vec_reduce_all<acc_t>(
-        [](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, m0);
+  for (; i + 2 * V <= n; i += 2 * V) {
+    m0 = at::vec::maximum(m0, Vec<acc_t>::loadu(x + i));
+    m1 = at::vec::maximum(m1, Vec<acc_t>::loadu(x + i + V));
   }
-  for (; i < n; ++i) {
-    const acc_t v = x[i];
-    if (std::isnan(v)) return v;
-    m = v > m ? v : m;
+  for (; i + V <= n; i += V) m0 = at::vec::maximum(m0, Vec<acc_t>::loadu(x + i));
+  if (i < n) m1 = at::vec::maximum(m1, load_tail(x + i, n - i).masked);
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
+}
+
+// sum_i x_i, or sum_i w_i x_i when w is given.
+template <typename acc_t>
+inline acc_t chunk_dot(const acc_t* x, const acc_t* w, int64_t n) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  Vec<acc_t> s0(0);
+  for (int64_t i = 0; i < n; i += V) {
+    const int64_t k = std::min(V, n - i);
+    const Vec<acc_t> xv = Vec<acc_t>::loadu(x + i, k);  // zero-filled past n
+    s0 = w == nullptr ? s0 + xv : at::vec::fmadd(xv, Vec<acc_t>::loadu(w + i, k), s0);
   }
-  return m;
+  return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), s0);
 }
 
 // sum_i exp(beta * x_i - shift)
@@ -147,25 +168,9 @@ inline acc_t chunk_sum_exp(const acc_t* x, int64_t n, acc_t beta, acc_t shift) {
     s0 = s0 + vexp(at::vec::fmadd(Vec<acc_t>::loadu(x + i), vb, vs));
     s1 = s1 + vexp(at::vec::fmadd(Vec<acc_t>::loadu(x + i + V), vb, vs));
   }
-  acc_t s = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), s0 + s1);
-  for (; i < n; ++i) s += std::exp(beta * x[i] - shift);
-  return s;
-}
-
-// sum_i x_i, or sum_i w_i x_i when w is given.
-template <typename acc_t>
-inline acc_t chunk_dot(const acc_t* x, const acc_t* w, int64_t n) {
-  constexpr int64_t V = Vec<acc_t>::size();
-  Vec<acc_t> s0(0);
-  int64_t i = 0;
-  if (w == nullptr) {
-    for (; i + V <= n; i += V) s0 = s0 + Vec<acc_t>::loadu(x + i);
-  } else {
-    for (; i + V <= n; i += V) s0 = at::vec::fmadd(Vec<acc_t>::loadu(x + i), Vec<acc_t>::loadu(w + i), s0);
-  }
-  acc_t s = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), s0);
-  for (; i < n; ++i) s += (w == nullptr ? x[i] : w[i] * x[i]);
-  return s;
+  for (; i + V <= n; i += V) s0 = s0 + vexp(at::vec::fmadd(Vec<acc_t>::loadu(x + i), vb, vs));
+  if (i < n) s1 = s1 + vexp(at::vec::fmadd(load_tail(x + i, n - i).masked, vb, vs));
+  return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), s0 + s1);
 }
 
 template <typename acc_t>
@@ -204,30 +209,55 @@ inline ChunkSums<acc_t> chunk_exp_max_dot(const acc_t* x, const acc_t* w, int64_
       }
     }
   }
+  // the rest: whole vectors, then one masked vector (small C lives entirely here)
+  for (; i < n; i += V) {
+    Vec<acc_t> a, az, wv(1);
+    if (i + V <= n) {
+      a = az = Vec<acc_t>::loadu(x + i);
+      if (kDot && w != nullptr) wv = Vec<acc_t>::loadu(w + i);
+    } else {
+      const Tail<acc_t> t = load_tail(x + i, n - i);
+      a = t.masked;
+      az = t.loaded;
+      if (kDot && w != nullptr) wv = Vec<acc_t>::loadu(w + i, n - i);
+    }
+    m0 = at::vec::maximum(m0, a);
+    s0 = s0 + vexp(at::vec::fmadd(a, vb, vs));
+    if constexpr (kDot) d0 = w == nullptr ? d0 + az : at::vec::fmadd(az, wv, d0);
+  }
   auto add = std::plus<Vec<acc_t>>();
   ChunkSums<acc_t> r;
   r.max = at::vec::vec_reduce_all<acc_t>(
       [](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
   r.sumexp = at::vec::vec_reduce_all<acc_t>(add, s0 + s1);
   r.dot = kDot ? at::vec::vec_reduce_all<acc_t>(add, d0 + d1) : acc_t(0);
-  for (; i < n; ++i) {
-    const acc_t v = x[i];
-    r.max = (std::isnan(v) || v > r.max) ? v : r.max;
-    r.sumexp += std::exp(beta * v - shift);
-    if constexpr (kDot) r.dot += (w == nullptr ? v : w[i] * v);
-  }
   return r;
 }
 
 // One read of a row: the online max and sum of exps, and optionally sum w_c x_c.
-// Each chunk is walked once: its exps are taken relative to the running max (exact in floating
-// point as long as they cannot overflow), and the sum is rescaled when the chunk's max is
-// larger. The first chunk holding a finite value, or a chunk whose max exceeds the running max
-// by more than 80 / beta (its exps could overflow), is walked a second time while in L1.
+// Each chunk is walked once: its exps are taken relative to the running max, which starts at
+// the row's first logit (exact in floating point as long as they cannot overflow), and the sum
+// is rescaled when the chunk's max is larger. A chunk whose max exceeds the running max by more
+// than 80 / beta (its exps could overflow), or the first chunk with a finite value when the
+// first logit is -inf, is walked a second time while in L1.
 template <typename scalar_t, typename acc_t>
 inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
                                  bool need_dot, acc_t* buf) {
   RowStats<acc_t> st{kNegInf<acc_t>, 0, 0};
+  // Start the running max at the first logit (when finite): most rows are then walked once.
+  // Short rows instead take their max first (a second walk of a few vectors costs less than
+  // the scalar exp that rescaling would take).
+  if (C <= 4 * Vec<acc_t>::size()) {
+    const acc_t* xa = as_acc(x, C, buf);
+    st.max = chunk_max(xa, C);
+    if (std::isfinite(st.max)) st.sumexp = chunk_sum_exp(xa, C, beta, beta * st.max);
+    if (need_dot) st.dot = chunk_dot(xa, w, C);
+    return st;
+  }
+  if (C > 0) {
+    const acc_t x0 = static_cast<acc_t>(x[0]);
+    if (std::isfinite(x0)) st.max = x0;
+  }
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const acc_t* xa = as_acc(x + c0, n, buf);
@@ -376,12 +406,16 @@ at::Tensor new_grad_buffer(const at::Tensor& like) {
 template <typename scalar_t, typename acc_t>
 inline acc_t row_loss(const CEParams<acc_t>& p, const scalar_t* x, const RowStats<acc_t>& st,
                       int64_t y, acc_t& lse_out) {
-  const acc_t lse = row_lse(st, p.beta);
+  if (!std::isfinite(st.max)) {  // NaN / +inf logits: NaN; entirely -inf: -inf lse, NaN loss
+    lse_out = row_lse(st, p.beta);
+    return kNaN<acc_t>;
+  }
+  const acc_t log_s = std::log(st.sumexp);
+  const acc_t lse = p.beta * st.max + log_s;
   lse_out = lse;
-  if (!(lse > kNegInf<acc_t>)) return kNaN<acc_t>;  // fully masked (or NaN) row
   const acc_t w_y = p.weight_of(y);
   // lse - z_y = beta * (max - x_y) + log(sumexp): no cancellation between two large numbers
-  const acc_t nll = p.beta * (st.max - static_cast<acc_t>(x[y])) + std::log(st.sumexp);
+  const acc_t nll = p.beta * (st.max - static_cast<acc_t>(x[y])) + log_s;
   acc_t loss = (acc_t(1) - p.eps) * w_y * nll;
   if (p.eps > 0) loss += p.eps_c * (p.W * lse - p.beta * st.dot);
   return loss;
@@ -425,12 +459,16 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
         vS = vS + Vec<acc_t>::blendv(vzero, contrib, xv > vninf);
       }
     }
-    for (; i < n; ++i) {
-      const acc_t xv = xa[i];
-      const acc_t e = std::exp(p.beta * xv - lse);
-      const acc_t wv = wc == nullptr ? acc_t(1) : wc[i];
-      if (grad != nullptr) out[i] = gb * A * e - gb * p.eps_c * wv;
-      if (need_t && xv > kNegInf<acc_t>) S += (A * e - p.eps_c * wv) * (p.beta * xv);
+    if (i < n) {  // one masked vector for the rest
+      const int64_t k = n - i;
+      const Tail<acc_t> t = load_tail(xa + i, k);
+      const Vec<acc_t> e = vexp(at::vec::fmadd(t.masked, vbeta, vnlse));
+      const Vec<acc_t> wv = wc == nullptr ? Vec<acc_t>(1) : Vec<acc_t>::loadu(wc + i, k);
+      if (grad != nullptr) (vcoef * e - vcw * wv).store(out + i, k);
+      if (need_t) {
+        const Vec<acc_t> contrib = (vA * e - veps_c * wv) * (t.loaded * vbeta);
+        vS = vS + Vec<acc_t>::blendv(vzero, contrib, t.masked > vninf);
+      }
     }
     if (grad != nullptr) store_from_acc(out, grad + c0, n);
   }
@@ -777,9 +815,9 @@ void softmax_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C, dou
           const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c), vb, vl);
           (log ? z : vexp(z)).store(oa + c);
         }
-        for (; c < n; ++c) {
-          const acc_t z = beta * xa[c] - lse;
-          oa[c] = log ? z : std::exp(z);
+        if (c < n) {
+          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c, n - c), vb, vl);
+          (log ? z : vexp(z)).store(oa + c, n - c);
         }
         if (std::isnan(lse)) std::fill(oa, oa + n, kNaN<acc_t>);
         store_from_acc(oa, orow + c0, n);
