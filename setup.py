@@ -82,13 +82,13 @@ def _extensions():
         "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
         "none": ["-DCPU_CAPABILITY=DEFAULT"],
     }[isa]
-    cxx = opt + ["-std=c++17", "-fdiagnostics-color=always", f"-DSOFTCAL_CPU_ISA=\"{isa}\""] + isa_flags
+    cxx = opt + ["-fdiagnostics-color=always", f"-DSOFTCAL_CPU_ISA=\"{isa}\""] + isa_flags
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc = opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+        nvcc = opt + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                       "-DSOFTCAL_WITH_CUDA"]
         return [CUDAExtension("softcal._C", sources, include_dirs=include_dirs,
                               extra_compile_args={"cxx": cxx + ["-DSOFTCAL_WITH_CUDA"], "nvcc": nvcc})]

@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# One-shot check of softcal's CUDA kernels on a lent GPU machine (H200): build, tests,
+# compute-sanitizer, copy bandwidth, kernel timings, and the benchmark.
+#
+#   benchmarks/gpu_check.sh OUT_DIR
+#
+# Run from the repository root. Every step logs to its own file and the script goes on after a
+# failure (the return codes are in the summary). OUT_DIR receives at most 8 files:
+#   summary.txt       the table printed last (also on stdout)
+#   logs.tar.gz       every step's log
+#   kernels.csv       softcal op timings (CUDA events, median) and GB/s against the bytes bound
+#   cuda_bench.{csv,md,png}   benchmarks/bench_loss.py --device cuda --no-compile
+#   cuda_compile.{csv,md}     the same for softcal vs torch.compile, when time remains
+# Environment knobs:
+#   BENCH_ARGS   extra arguments of bench_loss.py (default: --budget 0.15)
+#   TEST_TIMEOUT seconds for the pytest step (default 150)
+#   DEADLINE_S   the benchmark steps stop this many seconds after the start (default 540)
+#   SKIP_BENCH=1 skip bench_loss.py;  SKIP_COMPILE=1 skip its torch.compile pass
+#   SAN_TIMEOUT, KERNELS_TIMEOUT  caps of the sanitizer and kernel-timing steps (default 150)
+#   COPY_SO=1    copy the built softcal/_C*.so into OUT_DIR;  SKIP_BUILD=1 use the extension already built;
+#   SKIP_PTXAS=1 skip the register report
+# Target: about 6 minutes on an H200 (build ~2 min with 16 jobs); hard stop of the benchmark at
+# DEADLINE_S. Files: summary.txt, logs.tar.gz, kernels.csv, cuda_bench.{csv,md,png},
+# cuda_compile.{csv,md} (8 at most).
+set -u
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOGS=$(mktemp -d /tmp/softcal_gpu_check.XXXXXX)
+PY=${PYTHON:-python3}
+T_START=$(date +%s)
+declare -a NAMES RCS SECS NOTES
+
+step() {  # step NAME TIMEOUT_S CMD...   (logs to $LOGS/NAME.log)
+  local name=$1 limit=$2
+  shift 2
+  local t0 rc
+  t0=$(date +%s)
+  echo "=== [$name] $* (timeout ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  rc=$?
+  NAMES+=("$name")
+  RCS+=("$rc")
+  SECS+=("$(($(date +%s) - t0))")
+  NOTES+=("")
+  tail -n 3 "$LOGS/$name.log" | sed "s/^/    [$name] /"
+  return $rc
+}
+note() { NOTES[$((${#NOTES[@]} - 1))]="$1"; }
+
+# ------------------------------------------------------------------ 1. machine and versions
+step env 60 bash -c "nvidia-smi; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv; \
+  nvcc --version; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0), \"SMs\", torch.cuda.get_device_properties(0).multi_processor_count)'; \
+  $PY -c 'import triton; print(\"triton\", triton.__version__)'; compute-sanitizer --version | tail -1; ncu --version | tail -1; nproc; free -g"
+note "$(grep -m1 -o 'NVIDIA H[0-9A-Za-z ]*' "$LOGS/env.log" || true)"
+
+# ------------------------------------------------------------------ 2. build
+export MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+if [ "${SKIP_BUILD:-0}" != "1" ]; then
+  if ! step build 420 $PY -m pip install --no-build-isolation --no-deps -v -e .; then
+    step build_inplace 420 $PY setup.py build_ext --inplace
+  fi
+fi
+step import 60 $PY -c "import softcal, torch; d = softcal._ops.kernel_devices(); print('kernel devices', d); assert 'cuda' in d, d"
+note "$(grep -m1 'kernel devices' "$LOGS/import.log" || true)"
+# Register / spill report and 16-byte loads in SASS: recompiles the kernel files with
+# -Xptxas -v on the CPU, in the background while the GPU runs the tests.
+PTXAS_PID=
+[ "${SKIP_PTXAS:-0}" = "1" ] || (
+  TI=$($PY -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths(device_type="cuda")))' 2>/dev/null \
+       || $PY -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths(cuda=True)))')
+  PYI=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  STD=$($PY -c 'import torch; print("c++20" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 14) else "c++17")')
+  for f in tsce_fwd tsce_bwd tsce_fused softmax stats; do
+    # shellcheck disable=SC2086
+    nvcc -c "csrc/cuda/$f.cu" -o "/tmp/softcal_ptxas_$f.o" -Icsrc $TI -I"$PYI" -std=$STD -O3 --use_fast_math \
+      -lineinfo --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+      -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -DTORCH_EXTENSION_NAME=_C \
+      -gencode=arch=compute_90,code=sm_90 -Xptxas -v >"/tmp/softcal_ptxas_$f.txt" 2>&1 &
+  done
+  wait
+  for f in tsce_fwd tsce_bwd tsce_fused softmax stats; do
+    echo "=== $f"
+    grep -E 'error|Function properties|Used|spill' "/tmp/softcal_ptxas_$f.txt"
+    echo "$f: LDG.E.128 in SASS: $(cuobjdump --dump-sass "/tmp/softcal_ptxas_$f.o" | grep -c 'LDG.E.128'), LDL/STL: $(cuobjdump --dump-sass "/tmp/softcal_ptxas_$f.o" | grep -cE '(LDL|STL)')"
+  done
+) >"$LOGS/ptxas.log" 2>&1 &
+PTXAS_PID=$!
+
+# ------------------------------------------------------------------ 3. tests
+export SOFTCAL_EXPECT_CUDA=1
+step tests ${TEST_TIMEOUT:-150} $PY -m pytest -q -rfE --maxfail=25 -p no:cacheprovider tests/test_cuda.py tests/test_core.py -k "cuda or test_cuda"
+note "$(grep -E '[0-9]+ (passed|failed)' "$LOGS/tests.log" | tail -1)"
+
+# ------------------------------------------------------------------ 4. compute-sanitizer
+cat >"$LOGS/sanitize_ops.py" <<'PYEOF'
+# Every op once on small shapes covering each launch path (tile, rows-per-block, block-per-row,
+# resident and two-read fused, strided softmax), under compute-sanitizer.
+import torch, softcal
+ops = torch.ops.softcal
+torch.manual_seed(0)
+dev = "cuda"
+for dtype in (torch.float32, torch.bfloat16):
+    for n, c in ((37, 10), (9, 130), (3, 3000), (2, 40000)):
+        x = torch.randn(n, c, device=dev, dtype=dtype)
+        t = torch.randint(0, c, (n,), device=dev)
+        t[::3] = -100
+        w = (torch.rand(c, device=dev) + 0.5).to(dtype)
+        T = torch.tensor(1.3, device=dev)
+        for red in (0, 1, 2):
+            loss, lse, den = ops.tsce_fwd(x, t, w, T, 1.0, 0.1, -100, red)
+            gl = torch.ones(n, device=dev, dtype=dtype) if red == 0 else torch.tensor(1.0, device=dev, dtype=dtype)
+            ops.tsce_bwd(gl, x, t, w, lse, den, T, 1.0, 0.1, -100, red, True, True)
+            ops.tsce_fused(x, t, w, T, 1.0, 0.1, -100, red, True)
+            xi = x.clone()
+            ops.tsce_fused_(xi, t, None, None, 1.5, 0.0, -100, red, False)
+        xs = torch.randn(n, c + 3, device=dev, dtype=dtype)[:, 1:c + 1]  # misaligned rows
+        ops.tsce_fwd(xs, t, None, None, 1.0, 0.0, -100, 1)
+        ops.scale_rows_(xi, torch.tensor(2.0, device=dev))
+        ops.scale_rows_(xi, torch.rand(n, device=dev))
+        p = ops.softmax_fwd(x, T, 1.0, -1, False)
+        ops.softmax_bwd(torch.randn_like(p), p, T, 1.0, -1, False, True)
+        ops.temperature_stats(x, t.clamp(min=0), 0.7)
+    y = torch.randn(4, 33, 7, device=dev, dtype=dtype)
+    for log in (False, True):
+        q = ops.softmax_fwd(y, None, 2.0, 1, log)
+        ops.softmax_bwd(torch.randn_like(q), q, None, 2.0, 1, log, False)
+torch.cuda.synchronize()
+print("sanitize_ops: done")
+PYEOF
+step memcheck ${SAN_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 $PY "$LOGS/sanitize_ops.py"
+note "$(grep -m1 -E 'ERROR SUMMARY' "$LOGS/memcheck.log" || true)"
+step racecheck ${SAN_TIMEOUT:-150} compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 9 --print-limit 20 $PY "$LOGS/sanitize_ops.py"
+note "$(grep -m1 -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$LOGS/racecheck.log" || true)"
+
+# ------------------------------------------------------------------ 5. bandwidth + kernel timings
+cat >"$LOGS/kernels.py" <<'PYEOF'
+# Copy bandwidth (bytes read + written / time, CUDA events, median) and the time of each
+# softcal op at the shapes that pick each launch path, against the bytes it must move.
+import csv, statistics, sys, torch
+out_csv = sys.argv[1]
+dev = "cuda"
+ops = torch.ops.softcal
+
+
+def bench(fn, reps=30, warm=5, flush=True):
+    cache = torch.empty(256 << 20, dtype=torch.uint8, device=dev)  # 256 MiB > L2
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if flush:
+            cache.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e-3)
+    return statistics.median(ts), min(ts)
+
+
+n = 1 << 30  # 1 GiB per buffer
+src = torch.empty(n, dtype=torch.uint8, device=dev).random_()
+dst = torch.empty_like(src)
+med, mn = bench(lambda: dst.copy_(src), reps=20, flush=False)
+bw = 2 * n / med / 1e9
+print(f"copy bandwidth: {bw:.0f} GB/s median ({2 * n / mn / 1e9:.0f} best), 1 GiB -> 1 GiB")
+del src, dst
+rows = [dict(op="copy", dtype="uint8", N=n, C=1, path="", median_ms=med * 1e3, bytes=2 * n,
+             GBps=bw, pct=100.0)]
+
+def path_of(c, dtype):
+    v = 16 // torch.empty(0, dtype=dtype).element_size()
+    if c * (16 // v) <= 128:
+        return "tile"
+    nv = -(-c // v)
+    tpr = 4
+    while tpr * 4 < nv and tpr < 1024:
+        tpr *= 2
+    tpr = 128 if tpr == 64 else tpr
+    return f"tpr{tpr}" + ("" if nv <= tpr * 4 else "-2read")
+
+cases = [(1_000_000, 10), (1_000_000, 64), (262_144, 128), (65_536, 1000), (16_384, 4096),
+         (8192, 16384), (4096, 32000), (4096, 32768), (4096, 33000), (8192, 50257), (4096, 128256)]
+for dtype in (torch.bfloat16, torch.float32):
+    b = torch.empty(0, dtype=dtype).element_size()
+    for N, C in cases:
+        if N * C * b > 4 << 30:
+            continue
+        x = torch.randn(N, C, device=dev, dtype=dtype)
+        t = torch.randint(0, C, (N,), device=dev)
+        T = torch.tensor(1.5, device=dev)
+        nb = N * C * b
+        side = N * 8 + N * 4  # target read + lse written
+        loss, lse, den = ops.tsce_fwd(x, t, None, T, 1.0, 0.1, -100, 1)
+        one = torch.tensor(1.0, device=dev, dtype=dtype)
+        xi = x.clone()
+        todo = [
+            ("tsce_fwd", lambda: ops.tsce_fwd(x, t, None, T, 1.0, 0.1, -100, 1), nb + side),
+            ("tsce_bwd", lambda: ops.tsce_bwd(one, x, t, None, lse, den, T, 1.0, 0.1, -100, 1, True, False), 2 * nb + side),
+            ("tsce_fused", lambda: ops.tsce_fused(x, t, None, T, 1.0, 0.1, -100, 1, False), 2 * nb + 2 * N * 8),
+            ("tsce_fused_", lambda: ops.tsce_fused_(xi, t, None, T, 1.0, 0.1, -100, 1, False), 2 * nb + 2 * N * 8),
+            ("softmax_fwd", lambda: ops.softmax_fwd(x, T, 1.0, -1, False), 2 * nb),
+            ("temperature_stats", lambda: ops.temperature_stats(x, t, 0.7), nb + N * 8),
+        ]
+        for name, fn, nbytes in todo:
+            try:
+                med, mn = bench(fn, reps=15 if nb > (1 << 29) else 30)
+            except Exception as e:  # keep going
+                print(f"{name} {dtype} {N}x{C}: {type(e).__name__}: {e}")
+                continue
+            g = nbytes / med / 1e9
+            rows.append(dict(op=name, dtype=str(dtype).replace("torch.", ""), N=N, C=C,
+                             path=path_of(C, dtype), median_ms=med * 1e3, bytes=nbytes, GBps=g,
+                             pct=100 * g / bw))
+        del x, xi, t, lse
+        torch.cuda.empty_cache()
+with open(out_csv, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
+print(f"{'op':<18}{'dtype':<9}{'N':>9}{'C':>8} {'path':<12}{'ms':>9}{'GB/s':>8}{'%copy':>7}")
+for r in rows:
+    print(f"{r['op']:<18}{r['dtype']:<9}{r['N']:>9}{r['C']:>8} {r['path']:<12}{r['median_ms']:>9.4f}"
+          f"{r['GBps']:>8.0f}{r['pct']:>7.1f}")
+print(f"BANDWIDTH_GBPS={bw:.0f}")
+PYEOF
+step kernels ${KERNELS_TIMEOUT:-150} $PY "$LOGS/kernels.py" "$OUT/kernels.csv"
+BW=$(grep -m1 -o 'BANDWIDTH_GBPS=[0-9]*' "$LOGS/kernels.log" | cut -d= -f2)
+note "copy ${BW:-?} GB/s"
+
+# ------------------------------------------------------------------ 6. benchmark
+# First without torch.compile (always fits), then the compile baseline if time remains
+# (one compilation per shape, dtype and pass). Hard stop at DEADLINE_S after the start.
+DEADLINE=$((T_START + ${DEADLINE_S:-540}))
+left() { local l=$((DEADLINE - $(date +%s))); [ $l -lt 30 ] && l=30; echo $l; }
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$LOGS/liger_install.log" 2>&1 \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  # shellcheck disable=SC2086
+  step bench "$(left)" $PY benchmarks/bench_loss.py --device cuda --out "$OUT" ${BW:+--bandwidth $BW} \
+    --no-compile ${BENCH_ARGS:---budget 0.15}
+  note "$(grep -c . "$OUT/cuda_bench.csv" 2>/dev/null || echo 0) csv lines"
+  if [ "${SKIP_COMPILE:-0}" != "1" ] && [ $((DEADLINE - $(date +%s))) -gt 90 ]; then
+    # shellcheck disable=SC2086
+    step bench_compile "$(left)" $PY benchmarks/bench_loss.py --device cuda --out "$OUT" ${BW:+--bandwidth $BW} \
+      --impls softcal,softcal-fused,compile --tag compile --no-plot ${BENCH_ARGS:---budget 0.15}
+    note "$(grep -c . "$OUT/cuda_compile.csv" 2>/dev/null || echo 0) csv lines"
+  fi
+fi
+if [ "${SKIP_PTXAS:-0}" != "1" ]; then
+wait "$PTXAS_PID" 2>/dev/null
+NAMES+=(ptxas); RCS+=("$(grep -q 'LDG.E.128' "$LOGS/ptxas.log" && echo 0 || echo 1)"); SECS+=("-")
+NOTES+=("$(grep -c 'spill' "$LOGS/ptxas.log") kernels, $(grep -cE '[1-9][0-9]* bytes spill stores' "$LOGS/ptxas.log") spilling; $(grep 'LDG.E.128' "$LOGS/ptxas.log" | grep -o 'LDG.E.128 in SASS: [0-9]*' | cut -d' ' -f4 | paste -sd+ | sed 's/^/LDG.E.128: /')")
+fi
+
+# The built extension, so that a later run can skip the build (COPY_SO=1; counts as a file).
+if [ "${COPY_SO:-0}" = "1" ]; then cp softcal/_C*.so "$OUT/" 2>/dev/null; fi
+
+# ------------------------------------------------------------------ summary (printed last)
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+{
+  echo
+  echo "softcal gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - T_START)) s in all, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  grep -A14 -E '^op +dtype' "$LOGS/kernels.log" 2>/dev/null | head -1
+  grep -E '^tsce_(fwd|bwd|fused) +bfloat16 +(1000000 +10|4096 +128256|4096 +32000) ' "$LOGS/kernels.log" 2>/dev/null
+  grep -m1 -E '^copy bandwidth' "$LOGS/kernels.log" 2>/dev/null
+  grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" 2>/dev/null | head -8
+  printf '%-14s %5s %6s  %s\n' step rc sec note
+  for i in "${!NAMES[@]}"; do
+    printf '%-14s %5s %6s  %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${NOTES[$i]}"
+  done
+} | tee "$OUT/summary.txt"
