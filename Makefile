@@ -49,7 +49,7 @@ cuda-check: $(CUDA_VENV)/.ready
 	cd build/cuda-check && CUDA_HOME=$(CUDA_HOME) SOFTCAL_FORCE_CUDA=1 MAX_JOBS=$(MAX_JOBS) \
 		TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
 		../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace
-	cd build/cuda-check && SOFTCAL_EXPECT_CUDA=1 ../../$(CUDA_VENV)/bin/python -m pytest -q tests/test_cuda.py
+	cd build/cuda-check && SOFTCAL_EXPECT_CUDA=1 ../../$(CUDA_VENV)/bin/python -m pytest -q tests
 
 clean:
 	rm -rf build *.egg-info softcal/_C*.so

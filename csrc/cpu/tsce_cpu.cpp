@@ -406,8 +406,8 @@ at::Tensor new_grad_buffer(const at::Tensor& like) {
 template <typename scalar_t, typename acc_t>
 inline acc_t row_loss(const CEParams<acc_t>& p, const scalar_t* x, const RowStats<acc_t>& st,
                       int64_t y, acc_t& lse_out) {
-  if (!std::isfinite(st.max)) {  // NaN / +inf logits: NaN; entirely -inf: -inf lse, NaN loss
-    lse_out = row_lse(st, p.beta);
+  if (!std::isfinite(st.max)) {  // NaN / +inf logits, or entirely -inf: NaN lse and loss
+    lse_out = kNaN<acc_t>;
     return kNaN<acc_t>;
   }
   const acc_t log_s = std::log(st.sumexp);

@@ -54,7 +54,11 @@ struct Sum {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t lse_of(const MS<acc_t>& st) {
-  return st.m > neg_inf<acc_t>() ? st.m + flog(st.s) : std::numeric_limits<acc_t>::quiet_NaN();
+  // NaN unless the max is finite (+inf too, as the CPU op: the strided kernel's running sum
+  // stays finite with a single +inf, which would otherwise give lse = +inf, not NaN)
+  return (st.m > neg_inf<acc_t>() && st.m < std::numeric_limits<acc_t>::infinity())
+             ? st.m + flog(st.s)
+             : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 template <typename T, typename acc_t>
@@ -471,7 +475,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(
                      .to(o.scalar_type())
                      .contiguous();
   const at::ScalarType gt_type = temp_grad_type(temperature_t, out_in.scalar_type());
-  const bool need_t = need_temperature_grad;
+  // As the CPU op: no temperature tensor, no T-gradient (grad_temperature stays 0).
+  const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad_t = need_t && o.numel() > 0 ? at::empty({}, o.options().dtype(gt_type))
                                               : at::zeros({}, o.options().dtype(gt_type));
   at::Tensor gx = at::empty_like(o, at::MemoryFormat::Contiguous);

@@ -32,13 +32,16 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cuda(
               op, ": grad_loss, lse and denom must be on ", logits.device());
   c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight);
-  const bool need_t = need_temperature_grad;
+  // As the CPU op: no temperature tensor, no T-gradient (grad_temperature stays 0).
+  const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad = need_logits_grad
                         ? at::empty({rows, logits.size(1)}, logits.options())
                         : at::empty({0}, logits.options());
   const at::ScalarType gt_type = temp_grad_type(temperature_t, logits.scalar_type());
-  at::Tensor grad_t = (need_t && rows > 0) ? at::empty({}, logits.options().dtype(gt_type))
-                                           : at::zeros({}, logits.options().dtype(gt_type));
+  // empty only when the kernels below write it (the early return for C == 0 must give 0)
+  at::Tensor grad_t = (need_t && rows > 0 && logits.size(1) > 0)
+                          ? at::empty({}, logits.options().dtype(gt_type))
+                          : at::zeros({}, logits.options().dtype(gt_type));
   if (rows == 0 || (!need_logits_grad && !need_t) || logits.size(1) == 0) {
     return {grad, grad_t};
   }
@@ -93,7 +96,8 @@ void scale_rows_inplace_cuda(const at::Tensor& grad, const at::Tensor& scale) {
   const char* op = "softcal.scale_rows_";
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": grad must be floating, got ", grad.scalar_type());
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op, ": scale must be floating, got ", scale.scalar_type());
-  TORCH_CHECK(grad.is_contiguous(), op, ": grad must be contiguous, got strides ", grad.strides());
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), op, ": grad must be 2-D contiguous, got shape ",
+              grad.sizes(), " and strides ", grad.strides());  // as the CPU op
   TORCH_CHECK(scale.device() == grad.device(), op, ": scale is on ", scale.device(), " but grad is on ",
               grad.device());
   const bool per_row = scale.dim() > 0;

@@ -87,14 +87,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fused_cuda(
   const Prepared p = prepare(logits, target, weight);
   at::Tensor loss = empty_loss(logits, reduction);
   at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
-  at::Tensor grad_t = fused_grad_t(logits, temperature_t, reduction, need_temperature_grad);
+  // As the CPU op: no temperature tensor, no T-gradient (grad_temperature stays 0).
+  const bool need_t = need_temperature_grad && temperature_t.has_value();
+  at::Tensor grad_t = fused_grad_t(logits, temperature_t, reduction, need_t);
   if (logits.size(0) == 0) {
     fill_empty_loss(loss, reduction);
     return {loss, grad, grad_t};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_fused_cuda", [&] {
     fused_impl<scalar_t>(logits, p, temperature_t, temperature, label_smoothing, ignore_index,
-                         reduction, need_temperature_grad, loss, grad, grad_t);
+                         reduction, need_t, loss, grad, grad_t);
   });
   return {loss, grad, grad_t};
 }
@@ -110,7 +112,9 @@ std::tuple<at::Tensor, at::Tensor> tsce_fused_inplace_cuda(
   c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight);
   at::Tensor loss = empty_loss(logits, reduction);
-  at::Tensor grad_t = fused_grad_t(logits, temperature_t, reduction, need_temperature_grad);
+  // As the CPU op: no temperature tensor, no T-gradient (grad_temperature stays 0).
+  const bool need_t = need_temperature_grad && temperature_t.has_value();
+  at::Tensor grad_t = fused_grad_t(logits, temperature_t, reduction, need_t);
   if (logits.size(0) == 0) {
     fill_empty_loss(loss, reduction);
     return {loss, grad_t};
@@ -118,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_fused_inplace_cuda(
   at::Tensor grad = logits;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_fused_inplace_cuda", [&] {
     fused_impl<scalar_t>(logits, p, temperature_t, temperature, label_smoothing, ignore_index,
-                         reduction, need_temperature_grad, loss, grad, grad_t);
+                         reduction, need_t, loss, grad, grad_t);
   });
   return {loss, grad_t};
 }
