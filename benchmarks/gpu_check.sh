@@ -11,6 +11,10 @@
 #   kernels.csv       softcal op timings (CUDA events, median) and GB/s against the bytes bound
 #   cuda_bench.{csv,md,png}   benchmarks/bench_loss.py --device cuda --no-compile
 #   cuda_compile.{csv,md}     the same for softcal vs torch.compile, when time remains
+# Liger-Kernel (a baseline of the benchmark) is not on the GPU machine: download its wheel first,
+# here, into the ignored folder .whl/ and name it in the device call's `carry`:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel
 # Environment knobs:
 #   BENCH_ARGS   extra arguments of bench_loss.py (default: --budget 0.15)
 #   TEST_TIMEOUT seconds for the pytest step (default 150)
