@@ -379,6 +379,15 @@ double deterministic_sum(const T* v, int64_t n) {
   return total;
 }
 
+// The same for a contiguous 1-D float or double tensor of per-row values.
+double deterministic_sum(const at::Tensor& v) {
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "softcal_deterministic_sum", [&] {
+    total = deterministic_sum(v.const_data_ptr<scalar_t>(), v.numel());
+  });
+  return total;
+}
+
 // Rows per parallel task, so that a task touches at least ~32k elements.
 inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
 
@@ -533,10 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
   if (reduction == kNone) {
     loss = loss_rows.to(logits.scalar_type());
   } else {
-    double total = 0;
-    AT_DISPATCH_FLOATING_TYPES(loss_rows.scalar_type(), "tsce_fwd_reduce", [&] {
-      total = deterministic_sum(loss_rows.const_data_ptr<scalar_t>(), rows);
-    });
+    double total = deterministic_sum(loss_rows);
     if (reduction == kMean) total /= denom_t.item<double>();  // 0/0 = NaN when all are ignored
     loss = at::scalar_tensor(total, logits.options().dtype(acc_st)).to(logits.scalar_type());
   }
@@ -626,11 +632,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
   const auto t_dtype = temp_grad_type(temperature_t, logits.scalar_type());
   at::Tensor grad_t = at::zeros({}, logits.options().dtype(t_dtype));
   if (need_t) {
-    double total = 0;
-    AT_DISPATCH_FLOATING_TYPES(grad_t_rows.scalar_type(), "tsce_bwd_reduce", [&] {
-      total = deterministic_sum(grad_t_rows.const_data_ptr<scalar_t>(), rows);
-    });
-    grad_t.fill_(total);
+    grad_t.fill_(deterministic_sum(grad_t_rows));
   }
   return {grad, grad_t};
 }
@@ -687,11 +689,8 @@ std::tuple<at::Tensor, at::Tensor> finish_fused(const at::Tensor& logits, at::Te
     loss = loss_rows.to(logits.scalar_type());
     grad_t = need_t ? grad_t_rows.to(t_dtype) : at::zeros({logits.size(0)}, logits.options().dtype(t_dtype));
   } else {
-    double total = 0, total_t = 0;
-    AT_DISPATCH_FLOATING_TYPES(loss_rows.scalar_type(), "tsce_fused_reduce", [&] {
-      total = deterministic_sum(loss_rows.const_data_ptr<scalar_t>(), loss_rows.numel());
-      if (need_t) total_t = deterministic_sum(grad_t_rows.const_data_ptr<scalar_t>(), grad_t_rows.numel());
-    });
+    double total = deterministic_sum(loss_rows);
+    const double total_t = need_t ? deterministic_sum(grad_t_rows) : 0.0;
     if (reduction == kMean) total /= denom;
     loss = at::scalar_tensor(total, logits.options().dtype(acc_st)).to(logits.scalar_type());
     grad_t = at::scalar_tensor(total_t, logits.options().dtype(t_dtype));
@@ -951,11 +950,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
   }
   at::Tensor grad_t = at::zeros({}, out.options().dtype(t_dtype));
   if (need_t) {
-    double total = 0;
-    AT_DISPATCH_FLOATING_TYPES(t_rows.scalar_type(), "softmax_bwd_reduce", [&] {
-      total = deterministic_sum(t_rows.const_data_ptr<scalar_t>(), slices);
-    });
-    grad_t.fill_(total);
+    grad_t.fill_(deterministic_sum(t_rows));
   }
   return {grad_x, grad_t};
 }
