@@ -287,12 +287,11 @@ inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const
   return st;
 }
 
-// log-sum-exp of z = beta * x from the row stats: -inf for a fully masked row, NaN when the
-// row has a NaN or +inf.
+// log-sum-exp of z = beta * x from the row stats; NaN when the row has no softmax (a NaN or
+// +inf logit, or every logit -inf), as torch.softmax and common.h.
 template <typename acc_t>
 inline acc_t row_lse(const RowStats<acc_t>& st, acc_t beta) {
-  if (std::isnan(st.max) || st.max == std::numeric_limits<acc_t>::infinity()) return kNaN<acc_t>;
-  if (st.max == kNegInf<acc_t>) return kNegInf<acc_t>;
+  if (!std::isfinite(st.max)) return kNaN<acc_t>;
   return beta * st.max + std::log(st.sumexp);
 }
 
@@ -803,7 +802,7 @@ void softmax_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C, dou
       scalar_t* orow = out + i * C;
       const auto st = row_stats<scalar_t, acc_t>(xr, C, beta, nullptr, false, xbuf.data());
       // NaN for a row with NaN/+inf or entirely -inf (as torch.softmax)
-      const acc_t lse = st.max == kNegInf<acc_t> ? kNaN<acc_t> : row_lse(st, beta);
+      const acc_t lse = row_lse(st, beta);
       const Vec<acc_t> vb(beta), vl(-lse);
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(kChunk, C - c0);
