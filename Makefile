@@ -1,5 +1,8 @@
 # softcal: every target does its own set-up on a fresh machine.
-#   make test        CPU build (torch 2.13.0, CPU wheel) + the whole test suite
+#   make test        CPU build (torch 2.13.0, CPU wheel) + the whole test suite, twice: on the CPU
+#                    kernels, then on the CUDA kernels run by the emulator in tests/cuda_emu
+#   make test-emu-asan  the CUDA-kernel tests under the emulator built with AddressSanitizer,
+#                    threads in a random (seeded) order between barriers
 #   make calibrate   the main job: `softcal calibrate` on the embedded DenseNet-40 / CIFAR-10 logits
 #   make bench       the CPU loss benchmark (both THP settings) -> benchmarks/results/
 #   make cuda-check  compile + link + import the CUDA extension without a GPU (torch 2.14.1, CUDA 13.0)
@@ -13,7 +16,7 @@ CUDA_TORCH  ?= torch==2.14.1
 CUDA_HOME   ?= /usr/local/cuda-13.0
 MAX_JOBS    ?= 2
 
-.PHONY: venv build test calibrate bench cuda-check clean
+.PHONY: venv build test test-emu-asan calibrate bench cuda-check clean
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +31,17 @@ build: $(VENV)/.ready
 
 test: build
 	$(VPY) -m pytest -q tests
+	SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q tests
+
+# The CUDA kernels under the emulator with AddressSanitizer (the analogue of compute-sanitizer
+# memcheck for the kernels' global-memory accesses), threads run in a random order between
+# barriers (seeded: the same every run). libstdc++ is preloaded with libasan so that ASan's
+# __cxa_throw interceptor finds the real one (else the first C++ exception, an expected error
+# included, aborts the process).
+test-emu-asan: build
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 SOFTCAL_EMU_ASAN=1 \
+		SOFTCAL_EMU_SCHEDULE=random SOFTCAL_EMU_SEED=1 \
+		SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q tests/test_cuda.py tests/test_cuda_emu.py
 
 calibrate: build
 	$(VENV)/bin/softcal calibrate

@@ -1,22 +1,14 @@
 // softcal: op schemas and module init.
 //
-// Every op is defined once here; each backend registers its kernels in its own file
+// Every op is defined once, in csrc/schemas.h; each backend registers its kernels in its own file
 // (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(softcal, CPU, m), csrc/cuda/*.cu with
 // TORCH_LIBRARY_IMPL(softcal, CUDA, m)). Fake kernels and autograd live in softcal/_ops.py.
-// The maths of every op is written out in csrc/common.h.
-//
-// Conventions shared by all ops:
-//   * logits is 2-D (rows, C) with a unit stride along C; the row stride may be anything.
-//     The Python layer reshapes (C,), (N, C) and (N, C, d1, ...) inputs into that form.
-//   * target is int64 of shape (rows,).
-//   * temperature: when temperature_t (a 0-dim floating tensor on the logits' device) is given,
-//     its value is used and the float `temperature` is ignored; otherwise the float is used.
-//     Reading the tensor never synchronises the host on CUDA (the kernel loads it).
-//   * reduction follows at::Reduction: 0 = none, 1 = mean, 2 = sum.
-//   * "acc" is the accumulation type: float for float16/bfloat16/float32, double for float64.
-//     lse and denom are returned in acc; the loss in the logits' dtype.
+// The maths of every op is written out in csrc/common.h; the conventions shared by all ops head
+// csrc/schemas.h.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "schemas.h"
 
 extern "C" {
 // A bare Python module: importing softcal._C runs the static registrations below.
@@ -27,48 +19,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(softcal, m) {
-  // Forward of the temperature-scaled, label-smoothed cross-entropy.
-  //   loss:  (rows,) for reduction none, () otherwise; logits' dtype.
-  //   lse:   (rows,) acc; log-sum-exp of logits / T per row (saved for backward).
-  //   denom: () acc; sum over non-ignored rows of weight[target] (the count without weights).
-  m.def(
-      "tsce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
-      "float temperature, float label_smoothing, int ignore_index, int reduction) "
-      "-> (Tensor loss, Tensor lse, Tensor denom)");
-  // Backward: one read of the logits, one write of the gradient.
-  //   grad_loss: (rows,) (any stride, stride 0 allowed) for none, () otherwise.
-  //   grad_logits: like logits (contiguous), or an empty (0,) tensor when not requested.
-  //   grad_temperature: () in temperature_t's dtype (acc when temperature_t is absent);
-  //   zero when not requested.
-  m.def(
-      "tsce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-      "Tensor denom, Tensor? temperature_t, float temperature, float label_smoothing, "
-      "int ignore_index, int reduction, bool need_logits_grad, bool need_temperature_grad) "
-      "-> (Tensor grad_logits, Tensor grad_temperature)");
-  // Fused forward: loss and the gradient for an upstream gradient of 1, in one call.
-  //   grad_temperature: () for mean/sum; (rows,) per-row dL_i/dT for none.
-  m.def(
-      "tsce_fused(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
-      "float temperature, float label_smoothing, int ignore_index, int reduction, "
-      "bool need_temperature_grad) -> (Tensor loss, Tensor grad_logits, Tensor grad_temperature)");
-  // The same, writing the gradient into the logits' own buffer (logits must be contiguous).
-  m.def(
-      "tsce_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
-      "float temperature, float label_smoothing, int ignore_index, int reduction, "
-      "bool need_temperature_grad) -> (Tensor loss, Tensor grad_temperature)");
-  // grad[i, :] *= scale (scale 0-dim) or scale[i] (scale (rows,), any stride). A 0-dim scale
-  // equal to 1 leaves grad untouched (checked on the device, no host synchronisation).
-  m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> ()");
-  // softmax / log_softmax of x / T along dim (any dim; unit stride along dim is fastest).
-  m.def(
-      "softmax_fwd(Tensor x, Tensor? temperature_t, float temperature, int dim, bool log) "
-      "-> Tensor");
-  m.def(
-      "softmax_bwd(Tensor grad_out, Tensor out, Tensor? temperature_t, float temperature, "
-      "int dim, bool log, bool need_temperature_grad) -> (Tensor grad_x, Tensor grad_temperature)");
-  // Statistics for fitting a temperature: at beta = 1/T, summed over rows, in float64:
-  //   [ sum_i NLL_i(beta), sum_i (E_p[x_i] - x_i,y), sum_i Var_p[x_i], rows ]
-  // which are the NLL and its first and second derivatives with respect to beta.
-  m.def("temperature_stats(Tensor logits, Tensor target, float beta) -> Tensor");
-}
+TORCH_LIBRARY(softcal, m) { softcal::define_ops(m); }

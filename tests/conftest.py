@@ -5,6 +5,19 @@ import torch
 
 import softcal
 
+# SOFTCAL_EMULATE_CUDA=1: the CUDA kernels (csrc/cuda), compiled for the CPU by the emulator in
+# tests/cuda_emu, replace the extension's CPU kernels, so that every "cpu" case of the suite runs
+# the CUDA kernels' code (launch paths, reductions, barriers) on this machine. It says nothing of
+# speed, and CUDA-only behaviour (graphs, streams, memory) still needs a GPU (tests/test_cuda.py).
+EMULATE_CUDA = os.environ.get("SOFTCAL_EMULATE_CUDA", "0") == "1"
+if EMULATE_CUDA:
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
+    import emulator as _emu_build
+
+    EMU_OPS = _emu_build.install()
+
 # The core tests run on CUDA only where the extension has CUDA kernels: otherwise CUDA tensors
 # would go to the pure-PyTorch fallback and the tests would not test the kernels.
 CUDA = torch.cuda.is_available() and softcal.backend("cuda") == "extension"

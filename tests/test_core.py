@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import softcal
 from softcal import reference
-from conftest import DEVICES, TOL, rel_err
+from conftest import DEVICES, EMULATE_CUDA, TOL, rel_err
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -722,7 +722,11 @@ def test_errors_name_argument_and_value(device):
     _err(ValueError, r"inplace=True needs fused=True", ce, x, t, inplace=True)
     _err(NotImplementedError, r"gradient with respect to weight", ce, x, t,
          weight=torch.ones(3, device=device, requires_grad=True))
-    if device.type == "cpu":
+    if device.type == "cpu" and EMULATE_CUDA:  # the CUDA kernels check on the device
+        for bad_t, fused in (([0, 3, 1, 1], False), ([0, 1, -5, 1], False), ([7, 1, 1, 1], True)):
+            _err(RuntimeError, r"device-side assert triggered.*target out of range", ce, x,
+                 torch.tensor(bad_t), fused=fused)
+    elif device.type == "cpu":
         _err(RuntimeError, r"target\[1\] = 3 is out of range for 3 classes", ce, x,
              torch.tensor([0, 3, 1, 1]))
         _err(RuntimeError, r"target\[2\] = -5 is out of range", ce, x, torch.tensor([0, 1, -5, 1]))

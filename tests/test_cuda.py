@@ -25,7 +25,7 @@ import torch
 
 import softcal
 from softcal import _ops, reference
-from conftest import TOL, rel_err
+from conftest import EMULATE_CUDA, TOL, rel_err
 
 HAVE_GPU = torch.cuda.is_available()
 BUILT_WITH_CUDA = torch.version.cuda is not None and _ops.HAVE_EXTENSION
@@ -38,6 +38,16 @@ needs_gpu = pytest.mark.skipif(
     not CUDA_READY,
     reason=("no CUDA GPU visible" if not HAVE_GPU else
             "the extension has no CUDA kernels (built with SOFTCAL_CPU_ONLY or without a toolkit)"),
+)
+
+# The launch-path tests below also run under the CUDA emulator (SOFTCAL_EMULATE_CUDA=1, see
+# tests/cuda_emu): the kernels' code then runs on the CPU, on CPU tensors. The tests of what only a
+# GPU can show (graphs, synchronisation, memory, int64 offsets at 5 GiB, scheduling determinism)
+# stay needs_gpu.
+KDEV = "cuda" if CUDA_READY else "cpu"
+needs_kernels = pytest.mark.skipif(
+    not (CUDA_READY or EMULATE_CUDA),
+    reason="no CUDA GPU visible (SOFTCAL_EMULATE_CUDA=1 runs these through the CUDA emulator)",
 )
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -125,10 +135,10 @@ CONFIGS = [  # reduction, eps, weighted, temperature
 
 
 def _temp(kind, dtype=torch.float32):
-    """A float, or a 0-dim CUDA tensor (float64 for float64 logits, else float32)."""
+    """A float, or a 0-dim tensor on KDEV (float64 for float64 logits, else float32)."""
     if kind == "tensor":
         tdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        return torch.tensor(1.7, dtype=tdtype, device="cuda", requires_grad=True)
+        return torch.tensor(1.7, dtype=tdtype, device=KDEV, requires_grad=True)
     return kind
 
 
@@ -138,10 +148,10 @@ def _check_ce(x, t, w, kind, eps, reduction, mode, dtype):
     n = x.shape[0]
     grad_out = (torch.randn(n, generator=g, dtype=torch.float64) if reduction == "none"
                 else torch.tensor(1.3, dtype=torch.float64))
-    loss, gx, gT = _run_ce(x.cuda(), t.cuda(), None if w is None else w.cuda(), temp, eps,
+    loss, gx, gT = _run_ce(x.to(KDEV), t.to(KDEV), None if w is None else w.to(KDEV), temp, eps,
                            reduction, mode, grad_out)
     rl, rgx, rgT = _ref(x, t, w, temp, eps, reduction, grad_out.to(dtype).double())
-    assert loss.dtype == dtype and loss.is_cuda
+    assert loss.dtype == dtype and loss.device.type == KDEV
     _close_loss(loss, rl, dtype)
     assert gx.dtype == dtype and gx.shape == x.shape
     assert rel_err(gx, rgx) <= TOL[dtype]["grad"], (mode, reduction, rel_err(gx, rgx))
@@ -152,7 +162,7 @@ def _check_ce(x, t, w, kind, eps, reduction, mode, dtype):
         assert err <= tolT * (abs(float(rgT)) + 1e-3 * max(1, n)), (float(gT), float(rgT))
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("mode", ["autograd", "fused", "inplace"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -164,7 +174,7 @@ def test_cuda_ce_parity_paths(dtype, shape, mode):
         _check_ce(x, t, w, kind, eps, reduction, mode, dtype)
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("offset", [1, 3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [7, 300, 5000])
@@ -175,30 +185,30 @@ def test_cuda_ce_misaligned_rows(dtype, c, offset):
     x, t, w = _case(n, c, dtype, seed=c + offset, weighted=True)
     base = torch.zeros(n, c + offset + 2, dtype=dtype)
     base[:, offset:offset + c] = x
-    xb = base.cuda()[:, offset:offset + c]
+    xb = base.to(KDEV)[:, offset:offset + c]
     assert xb.stride(0) == c + offset + 2
     for mode in ("autograd", "fused"):
         temp = _temp("tensor", dtype)
         xin = xb.detach().requires_grad_()  # the strided view itself reaches the kernels
-        loss = softcal.cross_entropy(xin, t.cuda(), temperature=temp, label_smoothing=0.1,
-                                     weight=w.cuda(), fused=mode == "fused")
+        loss = softcal.cross_entropy(xin, t.to(KDEV), temperature=temp, label_smoothing=0.1,
+                                     weight=w.to(KDEV), fused=mode == "fused")
         gx, = torch.autograd.grad(loss, xin)
         rl, rgx, _ = _ref(x, t, w, temp, 0.1, "mean", torch.tensor(1.0, dtype=torch.float64))
         _close_loss(loss, rl, dtype)
         assert rel_err(gx, rgx) <= TOL[dtype]["grad"]
     # the raw op on the strided view (functional layer passes it as is)
-    loss, lse, denom = torch.ops.softcal.tsce_fwd(xb, t.cuda(), None, None, 1.3, 0.0, -100, 0)
+    loss, lse, denom = torch.ops.softcal.tsce_fwd(xb, t.to(KDEV), None, None, 1.3, 0.0, -100, 0)
     want = reference.cross_entropy(x.double(), t, temperature=1.3, reduction="none")
     _close_loss(loss, want, dtype)
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_fused_grad_temperature_per_row(dtype):
     """tsce_fused with reduction none returns the per-row dL_i/dT; mean/sum a 0-dim sum."""
     x, t, w = _case(50, 37, dtype, seed=2, weighted=True)
-    T = torch.tensor(1.4, dtype=torch.float64, device="cuda")
-    xc, tc, wc = x.cuda(), t.cuda(), w.cuda()
+    T = torch.tensor(1.4, dtype=torch.float64, device=KDEV)
+    xc, tc, wc = x.to(KDEV), t.to(KDEV), w.to(KDEV)
     loss, grad, gT = torch.ops.softcal.tsce_fused(xc, tc, wc, T, 1.0, 0.2, -100, 0, True)
     assert gT.shape == (50,) and gT.dtype == torch.float64
     x64 = x.double().requires_grad_()
@@ -221,7 +231,7 @@ SOFTMAX_SHAPES = [  # shape, dim
 ]
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("case", SOFTMAX_SHAPES, ids=lambda c: f"{'x'.join(map(str, c[0]))}_d{c[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -229,25 +239,32 @@ def test_cuda_softmax_paths(dtype, case, log):
     shape, dim = case
     g = torch.Generator().manual_seed(len(shape) * 100 + shape[0])
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dtype)
-    T = torch.tensor(1.6, dtype=torch.float32, device="cuda", requires_grad=True)
-    xa = x.cuda().requires_grad_()
+    T = torch.tensor(1.6, dtype=torch.float32, device=KDEV, requires_grad=True)
+    xa = x.to(KDEV).requires_grad_()
     fn = softcal.log_softmax if log else softcal.softmax
     out = fn(xa, T, dim)
     x64 = x.double().requires_grad_()
-    T64 = torch.tensor(1.6, dtype=torch.float64, requires_grad=True)
+    # the temperature the kernel reads: 1.6 rounded to float32 (as x / T in PyTorch promotes it)
+    T64 = T.detach().double().cpu().requires_grad_()
     ref = (torch.log_softmax if log else torch.softmax)(x64 / T64, dim)
     tol = TOL[dtype]
     torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=tol["rtol"], atol=tol["atol"])
     gout = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    gx, gT = torch.autograd.grad(out, (xa, T), gout.cuda())
+    gx, gT = torch.autograd.grad(out, (xa, T), gout.to(KDEV))
     rgx, rgT = torch.autograd.grad(ref, (x64, T64), gout.double())
-    assert rel_err(gx, rgx) <= tol["grad"] * 2
+    # The backward reads the rounded output y: dL/dz = y (g - sum g y) cancels where g ~ sum g y,
+    # so a short half-precision row can lose more than tol["grad"]; PyTorch's own kernel, in the
+    # same dtype, loses as much. Bound: twice the larger of the two.
+    xt = x.detach().clone().requires_grad_()
+    eager = (torch.log_softmax if log else torch.softmax)(xt / T.detach().cpu(), dim)
+    egx, = torch.autograd.grad(eager, xt, gout)
+    assert rel_err(gx, rgx) <= 2 * max(tol["grad"], rel_err(egx, rgx)), (rel_err(gx, rgx), rel_err(egx, rgx))
     assert rel_err(gT, rgT) <= max(tol["grad"] * 20, 1e-4)
 
 
 # --------------------------------------------------------------------------- temperature_stats
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("shape", [(500, 10), (64, 1000), (8, 50257), (3, 1)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_temperature_stats_paths(dtype, shape):
@@ -255,7 +272,7 @@ def test_cuda_temperature_stats_paths(dtype, shape):
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
     t = torch.randint(0, shape[1], (shape[0],), generator=g)
     for beta in (0.3, 1.0, 2.5):
-        got = softcal.temperature_stats(x.cuda(), t.cuda(), beta)
+        got = softcal.temperature_stats(x.to(KDEV), t.to(KDEV), beta)
         want = reference.temperature_stats(x.double(), t, beta)
         assert got.dtype == torch.float64 and got.shape == (4,)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-7, atol=1e-7 * shape[0])
@@ -263,23 +280,23 @@ def test_cuda_temperature_stats_paths(dtype, shape):
 
 # --------------------------------------------------------------------------- scale_rows_
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_scale_rows(dtype):
     n, c = 37, 45
-    buf = torch.randn(n * c + 3, dtype=torch.float64).to(dtype).cuda()
+    buf = torch.randn(n * c + 3, dtype=torch.float64).to(dtype).to(KDEV)
     grad = buf[1:1 + n * c].view(n, c)  # contiguous, 1 element off alignment
     orig = grad.clone()
-    torch.ops.softcal.scale_rows_(grad, torch.tensor(1.0, dtype=dtype, device="cuda"))
+    torch.ops.softcal.scale_rows_(grad, torch.tensor(1.0, dtype=dtype, device=KDEV))
     assert torch.equal(grad, orig)
-    torch.ops.softcal.scale_rows_(grad, torch.tensor(-2.5, dtype=dtype, device="cuda"))
+    torch.ops.softcal.scale_rows_(grad, torch.tensor(-2.5, dtype=dtype, device=KDEV))
     torch.testing.assert_close(grad.double(), (orig.double() * -2.5).to(dtype).double())
     grad.copy_(orig)
-    s = torch.randn(2 * n, dtype=dtype, device="cuda")[::2]  # stride 2
+    s = torch.randn(2 * n, dtype=dtype, device=KDEV)[::2]  # stride 2
     torch.ops.softcal.scale_rows_(grad, s)
     torch.testing.assert_close(grad.double(), (orig.double() * s.double()[:, None]).to(dtype).double())
     grad.copy_(orig)
-    torch.ops.softcal.scale_rows_(grad, torch.tensor(3.0, dtype=dtype, device="cuda").expand(n))
+    torch.ops.softcal.scale_rows_(grad, torch.tensor(3.0, dtype=dtype, device=KDEV).expand(n))
     torch.testing.assert_close(grad.double(), (orig.double() * 3.0).to(dtype).double())
     assert torch.equal(buf[0], buf[0]) and buf.shape == (n * c + 3,)
 
@@ -437,6 +454,47 @@ def test_cuda_no_host_synchronisation():
     finally:
         torch.cuda.set_sync_debug_mode(prev)
     torch.cuda.synchronize()
+
+
+# The host-side reads of tensor values that a host synchronisation would be on a GPU: recorded by
+# the profiler for every aten op, those that the C++ host code calls included.
+_HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero",
+               "aten::equal", "aten::allclose")
+
+
+def _host_reads(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({e.name for e in prof.events() if e.name in _HOST_READS})
+
+
+@needs_kernels
+def test_kernels_read_no_tensor_value_on_the_host():
+    """Every op (tensor temperature, weights, grad_output) and the functional API: no host-side
+    read of a tensor's value, which on a GPU is a synchronisation. On the emulated kernels this
+    checks the CUDA host code. The API calls use a float temperature here: a tensor temperature on
+    CPU tensors is read once on purpose, to validate it (softcal/_validation.py; skipped on other
+    devices), and on a GPU the test above covers that case with sync-debug mode."""
+    torch.manual_seed(2)
+    x = torch.randn(64, 300, device=KDEV)
+    t = torch.randint(0, 300, (64,), device=KDEV)
+    w = torch.rand(300, device=KDEV) + 0.5
+    T = torch.tensor(1.3, device=KDEV)
+    gl = torch.tensor(1.0, device=KDEV)
+
+    def work():
+        _all_ops_once(x, t, w, T, gl)
+        for fused in (False, True):
+            xa = x.clone().requires_grad_()
+            loss = softcal.cross_entropy(xa, t, temperature=1.3, weight=w, label_smoothing=0.1,
+                                         fused=fused)
+            loss.backward()
+        xb = x.clone().requires_grad_()
+        softcal.softmax(xb, 1.3, dim=0).sum().backward()
+        softcal.temperature_stats(x, t, 0.7)
+
+    assert _host_reads(work) == []
+    assert _host_reads(lambda: x.sum().item()) == ["aten::_local_scalar_dense", "aten::item"]
 
 
 # --------------------------------------------------------------------------- memory
