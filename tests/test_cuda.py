@@ -430,6 +430,19 @@ def test_cuda_graph_capture_autograd_forward_backward():
 
 # --------------------------------------------------------------------------- no host sync
 
+def _api_once(x, t, w, temperature):
+    """The functional API once: the loss (autograd and fused) forward and backward, softmax along
+    dim 0 with its backward, temperature_stats."""
+    for fused in (False, True):
+        xa = x.clone().requires_grad_()
+        loss = softcal.cross_entropy(xa, t, temperature=temperature, weight=w, label_smoothing=0.1,
+                                     fused=fused)
+        loss.backward()
+    xb = x.clone().requires_grad_()
+    softcal.softmax(xb, temperature, dim=0).sum().backward()
+    softcal.temperature_stats(x, t, 0.7)
+
+
 @needs_gpu
 def test_cuda_no_host_synchronisation():
     torch.manual_seed(2)
@@ -443,14 +456,7 @@ def test_cuda_no_host_synchronisation():
     torch.cuda.set_sync_debug_mode("error")
     try:
         _all_ops_once(x, t, w, T.detach(), gl)
-        for fused in (False, True):
-            xa = x.clone().requires_grad_()
-            loss = softcal.cross_entropy(xa, t, temperature=T, weight=w, label_smoothing=0.1,
-                                         fused=fused)
-            loss.backward()
-        xb = x.clone().requires_grad_()
-        softcal.softmax(xb, T, dim=0).sum().backward()
-        softcal.temperature_stats(x, t, 0.7)
+        _api_once(x, t, w, T)
     finally:
         torch.cuda.set_sync_debug_mode(prev)
     torch.cuda.synchronize()
@@ -484,14 +490,7 @@ def test_kernels_read_no_tensor_value_on_the_host():
 
     def work():
         _all_ops_once(x, t, w, T, gl)
-        for fused in (False, True):
-            xa = x.clone().requires_grad_()
-            loss = softcal.cross_entropy(xa, t, temperature=1.3, weight=w, label_smoothing=0.1,
-                                         fused=fused)
-            loss.backward()
-        xb = x.clone().requires_grad_()
-        softcal.softmax(xb, 1.3, dim=0).sum().backward()
-        softcal.temperature_stats(x, t, 0.7)
+        _api_once(x, t, w, 1.3)
 
     assert _host_reads(work) == []
     assert _host_reads(lambda: x.sum().item()) == ["aten::_local_scalar_dense", "aten::item"]
