@@ -303,6 +303,42 @@ def test_cuda_scale_rows(dtype):
 
 # --------------------------------------------------------------------------- int64 offsets
 
+@needs_kernels
+@pytest.mark.parametrize("c", [40, 3000], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernels_read_rows_beyond_2_31_elements(dtype, c):
+    """Three rows at element offsets 0, S and 2S with S = 2^30 + 1 (a row-strided view into a
+    buffer of 2^31 + C elements; the reads at 2S need 64-bit offsets, and S odd misaligns every
+    row's 16-byte vectors). Only the three rows are written: on the CPU (the emulated kernels) the
+    untouched rest of the buffer is never committed to memory. Rows-per-block (C = 40) and
+    block-per-row (C = 3000) paths; forward, backward, fused and temperature_stats."""
+    s_ = (1 << 30) + 1
+    buf = torch.empty(2 * s_ + c, dtype=dtype, device=KDEV)
+    x = buf.as_strided((3, c), (s_, 1))
+    g = torch.Generator().manual_seed(c)
+    xd = (torch.randn(3, c, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x.copy_(xd.to(KDEV))
+    t = torch.tensor([1, c - 1, c // 2])
+    tk = t.to(KDEV)
+    ops = torch.ops.softcal
+    loss, lse, denom = ops.tsce_fwd(x, tk, None, None, 1.3, 0.1, -100, 0)
+    want = reference.cross_entropy(xd.double(), t, temperature=1.3, label_smoothing=0.1, reduction="none")
+    _close_loss(loss, want, dtype)
+    x64 = xd.double().requires_grad_()
+    rg, = torch.autograd.grad(reference.cross_entropy(x64, t, temperature=1.3, label_smoothing=0.1,
+                                                      reduction="sum"), x64)
+    gx, _ = ops.tsce_bwd(torch.tensor(1.0, dtype=dtype, device=KDEV), x, tk, None, lse, denom, None,
+                         1.3, 0.1, -100, 2, True, False)
+    assert rel_err(gx, rg) <= TOL[dtype]["grad"]
+    lf, gf, _ = ops.tsce_fused(x, tk, None, None, 1.3, 0.1, -100, 0, False)
+    _close_loss(lf, want, dtype)
+    assert rel_err(gf, rg) <= TOL[dtype]["grad"]
+    st = ops.temperature_stats(x, tk, 0.7)
+    torch.testing.assert_close(st.cpu(), reference.temperature_stats(xd.double(), t, 0.7),
+                               rtol=1e-6, atol=1e-6)
+    del buf
+
+
 @needs_gpu
 @pytest.mark.slow
 def test_cuda_int64_offsets():

@@ -22,6 +22,7 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 #include <sys/mman.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -90,6 +91,17 @@ constexpr size_t kStack = 128 * 1024;
 
 enum FState : int { kReady = 0, kWaiting = 1, kDone = 2 };
 
+// Switching between fibers: swapcontext saves and restores the signal mask, two system calls per
+// switch, and a block switches ~10 times per thread per row. So a fiber is entered once with
+// setcontext (on its fresh stack) and then switched with _setjmp/_longjmp, which touch only
+// registers (no fiber changes the signal mask). Under AddressSanitizer, which follows stack
+// switches made by swapcontext but not by _longjmp, every switch is a swapcontext.
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_FAST_SWITCH 0
+#else
+#define EMU_FAST_SWITCH 1
+#endif
+
 struct Barrier {
   int arrived = 0;
   uint64_t gen = 0;
@@ -99,6 +111,8 @@ struct Barrier {
 
 struct Fiber {
   ucontext_t ctx;
+  jmp_buf jb;
+  bool started = false;
   int state = kReady;
   const Barrier* wait = nullptr;
   uint64_t wait_gen = 0;
@@ -120,6 +134,7 @@ struct Block {
   Warp warps[kMaxThreads / 32];
   Barrier bar;
   ucontext_t sched;
+  jmp_buf sched_jb;
   std::function<void()> body;
   char* stacks = nullptr;
   std::vector<unsigned char> dyn_smem;
@@ -140,13 +155,20 @@ inline Block& block() {
 
 inline void yield() {
   Block& b = block();
+#if EMU_FAST_SWITCH
+  if (_setjmp(b.fibers[b.cur].jb) == 0) _longjmp(b.sched_jb, 1);
+#else
   swapcontext(&b.fibers[b.cur].ctx, &b.sched);
+#endif
 }
 
 inline void fiber_entry() {
   Block& b = block();
   b.body();
   b.fibers[b.cur].state = kDone;
+#if EMU_FAST_SWITCH
+  _longjmp(b.sched_jb, 1);
+#endif
   // returns to uc_link (the scheduler)
 }
 
@@ -253,6 +275,7 @@ inline void run_block(int threads) {
     f.state = kReady;
     f.wait = nullptr;
     f.shfl_count = 0;
+    f.started = false;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = b.stacks + static_cast<size_t>(t) * kStack;
     f.ctx.uc_stack.ss_size = kStack;
@@ -276,7 +299,15 @@ inline void run_block(int threads) {
       }
       b.cur = t;
       threadIdx.x = static_cast<unsigned>(t);
+#if EMU_FAST_SWITCH
+      if (_setjmp(b.sched_jb) == 0) {
+        if (f.started) _longjmp(f.jb, 1);
+        f.started = true;
+        setcontext(&f.ctx);
+      }
+#else
       swapcontext(&b.sched, &f.ctx);
+#endif
       progressed = true;
       if (f.state == kDone) {
         --b.live;
