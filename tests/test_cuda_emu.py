@@ -79,7 +79,7 @@ def test_emulator_reports_defects(emu, case, message):
             emu.emu_selftest(case)
         assert emu.emu_selftest("block_sum").tolist() == [32640.0] * 3  # and recovers
     finally:
-        _restore_schedule(emu)
+        emu_build.configure(emu)
 
 
 @needs_emu
@@ -103,12 +103,7 @@ def test_emulator_schedule_exposes_a_missing_barrier(emu):
         with pytest.raises(RuntimeError, match="mode must be 'forward', 'reverse' or 'random', got 'sideways'"):
             emu.emu_set_schedule("sideways", 0)
     finally:
-        _restore_schedule(emu)
-
-
-def _restore_schedule(emu):
-    emu.emu_set_schedule(os.environ.get("SOFTCAL_EMU_SCHEDULE", "forward"),
-                         int(os.environ.get("SOFTCAL_EMU_SEED", "0")))
+        emu_build.configure(emu)
 
 
 @needs_emu
@@ -235,7 +230,7 @@ def test_results_do_not_depend_on_the_grid(emu, dtype, c):
                         ops.softmax_fwd(x, T, 1.0, -1, True),
                         ops.temperature_stats(x, t.clamp(min=0), 0.6))
     finally:
-        emu.emu_set_sm_count(int(os.environ.get("SOFTCAL_EMU_SMS", "3")))
+        emu_build.configure(emu)
     (l1, lse1, d1), (fl1, fg1, ft1), p1, s1 = res[1]
     (l2, lse2, d2), (fl2, fg2, ft2), p2, s2 = res[132]
     assert torch.equal(l1, l2) and torch.equal(lse1, lse2) and torch.equal(fg1, fg2) and torch.equal(p1, p2)
@@ -268,7 +263,7 @@ def test_results_do_not_depend_on_the_schedule(emu, case):
             emu.emu_set_schedule(mode, seed)
             outs[(mode, seed)] = _flat(_run_path(kind, dtype, n, c))
     finally:
-        _restore_schedule(emu)
+        emu_build.configure(emu)
     base = outs[("forward", 0)]
     for key, out in outs.items():
         assert len(out) == len(base)

@@ -28,8 +28,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <random>
@@ -126,10 +126,8 @@ struct Warp {
 };
 
 struct Block {
-  int n = 0;
   int live = 0;
   int cur = 0;
-  bool aborted = false;
   Fiber fibers[kMaxThreads];
   Warp warps[kMaxThreads / 32];
   Barrier bar;
@@ -182,8 +180,7 @@ inline void barrier_wait(Barrier& bar, int expected, const char* what, const cha
     fail(std::string("divergent ") + what + ": thread " + std::to_string(threadIdx.x) + " of block " +
          std::to_string(blockIdx.x) + " is at " + file + ":" + std::to_string(line) +
          " while others wait at " + bar.file + ":" + std::to_string(bar.line));
-    b.aborted = true;
-    yield();
+    yield();  // never resumed: the error ends the block
     return;
   }
   ++bar.arrived;
@@ -260,9 +257,7 @@ inline void kernel_assert(bool ok, const char* cond, const char* file, int line)
 // Runs one block of `threads` fibers to completion.
 inline void run_block(int threads) {
   Block& b = block();
-  b.n = threads;
   b.live = threads;
-  b.aborted = false;
   b.bar = Barrier{};
   ++b.epoch;
   for (int w = 0; w < (threads + 31) / 32; ++w) {

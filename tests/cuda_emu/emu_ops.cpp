@@ -1,5 +1,5 @@
 // softcal CUDA emulator: the op schemas in the `softcal_emu` namespace (the same text as the
-// extension's, csrc/schemas.h) and two ops that drive the emulator. The kernels are registered
+// extension's, csrc/schemas.h) and the ops that set and read the emulator. The kernels are registered
 // for CPU tensors by the rewritten csrc/cuda/register.cu (tests/cuda_emu/emulator.py).
 #include <torch/library.h>
 

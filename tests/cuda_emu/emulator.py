@@ -84,7 +84,7 @@ def build(verbose: bool = False):
         sources=[str(u) for u in units] + [str(HERE / "emu_ops.cpp")],
         extra_include_paths=[str(src), str(HERE / "shim"), str(HERE), str(ROOT / "csrc")],
         extra_cflags=flags,
-        extra_ldflags=["-fsanitize=address"] if "-fsanitize=address" in flags else [],
+        extra_ldflags=["-fsanitize=address"] if asan else [],
         build_directory=str(out),
         is_python_module=False,
         verbose=verbose,
@@ -92,9 +92,15 @@ def build(verbose: bool = False):
     return torch.ops.softcal_emu
 
 
-if __name__ == "__main__":
-    ops = build(verbose="-v" in sys.argv)
-    print("softcal_emu built:", ops.emu_stats())
+def configure(ops) -> None:
+    """Sets the emulator as the environment says (install() does; the tests that change a setting
+    call it to put it back):
+    SOFTCAL_EMU_SMS, the emulated device's SM count (grids follow it; default 3, a few, so that
+    grid-stride loops turn); SOFTCAL_EMU_SCHEDULE, the order of threads between barriers
+    (forward, the default, reverse or random) and SOFTCAL_EMU_SEED, the random order's seed."""
+    ops.emu_set_sm_count(int(os.environ.get("SOFTCAL_EMU_SMS", "3")))
+    ops.emu_set_schedule(os.environ.get("SOFTCAL_EMU_SCHEDULE", "forward"),
+                         int(os.environ.get("SOFTCAL_EMU_SEED", "0")))
 
 
 _LIB = None
@@ -112,11 +118,7 @@ def install():
     from softcal import _ops
 
     ops = build()
-    # The emulated device's SM count (grids follow it): a few, so that grid-stride loops turn.
-    ops.emu_set_sm_count(int(os.environ.get("SOFTCAL_EMU_SMS", "3")))
-    # The order of threads between barriers: forward (default), reverse or random (seeded).
-    ops.emu_set_schedule(os.environ.get("SOFTCAL_EMU_SCHEDULE", "forward"),
-                         int(os.environ.get("SOFTCAL_EMU_SEED", "0")))
+    configure(ops)
     if _LIB is None:
         lib = torch.library.Library("softcal", "IMPL")
         with warnings.catch_warnings():
@@ -125,3 +127,8 @@ def install():
                 lib.impl(name, getattr(ops, name).default, "CPU")
         _LIB = lib
     return ops
+
+
+if __name__ == "__main__":
+    ops = build(verbose="-v" in sys.argv)
+    print("softcal_emu built:", ops.emu_stats())
