@@ -12,6 +12,12 @@
 //   * reduction follows at::Reduction: 0 = none, 1 = mean, 2 = sum.
 //   * "acc" is the accumulation type: float for float16/bfloat16/float32, double for float64.
 //     lse and denom are returned in acc; the loss in the logits' dtype.
+//   * The per-row log-sum-exp is kept in two parts, lse: (rows, 2) acc, row i = [m_i, ls_i]:
+//       m_i  = max_c x_ic         (the raw logits, before any scaling)
+//       ls_i = log sum_c exp(beta (x_ic - m_i))
+//     so that lse_i = beta m_i + ls_i, and log p_ic = beta (x_ic - m_i) - ls_i is exact at the
+//     row maximum (x_ic - m_i = 0) whatever the magnitude of the logits. Rows with ignore_index
+//     hold [0, 0]; rows without a softmax (every logit -inf, or a NaN/+inf) hold NaN.
 #pragma once
 
 #include <torch/library.h>
@@ -21,13 +27,13 @@ namespace softcal {
 inline void define_ops(torch::Library& m) {
   // Forward of the temperature-scaled, label-smoothed cross-entropy.
   //   loss:  (rows,) for reduction none, () otherwise; logits' dtype.
-  //   lse:   (rows,) acc; log-sum-exp of logits / T per row (saved for backward).
+  //   lse:   (rows, 2) acc; [m, ls] per row (see above; saved for backward).
   //   denom: () acc; sum over non-ignored rows of weight[target] (the count without weights).
   m.def(
       "tsce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction) "
       "-> (Tensor loss, Tensor lse, Tensor denom)");
-  // Backward: one read of the logits, one write of the gradient.
+  // Backward: one read of the logits, one write of the gradient. lse: (rows, 2), as tsce_fwd's.
   //   grad_loss: (rows,) (any stride, stride 0 allowed) for none, () otherwise.
   //   grad_logits: like logits (contiguous), or an empty (0,) tensor when not requested.
   //   grad_temperature: () in temperature_t's dtype (acc when temperature_t is absent);

@@ -76,7 +76,7 @@ if HAVE_EXTENSION:
                        ignore_index, reduction):
         rows = logits.shape[0]
         loss = logits.new_empty((rows,) if reduction == 0 else ())
-        lse = logits.new_empty((rows,), dtype=_acc(logits.dtype))
+        lse = logits.new_empty((rows, 2), dtype=_acc(logits.dtype))  # [row max, log sum exp]
         denom = logits.new_empty((), dtype=_acc(logits.dtype))
         return loss, lse, denom
 
