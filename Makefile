@@ -6,6 +6,7 @@
 #   make calibrate   the main job: `softcal calibrate` on the embedded DenseNet-40 / CIFAR-10 logits
 #   make bench       the CPU loss benchmark (both THP settings) -> benchmarks/results/
 #   make cuda-check  compile + link + import the CUDA extension without a GPU (torch 2.14.1, CUDA 13.0)
+SHELL       := /bin/bash
 PYTHON      ?= python3
 VENV        ?= .venv
 VPY         := $(VENV)/bin/python
@@ -53,16 +54,21 @@ bench: build
 # CPU build's softcal/_C*.so; the copy's tests check that every op has a CUDA kernel.
 $(CUDA_VENV)/.ready:
 	$(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) $(DEPS)
+	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) $(DEPS) nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 	touch $@
 
 cuda-check: $(CUDA_VENV)/.ready
 	rm -rf build/cuda-check && mkdir -p build/cuda-check
 	cp -r setup.py pyproject.toml csrc softcal tests build/cuda-check/
 	rm -f build/cuda-check/softcal/_C*.so
-	cd build/cuda-check && CUDA_HOME=$(CUDA_HOME) SOFTCAL_FORCE_CUDA=1 MAX_JOBS=$(MAX_JOBS) \
-		TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
-		../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace
+	set -o pipefail; cd build/cuda-check && CUDA_HOME=$(CUDA_HOME) SOFTCAL_FORCE_CUDA=1 SOFTCAL_PTXAS_VERBOSE=1 \
+		MAX_JOBS=$(MAX_JOBS) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
+		../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace 2>&1 | tee build.log | grep -v "^ptxas info"
+	# static gates (no GPU): no register spill in a float32/bfloat16/float16 kernel (ptxas -v), and
+	# the streaming kernels' hot loops read with 16-byte loads (SASS of sm_90)
+	$(CUDA_VENV)/bin/python tests/static/ptxas_report.py build/cuda-check/build.log --fail-on-spill --min-kernels 300
+	PATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "bin"))'):$$PATH" \
+		$(CUDA_VENV)/bin/python tests/static/sass_report.py $$(ls build/cuda-check/softcal/_C*.so) --check
 	cd build/cuda-check && SOFTCAL_EXPECT_CUDA=1 ../../$(CUDA_VENV)/bin/python -m pytest -q tests
 
 clean:

@@ -12,6 +12,8 @@ Switches (environment):
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0")
   MAX_JOBS                 parallel compile jobs (ninja)
   SOFTCAL_DEBUG=1          -O0 -g
+  SOFTCAL_PTXAS_VERBOSE=1  pass -Xptxas -v to nvcc: ptxas prints every kernel's registers and spills
+                           (make cuda-check fails on a spill, tests/static/ptxas_report.py)
 Build with:  pip install --no-build-isolation -e .
 """
 
@@ -90,6 +92,8 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = opt + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                       "-DSOFTCAL_WITH_CUDA"]
+        if _flag("SOFTCAL_PTXAS_VERBOSE"):
+            nvcc += ["-Xptxas", "-v"]
         return [CUDAExtension("softcal._C", sources, include_dirs=include_dirs,
                               extra_compile_args={"cxx": cxx + ["-DSOFTCAL_WITH_CUDA"], "nvcc": nvcc})]
     return [CppExtension("softcal._C", sources, include_dirs=include_dirs,

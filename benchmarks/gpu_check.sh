@@ -18,14 +18,22 @@
 # Environment knobs:
 #   BENCH_ARGS   extra arguments of bench_loss.py (default: --budget 0.15)
 #   TEST_TIMEOUT seconds for the pytest step (default 150)
-#   DEADLINE_S   the benchmark steps stop this many seconds after the start (default 540)
+#   TOTAL_S      the whole script ends this many seconds after its start (default 530)
+#   DEADLINE_S   the benchmark steps stop this many seconds after the start (default TOTAL_S - 20)
 #   SKIP_BENCH=1 skip bench_loss.py;  SKIP_COMPILE=1 skip its torch.compile pass
 #   SAN_TIMEOUT, KERNELS_TIMEOUT  caps of the sanitizer and kernel-timing steps (default 150)
 #   COPY_SO=1    copy the built softcal/_C*.so into OUT_DIR;  SKIP_BUILD=1 use the extension already built;
-#   SKIP_PTXAS=1 skip the register report;  SKIP_RACECHECK=1 skip racecheck
-# Target: about 6 minutes on an H200 (build ~2 min with 16 jobs); hard stop of the benchmark at
-# DEADLINE_S. Files: summary.txt, logs.tar.gz, kernels.csv, cuda_bench.{csv,md,png},
-# cuda_compile.{csv,md} (8 at most).
+#   PTXAS=1      also recompile the kernels with -Xptxas -v there (CI's `make cuda-check` already
+#                fails on any register spill, from the same sources);  SKIP_RACECHECK=1 skip racecheck
+# The whole script, build included, ends within TOTAL_S seconds (default 530, for a device call of
+# 9-10 minutes): every step's timeout is cut to the time left, and summary.txt and logs.tar.gz are
+# rewritten after every step, so that what ran comes back even if the call itself is stopped.
+# A second call can skip the build: run the first with COPY_SO=1 (the built extension comes back
+# as so.tgz, split in parts of 15 MB: so.tgz.part-aa, ...); copy the parts into an ignored folder
+# of the repo (echo /.so-cache/ >> .git/info/exclude), name it in the call's `carry`, and begin
+# the command with:  cat .so-cache/so.tgz.part-* | tar xz && SKIP_BUILD=1 bash benchmarks/gpu_check.sh "$OUT"
+# Files: summary.txt, logs.tar.gz, kernels.csv, cuda_bench.{csv,md,png}, cuda_compile.csv (the
+# compile table's markdown goes into logs.tar.gz), and with COPY_SO=1 the so.tgz parts (8 at most).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -33,12 +41,22 @@ OUT=$(cd "$OUT" && pwd)
 LOGS=$(mktemp -d /tmp/softcal_gpu_check.XXXXXX)
 PY=${PYTHON:-python3}
 T_START=$(date +%s)
+TOTAL=${TOTAL_S:-530}
 declare -a NAMES RCS SECS NOTES
+time_left() { echo $((T_START + TOTAL - $(date +%s))); }
 
-step() {  # step NAME TIMEOUT_S CMD...   (logs to $LOGS/NAME.log)
+step() {  # step NAME TIMEOUT_S CMD...   (logs to $LOGS/NAME.log; the timeout is cut to the time left)
   local name=$1 limit=$2
   shift 2
-  local t0 rc
+  local t0 rc left
+  left=$(($(time_left) - 15))
+  if [ "$left" -lt 5 ]; then
+    echo "=== [$name] skipped: no time left"
+    NAMES+=("$name"); RCS+=("skip"); SECS+=(0); NOTES+=("no time left (TOTAL_S=$TOTAL)")
+    write_summary
+    return 124
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   t0=$(date +%s)
   echo "=== [$name] $* (timeout ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
@@ -48,9 +66,27 @@ step() {  # step NAME TIMEOUT_S CMD...   (logs to $LOGS/NAME.log)
   SECS+=("$(($(date +%s) - t0))")
   NOTES+=("")
   tail -n 3 "$LOGS/$name.log" | sed "s/^/    [$name] /"
+  write_summary
   return $rc
 }
-note() { NOTES[$((${#NOTES[@]} - 1))]="$1"; }
+note() { NOTES[$((${#NOTES[@]} - 1))]="$1"; write_summary; }
+
+write_summary() {  # summary.txt and logs.tar.gz as they stand (called after every step)
+  for f in "$OUT"/cuda_compile.md; do [ -f "$f" ] && cp "$f" "$LOGS/" && rm -f "$f"; done
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+  {
+    echo
+    echo "softcal gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - T_START)) s so far, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    grep -A14 -E '^op +dtype' "$LOGS/kernels.log" 2>/dev/null | head -1
+    grep -E '^tsce_(fwd|bwd|fused) +bfloat16 +(1000000 +10|4096 +128256|4096 +32000) ' "$LOGS/kernels.log" 2>/dev/null
+    grep -m1 -E '^copy bandwidth' "$LOGS/kernels.log" 2>/dev/null
+    grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" 2>/dev/null | head -8
+    printf '%-14s %5s %6s  %s\n' step rc sec note
+    for i in "${!NAMES[@]}"; do
+      printf '%-14s %5s %6s  %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${NOTES[$i]}"
+    done
+  } >"$OUT/summary.txt"
+}
 
 # ------------------------------------------------------------------ 1. machine and versions
 step env 60 bash -c "nvidia-smi; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv; \
@@ -71,7 +107,7 @@ note "$(grep -m1 'kernel devices' "$LOGS/import.log" || true)"
 # Register / spill report and 16-byte loads in SASS: recompiles the kernel files with
 # -Xptxas -v on the CPU, in the background while the GPU runs the tests.
 PTXAS_PID=
-[ "${SKIP_PTXAS:-0}" = "1" ] || (
+[ "${PTXAS:-0}" = "1" ] && (
   TI=$($PY -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths(device_type="cuda")))' 2>/dev/null \
        || $PY -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths(cuda=True)))')
   PYI=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
@@ -126,6 +162,13 @@ for dtype in (torch.float32, torch.bfloat16):
         p = ops.softmax_fwd(x, T, 1.0, -1, False)
         ops.softmax_bwd(torch.randn_like(p), p, T, 1.0, -1, False, True)
         ops.temperature_stats(x, t.clamp(min=0), 0.7)
+        half = c // 2
+        st = ops.tsce_shard_stats(x[:, half:], t, w[half:], T, 1.0, half, -100, True)
+        acc = torch.float32
+        lse2 = torch.stack([st[:, 0], st[:, 1]], 1).contiguous()
+        coef = torch.rand(n, 3, device=dev, dtype=acc)
+        ops.tsce_shard_grad(x[:, half:], t, w[half:], lse2, coef, T, 1.0, 0.01, half, -100, True, True)
+        ops.tsce_shard_grad_(x[:, half:].contiguous(), t, None, lse2, coef, None, 1.3, 0.0, half, -100, False)
     y = torch.randn(4, 33, 7, device=dev, dtype=dtype)
     for log in (False, True):
         q = ops.softmax_fwd(y, None, 2.0, 1, log)
@@ -143,6 +186,7 @@ cat >"$LOGS/kernels.py" <<'PYEOF'
 # Copy bandwidth (bytes read + written / time, CUDA events, median) and the time of each
 # softcal op at the shapes that pick each launch path, against the bytes it must move.
 import csv, statistics, sys, torch
+import softcal  # noqa: F401  (loads the extension: registers torch.ops.softcal.*)
 out_csv = sys.argv[1]
 dev = "cuda"
 ops = torch.ops.softcal
@@ -176,15 +220,20 @@ rows = [dict(op="copy", dtype="uint8", N=n, C=1, path="", median_ms=med * 1e3, b
              GBps=bw, pct=100.0)]
 
 def path_of(c, dtype):
+    # the streaming launch shape of csrc/cuda/common.cuh (pick_stream_tpr), for N large enough
+    # to fill the device; "(fused: resident|2read)" says which fused path the row takes
     v = 16 // torch.empty(0, dtype=dtype).element_size()
     if c * (16 // v) <= 128:
         return "tile"
     nv = -(-c // v)
-    tpr = 4
-    while tpr * 4 < nv and tpr < 1024:
-        tpr *= 2
-    tpr = 128 if tpr == 64 else tpr
-    return f"tpr{tpr}" + ("" if nv <= tpr * 4 else "-2read")
+    def pick(per):
+        t = 1
+        while t < -(-nv // per):
+            t *= 2
+        t = max(t, 4)
+        return 128 if t == 64 else min(t, 512)
+    resident = nv <= pick(4) * 4
+    return f"tpr{min(pick(16), 256)}" + ("/res" if resident else "/2read")
 
 cases = [(1_000_000, 10), (1_000_000, 64), (262_144, 128), (65_536, 1000), (16_384, 4096),
          (8192, 16384), (4096, 32000), (4096, 32768), (4096, 33000), (8192, 50257), (4096, 128256)]
@@ -239,7 +288,7 @@ note "copy ${BW:-?} GB/s"
 # ------------------------------------------------------------------ 6. benchmark
 # First without torch.compile (always fits), then the compile baseline if time remains
 # (one compilation per shape, dtype and pass). Hard stop at DEADLINE_S after the start.
-DEADLINE=$((T_START + ${DEADLINE_S:-540}))
+DEADLINE=$((T_START + ${DEADLINE_S:-$((TOTAL - 20))}))
 left() { local l=$((DEADLINE - $(date +%s))); [ $l -lt 30 ] && l=30; echo $l; }
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -257,26 +306,15 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
     note "$(grep -c . "$OUT/cuda_compile.csv" 2>/dev/null || echo 0) csv lines"
   fi
 fi
-if [ "${SKIP_PTXAS:-0}" != "1" ]; then
+if [ "${PTXAS:-0}" = "1" ]; then
 wait "$PTXAS_PID" 2>/dev/null
 NAMES+=(ptxas); RCS+=("$(grep -q 'LDG.E.128' "$LOGS/ptxas.log" && echo 0 || echo 1)"); SECS+=("-")
 NOTES+=("$(grep -c 'spill' "$LOGS/ptxas.log") kernels, $(grep -cE '[1-9][0-9]* bytes spill stores' "$LOGS/ptxas.log") spilling; $(grep 'LDG.E.128' "$LOGS/ptxas.log" | grep -o 'LDG.E.128 in SASS: [0-9]*' | cut -d' ' -f4 | paste -sd+ | sed 's/^/LDG.E.128: /')")
 fi
 
-# The built extension, so that a later run can skip the build (COPY_SO=1; counts as a file).
-if [ "${COPY_SO:-0}" = "1" ]; then cp softcal/_C*.so "$OUT/" 2>/dev/null; fi
+# The built extension, so that a later run can skip the build (COPY_SO=1; parts of 15 MB).
+if [ "${COPY_SO:-0}" = "1" ]; then tar -czf - softcal/_C*.so | split -b 15M - "$OUT/so.tgz.part-"; fi
 
 # ------------------------------------------------------------------ summary (printed last)
-tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
-{
-  echo
-  echo "softcal gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - T_START)) s in all, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-  grep -A14 -E '^op +dtype' "$LOGS/kernels.log" 2>/dev/null | head -1
-  grep -E '^tsce_(fwd|bwd|fused) +bfloat16 +(1000000 +10|4096 +128256|4096 +32000) ' "$LOGS/kernels.log" 2>/dev/null
-  grep -m1 -E '^copy bandwidth' "$LOGS/kernels.log" 2>/dev/null
-  grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" 2>/dev/null | head -8
-  printf '%-14s %5s %6s  %s\n' step rc sec note
-  for i in "${!NAMES[@]}"; do
-    printf '%-14s %5s %6s  %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${NOTES[$i]}"
-  done
-} | tee "$OUT/summary.txt"
+write_summary
+cat "$OUT/summary.txt"

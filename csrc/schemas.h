@@ -68,6 +68,35 @@ inline void define_ops(torch::Library& m) {
   //   [ sum_i NLL_i(beta), sum_i (E_p[x_i] - x_i,y), sum_i Var_p[x_i], rows ]
   // which are the NLL and its first and second derivatives with respect to beta.
   m.def("temperature_stats(Tensor logits, Tensor target, float beta) -> Tensor");
+  // Vocabulary-parallel pieces (softcal.distributed): logits is this rank's slice of the classes,
+  // [class_offset, class_offset + C_local); target holds GLOBAL class indices (a target outside
+  // the slice is another rank's); weight is this slice's (C_local,) or None. Rows whose target is
+  // ignore_index give zeros everywhere.
+  //   tsce_shard_stats -> (rows, 4) acc per row [m, ls, d, xy]: m = max of the raw logits of the
+  //     slice (-inf when all are -inf), ls = log sum exp(beta (x - m)) (-inf when m = -inf),
+  //     d = sum w_c (m - x_c) when `smoothing` else 0 (+inf when m = -inf: the smoothing sum over
+  //     masked logits is infinite, as PyTorch's loss), xy = x[target - offset]
+  //     when the target is in the slice else 0.
+  m.def(
+      "tsce_shard_stats(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
+      "float temperature, int class_offset, int ignore_index, bool smoothing) -> Tensor");
+  //   tsce_shard_grad: lse (rows, 2) acc is the GLOBAL [M, LS] of each row; coef (rows, 3) acc is
+  //     [g, A, ty] per row (g: upstream gradient of the row, 1/denom included; A = (1 - eps) w_y +
+  //     eps W / C_total; ty = (1 - eps) w_y); smooth_coef = eps / C_total. With
+  //     p_c = exp(beta (x_c - M) - LS) and dz_c = A p_c - smooth_coef w_c - ty [c == target - offset]:
+  //     grad_logits = beta g dz (contiguous (rows, C_local); empty (0,) when not requested),
+  //     t_rows (rows, 2) acc = [sum over x_c != -inf of dz_c (beta (x_c - M) - LS),
+  //                             sum over x_c == -inf of dz_c]  (zeros when not requested).
+  m.def(
+      "tsce_shard_grad(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor coef, "
+      "Tensor? temperature_t, float temperature, float smooth_coef, int class_offset, "
+      "int ignore_index, bool need_logits_grad, bool need_temperature_grad) "
+      "-> (Tensor grad_logits, Tensor t_rows)");
+  //   tsce_shard_grad_: the same, the gradient written into the logits' buffer (contiguous).
+  m.def(
+      "tsce_shard_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor coef, "
+      "Tensor? temperature_t, float temperature, float smooth_coef, int class_offset, "
+      "int ignore_index, bool need_temperature_grad) -> Tensor t_rows");
 }
 
 }  // namespace softcal

@@ -22,6 +22,9 @@ OPS = (
     "softmax_fwd",
     "softmax_bwd",
     "temperature_stats",
+    "tsce_shard_stats",
+    "tsce_shard_grad",
+    "tsce_shard_grad_",
 )
 
 try:
@@ -127,6 +130,26 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("softcal::temperature_stats")
     def _temperature_stats_fake(logits, target, beta):
         return logits.new_empty((4,), dtype=torch.float64)
+
+    @torch.library.register_fake("softcal::tsce_shard_stats")
+    def _tsce_shard_stats_fake(logits, target, weight, temperature_t, temperature, class_offset,
+                               ignore_index, smoothing):
+        return logits.new_empty((logits.shape[0], 4), dtype=_acc(logits.dtype))
+
+    @torch.library.register_fake("softcal::tsce_shard_grad")
+    def _tsce_shard_grad_fake(logits, target, weight, lse, coef, temperature_t, temperature,
+                              smooth_coef, class_offset, ignore_index, need_logits_grad,
+                              need_temperature_grad):
+        if need_logits_grad:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        else:
+            grad = logits.new_empty((0,))
+        return grad, logits.new_empty((logits.shape[0], 2), dtype=_acc(logits.dtype))
+
+    @torch.library.register_fake("softcal::tsce_shard_grad_")
+    def _tsce_shard_grad_inplace_fake(logits, target, weight, lse, coef, temperature_t, temperature,
+                                      smooth_coef, class_offset, ignore_index, need_temperature_grad):
+        return logits.new_empty((logits.shape[0], 2), dtype=_acc(logits.dtype))
 
     # ------------------------------------------------------------------ autograd
     def _tsce_setup_context(ctx, inputs, output):

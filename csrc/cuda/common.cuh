@@ -11,6 +11,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 #include <cuda_runtime.h>
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
 #include <limits>
@@ -49,6 +53,12 @@ __device__ __forceinline__ float fexp2(float x) { return exp2f(x); }  // ex2.app
 __device__ __forceinline__ double fexp2(double x) { return ::exp2(x); }
 __device__ __forceinline__ float flog(float x) { return __logf(x); }
 __device__ __forceinline__ double flog(double x) { return ::log(x); }
+// log of a row's sum of exps s = sum exp(beta (x - m)) >= 1 (the max contributes exactly 1):
+// log1p(s - 1), with s - 1 exact for s <= 2. --use_fast_math turns logf into __logf, whose
+// absolute error near 1 (~2^-21) would dominate log p of confident rows (PyTorch's log is
+// accurate); log1pf is not replaced. Once per row, so its cost does not matter.
+__device__ __forceinline__ float flog_sum(float s) { return ::log1pf(s - 1.0f); }
+__device__ __forceinline__ double flog_sum(double s) { return ::log1p(s - 1.0); }
 
 // Runtime dtype codes for scalars read or written by the kernels (temperature, grad_loss,
 // grad_temperature) whose dtype is not the kernel's template type.
@@ -108,6 +118,43 @@ __device__ __forceinline__ acc_t load_beta(const TempArg& t) {
   return static_cast<acc_t>(1.0 / T);
 }
 
+__device__ __forceinline__ float fmax_nn(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double fmax_nn(double a, double b) { return fmax(a, b); }
+
+// The max of the `count` values of a 16-byte vector, already converted to acc_t in x (x[k] = -inf
+// for k >= count). NaN is ignored (as `a > b ? a : b` from -inf: a NaN row is caught by its sum).
+// A full vector is reduced as a tree of FMNMX; bfloat16/half vectors as packed pairs (HMNMX2) on
+// sm_80+, exact for a max, which halves the instructions.
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t vec_max(const Vec16<T>& v, const acc_t* x, int count) {
+  constexpr int V = vec_size<T>();
+  if (count == V) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(v.v);
+      const __nv_bfloat162 a = __hmax2(__hmax2(h[0], h[1]), __hmax2(h[2], h[3]));
+      return fmax_nn(__low2float(a), __high2float(a));
+    } else if constexpr (std::is_same_v<T, c10::Half>) {
+      const __half2* h = reinterpret_cast<const __half2*>(v.v);
+      const __half2 a = __hmax2(__hmax2(h[0], h[1]), __hmax2(h[2], h[3]));
+      return fmax_nn(__low2float(a), __high2float(a));
+    }
+#endif
+    acc_t m[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) m[k] = x[k];
+#pragma unroll
+    for (int w = V / 2; w > 0; w /= 2)
+#pragma unroll
+      for (int k = 0; k < w; ++k) m[k] = fmax_nn(m[k], m[k + w]);
+    return m[0];
+  }
+  acc_t r = x[0];
+#pragma unroll
+  for (int k = 1; k < V; ++k) r = fmax_nn(r, x[k]);
+  return r;
+}
+
 // ------------------------------------------------------------------ row layout
 // A row of n elements at p is split into a misaligned head (< VEC scalars), nvec aligned 16-byte
 // vectors and a tail (< VEC scalars). Every row of every tensor gets 16-byte loads this way,
@@ -136,10 +183,10 @@ __device__ __forceinline__ bool same_misalignment(const void* a, const void* b) 
 // issued before the first is used: 4, or 2 with 512 threads per row, 1 with 1024 (two blocks of
 // 1024 threads per SM keep 32 KiB in flight, and stay within the 64 registers per thread such a
 // block allows).
-template <int TPR, typename T, typename F>
+template <int TPR, int UNROLL = 0, typename T, typename F>
 __device__ __forceinline__ void for_each_vec(const T* row, int n, int tid, F&& f) {
   constexpr int V = vec_size<T>();
-  constexpr int kUnroll = TPR >= 1024 ? 1 : (TPR >= 512 ? 2 : ::softcal::cuda::kUnroll);
+  constexpr int kUnroll = UNROLL > 0 ? UNROLL : (TPR >= 512 ? 2 : ::softcal::cuda::kUnroll);
   const RowSplit<T> sp(row, n);
   for (int i = tid; i < sp.head; i += TPR) {
     Vec16<T> v;
@@ -332,18 +379,34 @@ inline int next_pow2(int64_t x) {
 }
 
 // Threads per row: enough that each thread owns about `per_thread` 16-byte vectors; one of
-// 4, 8, 16, 32 (several rows per 256-thread block) or 128, 256, 512, 1024 (one row per group of
-// that many threads, groups of >= 128 fill a block of max(TPR, 256)).
+// 4, 8, 16, 32 (several rows per 256-thread block) or 128, 256, 512 (one row per group of that
+// many threads, groups of >= 128 fill a block of max(TPR, 256)). No kernel runs blocks of 1024
+// threads: they get 64 registers per thread, and ptxas spilled the row kernels there.
 inline int pick_tpr(int64_t C, int vec, int per_thread) {
   const int64_t nv = ceil_div(C, vec);
   int t = next_pow2(ceil_div(nv, per_thread));
   if (t < 4) t = 4;
   if (t == 64) t = 128;
-  if (t > 1024) t = 1024;
+  if (t > 512) t = 512;
   return t;
 }
 
 constexpr int block_for(int tpr) { return tpr < 256 ? 256 : tpr; }
+
+// Threads per row for the streaming loops (each element read once or twice, nothing of the row
+// held on chip): about 16 vectors per thread (4 batches of kUnroll = 4 loads in flight) and at
+// most 256 threads per row, so that several rows share an SM with 64 bytes in flight per thread.
+// (The 2026-12-04 H200 run used 1024 threads per row at C = 32000 bf16: one block of 1024 threads
+// per SM at 50 registers, one load in flight per thread, 16 KiB per SM: 21-56 % of the bandwidth.)
+// More threads per row, up to 512, only when the rows are too few to fill the device.
+inline int pick_stream_tpr(int64_t C, int vec, int64_t rows) {
+  int t = pick_tpr(C, vec, 16);
+  if (t > 256) t = 256;
+  const int64_t nv = ceil_div(C, vec);
+  const int64_t slots = static_cast<int64_t>(sm_count()) * 2048;
+  while (t >= 128 && t < 512 && rows * t < slots && nv >= 8LL * t) t <<= 1;
+  return t;
+}
 
 // Grid of a grid-stride loop over row groups: at most 4 waves of resident blocks. It depends
 // only on the shape and the device, so the order of every reduction is fixed for a given device.
@@ -363,8 +426,7 @@ inline void dispatch_tpr(int tpr, F&& f) {
     case 32: f(std::integral_constant<int, 32>{}); break;
     case 128: f(std::integral_constant<int, 128>{}); break;
     case 256: f(std::integral_constant<int, 256>{}); break;
-    case 512: f(std::integral_constant<int, 512>{}); break;
-    default: f(std::integral_constant<int, 1024>{}); break;
+    default: f(std::integral_constant<int, 512>{}); break;
   }
 }
 

@@ -35,13 +35,16 @@ __device__ __forceinline__ MS<acc_t> shfl_xor(MS<acc_t> v, int mask) {
   return MS<acc_t>{__shfl_xor_sync(0xffffffffu, v.m, mask), __shfl_xor_sync(0xffffffffu, v.s, mask)};
 }
 
+// m: the max of the raw logits x (beta > 0, so the max of z = beta x is beta m); s: sum of
+// exp(beta (x - m)). Subtracting the max before scaling makes the exponent exactly 0 there.
 template <typename acc_t>
 struct MSMerge {
+  acc_t beta;
   __device__ __forceinline__ MS<acc_t> operator()(const MS<acc_t>& a, const MS<acc_t>& b) const {
     MS<acc_t> r;
     r.m = a.m > b.m ? a.m : b.m;
-    const acc_t ea = a.m > neg_inf<acc_t>() ? fexp(a.m - r.m) : acc_t(0);
-    const acc_t eb = b.m > neg_inf<acc_t>() ? fexp(b.m - r.m) : acc_t(0);
+    const acc_t ea = a.m > neg_inf<acc_t>() ? fexp((a.m - r.m) * beta) : acc_t(0);
+    const acc_t eb = b.m > neg_inf<acc_t>() ? fexp((b.m - r.m) * beta) : acc_t(0);
     r.s = a.s * ea + b.s * eb;
     return r;
   }
@@ -52,12 +55,13 @@ struct Sum {
   __device__ __forceinline__ acc_t operator()(acc_t a, acc_t b) const { return a + b; }
 };
 
+// log s of a row, or NaN when its max is not finite (+inf too, as the CPU op: the strided
+// kernel's running sum stays finite with a single +inf, which would otherwise give +inf, not NaN).
+// log y = beta (x - m) - ls.
 template <typename acc_t>
-__device__ __forceinline__ acc_t lse_of(const MS<acc_t>& st) {
-  // NaN unless the max is finite (+inf too, as the CPU op: the strided kernel's running sum
-  // stays finite with a single +inf, which would otherwise give lse = +inf, not NaN)
+__device__ __forceinline__ acc_t ls_of(const MS<acc_t>& st) {
   return (st.m > neg_inf<acc_t>() && st.m < std::numeric_limits<acc_t>::infinity())
-             ? st.m + flog(st.s)
+             ? flog_sum(st.s)
              : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
@@ -67,29 +71,29 @@ struct MSAccum {
   acc_t beta;
   __device__ __forceinline__ void operator()(int, const Vec16<T>& v, int count) {
     constexpr int V = vec_size<T>();
-    acc_t z[V];
+    acc_t x[V];
     acc_t vmax = neg_inf<acc_t>();
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       if (k < count) {
-        z[k] = beta * static_cast<acc_t>(v.v[k]);
-        vmax = z[k] > vmax ? z[k] : vmax;
+        x[k] = static_cast<acc_t>(v.v[k]);
+        vmax = x[k] > vmax ? x[k] : vmax;
       }
     }
     if (vmax > st.m) {
-      if (st.m > neg_inf<acc_t>()) st.s *= fexp(st.m - vmax);
+      if (st.m > neg_inf<acc_t>()) st.s *= fexp((st.m - vmax) * beta);
       st.m = vmax;
     }
     const acc_t mref = st.m > neg_inf<acc_t>() ? st.m : acc_t(0);
 #pragma unroll
     for (int k = 0; k < V; ++k)
-      if (k < count) st.s += fexp(z[k] - mref);
+      if (k < count) st.s += fexp((x[k] - mref) * beta);
   }
 };
 
 template <typename T, typename acc_t>
 struct SoftmaxOut {
-  acc_t beta, lse;
+  acc_t beta, m, ls;
   bool log;
   T* out;
   bool vec_ok;
@@ -99,7 +103,7 @@ struct SoftmaxOut {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       if (k < count) {
-        const acc_t zl = beta * static_cast<acc_t>(v.v[k]) - lse;
+        const acc_t zl = (static_cast<acc_t>(v.v[k]) - m) * beta - ls;
         o[k] = log ? zl : fexp(zl);
       }
     }
@@ -129,13 +133,13 @@ __global__ void __launch_bounds__(block_for(TPR))
     if constexpr (RESIDENT) {
       const RowRegs<T, TPR, MAXV> regs(xr, n, tid);
       regs.apply(n, acc);
-      const MS<acc_t> st = group_allreduce<TPR>(acc.st, MSMerge<acc_t>(), sred);
-      SoftmaxOut<T, acc_t> f{beta, lse_of(st), log, orow, same_misalignment<T>(orow, xr)};
+      const MS<acc_t> st = group_allreduce<TPR>(acc.st, MSMerge<acc_t>{beta}, sred);
+      SoftmaxOut<T, acc_t> f{beta, st.m, ls_of(st), log, orow, same_misalignment<T>(orow, xr)};
       regs.apply(n, f);
     } else {
       for_each_vec<TPR>(xr, n, tid, acc);
-      const MS<acc_t> st = group_allreduce<TPR>(acc.st, MSMerge<acc_t>(), sred);
-      SoftmaxOut<T, acc_t> f{beta, lse_of(st), log, orow, same_misalignment<T>(orow, xr)};
+      const MS<acc_t> st = group_allreduce<TPR>(acc.st, MSMerge<acc_t>{beta}, sred);
+      SoftmaxOut<T, acc_t> f{beta, st.m, ls_of(st), log, orow, same_misalignment<T>(orow, xr)};
       for_each_vec<TPR>(xr, n, tid, f);
     }
   }
@@ -155,17 +159,17 @@ __global__ void __launch_bounds__(256)
     const int64_t base = o * C * inner + i;
     acc_t m = neg_inf<acc_t>(), s = 0;
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t z = beta * static_cast<acc_t>(x[base + c * inner]);
-      if (z > m) {
-        s = (m > neg_inf<acc_t>() ? s * fexp(m - z) : acc_t(0)) + acc_t(1);
-        m = z;
+      const acc_t v = static_cast<acc_t>(x[base + c * inner]);
+      if (v > m) {
+        s = (m > neg_inf<acc_t>() ? s * fexp((m - v) * beta) : acc_t(0)) + acc_t(1);
+        m = v;
       } else {
-        s += fexp(z - (m > neg_inf<acc_t>() ? m : acc_t(0)));
+        s += fexp((v - (m > neg_inf<acc_t>() ? m : acc_t(0))) * beta);
       }
     }
-    const acc_t lse = lse_of(MS<acc_t>{m, s});
+    const acc_t ls = ls_of(MS<acc_t>{m, s});
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t zl = beta * static_cast<acc_t>(x[base + c * inner]) - lse;
+      const acc_t zl = (static_cast<acc_t>(x[base + c * inner]) - m) * beta - ls;
       out[base + c * inner] = static_cast<T>(log ? zl : fexp(zl));
     }
   }
@@ -431,20 +435,30 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& x_in, const std::optional<at::Tens
       constexpr int V = vec_size<scalar_t>();
       const int64_t nv = ceil_div(d.C, V);
       const int C = static_cast<int>(d.C);
-      int tpr = pick_tpr(d.C, V, 4);
-      if (nv <= static_cast<int64_t>(tpr) * 4) {
-        const int grid = grid_for(d.outer, tpr);
-        dispatch_tpr(tpr, [&](auto tc) {
+      // the row in registers up to 512 threads x 4 vectors; longer rows are read twice with the
+      // streaming launch shape (common.cuh)
+      const int rtpr = pick_tpr(d.C, V, 4);
+      if (nv <= static_cast<int64_t>(rtpr) * 4) {
+        const int grid = grid_for(d.outer, rtpr);
+        dispatch_tpr(rtpr, [&](auto tc) {
           constexpr int TPR = decltype(tc)::value;
           softmax_fwd_rows_kernel<scalar_t, TPR, 4, true><<<grid, block_for(TPR), 0, stream>>>(
               xp, op_, d.outer, C, temp, log);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       } else {
-        const int grid = grid_for(d.outer, 1024);
-        softmax_fwd_rows_kernel<scalar_t, 1024, 1, false><<<grid, 1024, 0, stream>>>(xp, op_, d.outer,
-                                                                                      C, temp, log);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int tpr = pick_stream_tpr(d.C, V, d.outer);
+        const int grid = grid_for(d.outer, tpr);
+        dispatch_tpr(tpr, [&](auto tc) {
+          constexpr int TPR = decltype(tc)::value;
+          if constexpr (TPR >= 128) {  // rows of > 2048 vectors
+            softmax_fwd_rows_kernel<scalar_t, TPR, 1, false><<<grid, block_for(TPR), 0, stream>>>(
+                xp, op_, d.outer, C, temp, log);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          } else {
+            TORCH_INTERNAL_ASSERT(false, "softcal (CUDA): two-read softmax with ", TPR, " threads per row");
+          }
+        });
       }
     } else {
       const int grid = strided_grid(d.outer * d.inner);
@@ -501,23 +515,32 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(
       constexpr int V = vec_size<scalar_t>();
       const int64_t nv = ceil_div(d.C, V);
       const int C = static_cast<int>(d.C);
-      const int tpr = pick_tpr(d.C, V, 4);
-      // two rows in registers: only up to 512 threads (at 1024 the 64-register cap spills)
-      const bool resident = nv <= static_cast<int64_t>(tpr) * 4 && tpr <= 512;
-      grid = grid_for(d.outer, resident ? tpr : 1024);
+      const int rtpr = pick_tpr(d.C, V, 4);
+      // two rows in registers: only up to 256 threads (at 512 and 1024 threads per block the
+      // register cap spills); longer rows are read twice with the streaming launch shape
+      const bool resident = nv <= static_cast<int64_t>(rtpr) * 4 && rtpr <= 256;
+      const int tpr = resident ? rtpr : pick_stream_tpr(d.C, V, d.outer);
+      grid = grid_for(d.outer, tpr);
       if (need_t) parts = at::empty({grid}, o.options().dtype(at::kDouble));
       double* pp = need_t ? parts.data_ptr<double>() : nullptr;
       if (resident) {
         dispatch_tpr(tpr, [&](auto tc) {
           constexpr int TPR = decltype(tc)::value;
-          softmax_bwd_rows_kernel<scalar_t, TPR, 4, true><<<grid, block_for(TPR), 0, stream>>>(
+          if constexpr (TPR <= 256) {
+            softmax_bwd_rows_kernel<scalar_t, TPR, 4, true><<<grid, block_for(TPR), 0, stream>>>(
+                gp, opp, gxp, d.outer, C, temp, log, pp);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          } else {
+            TORCH_INTERNAL_ASSERT(false, "softcal (CUDA): resident softmax backward with ", TPR, " threads");
+          }
+        });
+      } else {
+        dispatch_tpr(tpr, [&](auto tc) {
+          constexpr int TPR = decltype(tc)::value;
+          softmax_bwd_rows_kernel<scalar_t, TPR, 1, false><<<grid, block_for(TPR), 0, stream>>>(
               gp, opp, gxp, d.outer, C, temp, log, pp);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-      } else {
-        softmax_bwd_rows_kernel<scalar_t, 1024, 1, false><<<grid, 1024, 0, stream>>>(
-            gp, opp, gxp, d.outer, C, temp, log, pp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     } else {
       grid = strided_grid(d.outer * d.inner);

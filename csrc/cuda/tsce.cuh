@@ -20,9 +20,11 @@
 //      lse = beta m + ls,   lse - z_y = beta (m - x_y) + ls,   sum_c w_c (lse - z_c) = beta d + wc ls
 //    so no result is the difference of two large numbers (|x| ~ 1e4 keeps its digits). The max
 //    is updated once per 16-byte vector; one exp2 per element (exp2(beta log2(e) (x - m))).
-//  * Phase 2 (gradient): p = exp2(beta log2(e) (x - m) - log2(s)) in the fused kernel (m and s
-//    of the row at hand), p = exp2(beta log2(e) x - lse log2(e)) in the backward (from the saved
-//    lse). The loss variant is a template parameter (KIND: no smoothing / smoothing / smoothing
+//  * Phase 2 (gradient): p = exp2(beta log2(e) (x - m) - ls log2(e)), with m and ls of the row
+//    at hand (fused kernel) or saved by the forward as the pair [m, ls] (backward). The row max is
+//    subtracted before any scaling, so the exponent at the maximum is exactly -ls (0 when one
+//    class dominates, p = 1 exactly for C = 1); the target's term is formed as
+//    ty expm1(log p_y) + ..., so that p_y - 1 keeps its relative accuracy. The loss variant is a template parameter (KIND: no smoothing / smoothing / smoothing
 //    with class weights), so that the element loops carry no dead work: the kernels must stay
 //    under ~10 instructions per element to keep up with HBM at 8 bf16 per 16-byte load.
 //  * The T-gradient sum is shifted by lse: sum_nm dz_c z_c = sum_nm dz_c (z_c - lse)
@@ -30,39 +32,48 @@
 //  * Accumulation in acc = at::opmath_type (float for half/bf16/float, double for double);
 //    per-row results are summed into per-block partials in double, then one block sums the
 //    partials in a fixed order (finalize_kernel): no float atomics, bitwise reproducible.
-//  * Rows whose target is ignore_index are not read at all: loss 0, gradient 0, lse written as 0.
-//  * Fully masked rows: m = -inf is detected (no exp(-inf - -inf)); lse is NaN, hence the loss
+//  * Rows whose target is ignore_index are not read at all: loss 0, gradient 0, [m, ls] = [0, 0].
+//  * Fully masked rows: m = -inf is detected (no exp(-inf - -inf)); [m, ls] is NaN, hence the loss
 //    and gradient of a non-ignored row (common.h).
 //  * Targets outside [0, C): CUDA_KERNEL_ASSERT (device-side assert, as PyTorch), and the row is
 //    then treated as ignored so that nothing is read out of bounds.
 //
 // ============================ Kernel design ============================
-// Bytes (N rows, C classes, b bytes per element): the logits dominate; the target (8 N), lse
-// (4 N) and per-row losses are small next to them unless C is tiny.
+// Bytes (N rows, C classes, b bytes per element): the logits dominate; the target (8 N), the
+// saved [m, ls] (8 N) and per-row losses are small next to them unless C is tiny.
 //   tsce_fwd     1 read of the logits                       N C b
 //   tsce_bwd     1 read of the logits, 1 write of the grad  2 N C b
 //   tsce_fused   1 read, 1 write when the row fits on chip  2 N C b
-//                (held in registers, <= 4 vectors of 16 B per thread, <= 1024 threads per row:
-//                C <= 32768 bf16/fp16, 16384 fp32, 8192 fp64). Longer rows: two reads and one
-//                write; the second read of a row comes mostly from L2 (about two rows per SM in
-//                flight: 264 x 256 KiB = 66 MiB for C = 128256 bf16, against 50 MiB of L2, so
-//                a part of it goes to HBM again): between 2 and 3 N C b of traffic.
+//                (held in registers, <= 4 vectors of 16 B per thread, <= 512 threads per row:
+//                C <= 16384 bf16/fp16, 8192 fp32, 4096 fp64). Longer rows: two reads and one
+//                write; the second read of a row should come from L2: one row per SM at a time
+//                (512 threads, 4 loads of 16 B in flight each, a grid of one block per SM), so
+//                132 rows are in flight: 33 MiB for C = 131072 bf16 against 50 MiB of L2 (66 MiB
+//                for C = 256000: partly HBM again): between 2 and 3 N C b of traffic.
 //   mean in the fused kernel needs denom before the gradient is written: a small grid-stride
 //   kernel sums w_y over the target first (8 N bytes), then one block finalises it.
 //   scale_rows_  1 read + 1 write, and nothing at all for a 0-dim scale of 1 (each block reads
 //                *scale and returns).
-// Launch shapes, chosen by C:
+// Launch shapes, chosen by C (and N for long rows):
 //  * C * b <= 128 bytes, contiguous rows (tsce_tile_kernel): a block of 256 threads stages 256
 //    consecutive rows (one contiguous range) in shared memory with 16-byte loads coalesced across
 //    the block; each thread then handles one row alone; the gradient goes back out through the
 //    same tile. (1e6, 10) then moves as many bytes per load instruction as a long row.
-//  * otherwise TPR threads per row (pick_tpr in common.cuh), a power of two such that each
-//    thread owns ~4 vectors of 16 B: TPR in {4, 8, 16, 32} puts 256 / TPR rows in a block of 256
-//    threads (reductions by shuffles only); TPR in {128, 256, 512, 1024} gives a row to that many
-//    threads (shuffles + one shared-memory step).
-//  * Streaming loops issue 4 (blocks of >= 512 threads: 2) vector loads per thread before the
+//  * streaming kernels (fwd, bwd, the two-read fused path): TPR threads per row
+//    (pick_stream_tpr in common.cuh), about 16 vectors of 16 B per thread, at most 256 threads
+//    per row unless the rows are too few to fill the device (then up to 512). TPR in
+//    {4, 8, 16, 32} puts 256 / TPR rows in a block of 256 threads (reductions by shuffles only);
+//    TPR in {128, 256, 512} gives a row to that many threads (shuffles + one shared-memory step).
+//    No blocks of 1024 threads: at 64 registers a thread they spilled (ptxas, sm_90), and one
+//    such block per SM left half of it idle (the 2026-12-04 H200 run: 50 % occupancy, one 16-byte
+//    load in flight per thread, 21-56 % of the bandwidth in bf16).
+//  * the register-resident fused path: TPR = pick_tpr(C, V, 4) <= 512, 4 vectors per thread.
+//  * Streaming loops issue 4 (blocks of 512 threads: 2) vector loads per thread before the
 //    first use. The grid is a grid-stride loop of at most 4 waves of resident blocks (grid_for),
-//    so the per-block partials are few.
+//    so the per-block partials are few. The launch shape depends only on the shape and the
+//    device (its SM count): results are bitwise reproducible on a given device.
+//  * The element loops are kept short: the max of a vector as a tree (bf16/fp16 as packed pairs,
+//    HMNMX2), the exps and differences summed as trees before joining the running sums.
 // Every row is read with 16-byte loads: a misaligned head and a tail of < 16 bytes are read as
 // scalars (RowSplit), so odd C (50257) and row offsets still stream at full width.
 // No host synchronisation anywhere: the temperature, denom and grad_loss are read by the
@@ -158,6 +169,15 @@ struct PairSum {
   }
 };
 
+template <int N, typename acc_t>
+__device__ __forceinline__ acc_t tree_sum(const acc_t* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return tree_sum<N / 2>(v) + tree_sum<N - N / 2>(v + N / 2);
+  }
+}
+
 // Phase 1: consumes the elements of a row into the thread's state. The max is updated once per
 // 16-byte vector; one exp per element.
 template <typename T, typename acc_t, int KIND>
@@ -170,14 +190,9 @@ struct CEAccum {
   __device__ __forceinline__ void operator()(int idx, const Vec16<T>& v, int count) {
     constexpr int V = vec_size<T>();
     acc_t x[V];
-    acc_t vm = neg_inf<acc_t>();
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      if (k < count) {
-        x[k] = static_cast<acc_t>(v.v[k]);
-        vm = x[k] > vm ? x[k] : vm;
-      }
-    }
+    for (int k = 0; k < V; ++k) x[k] = k < count ? static_cast<acc_t>(v.v[k]) : neg_inf<acc_t>();
+    const acc_t vm = vec_max<T, acc_t>(v, x, count);
     if (vm > st.m) {
       if (st.m > neg_inf<acc_t>()) {
         st.s *= fexp2((st.m - vm) * bl2);
@@ -186,23 +201,30 @@ struct CEAccum {
       st.m = vm;
     }
     const acc_t mref = st.m > neg_inf<acc_t>() ? st.m : acc_t(0);
+    // The exps and (for smoothing) the differences are summed as a tree, then added to the
+    // running sums: short dependency chains, the same number of additions.
+    acc_t e[V], dd[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
+      e[k] = acc_t(0);
+      dd[k] = acc_t(0);
       if (k < count) {
         const acc_t dx = x[k] - mref;
-        st.s += fexp2(dx * bl2);
-        if (KIND == 1) st.d -= dx;
+        e[k] = fexp2(dx * bl2);
+        if (KIND == 1) dd[k] = dx;
         if (KIND == 2) {
           const acc_t wk = static_cast<acc_t>(w[idx + k]);
-          st.d -= wk * dx;
+          dd[k] = wk * dx;
           st.wc += wk;
         }
       }
     }
+    st.s += tree_sum<V>(e);
+    if (KIND > 0) st.d -= tree_sum<V>(dd);
     if (KIND == 1) st.wc += static_cast<acc_t>(count);
     if (static_cast<unsigned>(y - idx) < static_cast<unsigned>(count)) {
 #pragma unroll
-      for (int k = 0; k < V; ++k)
+      for (int k = 0; k < V; ++k)  // no runtime index into v: it would go to local memory
         if (idx + k == y) st.xy = x[k];
     }
   }
@@ -216,30 +238,43 @@ __device__ __forceinline__ acc_t row_loss(const CEState<acc_t>& st, acc_t beta, 
     lse = ls = std::numeric_limits<acc_t>::quiet_NaN();
     return lse;
   }
-  ls = flog(st.s);
+  ls = flog_sum(st.s);
   lse = beta * st.m + ls;
   acc_t loss = (acc_t(1) - eps) * wy * (beta * (st.m - st.xy) + ls);
   if (KIND > 0) loss += cw * (beta * st.d + st.wc * ls);
   return loss;
 }
 
-// Phase 2: the gradient of each element, stored to out, and the T-gradient sums.
-//   SHIFTED (fused kernel):  z - lse = beta (x - m) - ls   (m, ls of the row, accurate)
-//   otherwise (backward):    z - lse = beta x - lse        (lse saved by the forward)
-// dL/dx_c = bg (A p_c - cw w_c - ty [c == y]); the target's element is formed in acc precision.
-template <typename T, typename acc_t, int KIND, bool SHIFTED>
+// Phase 2: the gradient of each element, stored to out, and the T-gradient sums. With the row's
+// m (max of the raw logits) and ls = log sum exp(beta (x - m)), from the row at hand (fused) or
+// saved by the forward (backward):  log p = z - lse = beta (x - m) - ls,  exactly 0 - ls at the
+// row maximum whatever the magnitude of the logits.
+// dL/dx_c = bg (A p_c - cw w_c - ty [c == y]). The target's element is formed in acc precision
+// as bg (ty expm1(log p_y) + As p_y - cw w_y), As = A - ty = eps W / C: p_y - 1 keeps its relative
+// accuracy in confident rows (p_y -> 1), where A p_y - ty would cancel.
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t target_dz(acc_t lp, acc_t ty, acc_t As, acc_t cw, acc_t wk) {
+  return ty * ::expm1(lp) + As * ::exp(lp) - cw * wk;
+}
+
+template <typename T, typename acc_t, int KIND>
 struct CEGrad {
   acc_t bl2;     // beta log2(e)
-  acc_t sh;      // SHIFTED: m; else 0
-  acc_t off2;    // (ls or lse) * log2(e)
-  acc_t beta, off;  // for the T-gradient: z - lse = beta (x - sh) - off
-  acc_t A, cw, ty, bg, bgA, bgcw;
+  acc_t sh;      // m
+  acc_t off2;    // ls * log2(e)
+  acc_t beta, off;  // z - lse = beta (x - sh) - off
+  acc_t A, As, cw, ty, bg, bgA, bgcw;
   const T* w;
   int y;
   T* out;  // gradient row or nullptr
   bool vec_ok;
   bool need_t;
   acc_t t1, t0;
+  acc_t xy = 0;        // x_y, seen by the thread whose elements hold the target
+  bool have_y = false;
+
+  // dL/dz of an element in the hot loop (the target's generic form is corrected by finish()).
+  __device__ __forceinline__ acc_t p_of(acc_t x) const { return fexp2((x - sh) * bl2 - off2); }
 
   __device__ __forceinline__ void operator()(int idx, const Vec16<T>& v, int count) {
     constexpr int V = vec_size<T>();
@@ -248,22 +283,10 @@ struct CEGrad {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         if (k < count) {
-          const acc_t x = static_cast<acc_t>(v.v[k]);
-          const acc_t p = fexp2(SHIFTED ? (x - sh) * bl2 - off2 : x * bl2 - off2);
+          const acc_t p = p_of(static_cast<acc_t>(v.v[k]));
           if (KIND == 0) g[k] = p * bgA;
           else if (KIND == 1) g[k] = p * bgA - bgcw;
           else g[k] = p * bgA - bgcw * static_cast<acc_t>(w[idx + k]);
-        }
-      }
-      if (static_cast<unsigned>(y - idx) < static_cast<unsigned>(count)) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-          if (idx + k == y) {
-            const acc_t x = static_cast<acc_t>(v.v[k]);
-            const acc_t p = fexp2(SHIFTED ? (x - sh) * bl2 - off2 : x * bl2 - off2);
-            const acc_t wk = KIND == 2 ? static_cast<acc_t>(w[idx + k]) : acc_t(1);
-            g[k] = bg * (A * p - cw * wk - ty);
-          }
         }
       }
     } else {
@@ -271,17 +294,47 @@ struct CEGrad {
       for (int k = 0; k < V; ++k) {
         if (k < count) {
           const acc_t x = static_cast<acc_t>(v.v[k]);
-          const acc_t zl = SHIFTED ? (x - sh) * beta - off : x * beta - off;
-          const acc_t p = fexp2(SHIFTED ? (x - sh) * bl2 - off2 : x * bl2 - off2);
+          const acc_t zl = (x - sh) * beta - off;
           const acc_t wk = KIND == 2 ? static_cast<acc_t>(w[idx + k]) : acc_t(1);
-          const acc_t dz = A * p - (KIND > 0 ? cw * wk : acc_t(0)) - (idx + k == y ? ty : acc_t(0));
+          const acc_t dz = A * p_of(x) - (KIND > 0 ? cw * wk : acc_t(0));
           g[k] = bg * dz;
           if (x != neg_inf<acc_t>()) t1 += dz * zl;
           else t0 += dz;
         }
       }
     }
+    if (static_cast<unsigned>(y - idx) < static_cast<unsigned>(count)) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (idx + k == y) {  // the generic form of the target's element: finish() refines it
+          xy = static_cast<acc_t>(v.v[k]);
+          have_y = true;
+          g[k] -= bg * ty;
+          if (need_t) {
+            if (xy != neg_inf<acc_t>()) t1 -= ty * ((xy - sh) * beta - off);
+            else t0 -= ty;
+          }
+        }
+      }
+    }
     if (out) store_vals<T, acc_t>(out, idx, g, count, vec_ok);
+  }
+
+  // After the row's loop, in the thread that saw the target: its element in acc precision,
+  // bg (ty expm1(log p_y) + As p_y - cw w_y), written over the generic one (same thread, later in
+  // program order), and the T-gradient sums corrected by the difference. Kept out of the hot loop:
+  // expm1 there made ptxas spill.
+  __device__ __forceinline__ void finish() {
+    if (!have_y) return;
+    const acc_t wk = KIND == 2 ? static_cast<acc_t>(w[y]) : acc_t(1);
+    const acc_t zl = (xy - sh) * beta - off;
+    const acc_t generic = A * p_of(xy) - (KIND > 0 ? cw * wk : acc_t(0)) - ty;
+    const acc_t dz = target_dz<T, acc_t>(zl, ty, As, cw, wk);
+    if (out) out[y] = static_cast<T>(bg * dz);
+    if (need_t) {
+      if (xy != neg_inf<acc_t>()) t1 += (dz - generic) * zl;
+      else t0 += dz - generic;
+    }
   }
 };
 
@@ -353,8 +406,8 @@ __device__ __forceinline__ void write_parts(double* parts, double l, double w, d
 }
 
 // Sets the phase-2 coefficients of a non-ignored row.
-template <typename T, typename acc_t, int KIND, bool SHIFTED>
-__device__ __forceinline__ void grad_setup(CEGrad<T, acc_t, KIND, SHIFTED>& f, acc_t beta, acc_t eps,
+template <typename T, typename acc_t, int KIND>
+__device__ __forceinline__ void grad_setup(CEGrad<T, acc_t, KIND>& f, acc_t beta, acc_t eps,
                                            acc_t cw, acc_t W, acc_t C, acc_t wy, acc_t g, acc_t sh,
                                            acc_t off) {
   const acc_t l2e = static_cast<acc_t>(kLog2e);
@@ -364,7 +417,8 @@ __device__ __forceinline__ void grad_setup(CEGrad<T, acc_t, KIND, SHIFTED>& f, a
   f.off = off;
   f.off2 = off * l2e;
   f.ty = (acc_t(1) - eps) * wy;
-  f.A = f.ty + (KIND > 0 ? eps * W / C : acc_t(0));
+  f.As = KIND > 0 ? eps * W / C : acc_t(0);
+  f.A = f.ty + f.As;
   f.cw = cw;
   f.bg = beta * g;
   f.bgA = f.bg * f.A;
@@ -397,14 +451,16 @@ __global__ void __launch_bounds__(block_for(TPR))
     for_each_vec<TPR>(xr, valid ? a.C : 0, tid, acc);
     const CEState<acc_t> st = group_allreduce<TPR>(acc.st, CEMerge<acc_t>{bl2}, sred);
     if (active && tid == 0) {
-      acc_t loss = 0, lse = 0, ls;
+      acc_t loss = 0, lse, ls = 0, m = 0;
       if (valid) {
         const acc_t wy = a.weight ? static_cast<acc_t>(a.weight[y]) : acc_t(1);
         loss = row_loss<acc_t, KIND>(st, beta, a.eps, cw, wy, lse, ls);
+        m = ls == ls ? st.m : ls;  // NaN for rows without a softmax
         lsum += static_cast<double>(loss);
         wsum += static_cast<double>(wy);
       }
-      a.lse[row] = lse;
+      a.lse[2 * row] = m;
+      a.lse[2 * row + 1] = ls;
       if (a.loss_rows) a.loss_rows[row] = static_cast<T>(loss);
     }
   }
@@ -439,23 +495,26 @@ __global__ void __launch_bounds__(block_for(TPR))
     const bool valid = y >= 0;
     const T* xr = a.logits + row * a.row_stride;
     T* gr = a.grad ? a.grad + row * static_cast<int64_t>(a.C) : nullptr;
-    CEGrad<T, acc_t, KIND, false> f;
+    CEGrad<T, acc_t, KIND> f;
     f.t1 = 0;
     f.t0 = 0;
     f.need_t = a.need_t;
     f.off = 0;
+    f.sh = 0;
     f.bg = 0;
     if (valid) {
       const acc_t g = a.reduction == kNone
                           ? static_cast<acc_t>(load_as_double(a.grad_loss, a.gl_code, row * a.gl_stride))
                           : g0;
       const acc_t wy = a.weight ? static_cast<acc_t>(a.weight[y]) : acc_t(1);
-      grad_setup(f, beta, a.eps, cw, W, static_cast<acc_t>(a.C), wy, g, acc_t(0), a.lse_in[row]);
+      grad_setup(f, beta, a.eps, cw, W, static_cast<acc_t>(a.C), wy, g, a.lse_in[2 * row],
+                 a.lse_in[2 * row + 1]);
       f.w = a.weight;
       f.y = y;
       f.out = gr;
       f.vec_ok = gr ? same_misalignment<T>(gr, xr) : false;
       for_each_vec<TPR>(xr, a.C, tid, f);
+      f.finish();
     } else if (active && gr) {
       fill_row<TPR>(gr, a.C, tid, T(0));
     }
@@ -463,7 +522,7 @@ __global__ void __launch_bounds__(block_for(TPR))
       const Pair<acc_t> t = group_allreduce<TPR>(Pair<acc_t>{f.t1, f.t0}, PairSum<acc_t>(), sred);
       // sum_nm dz z = sum_nm dz (z - lse) + lse sum_nm dz, and sum_nm dz = -sum_masked dz
       if (valid && tid == 0)
-        tsum += -static_cast<double>(f.bg) * static_cast<double>(t.a - f.off * t.b);
+        tsum += -static_cast<double>(f.bg) * static_cast<double>(t.a - (beta * f.sh + f.off) * t.b);
     }
   }
   if (a.need_t) write_parts<BLOCK>(a.parts, 0.0, 0.0, tsum, sd);
@@ -506,13 +565,13 @@ __global__ void __launch_bounds__(block_for(TPR))
     const Regs regs(xr, n, tid);
     auto pass = [&](auto& f) {
       if constexpr (RESIDENT) regs.apply(n, f);
-      else for_each_vec<TPR>(xr, n, tid, f);
+      else for_each_vec<TPR, 4>(xr, n, tid, f);  // two-read path: 4 loads in flight per thread
     };
     // phase 1: the row's state, merged over the group
     CEAccum<T, acc_t, KIND> acc{ce_init<acc_t>(), bl2, a.weight, y};
     pass(acc);
     const CEState<acc_t> st = group_allreduce<TPR>(acc.st, CEMerge<acc_t>{bl2}, sred);
-    CEGrad<T, acc_t, KIND, true> f;
+    CEGrad<T, acc_t, KIND> f;
     f.t1 = 0;
     f.t0 = 0;
     f.off = 0;
@@ -535,6 +594,7 @@ __global__ void __launch_bounds__(block_for(TPR))
       f.out = gr;
       f.vec_ok = same_misalignment<T>(gr, xr);
       pass(f);
+      f.finish();
     } else if (active) {
       fill_row<TPR>(gr, a.C, tid, T(0));
       if (tid == 0 && a.loss_rows) a.loss_rows[row] = T(0);
@@ -643,7 +703,8 @@ __global__ void __launch_bounds__(kTileRows)
       wy = a.weight ? static_cast<acc_t>(a.weight[y]) : acc_t(1);
       acc_t W = Wb, sh = 0, off;
       if (MODE == 1) {
-        off = a.lse_in[row];
+        sh = a.lse_in[2 * row];
+        off = a.lse_in[2 * row + 1];
       } else {
         CEState<acc_t> st = ce_init<acc_t>();
         for (int k = 0, c = c0; k < C; ++k, c = (c + 1 == C) ? 0 : c + 1) {
@@ -665,7 +726,10 @@ __global__ void __launch_bounds__(kTileRows)
         st.xy = static_cast<acc_t>(xs[y]);
         acc_t lse, ls;
         loss = row_loss<acc_t, KIND>(st, beta, a.eps, cw, wy, lse, ls);
-        if (MODE == 0) a.lse[row] = lse;
+        if (MODE == 0) {
+          a.lse[2 * row] = ls == ls ? st.m : ls;  // NaN for rows without a softmax
+          a.lse[2 * row + 1] = ls;
+        }
         W = st.wc;
         sh = st.m;
         off = ls;
@@ -677,25 +741,36 @@ __global__ void __launch_bounds__(kTileRows)
         const acc_t l2e = static_cast<acc_t>(kLog2e);
         const acc_t off2 = off * l2e;
         const acc_t ty = (acc_t(1) - a.eps) * wy;
-        const acc_t A = ty + (KIND > 0 ? a.eps * W / static_cast<acc_t>(C) : acc_t(0));
+        const acc_t As = KIND > 0 ? a.eps * W / static_cast<acc_t>(C) : acc_t(0);
+        const acc_t A = ty + As;
         const acc_t bg = beta * g;
+        const acc_t x_y = static_cast<acc_t>(xs[y]);  // read before the row is overwritten
         acc_t t1 = 0, t0 = 0;
         for (int k = 0, c = c0; k < C; ++k, c = (c + 1 == C) ? 0 : c + 1) {
           const acc_t x = static_cast<acc_t>(xs[c]);
           const acc_t p = fexp2((x - sh) * bl2 - off2);
           const acc_t wk = KIND == 2 ? static_cast<acc_t>(a.weight[c]) : acc_t(1);
+          const acc_t zl = (x - sh) * beta - off;
           const acc_t dz = A * p - (KIND > 0 ? cw * wk : acc_t(0)) - (c == y ? ty : acc_t(0));
           if (a.need_t) {
-            const acc_t zl = (x - sh) * beta - off;
             if (x != neg_inf<acc_t>()) t1 += dz * zl;
             else t0 += dz;
           }
           xs[c] = static_cast<T>(bg * dz);
         }
-        if (a.need_t) tg = -bg * (t1 - (MODE == 1 ? off : beta * sh + off) * t0);
+        {  // the target's element in acc precision, as CEGrad::finish
+          const acc_t wk = KIND == 2 ? static_cast<acc_t>(a.weight[y]) : acc_t(1);
+          const acc_t zl = (x_y - sh) * beta - off;
+          const acc_t generic = A * fexp2((x_y - sh) * bl2 - off2) - (KIND > 0 ? cw * wk : acc_t(0)) - ty;
+          const acc_t dz = target_dz<T, acc_t>(zl, ty, As, cw, wk);
+          xs[y] = static_cast<T>(bg * dz);
+          if (x_y != neg_inf<acc_t>()) t1 += (dz - generic) * zl;
+          else t0 += dz - generic;
+        }
+        if (a.need_t) tg = -bg * (t1 - (beta * sh + off) * t0);
       }
     } else if (active) {
-      if (MODE == 0) a.lse[row] = acc_t(0);
+      if (MODE == 0) a.lse[2 * row] = a.lse[2 * row + 1] = acc_t(0);
       if (MODE != 0)
         for (int c = 0; c < C; ++c) xs[c] = T(0);
     }

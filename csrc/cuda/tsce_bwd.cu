@@ -23,8 +23,9 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cuda(
   }
   TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()), op, ": grad_loss must be floating, got ",
               grad_loss.scalar_type());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows && lse.scalar_type() == acc, op,
-              ": lse must be (", rows, ",) ", acc, ", got ", lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == 2 && lse.scalar_type() == acc,
+              op, ": lse must be (", rows, ", 2) ", acc, " ([row max, log sum] as tsce_fwd gives), got ",
+              lse.sizes(), " ", lse.scalar_type());
   TORCH_CHECK(denom.numel() == 1 && denom.scalar_type() == acc, op, ": denom must be a 0-dim ", acc,
               " tensor, got ", denom.sizes(), " ", denom.scalar_type());
   TORCH_CHECK(grad_loss.device() == logits.device() && lse.device() == logits.device() &&
@@ -53,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cuda(
     auto a = base_args<scalar_t>(logits, p, temperature_t, temperature, label_smoothing,
                                  ignore_index, reduction);
     const bool tile = use_tile<scalar_t>(logits);
-    const int tpr = pick_tpr(a.C, vec_size<scalar_t>(), kUnroll);
+    const int tpr = pick_stream_tpr(a.C, vec_size<scalar_t>(), rows);
     const int grid = tile ? tile_grid(rows) : grid_for(rows, tpr);
     at::Tensor parts = need_t ? at::empty({3 * grid}, logits.options().dtype(at::kDouble)) : at::Tensor();
     at::Tensor wsum;

@@ -23,11 +23,18 @@ void fused_impl(const at::Tensor& logits, const Prepared& p, const std::optional
   }
   constexpr int V = vec_size<scalar_t>();
   const int64_t nv = ceil_div(a.C, V);
-  const int tpr = pick_tpr(a.C, V, 4);
-  // 0: tiny rows through shared memory; 1: the row in registers (<= 4 vectors per thread);
-  // 2: two reads of the row (C > 1024 threads * 4 vectors: 32768 bf16, 16384 fp32, 8192 fp64)
-  const int mode = use_tile<scalar_t>(logits) ? 0 : (nv <= static_cast<int64_t>(tpr) * 4 ? 1 : 2);
-  const int grid = mode == 0 ? tile_grid(rows) : grid_for(rows, tpr);
+  const int rtpr = pick_tpr(a.C, V, 4);
+  // 0: tiny rows through shared memory; 1: the row in registers (<= 4 vectors per thread, <= 512
+  // threads: C <= 16384 bf16/fp16, 8192 fp32, 4096 fp64); 2: two reads of the row (the second
+  // mostly from L2, see below)
+  const int mode = use_tile<scalar_t>(logits) ? 0 : (nv <= static_cast<int64_t>(rtpr) * 4 ? 1 : 2);
+  // The two-read path reads each row a second time right after the first: for that read to hit
+  // L2, few rows may be in flight, so one row per SM at a time (512 threads, 4 loads of 16 B in
+  // flight each: 32 KiB per SM), on a grid of one block per SM. 132 rows of C = 131072 bf16 are
+  // 33 MiB, within the H200's 50 MiB of L2.
+  const int tpr = mode == 2 ? 512 : rtpr;
+  const int grid = mode == 0 ? tile_grid(rows)
+                             : (mode == 2 ? static_cast<int>(std::min<int64_t>(rows, sm_count())) : grid_for(rows, tpr));
   at::Tensor parts = at::empty({3 * grid}, logits.options().dtype(at::kDouble));
   a.loss_rows = reduction == kNone ? loss.data_ptr<scalar_t>() : nullptr;
   a.grad = grad.data_ptr<scalar_t>();
@@ -49,7 +56,7 @@ void fused_impl(const at::Tensor& logits, const Prepared& p, const std::optional
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     } else {
-      tsce_fused_kernel<scalar_t, 1024, 1, false, KIND><<<grid, 1024, 0, stream>>>(a);
+      tsce_fused_kernel<scalar_t, 512, 1, false, KIND><<<grid, 512, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -16,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cuda(
   const Prepared p = prepare(logits, target, weight);
   const at::ScalarType acc = acc_type(logits.scalar_type());
   at::Tensor loss = empty_loss(logits, reduction);
-  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({logits.size(0), 2}, logits.options().dtype(acc));
   at::Tensor denom = at::empty({}, logits.options().dtype(acc));
   const int64_t rows = logits.size(0);
   if (rows == 0) {
@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cuda(
     auto a = base_args<scalar_t>(logits, p, temperature_t, temperature, label_smoothing,
                                  ignore_index, reduction);
     const bool tile = use_tile<scalar_t>(logits);
-    const int tpr = pick_tpr(a.C, vec_size<scalar_t>(), kUnroll);
+    const int tpr = pick_stream_tpr(a.C, vec_size<scalar_t>(), rows);
     const int grid = tile ? tile_grid(rows) : grid_for(rows, tpr);
     at::Tensor parts = at::empty({3 * grid}, logits.options().dtype(at::kDouble));
     a.loss_rows = reduction == kNone ? loss.data_ptr<scalar_t>() : nullptr;

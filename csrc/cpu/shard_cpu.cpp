@@ -1,0 +1,281 @@
+// softcal CPU kernels: the vocabulary-parallel pieces, tsce_shard_stats and tsce_shard_grad(_).
+//
+// A rank holds the logits of a slice of the classes, [off, off + C_local). softcal.distributed
+// computes the loss of the whole vocabulary from per-row statistics of every slice (one
+// all-reduce of the row maxima, one of the packed per-row sums), then each rank writes its own
+// slice of the gradient from the global [M, LS]: O(rows) communication, never the logits. The
+// contracts are in csrc/schemas.h, the maths of the loss in csrc/common.h.
+//
+// Numerics, as the cross-entropy kernels: the row maximum is subtracted before any scaling
+// (exp(beta (x - m)), log p = beta (x - M) - LS, exact at the maximum), the smoothing sum is kept
+// as d = sum w_c (m - x_c) >= 0 (no difference of large numbers), and the target's element of
+// the gradient is formed with expm1 so that p_y - 1 keeps its relative accuracy.
+// Passes: stats reads a row twice (its max, then the sums; the second read from L1/L2, rows
+// being walked in chunks of kChunk elements); grad reads it once and writes it once.
+#include <torch/library.h>
+
+#include "cpu/cpu_common.h"
+
+namespace softcal {
+namespace {
+
+using namespace ::softcal::cpu;
+
+constexpr int64_t kIgnored = -2;  // local target of an ignored row
+constexpr int64_t kElsewhere = -1;  // the target is in another rank's slice
+
+inline int64_t local_target(int64_t y, int64_t ignore_index, int64_t off, int64_t C) {
+  if (y == ignore_index) return kIgnored;
+  const int64_t l = y - off;
+  return (l >= 0 && l < C) ? l : kElsewhere;
+}
+
+void check_shard_inputs(const at::Tensor& logits, const at::Tensor& target,
+                        const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& temperature_t, double temperature,
+                        int64_t class_offset, const char* op) {
+  check_tsce_inputs(logits, target, weight, temperature_t, temperature, 0.0, kNone, op);
+  TORCH_CHECK(class_offset >= 0, op, ": class_offset must be >= 0, got ", class_offset);
+}
+
+void check_rows(const at::Tensor& t, int64_t rows, int64_t k, at::ScalarType acc, const char* name,
+                const char* op) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == k && t.scalar_type() == acc, op, ": ",
+              name, " must be (", rows, ", ", k, ") ", acc, ", got ", t.sizes(), " ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like the logits, got ", t.device());
+}
+
+// Class weights of the slice in acc (empty without weights).
+template <typename acc_t>
+std::vector<acc_t> weights_acc(const std::optional<at::Tensor>& weight) {
+  std::vector<acc_t> w;
+  if (!weight.has_value()) return w;
+  const at::Tensor wc = weight->to(at::kDouble).contiguous();
+  const double* p = wc.const_data_ptr<double>();
+  w.assign(p, p + wc.numel());
+  return w;
+}
+
+at::Tensor tsce_shard_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& temperature_t, double temperature,
+                                int64_t class_offset, int64_t ignore_index, bool smoothing) {
+  const char* op = "softcal.tsce_shard_stats";
+  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
+  const double T = host_temperature(temperature_t, temperature, op);
+  const int64_t rows = logits.size(0), C = logits.size(1);
+  const at::ScalarType acc_st = acc_type(logits.scalar_type());
+  at::Tensor stats = at::empty({rows, 4}, logits.options().dtype(acc_st));
+  const at::Tensor tgt = target.contiguous();
+  const int64_t* tp = tgt.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_shard_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int64_t V = Vec<acc_t>::size();
+    const std::vector<acc_t> w = weights_acc<acc_t>(weight);
+    const acc_t* wp = w.empty() ? nullptr : w.data();
+    const acc_t beta = static_cast<acc_t>(1.0 / T);
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t rs = logits.stride(0);
+    acc_t* out = stats.data_ptr<acc_t>();
+    at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+      for (int64_t i = r0; i < r1; ++i) {
+        acc_t* o = out + 4 * i;
+        const int64_t y = local_target(tp[i], ignore_index, class_offset, C);
+        if (y == kIgnored) {
+          o[0] = o[1] = o[2] = o[3] = acc_t(0);
+          continue;
+        }
+        const scalar_t* xr = x + i * rs;
+        o[3] = y >= 0 ? static_cast<acc_t>(xr[y]) : acc_t(0);
+        acc_t m = kNegInf<acc_t>;
+        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, C - c0);
+          const acc_t cm = chunk_max(as_acc(xr + c0, n, buf.data()), n);
+          m = (std::isnan(cm) || cm > m) ? cm : m;
+        }
+        if (std::isnan(m)) {
+          o[0] = o[1] = o[2] = m;
+          continue;
+        }
+        if (m == kNegInf<acc_t>) {  // no softmax mass in this slice; an infinite smoothing sum
+          o[0] = o[1] = kNegInf<acc_t>;
+          o[2] = smoothing && C > 0 ? std::numeric_limits<acc_t>::infinity() : acc_t(0);
+          continue;
+        }
+        const Vec<acc_t> vm(m), vb(beta);
+        Vec<acc_t> vs(0), vd(0);
+        acc_t ss = 0, sd = 0;
+        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, C - c0);
+          const acc_t* xa = as_acc(xr + c0, n, buf.data());
+          const acc_t* wc = wp ? wp + c0 : nullptr;
+          int64_t k = 0;
+          for (; k + V <= n; k += V) {
+            const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + k);
+            vs = vs + vexp((xv - vm) * vb);
+            if (smoothing) vd = vd + (wc ? (vm - xv) * Vec<acc_t>::loadu(wc + k) : vm - xv);
+          }
+          for (; k < n; ++k) {
+            ss += std::exp((xa[k] - m) * beta);
+            if (smoothing) sd += wc ? (m - xa[k]) * wc[k] : m - xa[k];
+          }
+        }
+        auto sum = [](const Vec<acc_t>& v) { return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v); };
+        o[0] = m;
+        o[1] = std::log(sum(vs) + ss);
+        o[2] = smoothing ? sum(vd) + sd : acc_t(0);
+      }
+    });
+  });
+  return stats;
+}
+
+// Gradient of the slice's rows; grad may alias the logits (in-place: each element is read
+// before it is written, the target's value is read before the row).
+template <typename scalar_t>
+void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp,
+                     const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                     const at::Tensor& coef, double T, double smooth_coef, int64_t off,
+                     int64_t ignore_index, at::opmath_type<scalar_t>* t_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t V = Vec<acc_t>::size();
+  const int64_t rows = logits.size(0), C = logits.size(1);
+  const std::vector<acc_t> w = weights_acc<acc_t>(weight);
+  const acc_t* wp = w.empty() ? nullptr : w.data();
+  const acc_t beta = static_cast<acc_t>(1.0 / T);
+  const acc_t cw = static_cast<acc_t>(smooth_coef);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const int64_t rs = logits.stride(0);
+  const acc_t* L = lse.const_data_ptr<acc_t>();
+  const acc_t* K = coef.const_data_ptr<acc_t>();
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> xbuf(kChunk), gbuf(kChunk);
+    for (int64_t i = r0; i < r1; ++i) {
+      const int64_t y = local_target(tp[i], ignore_index, off, C);
+      scalar_t* gr = grad ? grad + i * C : nullptr;
+      if (y == kIgnored) {
+        if (gr) std::fill(gr, gr + C, scalar_t(0));
+        if (t_rows) t_rows[2 * i] = t_rows[2 * i + 1] = acc_t(0);
+        continue;
+      }
+      const scalar_t* xr = x + i * rs;
+      const acc_t M = L[2 * i], LS = L[2 * i + 1];
+      const acc_t g = K[3 * i], A = K[3 * i + 1], ty = K[3 * i + 2];
+      const acc_t bg = beta * g;
+      const acc_t x_y = y >= 0 ? static_cast<acc_t>(xr[y]) : acc_t(0);
+      const Vec<acc_t> vM(M), vb(beta), vLS(LS), vA(A), vcw(cw), vbg(bg), vninf(kNegInf<acc_t>),
+          vzero(0);
+      Vec<acc_t> va(0), vbm(0);
+      acc_t sa = 0, sb = 0;  // the scalar tails' T-gradient sums
+      for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, C - c0);
+        const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
+        acc_t* ga = gbuf.data();
+        const acc_t* wc = wp ? wp + c0 : nullptr;
+        int64_t k = 0;
+        for (; k + V <= n; k += V) {
+          const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + k);
+          const Vec<acc_t> lp = (xv - vM) * vb - vLS;
+          const Vec<acc_t> dz = wc ? vA * vexp(lp) - vcw * Vec<acc_t>::loadu(wc + k) : vA * vexp(lp) - vcw;
+          (vbg * dz).store(ga + k);
+          if (t_rows) {
+            va = va + Vec<acc_t>::blendv(vzero, dz * lp, xv > vninf);
+            vbm = vbm + Vec<acc_t>::blendv(vzero, dz, xv == vninf);
+          }
+        }
+        for (; k < n; ++k) {
+          const acc_t lp = (xa[k] - M) * beta - LS;
+          const acc_t dz = A * std::exp(lp) - cw * (wc ? wc[k] : acc_t(1));
+          ga[k] = bg * dz;
+          if (xa[k] > kNegInf<acc_t>) sa += dz * lp;
+          else sb += dz;
+        }
+        if (gr) store_from_acc(ga, gr + c0, n);
+      }
+      acc_t ta = 0, tb = 0;
+      if (t_rows) {
+        ta = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), va) + sa;
+        tb = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vbm) + sb;
+      }
+      if (y >= 0) {  // the target's element, in acc precision (replaces the generic one)
+        const acc_t lp = (x_y - M) * beta - LS;
+        const acc_t wy = wp ? wp[y] : acc_t(1);
+        const acc_t generic = A * std::exp(lp) - cw * wy;
+        const acc_t dz = ty * std::expm1(lp) + (A - ty) * std::exp(lp) - cw * wy;
+        if (gr) gr[y] = static_cast<scalar_t>(bg * dz);
+        if (t_rows) {
+          if (x_y > kNegInf<acc_t>) ta += (dz - generic) * lp;
+          else tb += dz - generic;
+        }
+      }
+      if (t_rows) {
+        t_rows[2 * i] = ta;
+        t_rows[2 * i + 1] = tb;
+      }
+    }
+  });
+}
+
+at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
+                           const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                           const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
+                           double temperature, double smooth_coef, int64_t class_offset,
+                           int64_t ignore_index, at::Tensor* grad, bool need_t, const char* op) {
+  const double T = host_temperature(temperature_t, temperature, op);
+  const int64_t rows = logits.size(0);
+  const at::ScalarType acc_st = acc_type(logits.scalar_type());
+  check_rows(lse, rows, 2, acc_st, "lse", op);
+  check_rows(coef, rows, 3, acc_st, "coef", op);
+  TORCH_CHECK(std::isfinite(smooth_coef) && smooth_coef >= 0, op,
+              ": smooth_coef must be a finite number >= 0, got ", smooth_coef);
+  at::Tensor t_rows = at::zeros({rows, 2}, logits.options().dtype(acc_st));
+  if (rows == 0 || logits.size(1) == 0 || (grad == nullptr && !need_t)) return t_rows;
+  const at::Tensor tgt = target.contiguous(), lse_c = lse.contiguous(), coef_c = coef.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_shard_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    shard_grad_rows<scalar_t>(logits, grad ? grad->data_ptr<scalar_t>() : nullptr, tgt.const_data_ptr<int64_t>(),
+                              weight, lse_c, coef_c, T, smooth_coef, class_offset, ignore_index,
+                              need_t ? t_rows.data_ptr<acc_t>() : nullptr);
+  });
+  return t_rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> tsce_shard_grad_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
+    double temperature, double smooth_coef, int64_t class_offset, int64_t ignore_index,
+    bool need_logits_grad, bool need_temperature_grad) {
+  const char* op = "softcal.tsce_shard_grad";
+  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
+  at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
+  at::Tensor t_rows = shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
+                                      smooth_coef, class_offset, ignore_index,
+                                      need_logits_grad ? &grad : nullptr, need_temperature_grad, op);
+  return {grad, t_rows};
+}
+
+at::Tensor tsce_shard_grad_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                       const at::Tensor& coef,
+                                       const std::optional<at::Tensor>& temperature_t, double temperature,
+                                       double smooth_coef, int64_t class_offset, int64_t ignore_index,
+                                       bool need_temperature_grad) {
+  const char* op = "softcal.tsce_shard_grad_";
+  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
+  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written "
+              "into its buffer), got strides ", logits.strides());
+  at::Tensor grad = logits;
+  return shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef,
+                         class_offset, ignore_index, &grad, need_temperature_grad, op);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(softcal, CPU, m) {
+  m.impl("tsce_shard_stats", &tsce_shard_stats_cpu);
+  m.impl("tsce_shard_grad", &tsce_shard_grad_cpu);
+  m.impl("tsce_shard_grad_", &tsce_shard_grad_inplace_cpu);
+}
+
+}  // namespace softcal
