@@ -203,8 +203,11 @@ def _split_from_object(obj: Any, path: Path, cols: Columns, need_labels: bool) -
         obj = tuple(obj)
     if isinstance(obj, dict):
         return _split_from_mapping(obj, path, cols, need_labels)
-    if isinstance(obj, (torch.Tensor, np.ndarray)) and not need_labels:
-        return {"val": (obj, None)}
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        if not need_labels:
+            return {"val": (obj, None)}
+        raise InputError(f"{path}: holds one array (scores {tuple(obj.shape)}) and no labels; save "
+                         "scores and labels together, e.g. numpy.savez(path, logits=..., labels=...)")
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         a, b = obj
         if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == 2 and len(b) == 2:
@@ -596,8 +599,7 @@ def write_chunks(path: Path, chunks: Iterator[Tuple[np.ndarray, Optional[np.ndar
                         spool.write(np.ascontiguousarray(y, dtype=np.int64).tobytes())
             if have_labels:
                 spool.seek(0)
-                with z.open(f"{label_name if label_name in _LABEL_KEYS else 'labels'}.npy", "w",
-                            force_zip64=True) as f:
+                with z.open("labels.npy", "w", force_zip64=True) as f:
                     _write_header(f, np.dtype(np.int64), (rows,))
                     for b in iter(lambda: spool.read(1 << 20), b""):
                         f.write(b)

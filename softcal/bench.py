@@ -6,12 +6,15 @@ default): one implementation, the same options and outputs.
 Times the forward and the forward+backward of a temperature-scaled, label-smoothed cross-entropy
 at a set of (N, C) shapes and dtypes, and reports for each case:
 
-* the median time and its spread (CPU: time.perf_counter around each rep; CUDA: CUDA events
-  around each rep, with the L2 cache flushed and the GPU queue pre-filled before each rep, so
-  that the events time the kernels and not the Python launch overhead). Each case is warmed up
-  (at least 2 calls and 50 ms), then repeated until both --reps reps and --min-time seconds of
-  measured time are reached, so that a short case gets hundreds of reps and its median is
-  stable run to run; the spread is the interquartile range over the median,
+* the time of one call: the minimum (the default of --quick) or the median (the default of full
+  runs; --stat chooses) over the reps, and the spread of the reps (interquartile range over the
+  median). CPU: time.perf_counter around each rep, or the process's CPU time with --clock cpu
+  (the default of single-threaded runs such as --quick), which other work on a busy or shared
+  machine does not inflate; CUDA: CUDA events around each rep, with the L2 cache flushed and the
+  GPU queue pre-filled before each rep, so that the events time the kernels and not the Python
+  launch overhead. Each case is warmed up (at least 2 calls and 50 ms), then repeated until both
+  --reps reps and --min-time seconds of measured time are reached, so that a short case gets
+  hundreds of reps. On a busy machine the minimum is the stable figure (noise only adds time),
 * the speed-up of softcal over each baseline,
 * the achieved GB/s against the bytes that must move (forward: N*C*bytes read once; autograd
   forward+backward: 3*N*C*bytes, i.e. forward read + backward read + gradient write; fused:
@@ -41,7 +44,7 @@ pages are enabled for its allocator (THP_MEM_ALLOC_ENABLE=1, read when torch is 
 variable, and merges the results.
 
 Examples:
-  softcal bench                                         # quick run: small shapes, a minute or two
+  softcal bench                                         # quick run: small shapes, 1 thread
   softcal bench --full --out results                    # full CPU run, both THP settings
   python benchmarks/bench_loss.py --quick               # the same quick run from a checkout
   python benchmarks/bench_loss.py --device cuda --bandwidth 4000
@@ -75,14 +78,14 @@ DEFAULT_SHAPES = {
     "cuda": [(4096, 32000), (8192, 50257), (16384, 131072), (4096, 256000), (1_000_000, 10)],
 }
 QUICK_SHAPES = [(256, 1000), (64, 32000), (20000, 10)]
-MIN_TIME = {"quick": 0.3, "cpu": 2.0, "cuda": 1.0}  # seconds of measured time per case
+MIN_TIME = {"quick": 0.5, "cpu": 2.0, "cuda": 1.0}  # seconds of measured time per case
 WARMUP_S = 0.05
 
 SOFTCAL_IMPLS = ("softcal", "softcal-fused", "softcal-fused-inplace")
 BASELINES = ("eager", "compile", "liger", "liger-prescaled")
 BYTES_PER_PASS = {"fwd": 1, "fwd+bwd": 3}
 FIELDS = [
-    "device", "thp", "dtype", "N", "C", "pass", "impl", "status", "median_ms", "min_ms", "p25_ms",
+    "device", "thp", "dtype", "N", "C", "pass", "impl", "status", "stat", "ms", "median_ms", "min_ms", "p25_ms",
     "p75_ms", "spread_pct", "reps", "measured_s",
     "bound_bytes", "GBps", "pct_of_bandwidth", "peak_extra_MB", "peak_extra_logits",
     "speedup_vs_eager", "speedup_vs_compile", "speedup_vs_liger", "speedup_vs_liger-prescaled",
@@ -145,6 +148,12 @@ def parser(prog=None, quick_default=False):
                    help="torch threads on CPU (default: 1 with --quick, where a shared or busy "
                         "machine makes multi-threaded timings of small shapes swing by 100x; "
                         "else torch's default)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default=None,
+                   help="CPU timing: wall time, or the process's CPU time, which other work on a "
+                        "busy machine does not inflate (default: cpu when single-threaded, else wall)")
+    p.add_argument("--stat", choices=["min", "median"], default=None,
+                   help="the figure reported per case, from which the speed-ups and GB/s follow "
+                        "(default: min with --quick, else median); both are in the CSV")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     return p
@@ -163,6 +172,10 @@ def parse_args(argv=None, prog=None, quick_default=False):
         a.threads = 1
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.stat is None:
+        a.stat = "min" if a.quick else "median"
+    if a.clock is None:
+        a.clock = "cpu" if a.threads == 1 else "wall"
     if a.reps < 1:
         p.error(f"--reps must be >= 1, got {a.reps}")
     if a.min_time is None:
@@ -324,7 +337,11 @@ def _warm_up(call, sync):
 class CpuTimer:
     device = "cpu"
 
-    def __init__(self):
+    def __init__(self, clock="wall"):
+        # "cpu": the process's CPU time (user + system), which a busy or shared machine does not
+        # inflate when it schedules other work; equal to the wall time of a single-threaded run
+        # on an idle machine. "wall": time.perf_counter (multi-threaded runs).
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
         self.rss_ok = rss_peak_supported()
         try:
             import ctypes
@@ -353,11 +370,12 @@ class CpuTimer:
         if t_one > 1.0:
             min_reps = min(min_reps, 3)
         times = []
+        clock = self.clock
         while not _enough(times, min_reps, min_time):
             prep()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         return Timing(times, peak)
 
     def peak_extra(self, fn, prep):
@@ -542,8 +560,10 @@ def run_benchmark(args):
     device = args.device
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    timer = CudaTimer() if device == "cuda" else CpuTimer()
+    timer = CudaTimer() if device == "cuda" else CpuTimer(args.clock)
     info = machine_info(args)
+    info["clock"] = ("CUDA events" if device == "cuda" else
+                     "process CPU time" if args.clock == "cpu" else "wall time (perf_counter)")
     backend = softcal.backend(device)
     info["softcal_backend"] = backend
     info["rss_peak"] = "VmHWM via clear_refs" if device == "cpu" and timer.rss_ok else "n/a"
@@ -608,16 +628,18 @@ def run_benchmark(args):
                         del case
                     bound = factor * nbytes
                     r = _row(info, device, dtype_name, N, C, pas, impl, "ok", backend)
-                    r.update(median_ms=tm.median * 1e3, min_ms=tm.min * 1e3, p25_ms=tm.p25 * 1e3,
-                             p75_ms=tm.p75 * 1e3, spread_pct=100 * tm.spread, reps=tm.reps,
-                             measured_s=tm.total, bound_bytes=bound, GBps=bound / tm.median / 1e9)
+                    head = tm.min if args.stat == "min" else tm.median
+                    r.update(stat=args.stat, ms=head * 1e3, median_ms=tm.median * 1e3,
+                             min_ms=tm.min * 1e3, p25_ms=tm.p25 * 1e3, p75_ms=tm.p75 * 1e3,
+                             spread_pct=100 * tm.spread, reps=tm.reps, measured_s=tm.total,
+                             bound_bytes=bound, GBps=bound / head / 1e9)
                     if args.bandwidth:
                         r["pct_of_bandwidth"] = 100 * r["GBps"] / args.bandwidth
                     if tm.peak is not None:
                         r["peak_extra_MB"] = tm.peak / 1e6
                         r["peak_extra_logits"] = tm.peak / nbytes
                     rows.append(r)
-                    print(f"{label} {tm.median * 1e3:10.3f} ms ±{100 * tm.spread:4.1f}%  "
+                    print(f"{label} {args.stat} {head * 1e3:10.3f} ms (spread ±{100 * tm.spread:4.1f}%)  "
                           f"{r['GBps']:7.1f} GB/s  "
                           f"peak extra {_fmt(r.get('peak_extra_MB'), '.0f')} MB "
                           f"({_fmt(r.get('peak_extra_logits'), '.2f')} x logits)  reps {tm.reps}",
@@ -671,7 +693,7 @@ def add_speedups(rows):
                 continue
             for base in BASELINES:
                 if base in case:
-                    r[f"speedup_vs_{base}"] = case[base]["median_ms"] / r["median_ms"]
+                    r[f"speedup_vs_{base}"] = case[base]["ms"] / r["ms"]
 
 
 # --------------------------------------------------------------------------- output
@@ -700,6 +722,7 @@ def header_lines(infos, command):
         f"{i['loadavg_start']} at start, {i.get('loadavg_end', '?')} at end)" for i in infos)
         + f"; kernel THP: {info['thp_sys']}")
     lines.append(f"peak memory: {'CUDA max_memory_allocated' if 'gpu' in info else 'RSS VmHWM growth'}")
+    lines.append(f"timing: {info.get('clock', 'wall time')}")
     return lines
 
 
@@ -731,19 +754,20 @@ def summary_lines(rows):
 
 
 def _ms(r):
-    return f"{r['median_ms']:.3g} ms ±{r.get('spread_pct', 0):.0f}%"
+    return f"{r['ms']:.3g} ms ±{r.get('spread_pct', 0):.0f}%"
 
 
 def markdown(rows, infos, command, have_bw):
+    stat = next((r["stat"] for r in rows if r.get("stat")), "median")
     lines = ["### softcal.cross_entropy benchmark", ""]
     lines += [f"- {l}" for l in header_lines(infos, command)]
     sl = summary_lines(rows)
     if sl:
-        lines += ["", "Forward + backward, median time ± spread (interquartile range / median), "
+        lines += ["", f"Forward + backward, {stat} time ± spread (interquartile range / median), "
                   "speed-up of softcal over each baseline:"] + sl
     for thp in sorted({r["thp"] for r in rows}, key=lambda t: (t != "unset", t)):
         lines += ["", f"#### {THP_VAR}={thp}" if len(infos) > 1 or thp != "unset" else "#### results", ""]
-        cols = ["shape", "dtype", "pass", "impl", "median ms", "spread", "reps", "GB/s"]
+        cols = ["shape", "dtype", "pass", "impl", f"{stat} ms", "spread", "reps", "GB/s"]
         if have_bw:
             cols.append("% bw")
         cols += ["peak extra MB (x logits)", "vs eager", "vs compile"]
@@ -759,7 +783,7 @@ def markdown(rows, infos, command, have_bw):
             if r["status"] != "ok":
                 cells = [shape, r["dtype"], r["pass"], r["impl"], r["status"]] + [""] * (len(cols) - 5)
             else:
-                cells = [shape, r["dtype"], r["pass"], r["impl"], _fmt(r["median_ms"], ".3g"),
+                cells = [shape, r["dtype"], r["pass"], r["impl"], _fmt(r["ms"], ".3g"),
                          f"±{r['spread_pct']:.1f}%", str(r["reps"]), _fmt(r["GBps"], ".1f")]
                 if have_bw:
                     cells.append(_fmt(r.get("pct_of_bandwidth"), ".0f"))
@@ -771,10 +795,12 @@ def markdown(rows, infos, command, have_bw):
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "GB/s counts the bytes that must move: fwd N*C*bytes, autograd fwd+bwd 3*N*C*bytes, "
               "fused modes 2*N*C*bytes; baselines are measured against the same autograd bound. "
-              "Speed-ups are baseline median / softcal median in the same pass. fwd+bwd passes a non-leaf "
+              f"Speed-ups are baseline {stat} / softcal {stat} in the same pass. fwd+bwd passes a non-leaf "
               "view of the logits (as a last layer's output) and clears the gradient between reps. "
               "Each case is repeated until both the minimum number of reps and the minimum measured "
-              "time are reached; spread is the interquartile range of the reps over their median."]
+              "time are reached; spread is the interquartile range of the reps over their median. The minimum is the figure "
+              "that a busy machine disturbs least (its noise only adds time); the median includes "
+              "that noise."]
     return "\n".join(lines) + "\n"
 
 

@@ -143,6 +143,23 @@ def test_apply_npy_streams_and_writes_npy_or_logits(files, capsys, monkeypatch):
     np.testing.assert_allclose(lg, xt.astype(np.float64) / 2.88, rtol=1e-6, atol=1e-6)
 
 
+def test_apply_streams_compressed_npz(files, capsys):
+    d, _, (xt, yt) = files
+    np.savez_compressed(d / "z.npz", scores=xt, y=yt.astype(np.float64))  # float labels too
+    rc, _, err = run(["apply", d / "z.npz", "-t", "1.25", "--chunk-rows", "99", "-o", d / "c.npz"], capsys)
+    assert rc == 0, err
+    with np.load(d / "c.npz") as z:
+        ref = torch.softmax(torch.from_numpy(xt).double() / 1.25, 1).numpy()
+        np.testing.assert_allclose(z["probs"], ref, rtol=3e-6, atol=1e-7)
+        assert z["labels"].dtype == np.int64 and np.array_equal(z["labels"], yt)
+
+
+def test_evaluate_needs_labels(files, capsys):
+    d, _, _ = files
+    rc, _, err = run(["evaluate", d / "new.npy", "--out", d / "e"], capsys)
+    assert rc == 2 and "no labels" in err
+
+
 def test_apply_reads_npy_chunk_by_chunk(files, capsys, monkeypatch):
     from softcal import _io
 
@@ -330,6 +347,7 @@ def test_bench_runs_tiny_and_says_where_its_outputs_went(tmp_path, capsys):
                                                     ("fwd+bwd", "softcal"), ("fwd+bwd", "eager")}
     for r in ok:  # repeated until the minimum measured time, spread reported
         assert float(r["measured_s"]) >= 0.02 and int(r["reps"]) >= 5
+        assert r["stat"] == "min" and r["ms"] == r["min_ms"]  # the quick run reports the minimum
         assert float(r["p25_ms"]) <= float(r["median_ms"]) <= float(r["p75_ms"])
         assert float(r["spread_pct"]) >= 0
 
@@ -358,8 +376,10 @@ def test_bench_default_out_is_outside_the_source_tree(monkeypatch, tmp_path):
 def test_bench_quick_is_the_default_of_softcal_bench_only():
     a = bench.parse_args([], quick_default=True)
     assert a.quick and a.tag == "quick" and a.shape_list == bench.QUICK_SHAPES and a.thp == "inherit"
+    assert (a.threads, a.clock, a.stat, a.no_compile) == (1, "cpu", "min", True)
     b = bench.parse_args([])
     assert not b.quick and b.tag == "bench" and b.thp == "both"
+    assert (b.threads, b.clock, b.stat, b.no_compile) == (None, "wall", "median", False)
     assert not bench.parse_args(["--full"], quick_default=True).quick
 
 
@@ -370,11 +390,15 @@ def test_bench_bad_options_exit_2(capsys):
 
 
 def test_bench_script_is_the_same_benchmark(tmp_path):
+    # --thp both: the script runs the package's benchmark in two worker processes (python -m
+    # softcal.bench), as `make bench` does
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_loss.py"), "--quick", *TINY,
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                        "--thp", "both", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr
     assert "command: `python benchmarks/bench_loss.py --quick --shapes 16x7" in p.stdout
-    assert (tmp_path / "cpu_quick.csv").is_file()
+    md = (tmp_path / "cpu_quick.md").read_text()
+    assert "#### THP_MEM_ALLOC_ENABLE=unset" in md and "#### THP_MEM_ALLOC_ENABLE=1" in md
     text = (ROOT / "benchmarks" / "bench_loss.py").read_text()
     assert "softcal.bench" in text and "def run_benchmark" not in text  # one implementation
 
