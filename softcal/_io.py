@@ -240,12 +240,13 @@ def _check_split(path: Path, split: str, s: Any, y: Any, need_labels: bool) -> S
 
 def load_scores(path: str | Path, *, allow_pickle: bool = False, label_column: Optional[str] = None,
                 score_columns: Optional[Sequence[str]] = None, need_labels: bool = True,
-                ) -> Dict[str, Split]:
+                progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Split]:
     """Load a whole file of (scores, labels) safely.
 
     Returns ``{"val": (scores, labels)[, "test": (scores, labels)]}``: scores (N, C) float numpy
     (float16/bfloat16 widened to float32), labels (N,) int64 (None when ``need_labels`` is False and
     the file has none). Raises :class:`InputError` with one line for every file it cannot use.
+    ``progress(rows_read, rows_total)`` is called after each block of a CSV/TSV/Parquet file.
     """
     p = Path(path)
     kind = _kind(p)
@@ -255,7 +256,11 @@ def load_scores(path: str | Path, *, allow_pickle: bool = False, label_column: O
     if kind in (CSV, TSV, PARQUET):
         src = open_scores(p, allow_pickle=allow_pickle, label_column=label_column,
                           score_columns=score_columns, need_labels=need_labels)
-        parts = list(src.chunks(1 << 16))
+        parts = []
+        for part in src.chunks(1 << 16):
+            parts.append(part)
+            if progress is not None:
+                progress(part[0].shape[0], src.rows)
         s = np.concatenate([c[0] for c in parts]) if parts else np.zeros((0, src.classes), src.dtype)
         y = None
         if src.has_labels:

@@ -106,6 +106,16 @@ def _columns(args: argparse.Namespace) -> Dict[str, Any]:
             "score_columns": [c.strip() for c in sc.split(",") if c.strip()] if sc else None}
 
 
+def _read(args: argparse.Namespace, path: str) -> Dict[str, Split]:
+    """load_scores with the column options; a bar over the rows of CSV/Parquet files on a terminal."""
+    with _bar(_progress_enabled(args), desc=f"softcal: reading {Path(path).name}", unit="row") as bar:
+        def progress(rows: int, total: int) -> None:
+            bar.total = total
+            bar.update(rows)
+
+        return _io.load_scores(path, progress=progress, **_columns(args))
+
+
 def _logits(scores: np.ndarray, probs: bool, device: torch.device, what: str = "the scores") -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(scores)).to(device)
     if probs:
@@ -244,19 +254,18 @@ def _calibrate(args: argparse.Namespace) -> int:
                        "VAL --test TEST (to fit and evaluate on one file, give it as VAL: softcal "
                        f"calibrate {args.test})")
     device = _device(args.device)
-    cols = _columns(args)
     if args.val is None:
         if args.probs:
             raise CLIError("--probs does not apply to the embedded default (it holds logits)")
         data = _io.load_embedded()
         name, probs = DEFAULT_NAME, False
     else:
-        data = _io.load_scores(args.val, **cols)
+        data = _read(args, args.val)
         name, probs = args.val, args.probs
     val = data["val"]
     test: Optional[Split] = None
     if args.test is not None:
-        tdata = _io.load_scores(args.test, **cols)
+        tdata = _read(args, args.test)
         test = tdata.get("test", tdata["val"])
         eval_split = args.test
     elif "test" in data:
@@ -351,9 +360,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CLIError(f"--bins must be >= 1, got {args.bins}")
     device = _device(args.device)
     t, t_from = (None, None) if args.temperature is None else read_temperature(args.temperature)
-    with _bar(_progress_enabled(args), total=1, desc="softcal: reading", unit="file") as bar:
-        data = _io.load_scores(args.file, **_columns(args))
-        bar.update(1)
+    data = _read(args, args.file)
     split = "test" if "test" in data else "val"
     s, y = data[split]
     x, yt = _logits(s, args.probs, device), torch.from_numpy(y).to(device)

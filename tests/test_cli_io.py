@@ -138,7 +138,6 @@ def test_column_options(tmp_path, capsys):
     import json
 
     x, y = synthetic(seed=3)
-    noise = np.random.default_rng(0).normal(size=(x.shape[0], 1))
     # an extra column that is not a score, labels in a column named 'truth' in the middle
     names = ["id", "s0", "s1", "truth", "s2", "s3", "s4"]
     with open(tmp_path / "d.csv", "w") as f:

@@ -3,7 +3,6 @@ help, --version, exit codes, devices, progress bars and --quiet; the README's co
 
 import datetime as dt
 import hashlib
-import io
 import json
 import re
 import shlex
@@ -319,6 +318,10 @@ def test_progress_bars_only_on_a_terminal_and_quiet(files, capsys, monkeypatch):
     assert rc == 0 and "softcal: applying T" in err and "/1000" in err
     rc, out, err = run(["calibrate", d / "val.npz", "--out", d / "o"], capsys)
     assert rc == 0 and "softcal: fitting T" in err
+    with open(d / "s.csv", "w") as f:
+        f.write("label,a,b\n" + "".join(f"{i % 2},{i * 0.1},{-i * 0.1}\n" for i in range(50)))
+    rc, out, err = run(["evaluate", d / "s.csv", "--out", d / "o"], capsys)
+    assert rc == 0 and "softcal: reading s.csv" in err
     rc, out, err = run(["apply", d / "new.npy", "-t", "2", "-o", d / "c.npz", "--quiet"], capsys)
     assert rc == 0 and out == "" and err == ""
     rc, out, err = run(["calibrate", d / "val.npz", "--out", d / "o", "-q"], capsys)
