@@ -316,8 +316,11 @@ def test_progress_bars_only_on_a_terminal_and_quiet(files, capsys, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     rc, out, err = run(["apply", d / "new.npy", "-t", "2", "--chunk-rows", "100", "-o", d / "b.npz"], capsys)
     assert rc == 0 and "softcal: applying T" in err and "/1000" in err
-    rc, out, err = run(["calibrate", d / "val.npz", "--out", d / "o"], capsys)
+    rc, out, err = run(["calibrate", d / "val.npz", "--out", d / "o", "--json"], capsys)
     assert rc == 0 and "softcal: fitting T" in err
+    # the fit with a bar (chunk source) is the same fit
+    assert json.loads(out)["fit"]["temperature"] == pytest.approx(
+        softcal.TemperatureScaler().fit(*files[1]).temperature, rel=1e-12)
     with open(d / "s.csv", "w") as f:
         f.write("label,a,b\n" + "".join(f"{i % 2},{i * 0.1},{-i * 0.1}\n" for i in range(50)))
     rc, out, err = run(["evaluate", d / "s.csv", "--out", d / "o"], capsys)
