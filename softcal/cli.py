@@ -116,6 +116,16 @@ def _read(args: argparse.Namespace, path: str) -> Dict[str, Split]:
         return _io.load_scores(path, progress=progress, **_columns(args))
 
 
+def _warn_if_probs(command: str, path: str, scores: np.ndarray, probs: bool) -> None:
+    """Warn when scores read as logits look like probabilities (rows in [0, 1] summing to 1)."""
+    head = np.asarray(scores[:4096], dtype=np.float64)
+    if probs or head.size == 0 or head.shape[1] < 2:
+        return
+    if head.min() >= 0 and head.max() <= 1 and np.allclose(head.sum(1), 1, atol=1e-3):
+        print(f"softcal {command}: warning: {path}: the scores look like probabilities (rows in "
+              "[0, 1] summing to 1) but are read as logits; pass --probs if they are", file=sys.stderr)
+
+
 def _logits(scores: np.ndarray, probs: bool, device: torch.device, what: str = "the scores") -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(scores)).to(device)
     if probs:
@@ -363,6 +373,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = _read(args, args.file)
     split = "test" if "test" in data else "val"
     s, y = data[split]
+    _warn_if_probs("evaluate", args.file, s, args.probs)
     x, yt = _logits(s, args.probs, device), torch.from_numpy(y).to(device)
     try:
         cols = [("T = 1", metrics.calibration_report(x, yt, args.bins))]
@@ -434,7 +445,9 @@ def _apply(args: argparse.Namespace) -> int:
     def calibrated() -> Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]:
         with _bar(_progress_enabled(args), total=src.rows, desc="softcal: applying T",
                   unit="row") as bar, torch.no_grad():
-            for s, y in src.chunks(args.chunk_rows):
+            for i, (s, y) in enumerate(src.chunks(args.chunk_rows)):
+                if i == 0:
+                    _warn_if_probs("apply", args.file, s, args.probs)
                 x = torch.from_numpy(np.array(s, order="C")).to(device)  # a copy: s may be read-only
                 if x.dtype != tdtype:
                     x = x.to(tdtype)

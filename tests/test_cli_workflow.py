@@ -153,6 +153,20 @@ def test_apply_streams_compressed_npz(files, capsys):
         assert z["labels"].dtype == np.int64 and np.array_equal(z["labels"], yt)
 
 
+def test_probabilities_read_as_logits_get_a_warning(files, capsys):
+    d, _, (xt, yt) = files
+    p = torch.softmax(torch.from_numpy(xt).double(), 1).numpy()
+    np.savez(d / "p.npz", probs=p, labels=yt)
+    for cmd in (["evaluate", d / "p.npz", "--out", d / "e"], ["apply", d / "p.npz", "-t", "2", "-o", d / "a.npz"]):
+        rc, _, err = run(cmd, capsys)
+        assert rc == 0 and "look like probabilities" in err and "--probs" in err
+        rc, _, err = run(cmd + ["--probs"], capsys)
+        assert rc == 0 and "look like probabilities" not in err
+    # with --probs, apply gives softmax(log p / T)
+    ref = torch.softmax(torch.log(torch.from_numpy(p)) / 2, 1).numpy()
+    np.testing.assert_allclose(np.load(d / "a.npz")["probs"], ref, rtol=1e-12, atol=1e-15)
+
+
 def test_evaluate_needs_labels(files, capsys):
     d, _, _ = files
     rc, _, err = run(["evaluate", d / "new.npy", "--out", d / "e"], capsys)
