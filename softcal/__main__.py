@@ -1,4 +1,4 @@
-"""``python -m softcal [calibrate ...]``: see :mod:`softcal.cli`."""
+"""``python -m softcal [COMMAND ...]``, the same as ``softcal``: see :mod:`softcal.cli`."""
 
 import sys
 

@@ -93,8 +93,9 @@ def test_file_formats_with_test_split_and_json(tmp_path, suffix, capsys):
     xt, yt = synthetic(seed=2, n=3000)
     val = write(tmp_path / f"val{suffix}", xv, yv)
     test = write(tmp_path / f"test{suffix}", xt, yt)
+    pickled = suffix in (".npy", ".pkl")  # an object array / a pickle: only when allowed
     rc, out, _ = run_main(["calibrate", str(val), "--test", str(test), "--out", str(tmp_path / "o"),
-                           "--json"], capsys)
+                           "--json"] + (["--allow-pickle"] if pickled else []), capsys)
     assert rc == 0
     rep = json.loads(out)
     assert rep == check_outputs(tmp_path / "o")
@@ -112,7 +113,7 @@ def test_nested_pickle_uses_its_test_split(tmp_path, capsys):
     path = tmp_path / "splits.p"
     with open(path, "wb") as f:
         pickle.dump(((xv, yv.reshape(-1, 1)), (xt, yt.reshape(-1, 1))), f)
-    rc, out, _ = run_main(["calibrate", str(path), "--out", str(tmp_path / "o")], capsys)
+    rc, out, _ = run_main(["calibrate", str(path), "--out", str(tmp_path / "o"), "--allow-pickle"], capsys)
     assert rc == 0 and "evaluated on test split (1500 rows)" in out
 
 
@@ -149,11 +150,15 @@ def test_netcal_file_with_probs(tmp_path, capsys):
     (lambda d: (np.savez(d / "r.npz", logits=np.zeros((3, 2), np.float32), labels=np.array([0, 1, 5])),
                 d / "r.npz")[1], "labels must be in"),
     (lambda d: ((d / "junk.pkl").write_bytes(b"not a pickle"), d / "junk.pkl")[1], "could not read"),
+    (lambda d: ((d / "junk.npz").write_bytes(b"not a zip"), d / "junk.npz")[1], "could not read"),
+    (lambda d: ((d / "s.csv").write_text("label,a\n1,x\n"), d / "s.csv")[1], "'x' is not a number"),
 ])
 def test_errors_exit_2_with_one_line(tmp_path, capsys, make, match):
     path = make(tmp_path)
-    rc, out, err = run_main(["calibrate", str(path), "--out", str(tmp_path / "o")], capsys)
+    rc, out, err = run_main(["calibrate", str(path), "--out", str(tmp_path / "o"), "--allow-pickle"],
+                            capsys)
     assert rc == 2 and match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_embedded_data_is_the_original_and_attributed():
