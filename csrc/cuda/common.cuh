@@ -393,6 +393,12 @@ inline int pick_tpr(int64_t C, int vec, int per_thread) {
 
 constexpr int block_for(int tpr) { return tpr < 256 ? 256 : tpr; }
 
+// The minimum number of resident blocks given to __launch_bounds__ for a block of `block` threads:
+// 2 blocks of 256 or 1 of 512, a cap of 128 registers per thread (512 threads per SM at least).
+// With the block size alone, ptxas held the row kernels to 64-80 registers and spilled (the
+// bfloat16 backward keeps 4 vectors loaded ahead and 4 to write; the softmax backward two rows).
+constexpr int min_blocks_for(int block) { return block >= 512 ? 1 : 2; }
+
 // Threads per row for the streaming loops (each element read once or twice, nothing of the row
 // held on chip): about 16 vectors per thread (4 batches of kUnroll = 4 loads in flight) and at
 // most 256 threads per row, so that several rows share an SM with 64 bytes in flight per thread.

@@ -112,7 +112,7 @@ struct SoftmaxOut {
 };
 
 template <typename T, int TPR, int MAXV, bool RESIDENT>
-__global__ void __launch_bounds__(block_for(TPR))
+__global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR)))
     softmax_fwd_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int C,
                             TempArg temp, bool log) {
   using acc_t = at::opmath_type<T>;
@@ -297,7 +297,7 @@ struct BwdOut {
 };
 
 template <typename T, int TPR, int MAXV, bool RESIDENT>
-__global__ void __launch_bounds__(block_for(TPR))
+__global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR)))
     softmax_bwd_rows_kernel(const T* __restrict__ go, const T* __restrict__ out, T* __restrict__ gx,
                             int64_t rows, int C, TempArg temp, bool log, double* __restrict__ parts) {
   using acc_t = at::opmath_type<T>;

@@ -73,7 +73,7 @@ struct StatsAccum {
 };
 
 template <typename T, int TPR>
-__global__ void __launch_bounds__(block_for(TPR))
+__global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR)))
     temperature_stats_kernel(const T* __restrict__ x, int64_t row_stride, int64_t rows, int C,
                              const int64_t* __restrict__ target, double beta,
                              double* __restrict__ parts) {

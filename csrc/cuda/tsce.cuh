@@ -427,7 +427,7 @@ __device__ __forceinline__ void grad_setup(CEGrad<T, acc_t, KIND>& f, acc_t beta
 
 // ------------------------------------------------------------------ forward
 template <typename T, int TPR, int KIND>
-__global__ void __launch_bounds__(block_for(TPR))
+__global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR)))
     tsce_fwd_kernel(const CEArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
@@ -469,7 +469,7 @@ __global__ void __launch_bounds__(block_for(TPR))
 
 // ------------------------------------------------------------------ backward
 template <typename T, int TPR, int KIND>
-__global__ void __launch_bounds__(block_for(TPR))
+__global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR)))
     tsce_bwd_kernel(const CEArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
@@ -537,7 +537,7 @@ struct NoRegs {
 };
 
 template <typename T, int TPR, int MAXV, bool RESIDENT, int KIND>
-__global__ void __launch_bounds__(block_for(TPR))
+__global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR)))
     tsce_fused_kernel(const CEArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
   using Regs = std::conditional_t<RESIDENT, RowRegs<T, TPR, MAXV>, NoRegs<T>>;

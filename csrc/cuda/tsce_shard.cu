@@ -14,6 +14,8 @@
 //    element (when it is in the slice) is formed with expm1 as in the backward.
 // One read of the slice for the stats; one read and one write for the gradient. Launch shapes:
 // the streaming shape of common.cuh (pick_stream_tpr), no host synchronisation.
+#include <torch/library.h>
+
 #include "cuda/tsce.cuh"
 
 namespace softcal {
@@ -51,7 +53,7 @@ struct ShardArgs {
 };
 
 template <typename T, int TPR, int KIND>
-__global__ void __launch_bounds__(block_for(TPR)) shard_stats_kernel(const ShardArgs<T> a) {
+__global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))) shard_stats_kernel(const ShardArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
   constexpr int RPB = BLOCK / TPR;
@@ -86,7 +88,8 @@ __global__ void __launch_bounds__(block_for(TPR)) shard_stats_kernel(const Shard
 }
 
 template <typename T, int TPR, int KIND>
-__global__ void __launch_bounds__(block_for(TPR)) shard_grad_kernel(const ShardArgs<T> a) {
+__global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR)))
+    shard_grad_kernel(const ShardArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
   constexpr int RPB = BLOCK / TPR;
