@@ -62,6 +62,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
             loss, grad_t = torch.ops.softcal.tsce_fused_(x, target, weight, temperature_t,
                                                          temperature, eps, ignore_index,
                                                          reduction, need_t)
+            # Declare the mutation: the logits' version counter (shared with the tensor they
+            # are a view of) moves, so that autograd raises "modified by an inplace operation"
+            # at backward for any op that saved them (exp, tanh, sigmoid, softmax, ...) instead
+            # of reading the gradient as if it were the logits. Saved below, after the bump.
+            torch.autograd.graph.increment_version(x)
             grad = x
         else:
             loss, grad, grad_t = torch.ops.softcal.tsce_fused(x, target, weight, temperature_t,
@@ -74,8 +79,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "softcal.cross_entropy(fused=True): double backward (backward with "
+                "create_graph=True) is not supported, because the gradient was computed in the "
+                "forward; use fused=False for second derivatives")
         grad, grad_t = ctx.saved_tensors
         gx = gt = None
         if ctx.needs_input_grad[0]:
@@ -85,8 +94,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     "place and can run only once per forward; use fused=False to call backward "
                     "twice (retain_graph=True, gradcheck)")
             ctx.used = True
-            # In place: the gradient buffer is used once (once_differentiable). A 0-dim grad_loss
-            # of 1 is detected on the device and costs no pass over the gradient.
+            # In place: the gradient buffer is used once. A 0-dim grad_loss of 1 is detected on
+            # the device and costs no pass over the gradient.
             torch.ops.softcal.scale_rows_(grad, grad_loss)
             gx = grad
         if ctx.needs_input_grad[1]:
