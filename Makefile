@@ -25,8 +25,19 @@ $(VENV)/.ready:
 
 venv: $(VENV)/.ready
 
-build: $(VENV)/.ready
+# The extension is rebuilt only when a source changed: the stamp depends on csrc/**, setup.py and
+# pyproject.toml (softcal/*.py need no rebuild: the install is editable). A missing
+# softcal/_C*.so (deleted by hand) removes the stamp first.
+EXT_SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+BUILD_STAMP := build/.softcal-extension.stamp
+
+$(BUILD_STAMP): $(VENV)/.ready $(EXT_SOURCES)
 	MAX_JOBS=$(MAX_JOBS) SOFTCAL_CPU_ONLY=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p $(dir $@) && touch $@
+
+build: $(VENV)/.ready
+	@ls softcal/_C*.so >/dev/null 2>&1 || rm -f $(BUILD_STAMP)
+	@$(MAKE) --no-print-directory $(BUILD_STAMP)
 	$(VPY) -c "import torch, softcal; assert softcal.backend('cpu') == 'extension', 'extension did not load'; print('softcal', softcal.__version__, 'cpu backend:', softcal.backend('cpu'))"
 
 test: build
