@@ -22,6 +22,7 @@ from ._validation import (
     check_temperature,
     check_weight,
     flatten_classes,
+    _unit_class_stride,
 )
 
 __all__ = ["cross_entropy", "softmax", "log_softmax", "temperature_stats"]
@@ -221,5 +222,4 @@ def temperature_stats(logits: torch.Tensor, target: torch.Tensor, beta: float) -
         raise ValueError(f"{fn}: beta must be a finite number > 0, got {beta}")
     if not _use_kernel(logits.device):
         return reference.temperature_stats(logits, target, beta)
-    x = logits if logits.stride(1) == 1 else logits.contiguous()
-    return torch.ops.softcal.temperature_stats(x, target, beta)
+    return torch.ops.softcal.temperature_stats(_unit_class_stride(logits), target, beta)

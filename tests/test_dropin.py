@@ -526,3 +526,14 @@ def test_backend_is_a_query_with_a_clear_error():
     with pytest.raises(TypeError, match="got int"):
         softcal.backend(0)
     assert "query" in softcal.backend.__doc__
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "row_sliced", "class_sliced", "narrowed"])
+@pytest.mark.parametrize("n", [0, 1, 6])
+def test_temperature_stats_every_layout(device, layout, n):
+    g = torch.Generator().manual_seed(2)
+    x = LAYOUTS[layout](torch.randn(n, 5, generator=g, dtype=torch.float64) * 2).to(device)
+    t = torch.randint(0, 5, (n,), generator=g).to(device)
+    got = softcal.temperature_stats(x, t, 0.7)
+    ref = softcal.reference.temperature_stats(x.contiguous(), t, 0.7)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
