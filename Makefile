@@ -6,6 +6,8 @@
 #   make calibrate   the main job: `softcal calibrate` on the embedded DenseNet-40 / CIFAR-10 logits
 #   make bench       the CPU loss benchmark (both THP settings) -> benchmarks/results/
 #   make cuda-check  compile + link + import the CUDA extension without a GPU (torch 2.14.1, CUDA 13.0)
+#   make test-wheel  build a wheel, install it (not editable) into a fresh virtual environment and
+#                    run the CPU test suite against the installed package
 PYTHON      ?= python3
 VENV        ?= .venv
 VPY         := $(VENV)/bin/python
@@ -16,7 +18,7 @@ CUDA_TORCH  ?= torch==2.14.1
 CUDA_HOME   ?= /usr/local/cuda-13.0
 MAX_JOBS    ?= 2
 
-.PHONY: venv build test test-emu-asan calibrate bench cuda-check clean
+.PHONY: venv build test test-emu-asan test-wheel calibrate bench cuda-check clean
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +55,30 @@ test-emu-asan: build
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 SOFTCAL_EMU_ASAN=1 \
 		SOFTCAL_EMU_SCHEDULE=random SOFTCAL_EMU_SEED=1 \
 		SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q tests/test_cuda.py tests/test_cuda_emu.py
+
+# The wheel: `pip wheel --no-build-isolation --no-deps .` (against the installed torch, as the
+# editable build), installed with --no-deps into a fresh virtual environment $(WHEEL_VENV), which
+# reads its dependencies (torch, numpy, ...) from $(VENV) through a .pth file (a second torch
+# install would add 750 MB and minutes); softcal itself comes from the wheel only. The CPU suite
+# runs from $(WHEEL_TEST), a copy of tests/, csrc/ and README.md without softcal/, so that the
+# source tree cannot shadow the installed package.
+WHEEL_DIR   := build/wheel-dist
+WHEEL_VENV  := build/wheel-venv
+WHEEL_TEST  := build/wheel-test
+
+test-wheel: $(VENV)/.ready
+	rm -rf $(WHEEL_DIR) $(WHEEL_VENV) $(WHEEL_TEST)
+	MAX_JOBS=$(MAX_JOBS) SOFTCAL_CPU_ONLY=1 $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR) .
+	$(VPY) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --no-index $(WHEEL_DIR)/softcal-*.whl
+	$(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(WHEEL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_softcal_test_deps.pth"
+	mkdir -p $(WHEEL_TEST) && cp -r tests csrc README.md pyproject.toml $(WHEEL_TEST)/
+	cd $(WHEEL_TEST) && ../wheel-venv/bin/python -c "import os, softcal; p = os.path.realpath(softcal.__file__); \
+		assert '/wheel-venv/' in p, p; assert softcal.backend('cpu') == 'extension'; \
+		assert os.path.isfile(os.path.join(os.path.dirname(p), 'data', 'densenet40_c10_logits.npz')); \
+		print('testing the installed wheel:', p)"
+	cd $(WHEEL_TEST) && ../wheel-venv/bin/python -m pytest -q -x -p no:cacheprovider tests
 
 calibrate: build
 	$(VENV)/bin/softcal calibrate

@@ -122,7 +122,9 @@ def cross_entropy(
     ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)``.
 
     Args:
-        logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64.
+        logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64; any
+            strides (views are read in place when the classes have a unit stride, else copied
+            once into (rows, C)).
         target: class indices of shape (), (N,) or (N, d1, ...); any integer dtype.
         temperature: a float > 0 or a 0-dim floating tensor on the logits' device; when the
             tensor requires grad, autograd also returns dL/dT.
@@ -135,7 +137,13 @@ def cross_entropy(
             (logits-sized) from forward to backward instead of the per-row log-sum-exp.
         inplace: with fused=True, write the gradient into the logits' own buffer (their values
             are lost; no memory beyond the logits is used). Only for logits that nothing else
-            needs after this call, such as the output of the last linear layer.
+            needs after this call, such as the output of the last linear layer. The write moves
+            the logits' version counter, so an op that saved them for its backward (exp, tanh,
+            softmax, ...) raises at backward instead of reading the gradient. Nothing is written
+            when no gradient is needed, nor into logits whose layout needs a copy.
+
+    Second derivatives: with fused=False, backward(create_graph=True) returns gradients that
+    are differentiable (with respect to the logits and a tensor temperature); fused=True raises.
 
     Returns:
         The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".

@@ -14,9 +14,6 @@ from .calibration import TemperatureScaler
 
 __all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "TemperatureScaler"]
 
-_MISSING = object()
-
-
 def _legacy_reduction(fn: str, size_average: Optional[bool], reduce: Optional[bool]) -> str:
     """nn.CrossEntropyLoss's size_average/reduce (deprecated) -> reduction, with PyTorch's warning
     (the same text, so that filters written for PyTorch's apply)."""
@@ -138,7 +135,7 @@ class LabelSmoothingLoss(CrossEntropyLoss):
     error, never read as the smoothing).
 
     Args:
-        smoothing: label smoothing eps in [0, 1] (default 0.1); ``label_smoothing`` is the
+        smoothing: label smoothing eps in [0, 1] (None: 0.1); ``label_smoothing`` is the
             same argument under PyTorch's name (give one of the two).
         temperature, weight, ignore_index, reduction, fused, inplace: as CrossEntropyLoss.
 
@@ -149,7 +146,7 @@ class LabelSmoothingLoss(CrossEntropyLoss):
 
     def __init__(
         self,
-        smoothing: float = _MISSING,  # type: ignore[assignment]
+        smoothing: Optional[float] = None,
         temperature: float = 1.0,
         weight: Optional[torch.Tensor] = None,
         ignore_index: int = -100,
@@ -157,7 +154,7 @@ class LabelSmoothingLoss(CrossEntropyLoss):
         fused: bool = False,
         inplace: bool = False,
         *,
-        label_smoothing: float = _MISSING,  # type: ignore[assignment]
+        label_smoothing: Optional[float] = None,
     ) -> None:
         fn = self._fn
         if isinstance(smoothing, torch.Tensor):
@@ -165,12 +162,12 @@ class LabelSmoothingLoss(CrossEntropyLoss):
                 f"{fn}: the first argument is the smoothing (a float in [0, 1]), got a tensor of "
                 f"shape {tuple(smoothing.shape)}; pass class weights as weight=..., e.g. "
                 "LabelSmoothingLoss(0.1, weight=w) or softcal.nn.CrossEntropyLoss(w, label_smoothing=0.1)")
-        if smoothing is not _MISSING and label_smoothing is not _MISSING:
+        if smoothing is not None and label_smoothing is not None:
             raise TypeError(f"{fn}: give smoothing or label_smoothing, not both (got smoothing="
                             f"{smoothing!r}, label_smoothing={label_smoothing!r})")
-        if smoothing is not _MISSING:
+        if smoothing is not None:
             eps, name = smoothing, "smoothing"
-        elif label_smoothing is not _MISSING:
+        elif label_smoothing is not None:
             eps, name = label_smoothing, "label_smoothing"
         else:
             eps, name = 0.1, "smoothing"
