@@ -310,26 +310,36 @@ def _ce_case(device, n=5, c=4, extra=(), ignore_index=-100):
     return x, t.to(device), w
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 2])
 @pytest.mark.parametrize("temp", ["float", "tensor"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradgradcheck_cross_entropy(device, reduction, eps, weighted, temp):
-    x, t, w = _ce_case(device)
+def test_gradgradcheck_cross_entropy(device, reduction, eps, weighted, temp, ignore_index):
+    x, t, w = _ce_case(device, ignore_index=ignore_index)
     T = _temperature(temp, device)
     w = w if weighted else None
 
     if temp == "tensor":
         def f(x_, T_):
             return softcal.cross_entropy(x_, t, temperature=T_, label_smoothing=eps, weight=w,
-                                         reduction=reduction)
+                                         reduction=reduction, ignore_index=ignore_index)
         inputs = (x, T)
     else:
         def f(x_):
             return softcal.cross_entropy(x_, t, temperature=T, label_smoothing=eps, weight=w,
-                                         reduction=reduction)
+                                         reduction=reduction, ignore_index=ignore_index)
         inputs = (x,)
     assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradgradcheck_cross_entropy_k_dim(device, reduction):
+    x, t, w = _ce_case(device, n=2, c=3, extra=(2, 2))
+    T = _temperature("tensor", device)
+    f = lambda x_, T_: softcal.cross_entropy(x_, t, temperature=T_, label_smoothing=0.1, weight=w,  # noqa: E731
+                                             reduction=reduction)
+    assert torch.autograd.gradgradcheck(f, (x, T))
 
 
 @pytest.mark.parametrize("temp", ["float", "tensor"])
