@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import softcal
-from conftest import rel_err
 
 # --------------------------------------------------------------------------- layouts
 # Each layout maps a contiguous float64 tensor `a` of the logical shape to a tensor with the same
