@@ -6,6 +6,8 @@
 #   make calibrate   the main job: `softcal calibrate` on the embedded DenseNet-40 / CIFAR-10 logits
 #   make bench       the CPU loss benchmark (both THP settings) -> benchmarks/results/
 #   make cuda-check  compile + link + import the CUDA extension without a GPU (torch 2.14.1, CUDA 13.0)
+#   make test-wheel  build a wheel, install it (not editable) into a fresh virtual environment and
+#                    run the CPU test suite against the installed package
 SHELL       := /bin/bash
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -17,7 +19,7 @@ CUDA_TORCH  ?= torch==2.14.1
 CUDA_HOME   ?= /usr/local/cuda-13.0
 MAX_JOBS    ?= 2
 
-.PHONY: venv build test test-emu-asan calibrate bench cuda-check clean
+.PHONY: venv build test test-emu-asan test-wheel calibrate bench cuda-check clean
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +28,19 @@ $(VENV)/.ready:
 
 venv: $(VENV)/.ready
 
-build: $(VENV)/.ready
+# The extension is rebuilt only when a source changed: the stamp depends on csrc/**, setup.py and
+# pyproject.toml (softcal/*.py need no rebuild: the install is editable). A missing
+# softcal/_C*.so (deleted by hand) removes the stamp first.
+EXT_SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+BUILD_STAMP := build/.softcal-extension.stamp
+
+$(BUILD_STAMP): $(VENV)/.ready $(EXT_SOURCES)
 	MAX_JOBS=$(MAX_JOBS) SOFTCAL_CPU_ONLY=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p $(dir $@) && touch $@
+
+build: $(VENV)/.ready
+	@ls softcal/_C*.so >/dev/null 2>&1 || rm -f $(BUILD_STAMP)
+	@$(MAKE) --no-print-directory $(BUILD_STAMP)
 	$(VPY) -c "import torch, softcal; assert softcal.backend('cpu') == 'extension', 'extension did not load'; print('softcal', softcal.__version__, 'cpu backend:', softcal.backend('cpu'))"
 
 test: build
@@ -43,6 +56,30 @@ test-emu-asan: build
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 SOFTCAL_EMU_ASAN=1 \
 		SOFTCAL_EMU_SCHEDULE=random SOFTCAL_EMU_SEED=1 \
 		SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q tests/test_cuda.py tests/test_cuda_emu.py
+
+# The wheel: `pip wheel --no-build-isolation --no-deps .` (against the installed torch, as the
+# editable build), installed with --no-deps into a fresh virtual environment $(WHEEL_VENV), which
+# reads its dependencies (torch, numpy, ...) from $(VENV) through a .pth file (a second torch
+# install would add 750 MB and minutes); softcal itself comes from the wheel only. The CPU suite
+# runs from $(WHEEL_TEST), a copy of tests/, csrc/ and README.md without softcal/, so that the
+# source tree cannot shadow the installed package.
+WHEEL_DIR   := build/wheel-dist
+WHEEL_VENV  := build/wheel-venv
+WHEEL_TEST  := build/wheel-test
+
+test-wheel: $(VENV)/.ready
+	rm -rf $(WHEEL_DIR) $(WHEEL_VENV) $(WHEEL_TEST)
+	MAX_JOBS=$(MAX_JOBS) SOFTCAL_CPU_ONLY=1 $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR) .
+	$(VPY) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --no-index $(WHEEL_DIR)/softcal-*.whl
+	$(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(WHEEL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_softcal_test_deps.pth"
+	mkdir -p $(WHEEL_TEST) && cp -r tests csrc README.md pyproject.toml $(WHEEL_TEST)/
+	cd $(WHEEL_TEST) && ../wheel-venv/bin/python -c "import os, softcal; p = os.path.realpath(softcal.__file__); \
+		assert '/wheel-venv/' in p, p; assert softcal.backend('cpu') == 'extension'; \
+		assert os.path.isfile(os.path.join(os.path.dirname(p), 'data', 'densenet40_c10_logits.npz')); \
+		print('testing the installed wheel:', p)"
+	cd $(WHEEL_TEST) && ../wheel-venv/bin/python -m pytest -q -x -p no:cacheprovider tests
 
 calibrate: build
 	$(VENV)/bin/softcal calibrate
@@ -61,13 +98,14 @@ cuda-check: $(CUDA_VENV)/.ready
 	rm -rf build/cuda-check && mkdir -p build/cuda-check
 	cp -r setup.py pyproject.toml csrc softcal tests build/cuda-check/
 	rm -f build/cuda-check/softcal/_C*.so
-	set -o pipefail; cd build/cuda-check && CUDA_HOME=$(CUDA_HOME) SOFTCAL_FORCE_CUDA=1 SOFTCAL_PTXAS_VERBOSE=1 \
+	cd build/cuda-check && (CUDA_HOME=$(CUDA_HOME) SOFTCAL_FORCE_CUDA=1 SOFTCAL_PTXAS_VERBOSE=1 \
 		MAX_JOBS=$(MAX_JOBS) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
-		../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace 2>&1 | tee build.log | grep -v "^ptxas info"
+		../../$(CUDA_VENV)/bin/python setup.py -q build_ext --inplace > build.log 2>&1 \
+		|| (tail -n 60 build.log; exit 1))
 	# static gates (no GPU): no register spill in a float32/bfloat16/float16 kernel (ptxas -v), and
 	# the streaming kernels' hot loops read with 16-byte loads (SASS of sm_90)
 	$(CUDA_VENV)/bin/python tests/static/ptxas_report.py build/cuda-check/build.log --fail-on-spill --min-kernels 300
-	PATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "bin"))'):$$PATH" \
+	PATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "bin"))'):$$PATH" \
 		$(CUDA_VENV)/bin/python tests/static/sass_report.py $$(ls build/cuda-check/softcal/_C*.so) --check
 	cd build/cuda-check && SOFTCAL_EXPECT_CUDA=1 ../../$(CUDA_VENV)/bin/python -m pytest -q tests
 

@@ -3,14 +3,17 @@
 * A fused, numerically stable, temperature-scaled and label-smoothed softmax cross-entropy
   (C++ kernels for the CPU, CUDA kernels for NVIDIA GPUs), forward and backward, with the
   gradient with respect to the temperature: :func:`cross_entropy`, :func:`softmax`,
-  :func:`log_softmax` and :class:`softcal.nn.LabelSmoothingLoss`.
+  :func:`log_softmax`, :class:`softcal.nn.CrossEntropyLoss` (a drop-in for
+  ``torch.nn.CrossEntropyLoss``) and :class:`softcal.nn.LabelSmoothingLoss`.
 * Post-hoc calibration: :class:`softcal.nn.TemperatureScaler`, fitted exactly by a safeguarded
   Newton method, calibration metrics (:mod:`softcal.metrics`) and reliability diagrams
   (:mod:`softcal.plots`), and the ``softcal calibrate`` command.
 
-:func:`backend` tells which implementation runs on a device: the compiled extension or the
-pure-PyTorch reference.
+:func:`backend` (a query, not a setter) tells which implementation runs on a device: the
+compiled extension or the pure-PyTorch reference.
 """
+
+from typing import Union
 
 import torch  # noqa: F401  (the extension links against torch: load it first)
 
@@ -19,11 +22,12 @@ from ._ops import HAVE_EXTENSION
 from .functional import cross_entropy, log_softmax, softmax, temperature_stats
 from . import nn  # noqa: E402
 from . import metrics  # noqa: E402
-from .nn import LabelSmoothingLoss, TemperatureScaler  # noqa: E402
+from .nn import CrossEntropyLoss, LabelSmoothingLoss, TemperatureScaler  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossEntropyLoss",
     "HAVE_EXTENSION",
     "LabelSmoothingLoss",
     "TemperatureScaler",
@@ -37,7 +41,28 @@ __all__ = [
 ]
 
 
-def backend(device="cpu") -> str:
-    """The implementation that runs on `device`: "extension" (compiled kernels) or "reference"."""
-    device_type = torch.device(device).type
+def backend(device: Union[str, torch.device] = "cpu") -> str:
+    """Which implementation runs on `device`: a query; it selects nothing.
+
+    Returns "extension" when the compiled kernels serve this device type, "reference" when the
+    pure-PyTorch fallback does (no extension, or no kernels for that device). The choice is
+    made per call from the tensors' device; there is no switch to set.
+
+    Args:
+        device: a device string ("cpu", "cuda", "cuda:1") or a torch.device.
+
+    Raises:
+        ValueError: when `device` is not a device (e.g. backend("reference"): to know whether
+            the extension loaded at all, read softcal.HAVE_EXTENSION).
+    """
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"softcal.backend: device must be a device string such as 'cpu' or 'cuda' "
+                        f"or a torch.device, got {type(device).__name__}")
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(
+            f"softcal.backend: device must be a device string such as 'cpu' or 'cuda', got "
+            f"{device!r}; backend(device) only reports which implementation runs on that device "
+            "('extension' or 'reference') and selects nothing") from None
     return "extension" if _ops.has_kernel(device_type) else "reference"

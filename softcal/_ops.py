@@ -159,13 +159,54 @@ if HAVE_EXTENSION:
         ctx.scalars = (temperature, eps, ignore_index, reduction)
         ctx.mark_non_differentiable(lse, denom)
 
+    _REDUCTION_NAMES = ("none", "mean", "sum")
+
+    def _tsce_backward_differentiable(grad_loss, logits, target, weight, temperature_t,
+                                      temperature, eps, ignore_index, reduction, need_x, need_t):
+        """The backward as a graph of PyTorch operations (create_graph=True).
+
+        The loss is recomputed by softcal.reference (the same maths as the kernels, the oracle
+        of the tests) and differentiated by autograd with create_graph=True, so that the
+        returned gradients are themselves differentiable with respect to the logits, the
+        temperature tensor and grad_loss (double backward, Hessian-vector products, gradient
+        penalties). Only this path costs the reference's N x C intermediates.
+        """
+        from . import reference  # imported here: reference imports _validation, not _ops
+
+        inputs = []
+        if need_x:
+            inputs.append(logits)
+        if need_t:
+            inputs.append(temperature_t)
+        with torch.enable_grad():
+            loss = reference.cross_entropy(
+                logits, target, temperature=temperature_t if temperature_t is not None else temperature,
+                label_smoothing=eps, weight=weight, ignore_index=ignore_index,
+                reduction=_REDUCTION_NAMES[reduction])
+            grads = torch.autograd.grad(loss, inputs, grad_loss, create_graph=True,
+                                        allow_unused=True)
+        grads = list(grads)
+        grad_x = grads.pop(0) if need_x else None
+        grad_t = grads.pop(0) if need_t else None
+        if grad_x is None and need_x:
+            grad_x = torch.zeros_like(logits)
+        if grad_t is None and need_t:
+            grad_t = torch.zeros_like(temperature_t)
+        return grad_x, grad_t
+
     def _tsce_backward(ctx, grad_loss, grad_lse, grad_denom):
         logits, target, weight, temperature_t, lse, denom = ctx.saved_tensors
         temperature, eps, ignore_index, reduction = ctx.scalars
         need_x = ctx.needs_input_grad[0]
         need_t = temperature_t is not None and ctx.needs_input_grad[3]
-        grad_x, grad_t = ops.tsce_bwd(grad_loss, logits, target, weight, lse, denom, temperature_t,
-                                      temperature, eps, ignore_index, reduction, need_x, need_t)
+        if torch.is_grad_enabled():  # backward(create_graph=True): the graph of the backward is wanted
+            grad_x, grad_t = _tsce_backward_differentiable(
+                grad_loss, logits, target, weight, temperature_t, temperature, eps, ignore_index,
+                reduction, need_x, need_t)
+        else:
+            grad_x, grad_t = ops.tsce_bwd(grad_loss, logits, target, weight, lse, denom,
+                                          temperature_t, temperature, eps, ignore_index,
+                                          reduction, need_x, need_t)
         return (grad_x if need_x else None, None, None, grad_t if need_t else None,
                 None, None, None, None)
 
@@ -177,14 +218,48 @@ if HAVE_EXTENSION:
         ctx.save_for_backward(output, temperature_t)
         ctx.scalars = (temperature, dim, log)
 
+    def _softmax_backward_differentiable(grad_out, out, temperature_t, temperature, dim, log,
+                                         need_x, need_t):
+        """The backward of (log_)softmax(x / T) as PyTorch operations of (grad_out, out, T).
+
+        out is the forward's saved output; under create_graph=True it carries this op's own
+        graph, so the result is differentiable with respect to x, T and grad_out. The formulas
+        are the kernels' (csrc/common.h), with y = softmax(x / T) along dim:
+            softmax:      dL/dz = y (g - sum g y)
+            log_softmax:  dL/dz = g - y sum g
+            dL/dx = dL/dz / T,   dL/dT = -(1/T) sum_{y > 0} dL/dz log y
+        (a class with y == 0, a masked logit, contributes 0 to dL/dT).
+        """
+        acc = _acc(out.dtype)
+        g = grad_out.to(acc)
+        o = out.to(acc)
+        T = temperature_t.to(acc) if temperature_t is not None else temperature
+        y = o.exp() if log else o
+        if log:
+            gz = g - y * g.sum(dim, keepdim=True)
+        else:
+            gz = y * (g - (g * y).sum(dim, keepdim=True))
+        grad_x = (gz / T).to(out.dtype) if need_x else None
+        grad_t = None
+        if need_t:
+            live = y > 0
+            zero = torch.zeros_like(o)
+            log_y = torch.where(live, o, zero) if log else torch.log(torch.where(live, y, zero + 1))
+            grad_t = (-torch.where(live, gz * log_y, zero).sum() / T).to(temperature_t.dtype)
+        return grad_x, grad_t
+
     def _softmax_backward(ctx, grad_out):
         out, temperature_t = ctx.saved_tensors
         temperature, dim, log = ctx.scalars
+        need_x = ctx.needs_input_grad[0]
         need_t = temperature_t is not None and ctx.needs_input_grad[1]
-        grad_x, grad_t = ops.softmax_bwd(grad_out, out, temperature_t, temperature, dim, log,
-                                         need_t)
-        return (grad_x if ctx.needs_input_grad[0] else None, grad_t if need_t else None,
-                None, None, None)
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            grad_x, grad_t = _softmax_backward_differentiable(grad_out, out, temperature_t,
+                                                              temperature, dim, log, need_x, need_t)
+        else:
+            grad_x, grad_t = ops.softmax_bwd(grad_out, out, temperature_t, temperature, dim, log,
+                                             need_t)
+        return (grad_x if need_x else None, grad_t if need_t else None, None, None, None)
 
     torch.library.register_autograd("softcal::softmax_fwd", _softmax_backward,
                                     setup_context=_softmax_setup_context)

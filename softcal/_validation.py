@@ -144,18 +144,31 @@ def check_weight(fn: str, logits: torch.Tensor, weight: Optional[torch.Tensor]) 
     return weight
 
 
+def _unit_class_stride(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, C) with a unit stride along C (a copy only when it has not).
+
+    clone(), not contiguous(): an empty tensor counts as contiguous whatever its strides.
+    """
+    if x.stride(1) == 1 or x.shape[1] <= 1:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def flatten_classes(logits: torch.Tensor, target: torch.Tensor):
     """(C,), (N, C) or (N, C, d1, ...) -> 2-D (rows, C) with classes last, 1-D target, batch shape.
 
-    (N, C) is returned as it is when its class stride is 1 (any row stride); other layouts are
-    copied once into (rows, C).
+    The 2-D result always has a unit stride along C (the kernels' contract, csrc/schemas.h); any
+    row stride, 0 included, is kept. A view of the logits is returned when their layout allows
+    it (contiguous (N, C) and (C,), row-strided or row-expanded (N, C), channels-last K-dim), a
+    copy otherwise (transposed or class-strided views, channels-first K-dim inputs with d > 1).
     """
     if logits.dim() == 1:
-        return logits.unsqueeze(0), target.reshape(1), ()
+        return _unit_class_stride(logits.unsqueeze(0)), target.reshape(1), ()
     if logits.dim() == 2:
-        x = logits if (logits.stride(1) == 1 or logits.shape[1] <= 1) else logits.contiguous()
-        return x, target, (logits.shape[0],)
+        return _unit_class_stride(logits), target, (logits.shape[0],)
     n_classes = logits.shape[1]
     batch_shape = (logits.shape[0],) + tuple(logits.shape[2:])
-    x = logits.movedim(1, -1).reshape(-1, n_classes)
+    # reshape returns a view whenever the strides allow it, whatever its class stride (batch
+    # size 1 gives one): the kernels need the class stride to be 1.
+    x = _unit_class_stride(logits.movedim(1, -1).reshape(-1, n_classes))
     return x, target.reshape(-1), batch_shape

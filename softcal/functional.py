@@ -22,6 +22,7 @@ from ._validation import (
     check_temperature,
     check_weight,
     flatten_classes,
+    _unit_class_stride,
 )
 
 __all__ = ["cross_entropy", "softmax", "log_softmax", "temperature_stats"]
@@ -62,6 +63,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
             loss, grad_t = torch.ops.softcal.tsce_fused_(x, target, weight, temperature_t,
                                                          temperature, eps, ignore_index,
                                                          reduction, need_t)
+            # Declare the mutation: the logits' version counter (shared with the tensor they
+            # are a view of) moves, so that autograd raises "modified by an inplace operation"
+            # at backward for any op that saved them (exp, tanh, sigmoid, softmax, ...) instead
+            # of reading the gradient as if it were the logits. Saved below, after the bump.
+            torch.autograd.graph.increment_version(x)
             grad = x
         else:
             loss, grad, grad_t = torch.ops.softcal.tsce_fused(x, target, weight, temperature_t,
@@ -74,8 +80,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "softcal.cross_entropy(fused=True): double backward (backward with "
+                "create_graph=True) is not supported, because the gradient was computed in the "
+                "forward; use fused=False for second derivatives")
         grad, grad_t = ctx.saved_tensors
         gx = gt = None
         if ctx.needs_input_grad[0]:
@@ -85,8 +95,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     "place and can run only once per forward; use fused=False to call backward "
                     "twice (retain_graph=True, gradcheck)")
             ctx.used = True
-            # In place: the gradient buffer is used once (once_differentiable). A 0-dim grad_loss
-            # of 1 is detected on the device and costs no pass over the gradient.
+            # In place: the gradient buffer is used once. A 0-dim grad_loss of 1 is detected on
+            # the device and costs no pass over the gradient.
             torch.ops.softcal.scale_rows_(grad, grad_loss)
             gx = grad
         if ctx.needs_input_grad[1]:
@@ -112,7 +122,9 @@ def cross_entropy(
     ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)``.
 
     Args:
-        logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64.
+        logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64; any
+            strides (views are read in place when the classes have a unit stride, else copied
+            once into (rows, C)).
         target: class indices of shape (), (N,) or (N, d1, ...); any integer dtype.
         temperature: a float > 0 or a 0-dim floating tensor on the logits' device; when the
             tensor requires grad, autograd also returns dL/dT.
@@ -125,7 +137,13 @@ def cross_entropy(
             (logits-sized) from forward to backward instead of the per-row log-sum-exp.
         inplace: with fused=True, write the gradient into the logits' own buffer (their values
             are lost; no memory beyond the logits is used). Only for logits that nothing else
-            needs after this call, such as the output of the last linear layer.
+            needs after this call, such as the output of the last linear layer. The write moves
+            the logits' version counter, so an op that saved them for its backward (exp, tanh,
+            softmax, ...) raises at backward instead of reading the gradient. Nothing is written
+            when no gradient is needed, nor into logits whose layout needs a copy.
+
+    Second derivatives: with fused=False, backward(create_graph=True) returns gradients that
+    are differentiable (with respect to the logits and a tensor temperature); fused=True raises.
 
     Returns:
         The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".
@@ -212,5 +230,4 @@ def temperature_stats(logits: torch.Tensor, target: torch.Tensor, beta: float) -
         raise ValueError(f"{fn}: beta must be a finite number > 0, got {beta}")
     if not _use_kernel(logits.device):
         return reference.temperature_stats(logits, target, beta)
-    x = logits if logits.stride(1) == 1 else logits.contiguous()
-    return torch.ops.softcal.temperature_stats(x, target, beta)
+    return torch.ops.softcal.temperature_stats(_unit_class_stride(logits), target, beta)

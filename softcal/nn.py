@@ -1,7 +1,9 @@
-"""Modules: LabelSmoothingLoss (a drop-in training loss) and TemperatureScaler (calibration)."""
+"""Modules: CrossEntropyLoss (a drop-in for torch.nn.CrossEntropyLoss), LabelSmoothingLoss (the
+same with smoothing 0.1 by default) and TemperatureScaler (calibration)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -10,67 +12,178 @@ from . import functional as F
 from ._validation import check_ignore_index, check_label_smoothing, check_reduction, check_temperature
 from .calibration import TemperatureScaler
 
-__all__ = ["LabelSmoothingLoss", "TemperatureScaler"]
+__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "TemperatureScaler"]
+
+def _legacy_reduction(fn: str, size_average: Optional[bool], reduce: Optional[bool]) -> str:
+    """nn.CrossEntropyLoss's size_average/reduce (deprecated) -> reduction, with PyTorch's warning
+    (the same text, so that filters written for PyTorch's apply)."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        reduction = "mean"
+    elif reduce:
+        reduction = "sum"
+    else:
+        reduction = "none"
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{reduction}' "
+        "instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return reduction
 
 
-class LabelSmoothingLoss(torch.nn.Module):
-    """Drop-in replacement for ``nn.CrossEntropyLoss(label_smoothing=...)`` with a temperature.
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in replacement for ``torch.nn.CrossEntropyLoss``, with a temperature and a fused kernel.
 
-    ``LabelSmoothingLoss(smoothing=0.1)`` computes the same loss as
-    ``nn.CrossEntropyLoss(label_smoothing=0.1)``, through softcal's fused kernel.
+    The constructor and the call take the same arguments as PyTorch's, in the same order, with
+    the same defaults; softcal adds ``temperature``, ``fused`` and ``inplace``, keyword-only::
+
+        CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
+                         reduction="mean", label_smoothing=0.0, *, temperature=1.0,
+                         fused=False, inplace=False)
+
+    ``loss(input, target)`` equals ``torch.nn.CrossEntropyLoss(...)(input / temperature,
+    target)``, gradients included (see :func:`softcal.cross_entropy`).
 
     Args:
-        smoothing: label smoothing eps in [0, 1].
-        temperature: T > 0; the loss is computed on logits / T.
-        weight: optional (C,) class weights (a buffer: it follows .to() and the state_dict).
-        ignore_index: target value whose rows are ignored.
+        weight: optional (C,) class weights, the logits' dtype (a buffer: it follows .to() and
+            the state_dict, as in PyTorch).
+        size_average, reduce: deprecated (as in PyTorch); when either is given, ``reduction``
+            is derived from them as PyTorch does, with PyTorch's deprecation warning.
+        ignore_index: target value whose rows are ignored (contribute 0, not counted by mean).
         reduction: "mean", "sum" or "none".
+        label_smoothing: eps in [0, 1]; the target becomes (1 - eps) one-hot + eps / C.
+        temperature: a float T > 0; the loss is computed on input / T (use
+            :class:`TemperatureScaler` to learn one).
         fused: compute the gradient in the forward (see softcal.cross_entropy).
-        inplace: with fused=True, overwrite the logits with their gradient.
+        inplace: with fused=True, overwrite the logits with their gradient (declared to
+            autograd: an op that saved the logits raises at backward instead of going wrong).
 
-    Shapes: forward(logits (N, C) or (N, C, d1, ...) or (C,), target (N,) / (N, d1, ...) / ()).
+    Shapes: input (C,), (N, C) or (N, C, d1, ...), float16/bfloat16/float32/float64, any
+    strides; target (), (N,) or (N, d1, ...) class indices, passed unchanged to
+    :func:`softcal.cross_entropy`. Output: 0-dim for mean/sum, the batch shape for none.
     """
+
+    _fn = "softcal.nn.CrossEntropyLoss"
 
     def __init__(
         self,
-        smoothing: float = 0.1,
-        temperature: float = 1.0,
         weight: Optional[torch.Tensor] = None,
+        size_average: Optional[bool] = None,
         ignore_index: int = -100,
+        reduce: Optional[bool] = None,
         reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        temperature: float = 1.0,
         fused: bool = False,
         inplace: bool = False,
     ) -> None:
         super().__init__()
-        fn = "softcal.nn.LabelSmoothingLoss"
-        self.smoothing = check_label_smoothing(fn, smoothing, name="smoothing")
-        if isinstance(temperature, torch.Tensor):
-            raise TypeError(f"{fn}: temperature must be a float here (use TemperatureScaler to learn one), "
-                            f"got a tensor")
-        self.temperature = check_temperature(fn, temperature, torch.device("cpu"))
+        fn = self._fn
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{fn}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if size_average is not None or reduce is not None:
+            reduction = _legacy_reduction(fn, size_average, reduce)
         check_reduction(fn, reduction)
         self.reduction = reduction
         self.ignore_index = check_ignore_index(fn, ignore_index)
+        self.label_smoothing = check_label_smoothing(fn, label_smoothing)
+        if isinstance(temperature, torch.Tensor):
+            raise TypeError(f"{fn}: temperature must be a float here (use TemperatureScaler to "
+                            "learn one, or softcal.cross_entropy for a tensor), got a tensor")
+        self.temperature = check_temperature(fn, temperature, torch.device("cpu"))
         if inplace and not fused:
             raise ValueError(f"{fn}: inplace=True needs fused=True, got fused={fused!r}")
         self.fused = bool(fused)
         self.inplace = bool(inplace)
-        if weight is not None and not isinstance(weight, torch.Tensor):
-            raise TypeError(f"{fn}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
         self.register_buffer("weight", weight)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
-            logits,
+            input,
             target,
             temperature=self.temperature,
-            label_smoothing=self.smoothing,
+            label_smoothing=self.label_smoothing,
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             fused=self.fused,
             inplace=self.inplace,
         )
+
+    def extra_repr(self) -> str:
+        s = f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+        if self.temperature != 1.0:
+            s += f", temperature={self.temperature}"
+        if self.ignore_index != -100:
+            s += f", ignore_index={self.ignore_index}"
+        if self.fused:
+            s += f", fused=True, inplace={self.inplace}"
+        return s
+
+
+class LabelSmoothingLoss(CrossEntropyLoss):
+    """:class:`CrossEntropyLoss` with label smoothing 0.1 by default (timm's spelling).
+
+    ``LabelSmoothingLoss(smoothing=0.1)``, ``LabelSmoothingLoss(0.1)`` and
+    ``LabelSmoothingLoss(label_smoothing=0.1)`` all compute the same loss as
+    ``torch.nn.CrossEntropyLoss(label_smoothing=0.1)``. The first positional argument is the
+    smoothing: class weights are passed as ``weight=...`` (a tensor in the first place is an
+    error, never read as the smoothing).
+
+    Args:
+        smoothing: label smoothing eps in [0, 1] (None: 0.1); ``label_smoothing`` is the
+            same argument under PyTorch's name (give one of the two).
+        temperature, weight, ignore_index, reduction, fused, inplace: as CrossEntropyLoss.
+
+    Shapes: as CrossEntropyLoss.
+    """
+
+    _fn = "softcal.nn.LabelSmoothingLoss"
+
+    def __init__(
+        self,
+        smoothing: Optional[float] = None,
+        temperature: float = 1.0,
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        fused: bool = False,
+        inplace: bool = False,
+        *,
+        label_smoothing: Optional[float] = None,
+    ) -> None:
+        fn = self._fn
+        if isinstance(smoothing, torch.Tensor):
+            raise TypeError(
+                f"{fn}: the first argument is the smoothing (a float in [0, 1]), got a tensor of "
+                f"shape {tuple(smoothing.shape)}; pass class weights as weight=..., e.g. "
+                "LabelSmoothingLoss(0.1, weight=w) or softcal.nn.CrossEntropyLoss(w, label_smoothing=0.1)")
+        if smoothing is not None and label_smoothing is not None:
+            raise TypeError(f"{fn}: give smoothing or label_smoothing, not both (got smoothing="
+                            f"{smoothing!r}, label_smoothing={label_smoothing!r})")
+        if smoothing is not None:
+            eps, name = smoothing, "smoothing"
+        elif label_smoothing is not None:
+            eps, name = label_smoothing, "label_smoothing"
+        else:
+            eps, name = 0.1, "smoothing"
+        check_label_smoothing(fn, eps, name=name)
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=eps, temperature=temperature, fused=fused,
+                         inplace=inplace)
+
+    @property
+    def smoothing(self) -> float:
+        """The label smoothing eps (the same as ``label_smoothing``)."""
+        return self.label_smoothing
+
+    @smoothing.setter
+    def smoothing(self, value: float) -> None:
+        self.label_smoothing = check_label_smoothing(self._fn, value, name="smoothing")
 
     def extra_repr(self) -> str:
         s = f"smoothing={self.smoothing}, temperature={self.temperature}, reduction={self.reduction!r}"

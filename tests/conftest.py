@@ -33,9 +33,9 @@ TOL = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=8e-3, grad=1.6e-2),
 }
 
-SHARED_DATA = os.path.abspath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "logits")
-)
+# Saved classifier outputs the tests read (in the repository, with their licences and
+# attribution: tests/data/logits/README.md). Nothing outside the repository is read.
+TEST_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "logits")
 
 
 @pytest.fixture(params=DEVICES)
