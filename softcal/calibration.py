@@ -165,7 +165,8 @@ class TemperatureScaler(torch.nn.Module):
             group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for
                 every rank) over which the data are split: each rank passes its own rows (in
                 any of the three ways above; a rank may have none), the statistics of every
-                Newton pass are all-reduced (4 float64 numbers), and every rank ends with the
+                Newton pass are all-reduced (one all-reduce of 10 float64 numbers: the 4
+                sums and agreement flags), and every rank ends with the
                 same T, the fit of the concatenated data. Every rank of the group must call
                 ``fit`` with the same options. ``None`` (default): this process's data only.
                 A ``DistributedSampler`` repeats a few rows to even out the ranks (see
