@@ -189,7 +189,7 @@ class TemperatureScaler(torch.nn.Module):
         if isinstance(data, torch.nn.Module):
             if labels is None:
                 raise ValueError(f"{fn}: fit(model, loader) needs a loader as the second argument")
-            source = _collect_logits(data, labels, progress)
+            source = _collect_logits(data, labels, progress, group is not None)
         elif _is_array(data):
             if labels is None:
                 raise ValueError(f"{fn}: labels is required with logits (fit(logits, labels))")
@@ -200,7 +200,7 @@ class TemperatureScaler(torch.nn.Module):
                     f"{fn}: data must be a tensor, numpy array, nn.Module or an iterable of "
                     f"(logits, labels) chunks, got {type(data).__name__} with labels")
             if self.model is not None:
-                source = _collect_logits(self.model, data, progress)
+                source = _collect_logits(self.model, data, progress, group is not None)
             else:
                 source = _chunk_source(fn, data)
 
@@ -283,7 +283,8 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
-def _collect_logits(model: torch.nn.Module, loader: Iterable, progress: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def _collect_logits(model: torch.nn.Module, loader: Iterable, progress: bool,
+                    allow_empty: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     fn = "softcal.nn.TemperatureScaler.fit"
     if not hasattr(loader, "__iter__"):
         raise TypeError(f"{fn}: loader must be an iterable of (inputs, labels) batches, got "
@@ -311,6 +312,8 @@ def _collect_logits(model: torch.nn.Module, loader: Iterable, progress: bool) ->
     finally:
         model.train(was_training)
     if not logits:
+        if allow_empty:  # distributed: this rank has no rows, the others may
+            return []
         raise ValueError(f"{fn}: the loader yielded no batches (empty input)")
     return [(torch.cat(logits), torch.cat(labels))]
 

@@ -324,6 +324,18 @@ def check_fit(rank, world):
     chunks = [(xr[i:i + 64], yr[i:i + 64]) for i in range(0, xr.shape[0], 64)]
     r = _quiet_fit(chunks, group=group)
     assert r.temperature == pytest.approx(single.temperature, rel=1e-9)
+    # fit(model, loader): each rank evaluates its shard (a rank may have none)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net = torch.nn.Linear(10, 10).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(10))
+        net.bias.zero_()
+    loader = DataLoader(TensorDataset(xr, yr), batch_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = TemperatureScaler().fit(net, loader, group=group, progress=False)
+    assert r.temperature == pytest.approx(single.temperature, rel=1e-9) and r.rows == 500
     # invalid input on one rank: every rank raises (no rank is left waiting)
     ybad = yr.clone()
     if rank == world - 1:
@@ -332,7 +344,6 @@ def check_fit(rank, world):
                        match="labels must be in" if rank == world - 1 else "another rank"):
         _quiet_fit(xr, ybad, group=group)
     # a DistributedSampler repeats rows to even out the ranks: the mask drops them
-    from torch.utils.data import TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
     n = 499  # not a multiple of 2 or 4: the sampler pads
