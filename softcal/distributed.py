@@ -440,7 +440,8 @@ def vocab_parallel_cross_entropy(
         ignore_index, reduction: as ``F.cross_entropy``.
         fused: compute the gradient during the forward; backward only rescales it.
         inplace: with fused=True, write the gradient into the logits' buffer (their values are
-            lost; the version counter moves, so autograd raises if anything saved them).
+            lost; the version counter moves, so autograd raises if anything saved them). Only
+            contiguous (N, C_r) logits are written in place; other layouts are copied first.
 
     Returns:
         The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none"; the
