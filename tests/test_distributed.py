@@ -10,7 +10,6 @@ takes its own part.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import sys
 import tempfile
@@ -24,7 +23,6 @@ import torch.multiprocessing as mp
 
 import softcal
 from softcal import metrics as M
-from softcal import reference
 from softcal.distributed import (
     VocabParallelCrossEntropy,
     padding_mask,
