@@ -140,6 +140,7 @@ class TemperatureScaler(torch.nn.Module):
         bounds: Tuple[float, float] = DEFAULT_BOUNDS,
         progress: bool = True,
         check_probabilities: bool = True,
+        group: Any = None,
     ) -> FitResult:
         """Set T to the minimiser of the NLL on held-out data and return a :class:`FitResult`.
 
@@ -161,6 +162,15 @@ class TemperatureScaler(torch.nn.Module):
             bounds: (T_min, T_max), 0 < T_min < T_max < inf; T is searched there.
             progress: show a progress bar while collecting logits from a model.
             check_probabilities: warn when the input looks like probabilities.
+            group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for
+                every rank) over which the data are split: each rank passes its own rows (in
+                any of the three ways above; a rank may have none), the statistics of every
+                Newton pass are all-reduced (one all-reduce of 10 float64 numbers: the 4
+                sums and agreement flags), and every rank ends with the
+                same T, the fit of the concatenated data. Every rank of the group must call
+                ``fit`` with the same options. ``None`` (default): this process's data only.
+                A ``DistributedSampler`` repeats a few rows to even out the ranks (see
+                :func:`softcal.distributed.padding_mask` to drop them).
 
         Returns:
             FitResult; the scaler's temperature is set to ``result.temperature``.
@@ -179,7 +189,7 @@ class TemperatureScaler(torch.nn.Module):
         if isinstance(data, torch.nn.Module):
             if labels is None:
                 raise ValueError(f"{fn}: fit(model, loader) needs a loader as the second argument")
-            source = _collect_logits(data, labels, progress)
+            source = _collect_logits(data, labels, progress, group is not None)
         elif _is_array(data):
             if labels is None:
                 raise ValueError(f"{fn}: labels is required with logits (fit(logits, labels))")
@@ -190,11 +200,15 @@ class TemperatureScaler(torch.nn.Module):
                     f"{fn}: data must be a tensor, numpy array, nn.Module or an iterable of "
                     f"(logits, labels) chunks, got {type(data).__name__} with labels")
             if self.model is not None:
-                source = _collect_logits(self.model, data, progress)
+                source = _collect_logits(self.model, data, progress, group is not None)
             else:
                 source = _chunk_source(fn, data)
 
-        stats = _Stats(fn, source, check_probabilities)
+        if group is not None:
+            from .distributed import _dist
+
+            _dist()  # a clear error when torch.distributed is not initialised
+        stats = _Stats(fn, source, check_probabilities, group)
         result = _newton(stats, start_t=self.temperature, tol=tol, max_iter=max_iter, bounds=bounds)
         result.time_s = time.perf_counter() - t0
         self.temperature = result.temperature
@@ -269,7 +283,8 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
-def _collect_logits(model: torch.nn.Module, loader: Iterable, progress: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def _collect_logits(model: torch.nn.Module, loader: Iterable, progress: bool,
+                    allow_empty: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     fn = "softcal.nn.TemperatureScaler.fit"
     if not hasattr(loader, "__iter__"):
         raise TypeError(f"{fn}: loader must be an iterable of (inputs, labels) batches, got "
@@ -297,6 +312,8 @@ def _collect_logits(model: torch.nn.Module, loader: Iterable, progress: bool) ->
     finally:
         model.train(was_training)
     if not logits:
+        if allow_empty:  # distributed: this rank has no rows, the others may
+            return []
         raise ValueError(f"{fn}: the loader yielded no batches (empty input)")
     return [(torch.cat(logits), torch.cat(labels))]
 
@@ -304,8 +321,9 @@ def _collect_logits(model: torch.nn.Module, loader: Iterable, progress: bool) ->
 class _Stats:
     """Evaluates [sum NLL, sum f', sum f'', N] at beta over all chunks; validates on first use."""
 
-    def __init__(self, fn: str, source: Any, check_probabilities: bool) -> None:
+    def __init__(self, fn: str, source: Any, check_probabilities: bool, group: Any = None) -> None:
         self.fn = fn
+        self.group = group
         self.source = source
         self.check_probabilities = check_probabilities
         self.validated = False
@@ -377,7 +395,15 @@ class _Stats:
         return logits, labels
 
     def all_rows_constant(self) -> bool:
-        """Whether every row's finite logits are all equal (one extra pass; degenerate cases only)."""
+        """Whether every row's finite logits are all equal (one extra pass; degenerate cases only;
+        on every rank of the group)."""
+        local = self._local_rows_constant()
+        if self.group is None:
+            return local
+        flag = torch.tensor([0.0 if local else 1.0], dtype=torch.float64)
+        return float(_all_reduce(flag, "max", self.group)[0]) == 0.0
+
+    def _local_rows_constant(self) -> bool:
         for i, chunk in enumerate(self._chunks()):
             logits, _ = self._prepare(i, chunk)
             if logits.shape[0] == 0:
@@ -389,7 +415,7 @@ class _Stats:
                 return False
         return True
 
-    def __call__(self, beta: float) -> Tuple[float, float, float, int]:
+    def _local(self, beta: float) -> Tuple[Optional[torch.Tensor], int]:
         total: Optional[torch.Tensor] = None
         rows_seen = 0
         for i, chunk in enumerate(self._chunks()):
@@ -401,6 +427,12 @@ class _Stats:
             s = F.temperature_stats(logits, labels, beta)
             total = s if total is None else total + s.to(total.device)
             rows_seen += logits.shape[0]
+        return total, rows_seen
+
+    def __call__(self, beta: float) -> Tuple[float, float, float, int]:
+        if self.group is not None:
+            return self._call_distributed(beta)
+        total, rows_seen = self._local(beta)
         if not self.validated:
             self.validated = True
             if self.rows == 0:
@@ -412,6 +444,59 @@ class _Stats:
             raise ValueError(f"{self.fn}: the chunks gave {rows_seen} rows on a later pass but "
                              f"{self.rows} on the first; they must be the same on every pass")
         return v[0], v[1], v[2], int(v[3])
+
+    def _call_distributed(self, beta: float) -> Tuple[float, float, float, int]:
+        """One pass over this rank's rows, then ONE all-reduce of [sum NLL, f', f'', N] with the
+        flags that every rank must agree on (an error on one rank is raised on every rank
+        instead of leaving the others waiting in the collective)."""
+        fn = self.fn
+        first = not self.validated
+        error: Optional[BaseException] = None
+        total: Optional[torch.Tensor] = None
+        rows_seen = 0
+        try:
+            total, rows_seen = self._local(beta)
+        except Exception as exc:  # re-raised below, after the other ranks know
+            error = exc
+        self.validated = True
+        c = float(self.classes) if self.classes is not None else 0.0
+        has_c = 1.0 if self.classes is not None else 0.0
+        sums = torch.zeros(4, dtype=torch.float64)
+        if total is not None and error is None:
+            sums = total.double().cpu()
+        # Summed flags (> 0: some rank): error, rows changed, not all correct; and the number
+        # of ranks that saw logits, the sum of their C and of C^2 (all equal iff k sum C^2 ==
+        # (sum C)^2, exact in float64).
+        flags = torch.tensor([
+            1.0 if error is not None else 0.0,
+            1.0 if (not first and rows_seen != self.rows) else 0.0,
+            0.0 if self.all_correct else 1.0,
+            has_c, c, c * c,
+        ], dtype=torch.float64)
+        packed = _all_reduce(torch.cat([sums, flags]), "sum", self.group)
+        sums, flags = packed[:4], packed[4:]
+        if flags[0] > 0:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"{fn}: the input of another rank of the group is invalid (its "
+                               "error is raised there)")
+        if flags[1] > 0:
+            raise ValueError(f"{fn}: the chunks of a rank gave a different number of rows on a "
+                             "later pass than on the first; they must be the same on every pass")
+        if flags[3] * flags[5] != flags[4] * flags[4]:
+            raise ValueError(f"{fn}: the ranks' logits have different numbers of classes "
+                             f"(this rank: {self.classes})")
+        self.all_correct = bool(flags[2] == 0)
+        v = sums.tolist()
+        if first and v[3] == 0:
+            raise ValueError(f"{fn}: empty input (0 rows on every rank of the group)")
+        return v[0], v[1], v[2], int(v[3])
+
+
+def _all_reduce(t: torch.Tensor, op: str, group: Any) -> torch.Tensor:
+    from .distributed import all_reduce
+
+    return all_reduce(t, op, group)
 
 
 def _warn_if_probabilities(fn: str, x: torch.Tensor) -> None:

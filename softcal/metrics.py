@@ -25,6 +25,17 @@ Definitions (acc_b, conf_b: accuracy and mean confidence of the rows in bin b; n
   averaged over classes
 * Brier = mean_i sum_k (p_ik - 1[y_i = k])^2  (in [0, 2])
 * NLL = mean_i -log p_i,y_i (from log_softmax when given logits)
+
+Accumulating over batches and ranks (:class:`CalibrationMetrics` and one class per metric,
+``update`` / ``compute`` / ``reset`` like torchmetrics): each ``update`` adds the batch's bin
+statistics (per-bin counts, confidence sums and hit sums; per class and bin for classwise ECE;
+sums of NLL, Brier and hits), and ``compute`` (with ``group=``, after one all-reduce of them over
+the ranks) gives the same values as the functions above on the concatenation of every batch of
+every rank (equal up to float64 summation order, ~1e-15 relative). Adaptive ECE needs the global
+order of the confidences: each update keeps the batch's top-label confidences and hits (9 bytes
+per row, never the scores), and ``compute`` all-gathers them (rank 0's rows first, then rank 1's,
+...) and forms the bins exactly as :func:`adaptive_ece` does on the concatenated data (ties are
+broken by that order). ``adaptive=False`` keeps nothing per row and leaves adaptive ECE out (NaN).
 """
 
 from __future__ import annotations
@@ -35,7 +46,15 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 __all__ = [
+    "AdaptiveECE",
+    "Brier",
+    "CalibrationMetrics",
     "CalibrationReport",
+    "ClasswiseECE",
+    "ECE",
+    "MCE",
+    "NLL",
+    "RMSCE",
     "ReliabilityBins",
     "accuracy",
     "adaptive_ece",
@@ -62,6 +81,8 @@ def _prepare(fn: str, scores, labels, temperature: Temperature, probs: bool
         scores = torch.as_tensor(scores)
     if not isinstance(labels, torch.Tensor):
         labels = torch.as_tensor(labels)
+    # Metrics are numbers about the values, never part of a graph: no gradient, no warning.
+    scores, labels = scores.detach(), labels.detach()
     name = "probs" if probs else "logits"
     if not scores.dtype.is_floating_point:
         raise TypeError(f"{fn}: {name} must be floating point, got dtype {scores.dtype}")
@@ -307,3 +328,207 @@ def calibration_report(scores, labels, n_bins: int = 15, *, temperature: Tempera
         classwise_ece=classwise_ece(p, y, **kw),
         mce=vals[3], rmsce=vals[4], brier=vals[5],
     )
+
+
+# ---------------------------------------------------------------------- accumulating metrics
+class CalibrationMetrics:
+    """Every metric of this module, accumulated batch by batch (and across ranks).
+
+    ``m = CalibrationMetrics(n_bins=15, group=None)``; ``m.update(scores, labels)`` per batch
+    (scores (B, C) logits, or probabilities with ``probs=True``; labels (B,); ``temperature``
+    as in the functions); ``m.compute()`` returns a :class:`CalibrationReport` equal to
+    ``calibration_report`` on the concatenated batches; ``m.reset()`` starts again.
+
+    Args:
+        n_bins: equal-width bins (and adaptive bins).
+        probs: the scores are probabilities.
+        group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all
+            ranks) whose ranks each update with their own rows; ``compute`` is then a collective
+            (every rank must call it) and returns the same report on every rank, for the rows
+            of all ranks. A rank may have no rows. None: this process only.
+        adaptive: keep the per-row confidences that adaptive ECE needs (9 bytes per row;
+            gathered by ``compute``); False leaves adaptive ECE as NaN.
+
+    State (float64, on the device of the first batch): top-label bins 3 x n_bins, classwise
+    bins 2 x C x n_bins, [rows, sum NLL, sum Brier, hits].
+    """
+
+    def __init__(self, n_bins: int = 15, *, probs: bool = False, group=None,
+                 adaptive: bool = True) -> None:
+        self.n_bins = _check_bins("softcal.metrics.CalibrationMetrics", n_bins)
+        self.probs = bool(probs)
+        self.group = group
+        self.adaptive = bool(adaptive)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch."""
+        self.classes: Optional[int] = None
+        self._top: Optional[torch.Tensor] = None     # (3, n_bins): count, sum conf, sum hit
+        self._cls: Optional[torch.Tensor] = None     # (2, C * n_bins): sum p, sum target
+        self._sums: Optional[torch.Tensor] = None    # [rows, sum nll, sum brier, hits]
+        self._conf: list = []
+        self._hit: list = []
+
+    def update(self, scores, labels, *, temperature: Temperature = None) -> None:
+        """Add a batch: scores (B, C), labels (B,). B = 0 is allowed (nothing is added)."""
+        fn = f"softcal.metrics.{type(self).__name__}.update"
+        if isinstance(scores, torch.Tensor) and scores.dim() == 2 and scores.shape[0] == 0:
+            self._init_state(fn, scores.shape[1], scores.device)
+            return
+        p, logp, y = _prepare(fn, scores, labels, temperature, self.probs)
+        n, c = p.shape
+        self._init_state(fn, c, p.device)
+        nb = self.n_bins
+        conf, hit = _top_label(p, y)
+        count, sc, sh = _binned(conf, hit, _bin_index(conf, nb), nb)
+        self._top += torch.stack([count, sc, sh])
+        target = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
+        flat = (_bin_index(p, nb) + nb * torch.arange(c, device=p.device)[None, :]).reshape(-1)
+        self._cls[0].scatter_add_(0, flat, p.reshape(-1))
+        self._cls[1].scatter_add_(0, flat, target.reshape(-1))
+        sq = (p * p).sum(1) - 2 * p.gather(1, y[:, None]).squeeze(1) + 1
+        self._sums += torch.stack([
+            torch.tensor(float(n), dtype=torch.float64, device=p.device),
+            -logp.gather(1, y[:, None]).sum(), sq.sum(), (p.argmax(1) == y).to(torch.float64).sum()])
+        if self.adaptive:
+            self._conf.append(conf)
+            self._hit.append(hit.to(torch.bool))
+
+    def _init_state(self, fn: str, c: int, device: torch.device) -> None:
+        if self.classes is None:
+            self.classes = c
+            nb = self.n_bins
+            self._top = torch.zeros(3, nb, dtype=torch.float64, device=device)
+            self._cls = torch.zeros(2, c * nb, dtype=torch.float64, device=device)
+            self._sums = torch.zeros(4, dtype=torch.float64, device=device)
+        elif c != self.classes:
+            raise ValueError(f"{fn}: this batch has {c} classes but the earlier ones had "
+                             f"{self.classes}")
+
+    # ------------------------------------------------------------------ reduction
+    def _global_state(self):
+        """(top bins, classwise bins, sums, confidences, hits), summed over the group."""
+        fn = f"softcal.metrics.{type(self).__name__}.compute"
+        if self.group is None:
+            if self.classes is None or float(self._sums[0]) == 0:
+                raise ValueError(f"{fn}: no rows were added (call update first)")
+            conf = torch.cat(self._conf) if self._conf else None
+            hit = torch.cat(self._hit) if self._hit else None
+            return self._top, self._cls, self._sums, conf, hit
+        from .distributed import all_reduce, comm_device, _dist
+
+        dist = _dist()
+        # The number of classes: every rank that saw data must agree (ranks without data take it).
+        c = self.classes if self.classes is not None else 0
+        cc = all_reduce(torch.tensor([float(c), -float(c) if c else -1e300], dtype=torch.float64),
+                        "max", self.group)
+        c_max, c_min = int(cc[0]), -cc[1]
+        if c_max == 0:
+            raise ValueError(f"{fn}: no rows were added on any rank (call update first)")
+        if c and c != c_max or c_min != c_max:
+            raise ValueError(f"{fn}: the ranks' scores have different numbers of classes (from "
+                             f"{int(c_min)} to {c_max})")
+        nb = self.n_bins
+        if self.classes is None:
+            self._init_state(fn, c_max, torch.device("cpu"))
+        packed = torch.cat([self._top.reshape(-1), self._cls.reshape(-1), self._sums])
+        packed = all_reduce(packed, "sum", self.group)
+        top = packed[:3 * nb].reshape(3, nb)
+        cls = packed[3 * nb:3 * nb + 2 * c_max * nb].reshape(2, -1)
+        sums = packed[-4:]
+        if float(sums[0]) == 0:
+            raise ValueError(f"{fn}: no rows were added on any rank (call update first)")
+        conf = hit = None
+        if self.adaptive:
+            dev = comm_device(self.group)
+            local_c = torch.cat(self._conf).to(dev) if self._conf else torch.zeros(0, dtype=torch.float64, device=dev)
+            local_h = torch.cat(self._hit).to(dev) if self._hit else torch.zeros(0, dtype=torch.bool, device=dev)
+            world = dist.get_world_size(self.group)
+            n_local = torch.tensor([local_c.shape[0]], dtype=torch.int64, device=dev)
+            sizes = [torch.empty_like(n_local) for _ in range(world)]
+            dist.all_gather(sizes, n_local, group=self.group)
+            sizes = [int(s) for s in torch.cat(sizes).tolist()]
+            most = max(sizes)
+            buf = torch.zeros(2, most, dtype=torch.float64, device=dev)
+            buf[0, :local_c.shape[0]] = local_c
+            buf[1, :local_c.shape[0]] = local_h.to(torch.float64)
+            out = [torch.empty_like(buf) for _ in range(world)]
+            dist.all_gather(out, buf, group=self.group)
+            conf = torch.cat([o[0, :k] for o, k in zip(out, sizes)])
+            hit = torch.cat([o[1, :k] for o, k in zip(out, sizes)]).to(torch.bool)
+        return top, cls, sums, conf, hit
+
+    def compute(self) -> CalibrationReport:
+        """The report over every row added since the last reset (of every rank with group=)."""
+        top, cls, sums, conf, hit = self._global_state()
+        nb = self.n_bins
+        n = float(sums[0])
+        count, sc, sh = top[0], top[1], top[2]
+        gap, w = _gaps(count, sc, sh, n)
+        nonempty = torch.where(count > 0, gap, torch.zeros_like(gap))
+        c = cls.shape[1] // nb
+        if conf is not None:
+            order = torch.argsort(conf, stable=True)
+            idx = torch.empty_like(order)
+            idx[order] = torch.arange(conf.shape[0], device=conf.device) * nb // conf.shape[0]
+            a_count, a_sc, a_sh = _binned(conf, hit.to(torch.float64), idx, nb)
+            a_gap, a_w = _gaps(a_count, a_sc, a_sh, conf.shape[0])
+            adaptive = float((a_gap * a_w).sum())
+        else:
+            adaptive = float("nan")
+        vals = torch.stack([
+            sums[3] / n, sums[1] / n, (gap * w).sum(), nonempty.max(), (w * gap * gap).sum().sqrt(),
+            sums[2] / n, (cls[1] - cls[0]).abs().sum() / (n * c),
+        ]).cpu().tolist()
+        return CalibrationReport(
+            n=int(n), classes=c, n_bins=nb, accuracy=vals[0], nll=vals[1], ece=vals[2],
+            adaptive_ece=adaptive, classwise_ece=vals[6], mce=vals[3], rmsce=vals[4],
+            brier=vals[5])
+
+
+class _OneMetric(CalibrationMetrics):
+    _field = ""
+
+    def __init__(self, n_bins: int = 15, *, probs: bool = False, group=None) -> None:
+        super().__init__(n_bins, probs=probs, group=group, adaptive=self._field == "adaptive_ece")
+
+    def compute(self) -> float:  # type: ignore[override]
+        """The metric over every row added since the last reset (of every rank with group=)."""
+        return getattr(super().compute(), self._field)
+
+
+class ECE(_OneMetric):
+    """Accumulating top-label ECE (see :class:`CalibrationMetrics`); compute() returns a float."""
+    _field = "ece"
+
+
+class AdaptiveECE(_OneMetric):
+    """Accumulating adaptive (equal-mass) ECE; the bins are those of :func:`adaptive_ece` on the
+    concatenated rows of every batch and rank (see :class:`CalibrationMetrics`)."""
+    _field = "adaptive_ece"
+
+
+class ClasswiseECE(_OneMetric):
+    """Accumulating classwise ECE (see :class:`CalibrationMetrics`)."""
+    _field = "classwise_ece"
+
+
+class MCE(_OneMetric):
+    """Accumulating maximum calibration error (see :class:`CalibrationMetrics`)."""
+    _field = "mce"
+
+
+class RMSCE(_OneMetric):
+    """Accumulating RMS calibration error (see :class:`CalibrationMetrics`)."""
+    _field = "rmsce"
+
+
+class Brier(_OneMetric):
+    """Accumulating multi-class Brier score (see :class:`CalibrationMetrics`)."""
+    _field = "brier"
+
+
+class NLL(_OneMetric):
+    """Accumulating mean NLL (see :class:`CalibrationMetrics`)."""
+    _field = "nll"

@@ -17,7 +17,15 @@ import torch
 
 from ._validation import flatten_classes
 
-__all__ = ["cross_entropy", "softmax", "log_softmax", "temperature_stats"]
+__all__ = [
+    "cross_entropy",
+    "softmax",
+    "log_softmax",
+    "temperature_stats",
+    "tsce_shard_stats",
+    "tsce_shard_grad",
+    "tsce_shard_grad_",
+]
 
 Temperature = Union[float, torch.Tensor]
 
@@ -125,3 +133,183 @@ def temperature_stats(logits: torch.Tensor, target: torch.Tensor, beta: float) -
     dnll = mean_d + xmax.squeeze(1) - x_y
     rows = float(x.shape[0])
     return torch.stack([nll.sum(), dnll.sum(), var.sum(), torch.tensor(rows, dtype=torch.float64, device=x.device)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-parallel cross-entropy: the local work of one rank (softcal.distributed).
+#
+# Each rank holds x: (rows, C_local), the logits of its class slice [class_offset,
+# class_offset + C_local), the full GLOBAL targets, and its (C_local,) slice of the weights.
+# beta = 1/T; "acc" is float32 for float16/bfloat16/float32 inputs, float64 for float64.
+# These are the exact semantics of the compiled ops torch.ops.softcal.tsce_shard_stats /
+# tsce_shard_grad / tsce_shard_grad_ (not differentiable; the autograd lives in
+# softcal.distributed).
+
+
+def _beta(x: torch.Tensor, temperature_t: Optional[torch.Tensor], temperature: float):
+    if temperature_t is not None:
+        return 1.0 / temperature_t.detach().to(x.dtype)
+    return 1.0 / float(temperature)
+
+
+def _in_slice(target: torch.Tensor, class_offset: int, n_local: int):
+    local = target - class_offset
+    inside = (local >= 0) & (local < n_local)
+    return inside, torch.where(inside, local, torch.zeros_like(local))
+
+
+@torch.no_grad()
+def tsce_shard_stats(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    temperature_t: Optional[torch.Tensor],
+    temperature: float,
+    class_offset: int,
+    ignore_index: int,
+    smoothing: bool,
+) -> torch.Tensor:
+    """Per-row partial statistics of this rank's class slice.
+
+    Args:
+        logits: (rows, C_local) float16/bfloat16/float32/float64, the slice's logits.
+        target: (rows,) int64 GLOBAL class indices (or ignore_index).
+        weight: (C_local,) this slice's class weights (logits' dtype) or None.
+        temperature_t / temperature: the temperature as a 0-dim tensor, or a float when None.
+        class_offset: global index of the slice's first class.
+        smoothing: whether d (the smoothing sum) is wanted.
+
+    Returns:
+        (rows, 4) acc: per row [m, ls, d, xy] with
+        m = max_c x_c (raw logits; -inf for an all -inf row),
+        ls = log sum_c exp(beta (x_c - m)) (-inf when m = -inf),
+        d = sum_c w_c (m - x_c) when smoothing, else 0 (0 when m = -inf),
+        xy = x[target - class_offset] when the target lies in the slice, else 0.
+        Rows whose target is ignore_index are all 0. NaN logits give NaN.
+    """
+    acc = _acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    rows, n_local = x.shape
+    beta = _beta(x, temperature_t, temperature)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    if n_local > 0:
+        m = x.amax(dim=1)
+    else:
+        m = torch.full((rows,), float("-inf"), dtype=acc, device=x.device)
+    finite_m = ~torch.isneginf(m)
+    m_safe = torch.where(finite_m, m, zero)
+    ls = torch.log(torch.exp(beta * (x - m_safe[:, None])).sum(dim=1))
+    ls = torch.where(finite_m, ls, torch.full_like(ls, float("-inf")))
+    if smoothing:
+        diff = m_safe[:, None] - x
+        if weight is not None:
+            diff = weight.to(acc)[None, :] * diff
+        d = torch.where(finite_m, diff.sum(dim=1), zero)
+    else:
+        d = torch.zeros_like(m)
+    inside, local = _in_slice(target, class_offset, n_local)
+    if n_local > 0:
+        xy = torch.where(inside, x.gather(1, local[:, None]).squeeze(1), zero)
+    else:
+        xy = torch.zeros_like(m)
+    out = torch.stack([m, ls, d, xy], dim=1)
+    valid = (target != ignore_index)[:, None]
+    return torch.where(valid, out, zero)
+
+
+def _shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef,
+                     class_offset, ignore_index, need_logits_grad, need_temperature_grad):
+    acc = _acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    rows, n_local = x.shape
+    beta = _beta(x, temperature_t, temperature)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    big_m, big_ls = lse[:, 0:1].to(acc), lse[:, 1:2].to(acc)
+    g, a_coef, ty = (coef[:, k:k + 1].to(acc) for k in range(3))
+    masked = torch.isneginf(x)
+    zc = beta * (x - big_m) - big_ls           # log p_c (-inf where masked)
+    p = torch.exp(zc)
+    dz = a_coef * p
+    if smooth_coef != 0.0:
+        w = weight.to(acc)[None, :] if weight is not None else torch.ones((), dtype=acc, device=x.device)
+        dz = dz - smooth_coef * w
+    inside, local = _in_slice(target, class_offset, n_local)
+    hit = inside[:, None] & (torch.arange(n_local, device=x.device)[None, :] == local[:, None])
+    dz = dz - torch.where(hit, ty, zero)
+    valid = (target != ignore_index)[:, None]
+    grad = None
+    if need_logits_grad:
+        grad = torch.where(valid, beta * g * dz, zero).to(logits.dtype)
+    if need_temperature_grad:
+        a = torch.where(masked, zero, dz * torch.where(masked, zero, zc)).sum(dim=1)
+        b = torch.where(masked, dz, zero).sum(dim=1)
+        t_rows = torch.where(valid, torch.stack([a, b], dim=1), zero)
+    else:
+        t_rows = torch.zeros((rows, 2), dtype=acc, device=x.device)
+    return grad, t_rows
+
+
+@torch.no_grad()
+def tsce_shard_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    temperature_t: Optional[torch.Tensor],
+    temperature: float,
+    smooth_coef: float,
+    class_offset: int,
+    ignore_index: int,
+    need_logits_grad: bool,
+    need_temperature_grad: bool,
+):
+    """Gradient of this rank's slice, given the GLOBAL per-row log-sum-exp.
+
+    Args:
+        logits, target, weight, temperature_t, temperature, class_offset, ignore_index: as in
+            :func:`tsce_shard_stats`.
+        lse: (rows, 2) acc, the global [M, LS] of each row (M: global max of the raw logits,
+            LS = log sum over all classes of exp(beta (x - M))).
+        coef: (rows, 3) acc, [g, A, ty]: g the row's upstream gradient (1/denom included for
+            "mean", 0 for ignored rows), A = (1 - eps) w_y + eps W / C_total, ty = (1 - eps) w_y.
+        smooth_coef: eps / C_total.
+
+    Returns:
+        grad_logits: (rows, C_local) in the logits' dtype, beta g_i dz_ic with
+            p_c = exp(beta (x_c - M) - LS), dz_c = A p_c - smooth_coef w_c - ty [c == y - offset]
+            (0 for ignored rows); an empty (0,) tensor when not need_logits_grad.
+        t_rows: (rows, 2) acc, [sum over finite x_c of dz_c (beta (x_c - M) - LS),
+            sum over x_c == -inf of dz_c] (zeros when not need_temperature_grad, and for ignored
+            rows). sum_c dz_c z_c = a - lse b with lse = beta M + LS, and
+            dL/dT = -sum_i (g_i / T) (a_i - lse_i b_i) once a and b are summed over the slices.
+    """
+    grad, t_rows = _shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
+                                    smooth_coef, class_offset, ignore_index, need_logits_grad,
+                                    need_temperature_grad)
+    if grad is None:
+        grad = logits.new_empty((0,))
+    return grad, t_rows
+
+
+@torch.no_grad()
+def tsce_shard_grad_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    temperature_t: Optional[torch.Tensor],
+    temperature: float,
+    smooth_coef: float,
+    class_offset: int,
+    ignore_index: int,
+    need_temperature_grad: bool,
+) -> torch.Tensor:
+    """:func:`tsce_shard_grad` writing grad_logits into the (contiguous) logits' buffer; returns
+    t_rows."""
+    grad, t_rows = _shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
+                                    smooth_coef, class_offset, ignore_index, True,
+                                    need_temperature_grad)
+    logits.copy_(grad)
+    return t_rows
