@@ -29,6 +29,11 @@ _INS = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRA = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 _LDG = re.compile(r"\bLDG\.E(\.[A-Z0-9.]+)?\b")
 
+def _wide(load: str) -> bool:
+    """A 16-byte global load: LDG.E.128, or LDG.E.128.CONSTANT through the read-only path."""
+    return ".128" in load
+
+
 STREAMING = ("tsce_fwd_kernel", "tsce_bwd_kernel", "softmax_fwd_rows_kernel", "softmax_bwd_rows_kernel",
              "shard_stats_kernel", "shard_grad_kernel", "temperature_stats_kernel")
 
@@ -124,13 +129,13 @@ def report(funcs: List[Func], check: bool) -> int:
             continue
         dt = dtype_of(dn)
         local = sum(bool(re.search(r"\b(LDL|STL)\b", t)) for _, t in f.ins)
-        wide_any = sum(".128" in m for _, t in f.ins for m in [(_LDG.search(t) or [""])[0]] if m)
+        wide_any = sum(_wide(m) for _, t in f.ins for m in [(_LDG.search(t) or [""])[0]] if m)
         if local and dt != "float64":
             failures.append(f"{dn}: {local} local-memory instructions (spills)")
         resident = ", true" in dn  # tsce_fused_kernel / softmax rows kernels holding the row in registers
         # the hot loop: the innermost loop that streams the row, i.e. the smallest loop with a
         # 16-byte load (the grid-stride loop over rows encloses it)
-        loops = [lp for lp in f.loops() if any(l.endswith(".128") for l in lp.loads())]
+        loops = [lp for lp in f.loops() if any(_wide(l) for l in lp.loads())]
         if not loops:
             if "tile_kernel" not in dn and not resident and dt != "float64":
                 failures.append(f"{dn}: no loop with 16-byte global loads")
@@ -140,8 +145,8 @@ def report(funcs: List[Func], check: bool) -> int:
             continue
         hot = min(loops, key=lambda lp: len(lp.ins))
         loads = hot.loads()
-        wide = sum(l.endswith(".128") for l in loads)
-        narrow = [l for l in loads if not l.endswith(".128")]
+        wide = sum(_wide(l) for l in loads)
+        narrow = [l for l in loads if not _wide(l)]
         per_iter_elems = wide * 16 // elem_bytes(dt)
         ipe = f"{len(hot.ins) / per_iter_elems:.1f}" if per_iter_elems else "-"
         rows.append((dn, dt, len(hot.ins), wide, len(narrow), ipe))
