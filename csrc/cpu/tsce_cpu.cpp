@@ -4,13 +4,20 @@
 // The maths (loss, gradients with respect to the logits and the temperature, edge cases) is
 // written out in csrc/common.h; read it first.
 //
+// Numerics: exact at the row maximum. Every exponent is formed as beta (x - m) (minus ls), with
+// m the row maximum of the RAW logits, so it is exactly 0 at the maximum whatever |x| and T
+// (never beta x - beta m from two rounded products). The saved per-row lse is [m, ls],
+// ls = log sum exp(beta (x - m)) = log1p(count of maxima - 1 + sum of the other exps): the ones of
+// the maxima are never rounded into the sum. The loss and the T-gradient are sums of
+// non-negative or shifted terms (row_loss, row_grad), and p_y - 1 is expm1(log p_y).
+//
 // Passes over memory
 //   forward   one read of the logits. A row is walked in chunks of kChunk elements: the chunk's
-//             max is taken (the chunk then sits in L1), the running sum of exp is rescaled when
-//             the max grows, and the chunk's exps and (for smoothing) its weighted sum are added.
+//             max is taken first (the chunk then sits in L1), the running state is rescaled when
+//             the max grows, and the chunk's exps and (for smoothing) D = sum w (m - x) are added.
 //             One exp per element; nothing of size N x C is written or kept.
-//   backward  one read of the logits and one write of the gradient; p = exp(z - lse) from the
-//             saved per-row lse. One exp per element.
+//   backward  one read of the logits and one write of the gradient; p = exp(beta (x - m) - ls)
+//             from the saved [m, ls]. One exp per element.
 //   fused     the forward's read, then the gradient is written while the row is still in the
 //             core's cache (a row of C float32 fits in L2 up to C ~ 250k); otherwise the second
 //             walk re-reads it from L3/DRAM.
@@ -44,126 +51,104 @@ namespace {
 
 using namespace ::softcal::cpu;
 
+// Per-row state of the forward, in units of the raw logits (common.h, schemas.h):
+//   m    = max_c x_c
+//   n1   = number of classes with x_c == m (their exps are exactly 1)
+//   rest = sum over the other classes of exp(beta (x_c - m))
+//   D    = sum_c w_c (m - x_c) >= 0            (only with smoothing)
+// so that ls = log sum_c exp(beta (x_c - m)) = log1p((n1 - 1) + rest): the 1 of the maximum is
+// never rounded into the sum, and ls keeps its relative accuracy for confident rows.
 template <typename acc_t>
 struct RowStats {
-  acc_t max;     // max_c x_c (raw logits); NaN if any is NaN
-  acc_t sumexp;  // sum_c exp(beta * (x_c - max))
-  acc_t dot;     // sum_c w_c x_c (only when requested)
+  acc_t m = kNegInf<acc_t>;
+  acc_t n1 = 0;
+  acc_t rest = 0;
+  acc_t D = 0;
+  bool bad = false;  // a NaN or +inf logit: no softmax
+  // false also for a row that is entirely -inf
+  bool has_softmax() const { return !bad && m > kNegInf<acc_t>; }
+  acc_t ls() const { return std::log1p((n1 - acc_t(1)) + rest); }
 };
 
-template <typename acc_t>
-struct ChunkSums {
-  acc_t max, sumexp, dot;
-};
-
-// One walk over x[0:n]: its max, sum_i exp(beta * x_i - shift) and (when kDot) sum w_i x_i.
+// Walks x[0:n] (acc, a chunk in L1) relative to the state's max m (finite), adding the exps
+// (split into exact ones and the rest) and, with kDot, D += sum w (m - x), Wseen += sum w.
 template <typename acc_t, bool kDot>
-inline ChunkSums<acc_t> chunk_exp_max_dot(const acc_t* x, const acc_t* w, int64_t n, acc_t beta,
-                                          acc_t shift) {
+inline void chunk_accumulate(const acc_t* x, const acc_t* w, int64_t n, acc_t beta,
+                             RowStats<acc_t>& st, acc_t& Wseen) {
   constexpr int64_t V = Vec<acc_t>::size();
-  const Vec<acc_t> vb(beta), vs(-shift);
-  Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>), s0(0), s1(0), d0(0), d1(0);
+  const Vec<acc_t> vb(beta), vm(st.m), zero(0), one(1);
+  Vec<acc_t> r0(0), r1(0), c0(0), d0(0), w0(0);
   int64_t i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
-    const Vec<acc_t> a = Vec<acc_t>::loadu(x + i), b = Vec<acc_t>::loadu(x + i + V);
-    m0 = at::vec::maximum(m0, a);
-    m1 = at::vec::maximum(m1, b);
-    s0 = s0 + vexp(at::vec::fmadd(a, vb, vs));
-    s1 = s1 + vexp(at::vec::fmadd(b, vb, vs));
+  auto step = [&](const Vec<acc_t>& xv, const Vec<acc_t>& xz, const Vec<acc_t>& wv) {
+    const Vec<acc_t> d = (xv - vm) * vb;  // exactly 0 at the maximum
+    const Vec<acc_t> e = vexp(d);
+    const Vec<acc_t> at_max = d == zero;
+    r0 = r0 + Vec<acc_t>::blendv(e, zero, at_max);
+    c0 = c0 + Vec<acc_t>::blendv(zero, one, at_max);
     if constexpr (kDot) {
-      if (w == nullptr) {
-        d0 = d0 + a;
-        d1 = d1 + b;
-      } else {
-        d0 = at::vec::fmadd(a, Vec<acc_t>::loadu(w + i), d0);
-        d1 = at::vec::fmadd(b, Vec<acc_t>::loadu(w + i + V), d1);
-      }
+      d0 = at::vec::fmadd(wv, vm - xz, d0);
+      w0 = w0 + wv;
     }
+  };
+  for (; i + V <= n; i += V) {
+    const Vec<acc_t> xv = Vec<acc_t>::loadu(x + i);
+    step(xv, xv, kDot && w != nullptr ? Vec<acc_t>::loadu(w + i) : one);
   }
-  // the rest: whole vectors, then one masked vector (small C lives entirely here)
-  for (; i < n; i += V) {
-    Vec<acc_t> a, az, wv(1);
-    if (i + V <= n) {
-      a = az = Vec<acc_t>::loadu(x + i);
-      if (kDot && w != nullptr) wv = Vec<acc_t>::loadu(w + i);
-    } else {
-      const Tail<acc_t> t = load_tail(x + i, n - i);
-      a = t.masked;
-      az = t.loaded;
-      if (kDot && w != nullptr) wv = Vec<acc_t>::loadu(w + i, n - i);
-    }
-    m0 = at::vec::maximum(m0, a);
-    s0 = s0 + vexp(at::vec::fmadd(a, vb, vs));
-    if constexpr (kDot) d0 = w == nullptr ? d0 + az : at::vec::fmadd(az, wv, d0);
+  if (i < n) {
+    const Tail<acc_t> t = load_tail(x + i, n - i);
+    // unused lanes: x = -inf for the exps; x = m and weight 0 for D
+    const Vec<acc_t> wv = !kDot ? one
+                          : w != nullptr ? Vec<acc_t>::loadu(w + i, n - i)
+                                         : Vec<acc_t>::blendv(zero, one, t.lanes);
+    step(t.masked, Vec<acc_t>::blendv(vm, t.loaded, t.lanes), wv);
   }
-  auto add = std::plus<Vec<acc_t>>();
-  ChunkSums<acc_t> r;
-  r.max = at::vec::vec_reduce_all<acc_t>(
-      [](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
-  r.sumexp = at::vec::vec_reduce_all<acc_t>(add, s0 + s1);
-  r.dot = kDot ? at::vec::vec_reduce_all<acc_t>(add, d0 + d1) : acc_t(0);
-  return r;
+  auto sum = [](const Vec<acc_t>& v) {
+    return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
+  };
+  st.rest += sum(r0);
+  st.n1 += sum(c0);
+  if constexpr (kDot) {
+    st.D += sum(d0);
+    Wseen += sum(w0);
+  }
 }
 
-// One read of a row: the online max and sum of exps, and optionally sum w_c x_c.
-// Each chunk is walked once: its exps are taken relative to the running max, which starts at
-// the row's first logit (exact in floating point as long as they cannot overflow), and the sum
-// is rescaled when the chunk's max is larger. A chunk whose max exceeds the running max by more
-// than 80 / beta (its exps could overflow), or the first chunk with a finite value when the
-// first logit is -inf, is walked a second time while in L1.
+// One read of a row (bf16/half converted chunk by chunk into buf): per chunk of kChunk elements
+// its max is taken first (the chunk then sits in L1); when it exceeds the running max, the state
+// is rescaled to the new max; then the chunk's exps are taken relative to the max, so that the
+// exponent at the maximum is exactly 0. With need_dot, D = sum w_c (m - x_c) as well (a sum of
+// non-negative terms: no difference of large numbers).
 template <typename scalar_t, typename acc_t>
 inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
                                  bool need_dot, acc_t* buf) {
-  RowStats<acc_t> st{kNegInf<acc_t>, 0, 0};
-  // Start the running max at the first logit (when finite): most rows are then walked once.
-  // Short rows instead take their max first (a second walk of a few vectors costs less than
-  // the scalar exp that rescaling would take).
-  if (C <= 4 * Vec<acc_t>::size()) {
-    const acc_t* xa = as_acc(x, C, buf);
-    st.max = chunk_max(xa, C);
-    if (std::isfinite(st.max)) st.sumexp = chunk_sum_exp(xa, C, beta, beta * st.max);
-    if (need_dot) st.dot = chunk_dot(xa, w, C);
-    return st;
-  }
-  if (C > 0) {
-    const acc_t x0 = static_cast<acc_t>(x[0]);
-    if (std::isfinite(x0)) st.max = x0;
-  }
+  RowStats<acc_t> st;
+  acc_t Wseen = 0;  // sum of the weights of the classes seen (with need_dot)
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const acc_t* xa = as_acc(x + c0, n, buf);
     const acc_t* wc = w == nullptr ? nullptr : w + c0;
-    const bool have_shift = st.max > kNegInf<acc_t>;
-    const acc_t shift = have_shift ? beta * st.max : acc_t(0);
-    const ChunkSums<acc_t> cs = need_dot ? chunk_exp_max_dot<acc_t, true>(xa, wc, n, beta, shift)
-                                         : chunk_exp_max_dot<acc_t, false>(xa, wc, n, beta, shift);
-    st.dot += cs.dot;
-    if (std::isnan(cs.max) || cs.max == std::numeric_limits<acc_t>::infinity()) {
-      st.max = cs.max;  // NaN or +inf: no softmax; the caller turns this into NaN
+    const acc_t cm = chunk_max(xa, n);
+    if (std::isnan(cm) || cm == std::numeric_limits<acc_t>::infinity()) {
+      st.bad = true;  // NaN or +inf: no softmax; the caller turns this into NaN
       return st;
     }
-    if (cs.max == kNegInf<acc_t>) continue;  // all masked so far
-    if (have_shift && !(beta * (cs.max - st.max) > acc_t(80))) {
-      st.sumexp += cs.sumexp;  // exps relative to the old max
-      if (cs.max > st.max) {
-        st.sumexp *= std::exp(beta * (st.max - cs.max));
-        st.max = cs.max;
+    if (cm > st.m) {
+      if (st.m > kNegInf<acc_t>) {
+        st.rest = (st.n1 + st.rest) * std::exp(beta * (st.m - cm));
+        st.n1 = 0;
+        if (need_dot) st.D += (cm - st.m) * Wseen;
       }
-    } else {  // no shift yet, or one far too small: walk the chunk again with its own max
-      st.sumexp = have_shift ? st.sumexp * std::exp(beta * (st.max - cs.max)) : acc_t(0);
-      st.max = cs.max;
-      st.sumexp += chunk_sum_exp(xa, n, beta, beta * st.max);
+      st.m = cm;
+    }
+    if (st.m > kNegInf<acc_t>) {
+      if (need_dot) chunk_accumulate<acc_t, true>(xa, wc, n, beta, st, Wseen);
+      else chunk_accumulate<acc_t, false>(xa, wc, n, beta, st, Wseen);
+    } else if (need_dot) {  // every logit so far is -inf: D is +inf (NaN where a weight is 0)
+      st.D += chunk_dot(xa, wc, n) * acc_t(-1);
+      Wseen += wc == nullptr ? acc_t(n) : chunk_dot<acc_t>(wc, nullptr, n);
     }
   }
   return st;
-}
-
-// log-sum-exp of z = beta * x from the row stats; NaN when the row has no softmax (a NaN or
-// +inf logit, or every logit -inf), as torch.softmax and common.h.
-template <typename acc_t>
-inline acc_t row_lse(const RowStats<acc_t>& st, acc_t beta) {
-  if (!std::isfinite(st.max)) return kNaN<acc_t>;
-  return beta * st.max + std::log(st.sumexp);
 }
 
 // Per-call constants of the cross-entropy.
@@ -225,44 +210,73 @@ double check_targets_and_denom(const CEParams<acc_t>& p, int64_t rows, const cha
   return denom;
 }
 
-// Loss of one non-ignored row from its stats; writes its lse.
+// Loss of one non-ignored row from its stats; writes its [m, ls] (NaN without a softmax).
+//   lse - z_y = beta (m - x_y) + ls,   W lse - sum_c w_c z_c = beta D + W ls:
+// sums of non-negative terms, no difference of two large numbers.
 template <typename scalar_t, typename acc_t>
 inline acc_t row_loss(const CEParams<acc_t>& p, const scalar_t* x, const RowStats<acc_t>& st,
-                      int64_t y, acc_t& lse_out) {
-  if (!std::isfinite(st.max)) {  // NaN / +inf logits, or entirely -inf: NaN lse and loss
-    lse_out = kNaN<acc_t>;
+                      int64_t y, acc_t* lse_out) {
+  if (!st.has_softmax()) {  // NaN / +inf logits, or entirely -inf: NaN lse and loss
+    lse_out[0] = lse_out[1] = kNaN<acc_t>;
     return kNaN<acc_t>;
   }
-  const acc_t log_s = std::log(st.sumexp);
-  const acc_t lse = p.beta * st.max + log_s;
-  lse_out = lse;
+  const acc_t ls = st.ls();
+  lse_out[0] = st.m;
+  lse_out[1] = ls;
   const acc_t w_y = p.weight_of(y);
-  // lse - z_y = beta * (max - x_y) + log(sumexp): no cancellation between two large numbers
-  const acc_t nll = p.beta * (st.max - static_cast<acc_t>(x[y])) + log_s;
+  const acc_t nll = p.beta * (st.m - static_cast<acc_t>(x[y])) + ls;
   acc_t loss = (acc_t(1) - p.eps) * w_y * nll;
-  if (p.eps > 0) loss += p.eps_c * (p.W * lse - p.beta * st.dot);
+  if (p.eps > 0) loss += p.eps_c * (p.beta * st.D + p.W * ls);
   return loss;
 }
 
-// Gradient of one non-ignored row: grad_c = g * beta * dL/dz_c (written when grad != nullptr).
-// Returns S = sum over non-masked c of dL/dz_c * z_c (when need_t), for dL/dT = -(g/T) * S.
+// The true-class gradient dL/dz_y = A p_y - (eps/C) w_y - (1 - eps) w_y, written as
+//   (1 - eps) w_y (p_y - 1) + (eps/C) (W p_y - w_y)
+// with p_y - 1 = expm1(log p_y), log p_y = beta (x_y - m) - ls: a confident row (p_y near 1)
+// keeps the relative accuracy of p_y - 1.
+template <typename acc_t>
+inline acc_t true_class_dz(const CEParams<acc_t>& p, acc_t w_y, acc_t x_y, acc_t m, acc_t ls) {
+  const acc_t lp = p.beta * (x_y - m) - ls;
+  acc_t dz = (acc_t(1) - p.eps) * w_y * std::expm1(lp);
+  if (p.eps > 0) dz += p.eps_c * (p.W * std::exp(lp) - w_y);
+  return dz;
+}
+
+// Gradient of one non-ignored row: grad_c = g * beta * dL/dz_c (written when grad != nullptr),
+// with p_c = exp(beta (x_c - m) - ls) (exactly exp(-ls) at the maximum).
+// Returns S = sum over non-masked c of dL/dz_c * z_c (when need_t), for dL/dT = -(g/T) * S,
+// computed shifted by beta m (sum_c dL/dz_c = 0): sum_{non-masked} dz_c beta (x_c - m)
+// - beta m sum_{masked} dz_c, so that large logits keep their digits.
 template <typename scalar_t, typename acc_t>
-inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t lse,
-                      int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf) {
+inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t m,
+                      acc_t ls, int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf) {
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t C = p.C;
   const acc_t w_y = p.weight_of(y);
   const acc_t A = (acc_t(1) - p.eps) * w_y + p.eps * p.W / static_cast<acc_t>(C);
   const acc_t gb = g * p.beta;
-  if (!std::isfinite(lse)) {  // a row with NaN/+inf logits, or fully masked: NaN gradient
+  if (!(std::isfinite(m) && std::isfinite(ls))) {  // no softmax: NaN gradient
     if (grad != nullptr) std::fill(grad, grad + C, static_cast<scalar_t>(kNaN<acc_t>));
     return kNaN<acc_t>;
   }
-  const Vec<acc_t> vbeta(p.beta), vnlse(-lse), vcoef(gb * A), vcw(gb * p.eps_c), vA(A),
-      veps_c(p.eps_c), vninf(kNegInf<acc_t>), vzero(0);
-  Vec<acc_t> vS(0);
-  acc_t S = 0;
+  const Vec<acc_t> vbeta(p.beta), vm(m), vnls(-ls), vcoef(gb * A), vcw(gb * p.eps_c), vA(A),
+      veps_c(p.eps_c), vninf(kNegInf<acc_t>), vzero(0), vone(1);
+  Vec<acc_t> vS(0), vM(0);
   const acc_t x_y = static_cast<acc_t>(x[y]);  // read before the row is overwritten (in place)
+  auto step = [&](const Vec<acc_t>& xv, const Vec<acc_t>& wv, acc_t* o, int64_t k) {
+    const Vec<acc_t> d = xv - vm;
+    const Vec<acc_t> e = vexp(at::vec::fmadd(d, vbeta, vnls));
+    if (grad != nullptr) {
+      const Vec<acc_t> gv = vcoef * e - vcw * wv;
+      if (k == V) gv.store(o); else gv.store(o, k);
+    }
+    if (need_t) {
+      const Vec<acc_t> dz = vA * e - veps_c * wv;
+      const Vec<acc_t> live = xv > vninf;
+      vS = vS + Vec<acc_t>::blendv(vzero, dz * (d * vbeta), live);
+      vM = vM + Vec<acc_t>::blendv(dz, vzero, live);
+    }
+  };
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const acc_t* xa = as_acc(x + c0, n, xbuf);
@@ -271,39 +285,28 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
                      : gbuf;
     const acc_t* wc = p.w == nullptr ? nullptr : p.w + c0;
     int64_t i = 0;
-    for (; i + V <= n; i += V) {
-      const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + i);
-      const Vec<acc_t> e = vexp(at::vec::fmadd(xv, vbeta, vnlse));
-      const Vec<acc_t> wv = wc == nullptr ? Vec<acc_t>(1) : Vec<acc_t>::loadu(wc + i);
-      if (grad != nullptr) (vcoef * e - vcw * wv).store(out + i);
-      if (need_t) {
-        const Vec<acc_t> d = vA * e - veps_c * wv;
-        const Vec<acc_t> contrib = d * (xv * vbeta);
-        vS = vS + Vec<acc_t>::blendv(vzero, contrib, xv > vninf);
-      }
-    }
-    if (i < n) {  // one masked vector for the rest
+    for (; i + V <= n; i += V)
+      step(Vec<acc_t>::loadu(xa + i), wc == nullptr ? vone : Vec<acc_t>::loadu(wc + i), out + i, V);
+    if (i < n) {  // one masked vector for the rest; unused lanes: x = -inf, weight 0
       const int64_t k = n - i;
       const Tail<acc_t> t = load_tail(xa + i, k);
-      const Vec<acc_t> e = vexp(at::vec::fmadd(t.masked, vbeta, vnlse));
-      const Vec<acc_t> wv = wc == nullptr ? Vec<acc_t>(1) : Vec<acc_t>::loadu(wc + i, k);
-      if (grad != nullptr) (vcoef * e - vcw * wv).store(out + i, k);
-      if (need_t) {
-        const Vec<acc_t> contrib = (vA * e - veps_c * wv) * (t.loaded * vbeta);
-        vS = vS + Vec<acc_t>::blendv(vzero, contrib, t.masked > vninf);
-      }
+      const Vec<acc_t> wv = wc == nullptr ? Vec<acc_t>::blendv(vzero, vone, t.lanes)
+                                          : Vec<acc_t>::loadu(wc + i, k);
+      step(t.masked, wv, out + i, k);
     }
     if (grad != nullptr) store_from_acc(out, grad + c0, n);
   }
-  const acc_t p_y = std::exp(p.beta * x_y - lse);
   if (grad != nullptr) {
     // The true-class term in acc precision, then one rounding.
-    const acc_t gy = gb * (A * p_y - p.eps_c * w_y - (acc_t(1) - p.eps) * w_y);
-    grad[y] = static_cast<scalar_t>(gy);
+    grad[y] = static_cast<scalar_t>(gb * true_class_dz(p, w_y, x_y, m, ls));
   }
   if (!need_t) return 0;
-  S += at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vS);
-  if (x_y > kNegInf<acc_t>) S -= (acc_t(1) - p.eps) * w_y * (p.beta * x_y);
+  acc_t S = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vS);
+  acc_t masked = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vM);
+  const acc_t ty = -(acc_t(1) - p.eps) * w_y;  // the rest of dz_y
+  if (x_y > kNegInf<acc_t>) S += ty * (p.beta * (x_y - m));
+  else masked += ty;
+  if (masked != 0) S -= p.beta * m * masked;
   return S;
 }
 
@@ -321,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
   const double T = host_temperature(temperature_t, temperature, op);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto acc_st = acc_type(logits.scalar_type());
-  at::Tensor lse = at::empty({rows}, logits.options().dtype(acc_st));
+  at::Tensor lse = at::empty({rows, 2}, logits.options().dtype(acc_st));
   at::Tensor loss_rows = at::empty({rows}, logits.options().dtype(acc_st));
   at::Tensor denom_t = at::empty({}, logits.options().dtype(acc_st));
   const at::Tensor tgt = target.contiguous();
@@ -342,12 +345,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
         const int64_t y = p.target[i];
         if (y == ignore_index) {
           loss_p[i] = 0;
-          lse_p[i] = 0;  // unused: ignored rows have no gradient
+          lse_p[2 * i] = lse_p[2 * i + 1] = 0;  // unused: ignored rows have no gradient
           continue;
         }
         const scalar_t* xr = x + i * row_stride;
         const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data());
-        loss_p[i] = row_loss(p, xr, st, y, lse_p[i]);
+        loss_p[i] = row_loss(p, xr, st, y, lse_p + 2 * i);
       }
     });
   });
@@ -388,8 +391,11 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
   const double T = host_temperature(temperature_t, temperature, op);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto acc_st = acc_type(logits.scalar_type());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows && lse.scalar_type() == acc_st, op,
-              ": lse must be (", rows, ",) ", acc_st, ", got ", lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == 2 &&
+                  lse.scalar_type() == acc_st,
+              op, ": lse must be (", rows, ", 2) ", acc_st, " (row max, log sum exp), got ",
+              lse.sizes(), " ", lse.scalar_type());
+  const at::Tensor lse_c = lse.contiguous();
   if (reduction == kNone) {
     TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == rows, op, ": grad_loss must be (",
                 rows, ",) for reduction none, got ", grad_loss.sizes());
@@ -420,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
     const auto p = make_params<acc_t>(C, tgt, weight, wbuf, T, label_smoothing, ignore_index);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* gx = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
     acc_t* gt_p = need_t ? grad_t_rows.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
@@ -436,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
         TORCH_CHECK(y >= 0 && y < C, op, ": target[", i, "] = ", y, " is out of range for ", C,
                     " classes");
         const acc_t g = grad_of_row<acc_t>(gs, i);
-        const acc_t S = row_grad(p, x + i * row_stride, gr, lse_p[i], y, g, gt_p != nullptr,
+        const acc_t S = row_grad(p, x + i * row_stride, gr, lse_p[2 * i], lse_p[2 * i + 1], y, g, gt_p != nullptr,
                                  xbuf.data(), gbuf.data());
         if (gt_p != nullptr) gt_p[i] = -g * S * static_cast<acc_t>(1.0 / T);
       }
@@ -482,10 +488,10 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
       }
       const scalar_t* xr = x + i * row_stride;
       const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data());
-      acc_t lse;
+      acc_t lse[2];
       loss_p[i] = row_loss(p, xr, st, y, lse);
-      // A fully masked row has lse = -inf: row_grad gives NaN there, like its loss.
-      const acc_t S = row_grad(p, xr, gr, lse, y, g,
+      // A row without a softmax has lse = NaN: row_grad gives NaN there, like its loss.
+      const acc_t S = row_grad(p, xr, gr, lse[0], lse[1], y, g,
                                gt_p != nullptr, xbuf.data(), gbuf.data());
       if (gt_p != nullptr) gt_p[i] = -g * S * p.beta;
     }
@@ -617,22 +623,23 @@ void softmax_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C, dou
       scalar_t* orow = out + i * C;
       const auto st = row_stats<scalar_t, acc_t>(xr, C, beta, nullptr, false, xbuf.data());
       // NaN for a row with NaN/+inf or entirely -inf (as torch.softmax)
-      const acc_t lse = row_lse(st, beta);
-      const Vec<acc_t> vb(beta), vl(-lse);
+      const bool ok = st.has_softmax();
+      // z - lse = beta (x - m) - ls: exactly -ls at the maximum
+      const Vec<acc_t> vb(beta), vm(ok ? st.m : acc_t(0)), vl(ok ? -st.ls() : acc_t(0));
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(kChunk, C - c0);
         const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
         acc_t* oa = obuf.data();
         int64_t c = 0;
         for (; c + V <= n; c += V) {
-          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c), vb, vl);
+          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c) - vm, vb, vl);
           (log ? z : vexp(z)).store(oa + c);
         }
         if (c < n) {
-          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c, n - c), vb, vl);
+          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c, n - c) - vm, vb, vl);
           (log ? z : vexp(z)).store(oa + c, n - c);
         }
-        if (std::isnan(lse)) std::fill(oa, oa + n, kNaN<acc_t>);
+        if (!ok) std::fill(oa, oa + n, kNaN<acc_t>);
         store_from_acc(oa, orow + c0, n);
       }
     }
@@ -647,27 +654,31 @@ void softmax_strided(const scalar_t* x, scalar_t* out, int64_t outer, int64_t C,
   constexpr int64_t J = 64;  // columns of `inner` handled together (contiguous loads)
   const int64_t jblocks = (inner + J - 1) / J;
   at::parallel_for(0, outer * jblocks, 1, [&](int64_t b0, int64_t b1) {
-    acc_t m[J], s[J];
+    acc_t m[J], s[J], n1[J], ls[J];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b / jblocks, j0 = (b % jblocks) * J, nj = std::min(J, inner - j0);
       const scalar_t* xb = x + o * C * inner + j0;
       scalar_t* ob = out + o * C * inner + j0;
-      for (int64_t j = 0; j < nj; ++j) { m[j] = kNegInf<acc_t>; s[j] = 0; }
+      for (int64_t j = 0; j < nj; ++j) { m[j] = kNegInf<acc_t>; s[j] = 0; n1[j] = 0; }
       for (int64_t c = 0; c < C; ++c)
         for (int64_t j = 0; j < nj; ++j) {
           const acc_t v = static_cast<acc_t>(xb[c * inner + j]);
           m[j] = (std::isnan(v) || v > m[j]) ? v : m[j];
         }
+      // exps relative to the max, the exact ones (at the max) counted apart (see RowStats)
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t j = 0; j < nj; ++j)
-          s[j] += std::exp(beta * (static_cast<acc_t>(xb[c * inner + j]) - m[j]));
+        for (int64_t j = 0; j < nj; ++j) {
+          const acc_t d = beta * (static_cast<acc_t>(xb[c * inner + j]) - m[j]);
+          if (d == 0) n1[j] += 1;
+          else s[j] += std::exp(d);
+        }
       for (int64_t j = 0; j < nj; ++j) {
         const bool bad = std::isnan(m[j]) || std::isinf(m[j]);
-        m[j] = bad ? kNaN<acc_t> : beta * m[j] + std::log(s[j]);  // m now holds lse
+        ls[j] = bad ? kNaN<acc_t> : std::log1p((n1[j] - 1) + s[j]);
       }
       for (int64_t c = 0; c < C; ++c)
         for (int64_t j = 0; j < nj; ++j) {
-          const acc_t z = beta * static_cast<acc_t>(xb[c * inner + j]) - m[j];
+          const acc_t z = beta * (static_cast<acc_t>(xb[c * inner + j]) - m[j]) - ls[j];
           ob[c * inner + j] = static_cast<scalar_t>(log ? z : std::exp(z));
         }
     }
