@@ -753,12 +753,22 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
           const int64_t o = sl / inner, j = sl % inner;
           const int64_t base = o * C * inner + j;
           acc_t dot = 0;
+          double r = 0;  // E_y[log y], the centre of the T-gradient sum (need_t only)
           for (int64_t c = 0; c < C; ++c) {
             const acc_t gv = static_cast<acc_t>(gp[base + c * inner]);
             const acc_t ov = static_cast<acc_t>(op_[base + c * inner]);
             dot += log ? gv : gv * ov;
+            if (tr != nullptr && (log ? ov > kNegInf<acc_t> : ov > 0)) {
+              const double yd = log ? std::exp(double(ov)) : double(ov);
+              r += yd * (log ? double(ov) : std::log(yd));
+            }
           }
-          acc_t S = 0;
+          // S = sum_c dz_c log y_c over the classes with y > 0 (finite log y), summed in double
+          // and centred on r (sum_c dz_c = 0): the rounding of dz then meets |log y - r|, the
+          // spread of the logits, not |log y|. Where classes are skipped (y == 0), their
+          // sum_c dz_c is not 0 and the centring is undone exactly.
+          double S = 0, Snm = 0;
+          bool skipped = false;
           for (int64_t c = 0; c < C; ++c) {
             const int64_t k = base + c * inner;
             const acc_t gv = static_cast<acc_t>(gp[k]);
@@ -766,9 +776,20 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
             const acc_t y = log ? std::exp(ov) : ov;
             const acc_t dz = log ? gv - y * dot : y * (gv - dot);
             dx[k] = static_cast<scalar_t>(beta * dz);
-            if (tr != nullptr && y > 0) S += dz * (log ? ov : std::log(y));
+            if (tr == nullptr) continue;
+            // log_softmax: every class with a finite output contributes (dz = g there, not 0,
+            // however small y is); softmax: y == 0 gives dz == 0
+            if (log ? ov > kNegInf<acc_t> : y > 0) {
+              const double yd = log ? std::exp(double(ov)) : double(y);
+              const double dzd = log ? double(gv) - yd * double(dot) : yd * (double(gv) - double(dot));
+              S += dzd * ((log ? double(ov) : std::log(yd)) - r);
+              Snm += dzd;
+            } else {
+              skipped = true;
+            }
           }
-          if (tr != nullptr) tr[sl] = -S * static_cast<acc_t>(1.0 / T);
+          if (skipped) S += r * Snm;
+          if (tr != nullptr) tr[sl] = static_cast<acc_t>(-S / T);
         }
       });
     });
