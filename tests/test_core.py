@@ -397,7 +397,9 @@ def test_fully_masked_rows(device):
     a = x.clone().requires_grad_()
     la = softcal.cross_entropy(a, t, reduction="none", temperature=2.0)
     _, lse, _ = torch.ops.softcal.tsce_fwd(x, t, None, None, 2.0, 0.0, -100, 0)
-    assert math.isnan(lse[2].item())  # the saved log-sum-exp of a non-ignored masked row: NaN
+    assert lse.shape == (4, 2)
+    assert torch.isnan(lse[2]).all()  # the saved [max, log sum exp] of a non-ignored masked row: NaN
+    assert (lse[1] == 0).all()  # an ignored row: [0, 0]
     assert la[1].item() == 0.0
     assert math.isnan(la[2].item())
     assert math.isnan(F.cross_entropy(x, t, reduction="none")[2].item())

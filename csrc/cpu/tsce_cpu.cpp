@@ -4,13 +4,20 @@
 // The maths (loss, gradients with respect to the logits and the temperature, edge cases) is
 // written out in csrc/common.h; read it first.
 //
+// Numerics: exact at the row maximum. Every exponent is formed as beta (x - m) (minus ls), with
+// m the row maximum of the RAW logits, so it is exactly 0 at the maximum whatever |x| and T
+// (never beta x - beta m from two rounded products). The saved per-row lse is [m, ls],
+// ls = log sum exp(beta (x - m)) = log1p(count of maxima - 1 + sum of the other exps): the ones of
+// the maxima are never rounded into the sum. The loss and the T-gradient are sums of
+// non-negative or shifted terms (row_loss, row_grad), and p_y - 1 is expm1(log p_y).
+//
 // Passes over memory
 //   forward   one read of the logits. A row is walked in chunks of kChunk elements: the chunk's
-//             max is taken (the chunk then sits in L1), the running sum of exp is rescaled when
-//             the max grows, and the chunk's exps and (for smoothing) its weighted sum are added.
+//             max is taken first (the chunk then sits in L1), the running state is rescaled when
+//             the max grows, and the chunk's exps and (for smoothing) D = sum w (m - x) are added.
 //             One exp per element; nothing of size N x C is written or kept.
-//   backward  one read of the logits and one write of the gradient; p = exp(z - lse) from the
-//             saved per-row lse. One exp per element.
+//   backward  one read of the logits and one write of the gradient; p = exp(beta (x - m) - ls)
+//             from the saved [m, ls]. One exp per element.
 //   fused     the forward's read, then the gradient is written while the row is still in the
 //             core's cache (a row of C float32 fits in L2 up to C ~ 250k); otherwise the second
 //             walk re-reads it from L3/DRAM.
@@ -44,126 +51,187 @@ namespace {
 
 using namespace ::softcal::cpu;
 
+// Per-row state of the forward, in units of the raw logits (common.h, schemas.h):
+//   m    = max_c x_c
+//   n1   = number of classes with x_c == m (their exps are exactly 1)
+//   rest = sum over the other classes of exp(beta (x_c - m))
+//   D    = sum_c w_c (m - x_c) >= 0            (only with smoothing)
+// so that ls = log sum_c exp(beta (x_c - m)) = log1p((n1 - 1) + rest): the 1 of the maximum is
+// never rounded into the sum, and ls keeps its relative accuracy for confident rows.
 template <typename acc_t>
 struct RowStats {
-  acc_t max;     // max_c x_c (raw logits); NaN if any is NaN
-  acc_t sumexp;  // sum_c exp(beta * (x_c - max))
-  acc_t dot;     // sum_c w_c x_c (only when requested)
+  acc_t m = kNegInf<acc_t>;
+  acc_t n1 = 0;
+  acc_t rest = 0;
+  acc_t D = 0;
+  bool bad = false;  // a NaN or +inf logit: no softmax
+  // false also for a row that is entirely -inf
+  bool has_softmax() const { return !bad && m > kNegInf<acc_t>; }
+  acc_t ls() const { return std::log1p((n1 - acc_t(1)) + rest); }
 };
 
-template <typename acc_t>
-struct ChunkSums {
-  acc_t max, sumexp, dot;
-};
-
-// One walk over x[0:n]: its max, sum_i exp(beta * x_i - shift) and (when kDot) sum w_i x_i.
+// Walks x[0:n] (acc, a chunk in L1) relative to the state's max m (finite), adding the exps
+// (split into exact ones and the rest) and, with kDot, D += sum w (m - x), Wseen += sum w.
 template <typename acc_t, bool kDot>
-inline ChunkSums<acc_t> chunk_exp_max_dot(const acc_t* x, const acc_t* w, int64_t n, acc_t beta,
-                                          acc_t shift) {
+inline void chunk_accumulate(const acc_t* x, const acc_t* w, int64_t n, acc_t beta,
+                             RowStats<acc_t>& st, acc_t& Wseen) {
   constexpr int64_t V = Vec<acc_t>::size();
-  const Vec<acc_t> vb(beta), vs(-shift);
-  Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>), s0(0), s1(0), d0(0), d1(0);
+  const Vec<acc_t> vb(beta), vm(st.m), zero(0), one(1);
+  // two independent sets of accumulators (the loop is bound by the exp's latency chain)
+  Vec<acc_t> r[2] = {zero, zero}, c[2] = {zero, zero}, d[2] = {zero, zero}, ws[2] = {zero, zero};
+  auto step = [&](int k, const Vec<acc_t>& xv, const Vec<acc_t>& xz, const Vec<acc_t>& wv) {
+    const Vec<acc_t> z = (xv - vm) * vb;  // exactly 0 at the maximum
+    const Vec<acc_t> e = vexp(z);
+    const Vec<acc_t> at_max = z == zero;
+    r[k] = r[k] + Vec<acc_t>::blendv(e, zero, at_max);
+    c[k] = c[k] + (at_max & one);
+    if constexpr (kDot) {
+      d[k] = at::vec::fmadd(wv, vm - xz, d[k]);
+      if (w != nullptr) ws[k] = ws[k] + wv;
+    }
+  };
+  auto wload = [&](int64_t i) {
+    return kDot && w != nullptr ? Vec<acc_t>::loadu(w + i) : one;
+  };
   int64_t i = 0;
   for (; i + 2 * V <= n; i += 2 * V) {
     const Vec<acc_t> a = Vec<acc_t>::loadu(x + i), b = Vec<acc_t>::loadu(x + i + V);
-    m0 = at::vec::maximum(m0, a);
-    m1 = at::vec::maximum(m1, b);
-    s0 = s0 + vexp(at::vec::fmadd(a, vb, vs));
-    s1 = s1 + vexp(at::vec::fmadd(b, vb, vs));
-    if constexpr (kDot) {
-      if (w == nullptr) {
-        d0 = d0 + a;
-        d1 = d1 + b;
-      } else {
-        d0 = at::vec::fmadd(a, Vec<acc_t>::loadu(w + i), d0);
-        d1 = at::vec::fmadd(b, Vec<acc_t>::loadu(w + i + V), d1);
-      }
-    }
+    step(0, a, a, wload(i));
+    step(1, b, b, wload(i + V));
   }
-  // the rest: whole vectors, then one masked vector (small C lives entirely here)
-  for (; i < n; i += V) {
-    Vec<acc_t> a, az, wv(1);
-    if (i + V <= n) {
-      a = az = Vec<acc_t>::loadu(x + i);
-      if (kDot && w != nullptr) wv = Vec<acc_t>::loadu(w + i);
-    } else {
-      const Tail<acc_t> t = load_tail(x + i, n - i);
-      a = t.masked;
-      az = t.loaded;
-      if (kDot && w != nullptr) wv = Vec<acc_t>::loadu(w + i, n - i);
-    }
-    m0 = at::vec::maximum(m0, a);
-    s0 = s0 + vexp(at::vec::fmadd(a, vb, vs));
-    if constexpr (kDot) d0 = w == nullptr ? d0 + az : at::vec::fmadd(az, wv, d0);
+  if (i + V <= n) {
+    const Vec<acc_t> a = Vec<acc_t>::loadu(x + i);
+    step(0, a, a, wload(i));
+    i += V;
   }
-  auto add = std::plus<Vec<acc_t>>();
-  ChunkSums<acc_t> r;
-  r.max = at::vec::vec_reduce_all<acc_t>(
-      [](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
-  r.sumexp = at::vec::vec_reduce_all<acc_t>(add, s0 + s1);
-  r.dot = kDot ? at::vec::vec_reduce_all<acc_t>(add, d0 + d1) : acc_t(0);
-  return r;
+  if (i < n) {
+    const Tail<acc_t> t = load_tail(x + i, n - i);
+    // unused lanes: x = -inf for the exps; x = m and weight 0 for D
+    const Vec<acc_t> wv = !kDot ? one
+                          : w != nullptr ? Vec<acc_t>::loadu(w + i, n - i)
+                                         : Vec<acc_t>::blendv(zero, one, t.lanes);
+    step(1, t.masked, Vec<acc_t>::blendv(vm, t.loaded, t.lanes), wv);
+  }
+  auto sum = [](const Vec<acc_t>& v) {
+    return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
+  };
+  st.rest += sum(r[0] + r[1]);
+  st.n1 += sum(c[0] + c[1]);
+  if constexpr (kDot) {
+    st.D += sum(d[0] + d[1]);
+    Wseen += w != nullptr ? sum(ws[0] + ws[1]) : static_cast<acc_t>(n);
+  }
 }
 
-// One read of a row: the online max and sum of exps, and optionally sum w_c x_c.
-// Each chunk is walked once: its exps are taken relative to the running max, which starts at
-// the row's first logit (exact in floating point as long as they cannot overflow), and the sum
-// is rescaled when the chunk's max is larger. A chunk whose max exceeds the running max by more
-// than 80 / beta (its exps could overflow), or the first chunk with a finite value when the
-// first logit is -inf, is walked a second time while in L1.
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+// 2^t for float32 lanes (the polynomial of exp_avx512 in cpu_common.h, rescaled to base 2:
+// coefficient k times ln2^k, the same function on |f| <= 1/2): n = round(t), f = t - n (exact),
+// 2^f by the polynomial (exactly 1 at f = 0), scaled by 2^n. t < -126 gives exactly 0 (so
+// -inf gives 0, no denormals); NaN stays NaN. 9 instructions.
+inline __m512 exp2_avx512(__m512 t) {
+  constexpr double l = 0.6931471805599453;
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(static_cast<float>(0.0082615288 * l * l * l * l * l));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(static_cast<float>(0.041898742 * l * l * l * l)));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(static_cast<float>(0.16668114 * l * l * l)));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(static_cast<float>(0.49999142 * l * l)));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(static_cast<float>(0.99999952 * l)));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+// chunk_accumulate for float32 with AVX-512 masks: exponent t = (x - m) beta log2(e) (0 at the
+// maximum), exps added under the mask "not at the maximum" (one masked add), the maxima counted
+// with popcnt, D from the same x - m. About as many vector instructions per element as the
+// former one-pass forward (which formed beta x - beta m).
+template <bool kDot>
+inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
+                                 RowStats<float>& st, float& Wseen) {
+  const __m512 vm = _mm512_set1_ps(st.m);
+  const __m512 vk = _mm512_set1_ps(static_cast<float>(beta * 1.4426950408889634));
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 r[2] = {zero, zero}, d[2] = {zero, zero}, ws[2] = {zero, zero};
+  int64_t cnt = 0;
+  auto step = [&](int k, __mmask16 lanes, int64_t i) {
+    const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
+    const __m512 dx = _mm512_sub_ps(xv, vm);
+    const __m512 t = _mm512_mul_ps(dx, vk);
+    const __m512 e = exp2_avx512(t);
+    const __mmask16 at_max = _mm512_mask_cmp_ps_mask(lanes, t, zero, _CMP_EQ_OQ);
+    r[k] = _mm512_mask_add_ps(r[k], lanes & ~at_max, r[k], e);
+    cnt += _mm_popcnt_u32(at_max);
+    if constexpr (kDot) {
+      if (w != nullptr) {
+        const __m512 wv = _mm512_maskz_loadu_ps(lanes, w + i);
+        d[k] = _mm512_fmadd_ps(wv, dx, d[k]);  // unused lanes: weight 0, dx finite
+        ws[k] = _mm512_add_ps(ws[k], wv);
+      } else {
+        d[k] = _mm512_mask_add_ps(d[k], lanes, d[k], dx);
+      }
+    }
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    step(0, 0xFFFF, i);
+    step(1, 0xFFFF, i + 16);
+  }
+  for (int k = 0; i < n; i += 16, k ^= 1)
+    step(k, n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1), i);
+  st.rest += _mm512_reduce_add_ps(_mm512_add_ps(r[0], r[1]));
+  st.n1 += static_cast<float>(cnt);
+  if constexpr (kDot) {
+    st.D -= _mm512_reduce_add_ps(_mm512_add_ps(d[0], d[1]));  // D = sum w (m - x)
+    Wseen += w != nullptr ? _mm512_reduce_add_ps(_mm512_add_ps(ws[0], ws[1]))
+                          : static_cast<float>(n);
+  }
+}
+#endif
+
+// One read of a row (bf16/half converted chunk by chunk into buf): per chunk of kChunk elements
+// its max is taken first (the chunk then sits in L1); when it exceeds the running max, the state
+// is rescaled to the new max; then the chunk's exps are taken relative to the max, so that the
+// exponent at the maximum is exactly 0. With need_dot, D = sum w_c (m - x_c) as well (a sum of
+// non-negative terms: no difference of large numbers).
 template <typename scalar_t, typename acc_t>
 inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
                                  bool need_dot, acc_t* buf) {
-  RowStats<acc_t> st{kNegInf<acc_t>, 0, 0};
-  // Start the running max at the first logit (when finite): most rows are then walked once.
-  // Short rows instead take their max first (a second walk of a few vectors costs less than
-  // the scalar exp that rescaling would take).
-  if (C <= 4 * Vec<acc_t>::size()) {
-    const acc_t* xa = as_acc(x, C, buf);
-    st.max = chunk_max(xa, C);
-    if (std::isfinite(st.max)) st.sumexp = chunk_sum_exp(xa, C, beta, beta * st.max);
-    if (need_dot) st.dot = chunk_dot(xa, w, C);
-    return st;
-  }
-  if (C > 0) {
-    const acc_t x0 = static_cast<acc_t>(x[0]);
-    if (std::isfinite(x0)) st.max = x0;
-  }
+  RowStats<acc_t> st;
+  acc_t Wseen = 0;  // sum of the weights of the classes seen (with need_dot)
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const acc_t* xa = as_acc(x + c0, n, buf);
     const acc_t* wc = w == nullptr ? nullptr : w + c0;
-    const bool have_shift = st.max > kNegInf<acc_t>;
-    const acc_t shift = have_shift ? beta * st.max : acc_t(0);
-    const ChunkSums<acc_t> cs = need_dot ? chunk_exp_max_dot<acc_t, true>(xa, wc, n, beta, shift)
-                                         : chunk_exp_max_dot<acc_t, false>(xa, wc, n, beta, shift);
-    st.dot += cs.dot;
-    if (std::isnan(cs.max) || cs.max == std::numeric_limits<acc_t>::infinity()) {
-      st.max = cs.max;  // NaN or +inf: no softmax; the caller turns this into NaN
+    const acc_t cm = chunk_max(xa, n);
+    if (std::isnan(cm) || cm == std::numeric_limits<acc_t>::infinity()) {
+      st.bad = true;  // NaN or +inf: no softmax; the caller turns this into NaN
       return st;
     }
-    if (cs.max == kNegInf<acc_t>) continue;  // all masked so far
-    if (have_shift && !(beta * (cs.max - st.max) > acc_t(80))) {
-      st.sumexp += cs.sumexp;  // exps relative to the old max
-      if (cs.max > st.max) {
-        st.sumexp *= std::exp(beta * (st.max - cs.max));
-        st.max = cs.max;
+    if (cm > st.m) {
+      if (st.m > kNegInf<acc_t>) {
+        st.rest = (st.n1 + st.rest) * std::exp(beta * (st.m - cm));
+        st.n1 = 0;
+        if (need_dot) st.D += (cm - st.m) * Wseen;
       }
-    } else {  // no shift yet, or one far too small: walk the chunk again with its own max
-      st.sumexp = have_shift ? st.sumexp * std::exp(beta * (st.max - cs.max)) : acc_t(0);
-      st.max = cs.max;
-      st.sumexp += chunk_sum_exp(xa, n, beta, beta * st.max);
+      st.m = cm;
+    }
+    if (st.m > kNegInf<acc_t>) {
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (need_dot) chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen);
+        else chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen);
+        continue;
+      }
+#endif
+      if (need_dot) chunk_accumulate<acc_t, true>(xa, wc, n, beta, st, Wseen);
+      else chunk_accumulate<acc_t, false>(xa, wc, n, beta, st, Wseen);
+    } else if (need_dot) {  // every logit so far is -inf: D is +inf (NaN where a weight is 0)
+      st.D += chunk_dot(xa, wc, n) * acc_t(-1);
+      Wseen += wc == nullptr ? acc_t(n) : chunk_dot<acc_t>(wc, nullptr, n);
     }
   }
   return st;
-}
-
-// log-sum-exp of z = beta * x from the row stats; NaN when the row has no softmax (a NaN or
-// +inf logit, or every logit -inf), as torch.softmax and common.h.
-template <typename acc_t>
-inline acc_t row_lse(const RowStats<acc_t>& st, acc_t beta) {
-  if (!std::isfinite(st.max)) return kNaN<acc_t>;
-  return beta * st.max + std::log(st.sumexp);
 }
 
 // Per-call constants of the cross-entropy.
@@ -210,59 +278,109 @@ CEParams<acc_t> make_params(int64_t C, const at::Tensor& target,
   return p;
 }
 
-// Checks every target (the error names the row and the value) and returns
-// denom = sum over non-ignored rows of w[target], summed in row order in double.
+// Checks every target (the error names the first bad row and its value) and returns
+// denom = sum over non-ignored rows of w[target]: in double, in row order within blocks of
+// kReduceBlock rows, then over the blocks in order (the same bits for any thread count).
 template <typename acc_t>
 double check_targets_and_denom(const CEParams<acc_t>& p, int64_t rows, const char* op) {
+  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  std::vector<double> part(blocks, 0.0);
+  std::vector<int64_t> bad(blocks, -1);
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double s = 0;
+      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
+      for (int64_t i = b * kReduceBlock; i < end; ++i) {
+        const int64_t t = p.target[i];
+        if (t == p.ignore_index) continue;
+        if (t < 0 || t >= p.C) {
+          bad[b] = i;
+          break;
+        }
+        s += static_cast<double>(p.weight_of(t));
+      }
+      part[b] = s;
+    }
+  });
   double denom = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t t = p.target[i];
-    if (t == p.ignore_index) continue;
-    TORCH_CHECK(t >= 0 && t < p.C, op, ": target[", i, "] = ", t, " is out of range for ", p.C,
-                " classes (ignore_index = ", p.ignore_index, ")");
-    denom += static_cast<double>(p.weight_of(t));
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (bad[b] >= 0) {
+      const int64_t i = bad[b], t = p.target[i];
+      TORCH_CHECK(false, op, ": target[", i, "] = ", t, " is out of range for ", p.C,
+                  " classes (ignore_index = ", p.ignore_index, ")");
+    }
+    denom += part[b];
   }
   return denom;
 }
 
-// Loss of one non-ignored row from its stats; writes its lse.
+// Loss of one non-ignored row from its stats; writes its [m, ls] (NaN without a softmax).
+//   lse - z_y = beta (m - x_y) + ls,   W lse - sum_c w_c z_c = beta D + W ls:
+// sums of non-negative terms, no difference of two large numbers.
 template <typename scalar_t, typename acc_t>
 inline acc_t row_loss(const CEParams<acc_t>& p, const scalar_t* x, const RowStats<acc_t>& st,
-                      int64_t y, acc_t& lse_out) {
-  if (!std::isfinite(st.max)) {  // NaN / +inf logits, or entirely -inf: NaN lse and loss
-    lse_out = kNaN<acc_t>;
+                      int64_t y, acc_t* lse_out) {
+  if (!st.has_softmax()) {  // NaN / +inf logits, or entirely -inf: NaN lse and loss
+    lse_out[0] = lse_out[1] = kNaN<acc_t>;
     return kNaN<acc_t>;
   }
-  const acc_t log_s = std::log(st.sumexp);
-  const acc_t lse = p.beta * st.max + log_s;
-  lse_out = lse;
+  const acc_t ls = st.ls();
+  lse_out[0] = st.m;
+  lse_out[1] = ls;
   const acc_t w_y = p.weight_of(y);
-  // lse - z_y = beta * (max - x_y) + log(sumexp): no cancellation between two large numbers
-  const acc_t nll = p.beta * (st.max - static_cast<acc_t>(x[y])) + log_s;
+  const acc_t nll = p.beta * (st.m - static_cast<acc_t>(x[y])) + ls;
   acc_t loss = (acc_t(1) - p.eps) * w_y * nll;
-  if (p.eps > 0) loss += p.eps_c * (p.W * lse - p.beta * st.dot);
+  if (p.eps > 0) loss += p.eps_c * (p.beta * st.D + p.W * ls);
   return loss;
 }
 
-// Gradient of one non-ignored row: grad_c = g * beta * dL/dz_c (written when grad != nullptr).
-// Returns S = sum over non-masked c of dL/dz_c * z_c (when need_t), for dL/dT = -(g/T) * S.
+// The true-class gradient dL/dz_y = A p_y - (eps/C) w_y - (1 - eps) w_y, written as
+//   (1 - eps) w_y (p_y - 1) + (eps/C) (W p_y - w_y)
+// with p_y - 1 = expm1(log p_y), log p_y = beta (x_y - m) - ls: a confident row (p_y near 1)
+// keeps the relative accuracy of p_y - 1.
+template <typename acc_t>
+inline acc_t true_class_dz(const CEParams<acc_t>& p, acc_t w_y, acc_t x_y, acc_t m, acc_t ls) {
+  const acc_t lp = p.beta * (x_y - m) - ls;
+  acc_t dz = (acc_t(1) - p.eps) * w_y * std::expm1(lp);
+  if (p.eps > 0) dz += p.eps_c * (p.W * std::exp(lp) - w_y);
+  return dz;
+}
+
+// Gradient of one non-ignored row: grad_c = g * beta * dL/dz_c (written when grad != nullptr),
+// with p_c = exp(beta (x_c - m) - ls) (exactly exp(-ls) at the maximum).
+// Returns S = sum over non-masked c of dL/dz_c * z_c (when need_t), for dL/dT = -(g/T) * S,
+// computed shifted by beta m (sum_c dL/dz_c = 0): sum_{non-masked} dz_c beta (x_c - m)
+// - beta m sum_{masked} dz_c, so that large logits keep their digits.
 template <typename scalar_t, typename acc_t>
-inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t lse,
-                      int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf) {
+inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t m,
+                      acc_t ls, int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf) {
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t C = p.C;
   const acc_t w_y = p.weight_of(y);
   const acc_t A = (acc_t(1) - p.eps) * w_y + p.eps * p.W / static_cast<acc_t>(C);
   const acc_t gb = g * p.beta;
-  if (!std::isfinite(lse)) {  // a row with NaN/+inf logits, or fully masked: NaN gradient
+  if (!(std::isfinite(m) && std::isfinite(ls))) {  // no softmax: NaN gradient
     if (grad != nullptr) std::fill(grad, grad + C, static_cast<scalar_t>(kNaN<acc_t>));
     return kNaN<acc_t>;
   }
-  const Vec<acc_t> vbeta(p.beta), vnlse(-lse), vcoef(gb * A), vcw(gb * p.eps_c), vA(A),
-      veps_c(p.eps_c), vninf(kNegInf<acc_t>), vzero(0);
-  Vec<acc_t> vS(0);
-  acc_t S = 0;
+  const Vec<acc_t> vbeta(p.beta), vm(m), vnls(-ls), vcoef(gb * A), vcw(gb * p.eps_c), vA(A),
+      veps_c(p.eps_c), vninf(kNegInf<acc_t>), vzero(0), vone(1);
+  Vec<acc_t> vS(0), vM(0);
   const acc_t x_y = static_cast<acc_t>(x[y]);  // read before the row is overwritten (in place)
+  auto step = [&](const Vec<acc_t>& xv, const Vec<acc_t>& wv, acc_t* o, int64_t k) {
+    const Vec<acc_t> d = xv - vm;
+    const Vec<acc_t> e = vexp(at::vec::fmadd(d, vbeta, vnls));
+    if (grad != nullptr) {
+      const Vec<acc_t> gv = vcoef * e - vcw * wv;
+      if (k == V) gv.store(o); else gv.store(o, k);
+    }
+    if (need_t) {
+      const Vec<acc_t> dz = vA * e - veps_c * wv;
+      const Vec<acc_t> live = xv > vninf;
+      vS = vS + Vec<acc_t>::blendv(vzero, dz * (d * vbeta), live);
+      vM = vM + Vec<acc_t>::blendv(dz, vzero, live);
+    }
+  };
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const acc_t* xa = as_acc(x + c0, n, xbuf);
@@ -271,96 +389,274 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
                      : gbuf;
     const acc_t* wc = p.w == nullptr ? nullptr : p.w + c0;
     int64_t i = 0;
-    for (; i + V <= n; i += V) {
-      const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + i);
-      const Vec<acc_t> e = vexp(at::vec::fmadd(xv, vbeta, vnlse));
-      const Vec<acc_t> wv = wc == nullptr ? Vec<acc_t>(1) : Vec<acc_t>::loadu(wc + i);
-      if (grad != nullptr) (vcoef * e - vcw * wv).store(out + i);
-      if (need_t) {
-        const Vec<acc_t> d = vA * e - veps_c * wv;
-        const Vec<acc_t> contrib = d * (xv * vbeta);
-        vS = vS + Vec<acc_t>::blendv(vzero, contrib, xv > vninf);
-      }
-    }
-    if (i < n) {  // one masked vector for the rest
+    for (; i + V <= n; i += V)
+      step(Vec<acc_t>::loadu(xa + i), wc == nullptr ? vone : Vec<acc_t>::loadu(wc + i), out + i, V);
+    if (i < n) {  // one masked vector for the rest; unused lanes: x = -inf, weight 0
       const int64_t k = n - i;
       const Tail<acc_t> t = load_tail(xa + i, k);
-      const Vec<acc_t> e = vexp(at::vec::fmadd(t.masked, vbeta, vnlse));
-      const Vec<acc_t> wv = wc == nullptr ? Vec<acc_t>(1) : Vec<acc_t>::loadu(wc + i, k);
-      if (grad != nullptr) (vcoef * e - vcw * wv).store(out + i, k);
-      if (need_t) {
-        const Vec<acc_t> contrib = (vA * e - veps_c * wv) * (t.loaded * vbeta);
-        vS = vS + Vec<acc_t>::blendv(vzero, contrib, t.masked > vninf);
-      }
+      const Vec<acc_t> wv = wc == nullptr ? Vec<acc_t>::blendv(vzero, vone, t.lanes)
+                                          : Vec<acc_t>::loadu(wc + i, k);
+      step(t.masked, wv, out + i, k);
     }
     if (grad != nullptr) store_from_acc(out, grad + c0, n);
   }
-  const acc_t p_y = std::exp(p.beta * x_y - lse);
   if (grad != nullptr) {
     // The true-class term in acc precision, then one rounding.
-    const acc_t gy = gb * (A * p_y - p.eps_c * w_y - (acc_t(1) - p.eps) * w_y);
-    grad[y] = static_cast<scalar_t>(gy);
+    grad[y] = static_cast<scalar_t>(gb * true_class_dz(p, w_y, x_y, m, ls));
   }
   if (!need_t) return 0;
-  S += at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vS);
-  if (x_y > kNegInf<acc_t>) S -= (acc_t(1) - p.eps) * w_y * (p.beta * x_y);
+  acc_t S = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vS);
+  acc_t masked = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vM);
+  const acc_t ty = -(acc_t(1) - p.eps) * w_y;  // the rest of dz_y
+  if (x_y > kNegInf<acc_t>) S += ty * (p.beta * (x_y - m));
+  else masked += ty;
+  if (masked != 0) S -= p.beta * m * masked;
   return S;
 }
 
 // ------------------------------------------------------------------------------------------
-// Ops
+// Small class counts: tiles of rows (float accumulation only: float32, bfloat16, float16).
+//
+// For C <= kTileMaxC a row is shorter than a few vectors, and per-row work (horizontal
+// reductions, a scalar log and exp per row) would cost more than the exps. Instead R rows
+// (R = the lanes of a float vector) are processed together, one row per lane: the tile (R x C,
+// converted to float in L1 unless it can be read in place) is transposed by gathers into C
+// vectors "class c of R rows", and every reduction over classes becomes vertical vector
+// arithmetic (max, exp, sums, log1p, expm1 of R rows at once). The gradient is computed in the
+// same transposed layout and gathered back into row-major order for one contiguous store.
+// No per-row heap buffers: the tile buffers are on the stack of the task.
 // ------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction) {
-  const char* op = "softcal.cross_entropy";
-  check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing,
-                    reduction, op);
-  const double T = host_temperature(temperature_t, temperature, op);
-  const int64_t rows = logits.size(0), C = logits.size(1);
-  const auto acc_st = acc_type(logits.scalar_type());
-  at::Tensor lse = at::empty({rows}, logits.options().dtype(acc_st));
-  at::Tensor loss_rows = at::empty({rows}, logits.options().dtype(acc_st));
-  at::Tensor denom_t = at::empty({}, logits.options().dtype(acc_st));
-  const at::Tensor tgt = target.contiguous();
-  const int64_t row_stride = logits.stride(0);
+// Up to 32 classes the tile path wins; beyond, its 3 C gathers per R rows (forward, backward,
+// back to row-major) cost more than the row path's per-row reductions (benchmarks/NOTES.md).
+constexpr int64_t kTileMaxC = 32;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> wbuf;
-    const auto p = make_params<acc_t>(C, tgt, weight, wbuf, T, label_smoothing, ignore_index);
-    const double denom = check_targets_and_denom(p, rows, op);
-    denom_t.fill_(denom);
-    const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    acc_t* lse_p = lse.data_ptr<acc_t>();
-    acc_t* loss_p = loss_rows.data_ptr<acc_t>();
-    at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t y = p.target[i];
-        if (y == ignore_index) {
-          loss_p[i] = 0;
-          lse_p[i] = 0;  // unused: ignored rows have no gradient
-          continue;
-        }
-        const scalar_t* xr = x + i * row_stride;
-        const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data());
-        loss_p[i] = row_loss(p, xr, st, y, lse_p[i]);
-      }
-    });
-  });
-
-  at::Tensor loss;
-  if (reduction == kNone) {
-    loss = loss_rows.to(logits.scalar_type());
-  } else {
-    double total = deterministic_sum(loss_rows);
-    if (reduction == kMean) total /= denom_t.item<double>();  // 0/0 = NaN when all are ignored
-    loss = at::scalar_tensor(total, logits.options().dtype(acc_st)).to(logits.scalar_type());
+struct TileShape {
+  static constexpr int64_t R = Vec<float>::size();
+  int64_t C = 0;
+  alignas(64) int32_t col[R];            // l * C: the first class of row l in a row-major tile
+  alignas(64) int32_t back[kTileMaxC * R];  // flat element k*R+l of the tile -> its (c*R + r)
+  explicit TileShape(int64_t C_) : C(C_) {
+    for (int64_t l = 0; l < R; ++l) col[l] = static_cast<int32_t>(l * C);
+    for (int64_t f = 0; f < R * C; ++f) back[f] = static_cast<int32_t>((f % C) * R + f / C);
   }
-  return {loss, lse, denom_t};
+};
+
+// Per-lane results of a tile.
+struct TileRows {
+  static constexpr int64_t R = Vec<float>::size();
+  alignas(64) float m[R], ls[R], xy[R], loss[R], g[R], S[R];
+  alignas(64) int32_t yidx[R];  // l * C + y (y = 0 for ignored rows)
+  int64_t y[R];
+  bool valid[R];  // not ignored
+  bool ok[R];     // has a softmax
+};
+
+struct TileBuffers {
+  static constexpr int64_t R = Vec<float>::size();
+  alignas(64) float tb[kTileMaxC * R];   // row-major tile in float
+  alignas(64) float tT[kTileMaxC * R];   // transposed: class c of the R rows at tT + c R
+  alignas(64) float gT[kTileMaxC * R];   // transposed gradient
+  alignas(64) float ob[kTileMaxC * R];   // row-major gradient in float
+};
+
+// Loads rows [i0, i0 + nr) into the tile, reads the targets (checked: an error names the row)
+// and gathers the classes into tT. Returns the row-major tile (tb, or the logits themselves).
+template <typename scalar_t>
+inline const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t row_stride,
+                              const int64_t* target, int64_t ignore_index, int64_t i0, int64_t nr,
+                              TileBuffers& b, TileRows& t, const char* op) {
+  constexpr int64_t R = TileShape::R;
+  const int64_t C = ts.C;
+  const float* tile;
+  if (std::is_same_v<scalar_t, float> && row_stride == C && nr == R && C <= 16) {
+    // read in place (a tile of <= 16 rows x 16 floats: its gathers touch <= 16 cache lines)
+    tile = reinterpret_cast<const float*>(x + i0 * C);
+  } else {
+    if (row_stride == C) {
+      at::vec::convert(x + i0 * C, b.tb, nr * C);
+    } else {
+      for (int64_t l = 0; l < nr; ++l) at::vec::convert(x + (i0 + l) * row_stride, b.tb + l * C, C);
+    }
+    std::fill(b.tb + nr * C, b.tb + R * C, 0.0f);
+    tile = b.tb;
+  }
+  for (int64_t l = 0; l < R; ++l) {
+    int64_t y = l < nr ? target[i0 + l] : ignore_index;
+    const bool valid = l < nr && y != ignore_index;
+    if (valid) {
+      TORCH_CHECK(y >= 0 && y < C, op, ": target[", i0 + l, "] = ", y, " is out of range for ",
+                  C, " classes (ignore_index = ", ignore_index, ")");
+    } else {
+      y = 0;
+    }
+    t.y[l] = y;
+    t.valid[l] = valid;
+    t.yidx[l] = static_cast<int32_t>(l * C + y);
+  }
+  const at::vec::Vectorized<int32_t> vcol = at::vec::Vectorized<int32_t>::loadu(ts.col);
+  for (int64_t c = 0; c < C; ++c) at::vec::gather<4>(tile + c, vcol).store(b.tT + c * R);
+  return tile;
+}
+
+// Forward of a loaded tile: per lane m, ls, x_y and the loss (see RowStats and row_loss).
+template <bool kDot>
+inline void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* tile,
+                         TileBuffers& b, TileRows& t) {
+  constexpr int64_t R = TileShape::R;
+  using V = Vec<float>;
+  const int64_t C = ts.C;
+  V vm(kNegInf<float>);
+  for (int64_t c = 0; c < C; ++c) vm = at::vec::maximum(vm, V::loadu(b.tT + c * R));
+  // lanes without a softmax (NaN, +inf, all -inf) are computed with m = 0 and fixed up below
+  const V ok = (vm > V(kNegInf<float>)) & (vm < V(std::numeric_limits<float>::infinity()));
+  vm = V::blendv(V(0), vm, ok);
+  const V vb(p.beta), zero(0), one(1);
+  V rest(0), n1(0), D(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const V xv = V::loadu(b.tT + c * R);
+    const V d = (xv - vm) * vb;  // exactly 0 at the maximum
+    const V e = vexp(d);
+    const V at_max = d == zero;
+    rest = rest + V::blendv(e, zero, at_max);
+    n1 = n1 + V::blendv(zero, one, at_max);
+    if constexpr (kDot) D = at::vec::fmadd(V(p.weight_of(c)), vm - xv, D);
+  }
+  const V ls = ((n1 - one) + rest).log1p();
+  const V xy = at::vec::gather<4>(tile, at::vec::Vectorized<int32_t>::loadu(t.yidx));
+  V wy = one;
+  if (p.w != nullptr) {
+    alignas(64) float wyl[R];
+    for (int64_t l = 0; l < R; ++l) wyl[l] = p.w[t.y[l]];
+    wy = V::loadu(wyl);
+  }
+  V loss = V(1 - p.eps) * wy * (vb * (vm - xy) + ls);
+  if constexpr (kDot) loss = loss + V(p.eps_c) * (vb * D + V(p.W) * ls);
+  vm.store(t.m);
+  ls.store(t.ls);
+  xy.store(t.xy);
+  loss.store(t.loss);
+  alignas(64) float okl[R];
+  ok.store(okl);
+  for (int64_t l = 0; l < R; ++l) {
+    t.ok[l] = okl[l] != 0;  // all bits set where true
+    if (!t.ok[l]) t.m[l] = t.ls[l] = t.loss[l] = kNaN<float>;
+  }
+}
+
+// Gradient of a tile (rows with valid && ok; t.m, t.ls, t.xy, t.g set; t.g = upstream gradient
+// of the row), written row-major into out (nr rows, contiguous); with need_t, t.S = the row's
+// sum for dL/dT (see row_grad).
+template <typename scalar_t>
+inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers& b, TileRows& t,
+                      int64_t nr, bool need_t, scalar_t* out) {
+  constexpr int64_t R = TileShape::R;
+  using V = Vec<float>;
+  const int64_t C = ts.C;
+  alignas(64) float ml[R], lsl[R], coefl[R], cwl[R], Al[R], wyl[R];
+  for (int64_t l = 0; l < R; ++l) {
+    const bool live = t.valid[l] && t.ok[l];
+    const float w_y = p.weight_of(t.y[l]);
+    const float A = (1 - p.eps) * w_y + p.eps * p.W / static_cast<float>(C);
+    const float gb = live ? t.g[l] * p.beta : 0.0f;
+    ml[l] = live ? t.m[l] : 0.0f;
+    lsl[l] = live ? t.ls[l] : 0.0f;
+    coefl[l] = gb * A;
+    cwl[l] = gb * p.eps_c;
+    Al[l] = A;
+    wyl[l] = w_y;
+  }
+  const V vm = V::loadu(ml), vnls = V(0) - V::loadu(lsl), vcoef = V::loadu(coefl),
+          vcw = V::loadu(cwl), vA = V::loadu(Al), vb(p.beta), veps_c(p.eps_c),
+          vninf(kNegInf<float>), zero(0);
+  V vS(0), vM(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const V xv = V::loadu(b.tT + c * R);
+    const V dd = xv - vm;
+    const V e = vexp(at::vec::fmadd(dd, vb, vnls));
+    const V wc(p.weight_of(c));
+    (vcoef * e - vcw * wc).store(b.gT + c * R);
+    if (need_t) {
+      const V dz = vA * e - veps_c * wc;
+      const V live = xv > vninf;
+      vS = vS + V::blendv(zero, dz * (dd * vb), live);
+      vM = vM + V::blendv(dz, zero, live);
+    }
+  }
+  // the true class: (1 - eps) w_y expm1(log p_y) + (eps/C) (W p_y - w_y)  (true_class_dz)
+  const V vwy = V::loadu(wyl);
+  const V lp = vb * (V::loadu(t.xy) - vm) + vnls;
+  V dzy = V(1 - p.eps) * vwy * lp.expm1();
+  if (p.eps > 0) dzy = dzy + veps_c * (V(p.W) * lp.exp() - vwy);
+  alignas(64) float dzyl[R], Sl[R], Ml[R];
+  dzy.store(dzyl);
+  if (need_t) {
+    vS.store(Sl);
+    vM.store(Ml);
+  }
+  for (int64_t l = 0; l < nr; ++l) {
+    if (!t.valid[l]) {
+      for (int64_t c = 0; c < C; ++c) b.gT[c * R + l] = 0;
+      t.S[l] = 0;
+      continue;
+    }
+    if (!t.ok[l]) {
+      for (int64_t c = 0; c < C; ++c) b.gT[c * R + l] = kNaN<float>;
+      t.S[l] = kNaN<float>;
+      continue;
+    }
+    b.gT[t.y[l] * R + l] = t.g[l] * p.beta * dzyl[l];
+    if (need_t) {
+      float S = Sl[l], masked = Ml[l];
+      const float ty = -(1 - p.eps) * wyl[l];
+      if (t.xy[l] > kNegInf<float>) S += ty * (p.beta * (t.xy[l] - t.m[l]));
+      else masked += ty;
+      if (masked != 0) S -= p.beta * t.m[l] * masked;
+      t.S[l] = S;
+    }
+  }
+  // back to row-major: flat vector k of the tile gathers its elements from gT
+  float* o = std::is_same_v<scalar_t, float> && nr == R ? reinterpret_cast<float*>(out) : b.ob;
+  for (int64_t k = 0; k < C; ++k)
+    at::vec::gather<4>(b.gT, at::vec::Vectorized<int32_t>::loadu(ts.back + k * R)).store(o + k * R);
+  if (o == b.ob) store_from_acc(b.ob, out, nr * C);
+}
+
+// Whether the tile path takes this call.
+template <typename scalar_t>
+inline bool use_tiles(int64_t C) {
+  return std::is_same_v<at::opmath_type<scalar_t>, float> && C >= 1 && C <= kTileMaxC;
+}
+
+// The tile path over blocks [b0, b1) of kReduceBlock rows; false (nothing done) where it does
+// not apply (float64, or C > kTileMaxC). Per-row outputs go through `emit`, as in the row path.
+template <typename scalar_t, typename Emit>
+bool fwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_t* x,
+                     int64_t row_stride, int64_t rows, int64_t b0, int64_t b1, const char* op,
+                     Emit& emit, std::vector<double>& part) {
+  if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    return false;
+  } else {
+    if (!use_tiles<scalar_t>(p.C)) return false;
+    constexpr int64_t R = TileShape::R;
+    const TileShape ts(p.C);
+    TileBuffers bufs;
+    TileRows t;
+    for (int64_t b = b0; b < b1; ++b) {
+      double sum = 0;
+      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
+      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+        const int64_t nr = std::min(R, end - i0);
+        const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
+                                      t, op);
+        if (p.eps > 0) tile_forward<true>(ts, p, tile, bufs, t);
+        else tile_forward<false>(ts, p, tile, bufs, t);
+        for (int64_t l = 0; l < nr; ++l) emit(i0 + l, t.valid[l], t.m[l], t.ls[l], t.loss[l], sum);
+      }
+      part[b] = sum;
+    }
+    return true;
+  }
 }
 
 // Upstream gradient of row i (already divided by denom for mean).
@@ -377,6 +673,157 @@ inline acc_t grad_of_row(const GradScale& gs, int64_t i) {
   return static_cast<const acc_t*>(gs.ptr)[i * gs.stride];
 }
 
+template <typename scalar_t>
+bool bwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_t* x,
+                     int64_t row_stride, int64_t rows, int64_t b0, int64_t b1, const char* op,
+                     const at::opmath_type<scalar_t>* lse_p, const GradScale& gs, bool need_t,
+                     at::opmath_type<scalar_t> invT, scalar_t* gx, std::vector<double>& part) {
+  if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    return false;
+  } else {
+    if (!use_tiles<scalar_t>(p.C)) return false;
+    const int64_t C = p.C;
+    constexpr int64_t R = TileShape::R;
+    const TileShape ts(C);
+    TileBuffers bufs;
+    TileRows t;
+    for (int64_t b = b0; b < b1; ++b) {
+      double sum_t = 0;
+      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
+      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+        const int64_t nr = std::min(R, end - i0);
+        const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
+                                      t, op);
+        for (int64_t l = 0; l < R; ++l) {
+          const bool in = l < nr;
+          t.m[l] = in ? lse_p[2 * (i0 + l)] : 0.0f;
+          t.ls[l] = in ? lse_p[2 * (i0 + l) + 1] : 0.0f;
+          t.ok[l] = std::isfinite(t.m[l]) && std::isfinite(t.ls[l]);
+          t.xy[l] = tile[t.yidx[l]];
+          t.g[l] = in && t.valid[l] ? grad_of_row<float>(gs, i0 + l) : 0.0f;
+        }
+        tile_grad(ts, p, bufs, t, nr, need_t, gx + i0 * C);
+        if (need_t)
+          for (int64_t l = 0; l < nr; ++l)
+            if (t.valid[l]) sum_t += static_cast<double>(-t.g[l] * t.S[l] * invT);
+      }
+      part[b] = sum_t;
+    }
+    return true;
+  }
+}
+
+template <typename scalar_t, typename Emit>
+bool fused_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_t* x,
+                       int64_t row_stride, int64_t rows, int64_t b0, int64_t b1, const char* op,
+                       at::opmath_type<scalar_t> g, bool need_t, scalar_t* grad_out, Emit& emit,
+                       std::vector<double>& part_loss, std::vector<double>& part_t) {
+  if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    return false;
+  } else {
+    if (!use_tiles<scalar_t>(p.C)) return false;
+    const int64_t C = p.C;
+    constexpr int64_t R = TileShape::R;
+    const TileShape ts(C);
+    TileBuffers bufs;
+    TileRows t;
+    for (int64_t b = b0; b < b1; ++b) {
+      double sl = 0, st = 0;
+      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
+      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+        const int64_t nr = std::min(R, end - i0);
+        const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
+                                      t, op);
+        if (p.eps > 0) tile_forward<true>(ts, p, tile, bufs, t);
+        else tile_forward<false>(ts, p, tile, bufs, t);
+        for (int64_t l = 0; l < R; ++l) t.g[l] = g;
+        tile_grad(ts, p, bufs, t, nr, need_t, grad_out + i0 * C);
+        for (int64_t l = 0; l < nr; ++l) {
+          const bool v = t.valid[l];
+          emit(i0 + l, v ? t.loss[l] : 0.0f, v && need_t ? -g * t.S[l] * p.beta : 0.0f, sl, st);
+        }
+      }
+      part_loss[b] = sl;
+      part_t[b] = st;
+    }
+    return true;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Ops
+// ------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
+    int64_t ignore_index, int64_t reduction) {
+  const char* op = "softcal.cross_entropy";
+  check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing,
+                    reduction, op);
+  const double T = host_temperature(temperature_t, temperature, op);
+  const int64_t rows = logits.size(0), C = logits.size(1);
+  const auto acc_st = acc_type(logits.scalar_type());
+  at::Tensor lse = at::empty({rows, 2}, logits.options().dtype(acc_st));
+  // reduction none: the per-row losses are written in the logits' dtype; otherwise they are
+  // summed per block of kReduceBlock rows (no per-row buffer)
+  at::Tensor loss = reduction == kNone ? at::empty({rows}, logits.options()) : at::Tensor();
+  at::Tensor denom_t = at::empty({}, logits.options().dtype(acc_st));
+  const at::Tensor tgt = target.contiguous();
+  const int64_t row_stride = logits.stride(0);
+  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  std::vector<double> part(blocks, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> wbuf;
+    const auto p = make_params<acc_t>(C, tgt, weight, wbuf, T, label_smoothing, ignore_index);
+    const double denom = check_targets_and_denom(p, rows, op);
+    denom_t.fill_(denom);
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    scalar_t* loss_p = reduction == kNone ? loss.data_ptr<scalar_t>() : nullptr;
+    // one row's results: lse, and its loss written or added to the block's sum
+    auto emit = [&](int64_t i, bool valid, acc_t m, acc_t ls, acc_t l, double& sum) {
+      lse_p[2 * i] = valid ? m : acc_t(0);  // ignored rows: [0, 0], loss 0
+      lse_p[2 * i + 1] = valid ? ls : acc_t(0);
+      const acc_t li = valid ? l : acc_t(0);
+      if (loss_p != nullptr) loss_p[i] = static_cast<scalar_t>(li);
+      else sum += static_cast<double>(li);
+    };
+    const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      if (fwd_tile_blocks(p, x, row_stride, rows, b0, b1, op, emit, part)) return;
+      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+      for (int64_t b = b0; b < b1; ++b) {
+        double sum = 0;
+        const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
+        for (int64_t i = b * kReduceBlock; i < end; ++i) {
+          const int64_t y = p.target[i];
+          if (y == ignore_index) {
+            emit(i, false, 0, 0, 0, sum);
+            continue;
+          }
+          const scalar_t* xr = x + i * row_stride;
+          const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data());
+          acc_t lse_r[2];
+          const acc_t l = row_loss(p, xr, st, y, lse_r);
+          emit(i, true, lse_r[0], lse_r[1], l, sum);
+        }
+        part[b] = sum;
+      }
+    });
+  });
+
+  if (reduction != kNone) {
+    double total = 0;
+    for (double v : part) total += v;
+    if (reduction == kMean) total /= denom_t.item<double>();  // 0/0 = NaN when all are ignored
+    loss = at::scalar_tensor(total, logits.options().dtype(acc_st)).to(logits.scalar_type());
+  }
+  return {loss, lse, denom_t};
+}
+
 std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& denom,
@@ -388,8 +835,11 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
   const double T = host_temperature(temperature_t, temperature, op);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto acc_st = acc_type(logits.scalar_type());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows && lse.scalar_type() == acc_st, op,
-              ": lse must be (", rows, ",) ", acc_st, ", got ", lse.sizes(), " ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == 2 &&
+                  lse.scalar_type() == acc_st,
+              op, ": lse must be (", rows, ", 2) ", acc_st, " (row max, log sum exp), got ",
+              lse.sizes(), " ", lse.scalar_type());
+  const at::Tensor lse_c = lse.contiguous();
   if (reduction == kNone) {
     TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == rows, op, ": grad_loss must be (",
                 rows, ",) for reduction none, got ", grad_loss.sizes());
@@ -398,8 +848,8 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
   }
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
-  at::Tensor grad_t_rows = need_t ? at::empty({rows}, logits.options().dtype(acc_st))
-                                  : at::Tensor();
+  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  std::vector<double> part(blocks, 0.0);  // per block of rows: sum of dL_i/dT
   GradScale gs;
   at::Tensor g_acc;  // upstream gradient in acc dtype
   if (reduction == kNone) {
@@ -420,25 +870,33 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
     const auto p = make_params<acc_t>(C, tgt, weight, wbuf, T, label_smoothing, ignore_index);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* gx = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
-    acc_t* gt_p = need_t ? grad_t_rows.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+    const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
+    const acc_t invT = static_cast<acc_t>(1.0 / T);
+    const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      if (gx != nullptr &&
+          bwd_tile_blocks(p, x, row_stride, rows, b0, b1, op, lse_p, gs, need_t, invT, gx, part))
+        return;
       std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
       std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t y = p.target[i];
-        scalar_t* gr = gx == nullptr ? nullptr : gx + i * C;
-        if (y == ignore_index) {
-          if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
-          if (gt_p != nullptr) gt_p[i] = 0;
-          continue;
+      for (int64_t b = b0; b < b1; ++b) {
+        double sum_t = 0;
+        const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
+        for (int64_t i = b * kReduceBlock; i < end; ++i) {
+          const int64_t y = p.target[i];
+          scalar_t* gr = gx == nullptr ? nullptr : gx + i * C;
+          if (y == ignore_index) {
+            if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
+            continue;
+          }
+          TORCH_CHECK(y >= 0 && y < C, op, ": target[", i, "] = ", y, " is out of range for ",
+                      C, " classes");
+          const acc_t g = grad_of_row<acc_t>(gs, i);
+          const acc_t S = row_grad(p, x + i * row_stride, gr, lse_p[2 * i], lse_p[2 * i + 1], y,
+                                   g, need_t, xbuf.data(), gbuf.data());
+          if (need_t) sum_t += static_cast<double>(-g * S * invT);
         }
-        TORCH_CHECK(y >= 0 && y < C, op, ": target[", i, "] = ", y, " is out of range for ", C,
-                    " classes");
-        const acc_t g = grad_of_row<acc_t>(gs, i);
-        const acc_t S = row_grad(p, x + i * row_stride, gr, lse_p[i], y, g, gt_p != nullptr,
-                                 xbuf.data(), gbuf.data());
-        if (gt_p != nullptr) gt_p[i] = -g * S * static_cast<acc_t>(1.0 / T);
+        part[b] = sum_t;
       }
     });
   });
@@ -446,18 +904,23 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
   const auto t_dtype = temp_grad_type(temperature_t, logits.scalar_type());
   at::Tensor grad_t = at::zeros({}, logits.options().dtype(t_dtype));
   if (need_t) {
-    grad_t.fill_(deterministic_sum(grad_t_rows));
+    double total = 0;
+    for (double v : part) total += v;
+    grad_t.fill_(total);
   }
   return {grad, grad_t};
 }
 
 // Fused forward: loss and gradient (upstream gradient 1) in one call. `grad_out` may alias the
-// logits (in-place mode): each row is read completely before its gradient is written.
+// logits (in-place mode): each row (each tile) is read completely before its gradient is
+// written. reduction none: per-row loss and dL_i/dT into loss_rows / grad_t_rows; otherwise
+// their sums per block of kReduceBlock rows into part_loss / part_t (no per-row buffers).
 template <typename scalar_t>
 void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, double T, double label_smoothing,
                      int64_t ignore_index, int64_t reduction, bool need_t, at::Tensor& loss_rows,
-                     at::Tensor& grad_t_rows, double& denom, const char* op) {
+                     at::Tensor& grad_t_rows, std::vector<double>& part_loss,
+                     std::vector<double>& part_t, double& denom, const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = logits.size(0), C = logits.size(1);
   std::vector<acc_t> wbuf;
@@ -466,34 +929,58 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
   const acc_t g = reduction == kMean ? static_cast<acc_t>(1.0 / denom) : acc_t(1);
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   const int64_t row_stride = logits.stride(0);
-  acc_t* loss_p = loss_rows.data_ptr<acc_t>();
-  acc_t* gt_p = need_t ? grad_t_rows.data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+  const bool per_row = reduction == kNone;
+  acc_t* loss_p = per_row ? loss_rows.data_ptr<acc_t>() : nullptr;
+  acc_t* gt_p = per_row && need_t ? grad_t_rows.data_ptr<acc_t>() : nullptr;
+  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  part_loss.assign(blocks, 0.0);
+  part_t.assign(blocks, 0.0);
+  auto emit = [&](int64_t i, acc_t l, acc_t gt, double& sl, double& st) {
+    if (per_row) {
+      loss_p[i] = l;
+      if (gt_p != nullptr) gt_p[i] = gt;
+    } else {
+      sl += static_cast<double>(l);
+      st += static_cast<double>(gt);
+    }
+  };
+  const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    if (fused_tile_blocks(p, x, row_stride, rows, b0, b1, op, g, need_t, grad_out, emit, part_loss,
+                          part_t))
+      return;
     std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
     std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-    for (int64_t i = r0; i < r1; ++i) {
-      const int64_t y = p.target[i];
-      scalar_t* gr = grad_out + i * C;
-      if (y == ignore_index) {
-        loss_p[i] = 0;
-        std::fill(gr, gr + C, scalar_t(0));
-        if (gt_p != nullptr) gt_p[i] = 0;
-        continue;
+    for (int64_t b = b0; b < b1; ++b) {
+      double sl = 0, st = 0;
+      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
+      for (int64_t i = b * kReduceBlock; i < end; ++i) {
+        const int64_t y = p.target[i];
+        scalar_t* gr = grad_out + i * C;
+        if (y == ignore_index) {
+          std::fill(gr, gr + C, scalar_t(0));
+          emit(i, 0, 0, sl, st);
+          continue;
+        }
+        const scalar_t* xr = x + i * row_stride;
+        const auto rs = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data());
+        acc_t lse[2];
+        const acc_t l = row_loss(p, xr, rs, y, lse);
+        // A row without a softmax has lse = NaN: row_grad gives NaN there, like its loss.
+        const acc_t S = row_grad(p, xr, gr, lse[0], lse[1], y, g, need_t, xbuf.data(),
+                                 gbuf.data());
+        emit(i, l, need_t ? -g * S * p.beta : acc_t(0), sl, st);
       }
-      const scalar_t* xr = x + i * row_stride;
-      const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data());
-      acc_t lse;
-      loss_p[i] = row_loss(p, xr, st, y, lse);
-      // A fully masked row has lse = -inf: row_grad gives NaN there, like its loss.
-      const acc_t S = row_grad(p, xr, gr, lse, y, g,
-                               gt_p != nullptr, xbuf.data(), gbuf.data());
-      if (gt_p != nullptr) gt_p[i] = -g * S * p.beta;
+      part_loss[b] = sl;
+      part_t[b] = st;
     }
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> finish_fused(const at::Tensor& logits, at::Tensor& loss_rows,
-                                                at::Tensor& grad_t_rows, double denom,
+                                                at::Tensor& grad_t_rows,
+                                                const std::vector<double>& part_loss,
+                                                const std::vector<double>& part_t, double denom,
                                                 int64_t reduction, bool need_t,
                                                 const std::optional<at::Tensor>& temperature_t) {
   const auto t_dtype = temp_grad_type(temperature_t, logits.scalar_type());
@@ -503,8 +990,10 @@ std::tuple<at::Tensor, at::Tensor> finish_fused(const at::Tensor& logits, at::Te
     loss = loss_rows.to(logits.scalar_type());
     grad_t = need_t ? grad_t_rows.to(t_dtype) : at::zeros({logits.size(0)}, logits.options().dtype(t_dtype));
   } else {
-    double total = deterministic_sum(loss_rows);
-    const double total_t = need_t ? deterministic_sum(grad_t_rows) : 0.0;
+    double total = 0, total_t = 0;
+    for (double v : part_loss) total += v;
+    if (need_t)
+      for (double v : part_t) total_t += v;
     if (reduction == kMean) total /= denom;
     loss = at::scalar_tensor(total, logits.options().dtype(acc_st)).to(logits.scalar_type());
     grad_t = at::scalar_tensor(total_t, logits.options().dtype(t_dtype));
@@ -524,15 +1013,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fused_cpu(
   const auto acc_st = acc_type(logits.scalar_type());
   const int64_t rows = logits.size(0);
   at::Tensor grad = new_grad_buffer(logits);
-  at::Tensor loss_rows = at::empty({rows}, logits.options().dtype(acc_st));
-  at::Tensor grad_t_rows = at::empty({need_t ? rows : 0}, logits.options().dtype(acc_st));
+  const bool per_row = reduction == kNone;
+  at::Tensor loss_rows = at::empty({per_row ? rows : 0}, logits.options().dtype(acc_st));
+  at::Tensor grad_t_rows = at::empty({per_row && need_t ? rows : 0}, logits.options().dtype(acc_st));
+  std::vector<double> part_loss, part_t;
   double denom = 0;
   const at::Tensor tgt = target.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_fused_cpu", [&] {
     tsce_fused_impl<scalar_t>(logits, grad.data_ptr<scalar_t>(), tgt, weight, T, label_smoothing,
-                              ignore_index, reduction, need_t, loss_rows, grad_t_rows, denom, op);
+                              ignore_index, reduction, need_t, loss_rows, grad_t_rows, part_loss, part_t,
+                              denom, op);
   });
-  auto [loss, grad_t] = finish_fused(logits, loss_rows, grad_t_rows, denom, reduction, need_t, temperature_t);
+  auto [loss, grad_t] = finish_fused(logits, loss_rows, grad_t_rows, part_loss, part_t, denom, reduction, need_t,
+                      temperature_t);
   return {loss, grad, grad_t};
 }
 
@@ -549,16 +1042,19 @@ std::tuple<at::Tensor, at::Tensor> tsce_fused_inplace_cpu(
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   const auto acc_st = acc_type(logits.scalar_type());
   const int64_t rows = logits.size(0);
-  at::Tensor loss_rows = at::empty({rows}, logits.options().dtype(acc_st));
-  at::Tensor grad_t_rows = at::empty({need_t ? rows : 0}, logits.options().dtype(acc_st));
+  const bool per_row = reduction == kNone;
+  at::Tensor loss_rows = at::empty({per_row ? rows : 0}, logits.options().dtype(acc_st));
+  at::Tensor grad_t_rows = at::empty({per_row && need_t ? rows : 0}, logits.options().dtype(acc_st));
+  std::vector<double> part_loss, part_t;
   double denom = 0;
   const at::Tensor tgt = target.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_fused_inplace_cpu", [&] {
     tsce_fused_impl<scalar_t>(logits, const_cast<scalar_t*>(logits.const_data_ptr<scalar_t>()),
                               tgt, weight, T, label_smoothing, ignore_index, reduction, need_t,
-                              loss_rows, grad_t_rows, denom, op);
+                              loss_rows, grad_t_rows, part_loss, part_t, denom, op);
   });
-  return finish_fused(logits, loss_rows, grad_t_rows, denom, reduction, need_t, temperature_t);
+  return finish_fused(logits, loss_rows, grad_t_rows, part_loss, part_t, denom, reduction, need_t,
+                      temperature_t);
 }
 
 void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
@@ -617,22 +1113,23 @@ void softmax_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C, dou
       scalar_t* orow = out + i * C;
       const auto st = row_stats<scalar_t, acc_t>(xr, C, beta, nullptr, false, xbuf.data());
       // NaN for a row with NaN/+inf or entirely -inf (as torch.softmax)
-      const acc_t lse = row_lse(st, beta);
-      const Vec<acc_t> vb(beta), vl(-lse);
+      const bool ok = st.has_softmax();
+      // z - lse = beta (x - m) - ls: exactly -ls at the maximum
+      const Vec<acc_t> vb(beta), vm(ok ? st.m : acc_t(0)), vl(ok ? -st.ls() : acc_t(0));
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(kChunk, C - c0);
         const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
         acc_t* oa = obuf.data();
         int64_t c = 0;
         for (; c + V <= n; c += V) {
-          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c), vb, vl);
+          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c) - vm, vb, vl);
           (log ? z : vexp(z)).store(oa + c);
         }
         if (c < n) {
-          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c, n - c), vb, vl);
+          const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c, n - c) - vm, vb, vl);
           (log ? z : vexp(z)).store(oa + c, n - c);
         }
-        if (std::isnan(lse)) std::fill(oa, oa + n, kNaN<acc_t>);
+        if (!ok) std::fill(oa, oa + n, kNaN<acc_t>);
         store_from_acc(oa, orow + c0, n);
       }
     }
@@ -647,27 +1144,31 @@ void softmax_strided(const scalar_t* x, scalar_t* out, int64_t outer, int64_t C,
   constexpr int64_t J = 64;  // columns of `inner` handled together (contiguous loads)
   const int64_t jblocks = (inner + J - 1) / J;
   at::parallel_for(0, outer * jblocks, 1, [&](int64_t b0, int64_t b1) {
-    acc_t m[J], s[J];
+    acc_t m[J], s[J], n1[J], ls[J];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b / jblocks, j0 = (b % jblocks) * J, nj = std::min(J, inner - j0);
       const scalar_t* xb = x + o * C * inner + j0;
       scalar_t* ob = out + o * C * inner + j0;
-      for (int64_t j = 0; j < nj; ++j) { m[j] = kNegInf<acc_t>; s[j] = 0; }
+      for (int64_t j = 0; j < nj; ++j) { m[j] = kNegInf<acc_t>; s[j] = 0; n1[j] = 0; }
       for (int64_t c = 0; c < C; ++c)
         for (int64_t j = 0; j < nj; ++j) {
           const acc_t v = static_cast<acc_t>(xb[c * inner + j]);
           m[j] = (std::isnan(v) || v > m[j]) ? v : m[j];
         }
+      // exps relative to the max, the exact ones (at the max) counted apart (see RowStats)
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t j = 0; j < nj; ++j)
-          s[j] += std::exp(beta * (static_cast<acc_t>(xb[c * inner + j]) - m[j]));
+        for (int64_t j = 0; j < nj; ++j) {
+          const acc_t d = beta * (static_cast<acc_t>(xb[c * inner + j]) - m[j]);
+          if (d == 0) n1[j] += 1;
+          else s[j] += std::exp(d);
+        }
       for (int64_t j = 0; j < nj; ++j) {
         const bool bad = std::isnan(m[j]) || std::isinf(m[j]);
-        m[j] = bad ? kNaN<acc_t> : beta * m[j] + std::log(s[j]);  // m now holds lse
+        ls[j] = bad ? kNaN<acc_t> : std::log1p((n1[j] - 1) + s[j]);
       }
       for (int64_t c = 0; c < C; ++c)
         for (int64_t j = 0; j < nj; ++j) {
-          const acc_t z = beta * static_cast<acc_t>(xb[c * inner + j]) - m[j];
+          const acc_t z = beta * (static_cast<acc_t>(xb[c * inner + j]) - m[j]) - ls[j];
           ob[c * inner + j] = static_cast<scalar_t>(log ? z : std::exp(z));
         }
     }
@@ -742,12 +1243,22 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
           const int64_t o = sl / inner, j = sl % inner;
           const int64_t base = o * C * inner + j;
           acc_t dot = 0;
+          double r = 0;  // E_y[log y], the centre of the T-gradient sum (need_t only)
           for (int64_t c = 0; c < C; ++c) {
             const acc_t gv = static_cast<acc_t>(gp[base + c * inner]);
             const acc_t ov = static_cast<acc_t>(op_[base + c * inner]);
             dot += log ? gv : gv * ov;
+            if (tr != nullptr && (log ? ov > kNegInf<acc_t> : ov > 0)) {
+              const double yd = log ? std::exp(double(ov)) : double(ov);
+              r += yd * (log ? double(ov) : std::log(yd));
+            }
           }
-          acc_t S = 0;
+          // S = sum_c dz_c log y_c over the classes with y > 0 (finite log y), summed in double
+          // and centred on r (sum_c dz_c = 0): the rounding of dz then meets |log y - r|, the
+          // spread of the logits, not |log y|. Where classes are skipped (y == 0), their
+          // sum_c dz_c is not 0 and the centring is undone exactly.
+          double S = 0, Snm = 0;
+          bool skipped = false;
           for (int64_t c = 0; c < C; ++c) {
             const int64_t k = base + c * inner;
             const acc_t gv = static_cast<acc_t>(gp[k]);
@@ -755,9 +1266,20 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
             const acc_t y = log ? std::exp(ov) : ov;
             const acc_t dz = log ? gv - y * dot : y * (gv - dot);
             dx[k] = static_cast<scalar_t>(beta * dz);
-            if (tr != nullptr && y > 0) S += dz * (log ? ov : std::log(y));
+            if (tr == nullptr) continue;
+            // log_softmax: every class with a finite output contributes (dz = g there, not 0,
+            // however small y is); softmax: y == 0 gives dz == 0
+            if (log ? ov > kNegInf<acc_t> : y > 0) {
+              const double yd = log ? std::exp(double(ov)) : double(y);
+              const double dzd = log ? double(gv) - yd * double(dot) : yd * (double(gv) - double(dot));
+              S += dzd * ((log ? double(ov) : std::log(yd)) - r);
+              Snm += dzd;
+            } else {
+              skipped = true;
+            }
           }
-          if (tr != nullptr) tr[sl] = -S * static_cast<acc_t>(1.0 / T);
+          if (skipped) S += r * Snm;
+          if (tr != nullptr) tr[sl] = static_cast<acc_t>(-S / T);
         }
       });
     });
