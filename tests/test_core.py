@@ -512,6 +512,12 @@ def _opcheck_cases(device):
             out = ops.softmax_fwd(y, T, 1.0, dim, log)
             cases.append((ops.softmax_bwd.default, (torch.randn_like(y), out, T, 1.0, dim, log, True)))
     cases.append((ops.temperature_stats.default, (x, t.clamp(min=0), 0.6)))
+    # the vocabulary-parallel pieces (tests/test_shard_ops.py checks their values)
+    cases.append((ops.tsce_shard_stats.default, (x, t, w, T, 1.0, 2, -100, True)))
+    acc_lse = torch.randn(6, 2, device=device)
+    coef = torch.rand(6, 3, device=device)
+    cases.append((ops.tsce_shard_grad.default, (x, t, w, acc_lse, coef, T, 1.0, 0.02, 2, -100, True, True)))
+    cases.append((ops.tsce_shard_grad_.default, (x.clone(), t, None, acc_lse, coef, None, 1.5, 0.0, 2, -100, False)))
     return cases
 
 
