@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
   constexpr int RPB = BLOCK / TPR;
-  __shared__ Pair<acc_t> sred[BLOCK / kWarp];
+  __shared__ Pair<double> sred[BLOCK / kWarp];
   const int tid = threadIdx.x % TPR;
   const int grp = threadIdx.x / TPR;
   const acc_t beta = load_beta<acc_t>(a.temp);
@@ -134,10 +134,10 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
       fill_row<TPR>(gr, a.C, tid, T(0));
     }
     if (need_t) {
-      const Pair<acc_t> t = group_allreduce<TPR>(Pair<acc_t>{f.t1, f.t0}, PairSum<acc_t>(), sred);
+      const Pair<double> t = group_allreduce<TPR>(Pair<double>{f.t1, f.t0}, PairSum<double>(), sred);
       if (active && tid == 0) {
-        a.t_rows[2 * row] = y > -2 ? t.a : acc_t(0);
-        a.t_rows[2 * row + 1] = y > -2 ? t.b : acc_t(0);
+        a.t_rows[2 * row] = y > -2 ? static_cast<acc_t>(t.a) : acc_t(0);
+        a.t_rows[2 * row + 1] = y > -2 ? static_cast<acc_t>(t.b) : acc_t(0);
       }
     }
   }
