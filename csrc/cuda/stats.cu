@@ -2,7 +2,8 @@
 // sum Var_p[x], rows], p = softmax(beta x) (maths in csrc/common.h).
 //
 // One read of the logits. Per row, in double: each thread keeps (m, s0, s1, s2) with
-// m = max beta x, s0 = sum e, s1 = sum e d, s2 = sum e d^2, e = exp(beta x - m) and d = x - x_y
+// m = max x (the raw logits), s0 = sum e, s1 = sum e d, s2 = sum e d^2, e = exp(beta (x - m))
+// (the max subtracted before scaling: exact at the maximum) and d = x - x_y
 // (shifted by the target logit, so that E_p[x] - x_y = s1 / s0 has no cancellation); states
 // merge by the log-sum-exp rescaling. Masked logits (-inf) are skipped (p = 0). Per-row results
 // are summed into per-block partials in double, then one block sums them in a fixed order:
@@ -24,11 +25,12 @@ __device__ __forceinline__ St4 shfl_xor(St4 v, int mask) {
 }
 
 struct St4Merge {
+  double beta;
   __device__ __forceinline__ St4 operator()(const St4& a, const St4& b) const {
     const double M = a.m > b.m ? a.m : b.m;
     const double ninf = neg_inf<double>();
-    const double ea = a.m > ninf ? ::exp(a.m - M) : 0.0;
-    const double eb = b.m > ninf ? ::exp(b.m - M) : 0.0;
+    const double ea = a.m > ninf ? ::exp(beta * (a.m - M)) : 0.0;
+    const double eb = b.m > ninf ? ::exp(beta * (b.m - M)) : 0.0;
     return St4{M, a.s0 * ea + b.s0 * eb, a.s1 * ea + b.s1 * eb, a.s2 * ea + b.s2 * eb};
   }
 };
@@ -46,13 +48,12 @@ struct StatsAccum {
     for (int k = 0; k < V; ++k) {
       if (k < count) {
         x[k] = static_cast<double>(static_cast<at::opmath_type<T>>(v.v[k]));
-        const double z = beta * x[k];
-        vmax = z > vmax ? z : vmax;
+        vmax = x[k] > vmax ? x[k] : vmax;
       }
     }
     if (vmax > st.m) {
       if (st.m > ninf) {
-        const double r = ::exp(st.m - vmax);
+        const double r = ::exp(beta * (st.m - vmax));
         st.s0 *= r;
         st.s1 *= r;
         st.s2 *= r;
@@ -62,7 +63,7 @@ struct StatsAccum {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       if (k < count && x[k] != ninf) {
-        const double e = ::exp(beta * x[k] - st.m);
+        const double e = ::exp(beta * (x[k] - st.m));
         const double d = x[k] - shift;
         st.s0 += e;
         st.s1 += e * d;
@@ -100,12 +101,12 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
     const double shift = (xy > neg_inf<double>() && xy < std::numeric_limits<double>::infinity()) ? xy : 0.0;
     StatsAccum<T> acc{St4{neg_inf<double>(), 0.0, 0.0, 0.0}, beta, shift};
     for_each_vec<TPR>(xr, y >= 0 ? C : 0, tid, acc);
-    const St4 st = group_allreduce<TPR>(acc.st, St4Merge(), sred);
+    const St4 st = group_allreduce<TPR>(acc.st, St4Merge{beta}, sred);
     if (active && tid == 0) {
-      const double lse = st.m + ::log(st.s0);
       const double mean = st.s1 / st.s0;
       const double v = st.s2 / st.s0 - mean * mean;
-      nll += lse - beta * xy;
+      // lse - beta x_y = beta (m - x_y) + log s0: no difference of two large numbers
+      nll += beta * (st.m - xy) + ::log1p(st.s0 - 1.0);
       dnll += mean + (shift - xy);
       var += v > 0.0 ? v : (v == v ? 0.0 : v);
     }

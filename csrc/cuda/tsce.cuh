@@ -263,6 +263,10 @@ struct CEGrad {
   acc_t sh;      // m
   acc_t off2;    // ls * log2(e)
   acc_t beta, off;  // z - lse = beta (x - sh) - off
+  // The T-gradient sums dz_c (beta (x_c - sh) - toff): toff = 0 in the cross-entropy kernels
+  // (shifted by beta m: the rounding noise of sum_c dz_c = 0 is then not multiplied by ls, which
+  // cost 4x PyTorch's error at T = 2.5), toff = off for tsce_shard_grad (its contract).
+  acc_t toff;
   acc_t A, As, cw, ty, bg, bgA, bgcw;
   const T* w;
   int y;
@@ -297,11 +301,11 @@ struct CEGrad {
       for (int k = 0; k < V; ++k) {
         if (k < count) {
           const acc_t x = static_cast<acc_t>(v.v[k]);
-          const acc_t zl = (x - sh) * beta - off;
+          const acc_t zt = (x - sh) * beta - toff;
           const acc_t wk = KIND == 2 ? static_cast<acc_t>(w[idx + k]) : acc_t(1);
           const acc_t dz = A * p_of(x) - (KIND > 0 ? cw * wk : acc_t(0));
           g[k] = bg * dz;
-          if (x != neg_inf<acc_t>()) t1 += static_cast<double>(dz) * static_cast<double>(zl);
+          if (x != neg_inf<acc_t>()) t1 += static_cast<double>(dz) * static_cast<double>(zt);
           else t0 += static_cast<double>(dz);
         }
       }
@@ -314,7 +318,7 @@ struct CEGrad {
           have_y = true;
           g[k] -= bg * ty;
           if (need_t) {
-            if (xy != neg_inf<acc_t>()) t1 -= static_cast<double>(ty) * static_cast<double>((xy - sh) * beta - off);
+            if (xy != neg_inf<acc_t>()) t1 -= static_cast<double>(ty) * static_cast<double>((xy - sh) * beta - toff);
             else t0 -= static_cast<double>(ty);
           }
         }
@@ -335,7 +339,7 @@ struct CEGrad {
     const acc_t dz = target_dz<T, acc_t>(zl, ty, As, cw, wk);
     if (out) out[y] = static_cast<T>(bg * dz);
     if (need_t) {
-      if (xy != neg_inf<acc_t>()) t1 += static_cast<double>(dz - generic) * static_cast<double>(zl);
+      if (xy != neg_inf<acc_t>()) t1 += static_cast<double>(dz - generic) * static_cast<double>((xy - sh) * beta - toff);
       else t0 += static_cast<double>(dz - generic);
     }
   }
@@ -418,6 +422,7 @@ __device__ __forceinline__ void grad_setup(CEGrad<T, acc_t, KIND>& f, acc_t beta
   f.bl2 = beta * l2e;
   f.sh = sh;
   f.off = off;
+  f.toff = acc_t(0);
   f.off2 = off * l2e;
   f.ty = (acc_t(1) - eps) * wy;
   f.As = KIND > 0 ? eps * W / C : acc_t(0);
@@ -525,7 +530,7 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
       const Pair<double> t = group_allreduce<TPR>(Pair<double>{f.t1, f.t0}, PairSum<double>(), sred);
       // sum_nm dz z = sum_nm dz (z - lse) + lse sum_nm dz, and sum_nm dz = -sum_masked dz
       if (valid && tid == 0)
-        tsum += -static_cast<double>(f.bg) * (t.a - static_cast<double>(beta * f.sh + f.off) * t.b);
+        tsum += -static_cast<double>(f.bg) * (t.a - static_cast<double>(beta * f.sh + f.toff) * t.b);
     }
   }
   if (a.need_t) write_parts<BLOCK>(a.parts, 0.0, 0.0, tsum, sd);
@@ -606,7 +611,7 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
     if (a.need_t) {
       const Pair<double> t = group_allreduce<TPR>(Pair<double>{f.t1, f.t0}, PairSum<double>(), sred2);
       if (valid)  // lse = beta m + ls
-        tg = static_cast<acc_t>(-static_cast<double>(f.bg) * (t.a - static_cast<double>(beta * f.sh + f.off) * t.b));
+        tg = static_cast<acc_t>(-static_cast<double>(f.bg) * (t.a - static_cast<double>(beta * f.sh + f.toff) * t.b));
     }
     if (active && tid == 0) {
       if (valid) tsum += static_cast<double>(tg);
@@ -754,10 +759,10 @@ __global__ void __launch_bounds__(kTileRows)
           const acc_t x = static_cast<acc_t>(xs[c]);
           const acc_t p = fexp2((x - sh) * bl2 - off2);
           const acc_t wk = KIND == 2 ? static_cast<acc_t>(a.weight[c]) : acc_t(1);
-          const acc_t zl = (x - sh) * beta - off;
+          const acc_t zt = (x - sh) * beta;  // shifted by beta m (see CEGrad::toff)
           const acc_t dz = A * p - (KIND > 0 ? cw * wk : acc_t(0)) - (c == y ? ty : acc_t(0));
           if (a.need_t) {
-            if (x != neg_inf<acc_t>()) t1 += static_cast<double>(dz) * static_cast<double>(zl);
+            if (x != neg_inf<acc_t>()) t1 += static_cast<double>(dz) * static_cast<double>(zt);
             else t0 += static_cast<double>(dz);
           }
           xs[c] = static_cast<T>(bg * dz);
@@ -768,10 +773,10 @@ __global__ void __launch_bounds__(kTileRows)
           const acc_t generic = A * fexp2((x_y - sh) * bl2 - off2) - (KIND > 0 ? cw * wk : acc_t(0)) - ty;
           const acc_t dz = target_dz<T, acc_t>(zl, ty, As, cw, wk);
           xs[y] = static_cast<T>(bg * dz);
-          if (x_y != neg_inf<acc_t>()) t1 += static_cast<double>(dz - generic) * static_cast<double>(zl);
+          if (x_y != neg_inf<acc_t>()) t1 += static_cast<double>(dz - generic) * static_cast<double>((x_y - sh) * beta);
           else t0 += static_cast<double>(dz - generic);
         }
-        if (a.need_t) tg = static_cast<acc_t>(-static_cast<double>(bg) * (t1 - static_cast<double>(beta * sh + off) * t0));
+        if (a.need_t) tg = static_cast<acc_t>(-static_cast<double>(bg) * (t1 - static_cast<double>(beta * sh) * t0));
       }
     } else if (active) {
       if (MODE == 0) a.lse[2 * row] = a.lse[2 * row + 1] = acc_t(0);

@@ -116,6 +116,7 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
       f.bl2 = beta * l2e;
       f.sh = a.lse[2 * row];
       f.off = a.lse[2 * row + 1];
+      f.toff = f.off;  // the contract: sums of dz (beta (x - M) - LS)
       f.off2 = f.off * l2e;
       f.A = A;
       f.As = A - ty;
