@@ -20,7 +20,7 @@
 // writes the first gradient of a row, which is why it is saved rather than recomputed.
 // TPR threads per row (pick_tpr in common.cuh): each thread walks its share of the row with
 // 16-byte loads of the logits and, when the target row has the same alignment (the usual case:
-// both contiguous with the same C), 16-byte loads of the target at the same positions, kUnroll
+// both contiguous with the same C), 16-byte loads of the target at the same positions, two
 // pairs in flight before the first use (for_each_pair below); otherwise the target is read by
 // scalars. The per-thread state (m, s, d, U) is exact to merge:
 //   s = s_a e^{beta (m_a - M)} + s_b e^{beta (m_b - M)},   d = d_a + U_a (M - m_a) + d_b + U_b (M - m_b)
@@ -96,13 +96,14 @@ struct SoftPairSum {
 // Calls f(first_index, x_vec, t_vec, count) over the elements this thread owns, in the layout of
 // the logits row (RowSplit): count == VEC for its aligned vectors, 1 for the head and tail
 // scalars (v[0]). The target row is read with 16-byte loads at the same positions when it has
-// the logits' misalignment (tvec), by scalars otherwise. kUnroll pairs of loads are issued
-// before the first use (2 with 512 threads per row, 1 with 1024, as for_each_vec).
+// the logits' misalignment (tvec), by scalars otherwise. kUnroll / 2 pairs of 16-byte loads are
+// issued before the first use (1 pair with >= 512 threads per row): as many bytes in flight as
+// for_each_vec's single stream, at half the registers that 4 pairs would hold.
 template <int TPR, typename T, typename F>
 __device__ __forceinline__ void for_each_pair(const T* x, const T* t, int n, int tid, bool tvec,
                                               F&& f) {
   constexpr int V = vec_size<T>();
-  constexpr int U = TPR >= 1024 ? 1 : (TPR >= 512 ? 2 : ::softcal::cuda::kUnroll);
+  constexpr int U = TPR >= 512 ? 1 : ::softcal::cuda::kUnroll / 2;
   const RowSplit<T> sp(x, n);
   for (int i = tid; i < sp.head; i += TPR) {
     Vec16<T> a, b;
@@ -217,8 +218,11 @@ struct SoftAccum {
   }
 };
 
+// __launch_bounds__(BLOCK, 1): with the block size alone, ptxas (CUDA 13.0, sm_90) caps the
+// float64 kernels at 64 registers and spills; the explicit minimum of one block per SM lets it
+// use the 72-80 it needs (-Xptxas -v: no spills in any instantiation).
 template <typename T, int TPR, bool WEIGHTED>
-__global__ void __launch_bounds__(block_for(TPR))
+__global__ void __launch_bounds__(block_for(TPR), 1)
     tsce_soft_fwd_kernel(const SoftArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
@@ -309,7 +313,7 @@ struct SoftGrad {
 };
 
 template <typename T, int TPR, bool WEIGHTED>
-__global__ void __launch_bounds__(block_for(TPR))
+__global__ void __launch_bounds__(block_for(TPR), 1)
     tsce_soft_bwd_kernel(const SoftArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
@@ -426,6 +430,27 @@ SoftArgs<T, at::opmath_type<T>> soft_args(const at::Tensor& logits, const at::Te
   return a;
 }
 
+// Threads per row: pick_tpr's choice, capped at 512. A row pair holds twice the registers of a
+// single stream, and blocks of 1024 threads (64 registers per thread at most) spill; 512 threads
+// then walk the longest rows with more vectors each.
+inline int soft_tpr(int64_t C, int vec) {
+  const int t = pick_tpr(C, vec, kUnroll);
+  return t > 512 ? 512 : t;
+}
+
+template <typename F>
+inline void dispatch_soft_tpr(int tpr, F&& f) {
+  switch (tpr) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 256: f(std::integral_constant<int, 256>{}); break;
+    default: f(std::integral_constant<int, 512>{}); break;
+  }
+}
+
 template <typename F>
 inline void dispatch_weighted(bool weighted, F&& f) {
   if (weighted) f(std::integral_constant<bool, true>{});
@@ -464,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_fwd_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     auto a = soft_args<scalar_t>(logits, target, weight, temperature_t, temperature,
                                  label_smoothing, reduction);
-    const int tpr = pick_tpr(C, vec_size<scalar_t>(), kUnroll);
+    const int tpr = soft_tpr(C, vec_size<scalar_t>());
     const int grid = grid_for(rows, tpr);
     at::Tensor parts = at::empty({grid}, logits.options().dtype(at::kDouble));
     a.loss_rows = reduction == kNone ? loss.data_ptr<scalar_t>() : nullptr;
@@ -473,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_fwd_cuda(
     a.parts = parts.data_ptr<double>();
     dispatch_weighted(a.weight != nullptr, [&](auto wc) {
       constexpr bool W = decltype(wc)::value;
-      dispatch_tpr(tpr, [&](auto tc) {
+      dispatch_soft_tpr(tpr, [&](auto tc) {
         constexpr int TPR = decltype(tc)::value;
         tsce_soft_fwd_kernel<scalar_t, TPR, W><<<grid, block_for(TPR), 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -536,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     auto a = soft_args<scalar_t>(logits, target, weight, temperature_t, temperature,
                                  label_smoothing, reduction);
-    const int tpr = pick_tpr(C, vec_size<scalar_t>(), kUnroll);
+    const int tpr = soft_tpr(C, vec_size<scalar_t>());
     const int grid = grid_for(rows, tpr);
     at::Tensor parts = need_t ? at::empty({grid}, logits.options().dtype(at::kDouble)) : at::Tensor();
     a.grad_loss = grad_loss.data_ptr();
@@ -550,7 +575,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cuda(
     a.parts = need_t ? parts.data_ptr<double>() : nullptr;
     dispatch_weighted(a.weight != nullptr, [&](auto wc) {
       constexpr bool W = decltype(wc)::value;
-      dispatch_tpr(tpr, [&](auto tc) {
+      dispatch_soft_tpr(tpr, [&](auto tc) {
         constexpr int TPR = decltype(tc)::value;
         tsce_soft_bwd_kernel<scalar_t, TPR, W><<<grid, block_for(TPR), 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
