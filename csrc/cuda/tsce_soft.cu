@@ -218,11 +218,17 @@ struct SoftAccum {
   }
 };
 
-// __launch_bounds__(BLOCK, 1): with the block size alone, ptxas (CUDA 13.0, sm_90) caps the
-// float64 kernels at 64 registers and spills; the explicit minimum of one block per SM lets it
-// use the 72-80 it needs (-Xptxas -v: no spills in any instantiation).
+// Blocks of <= 256 threads: at least 2 per SM (<= 128 registers) for 16- and 32-bit types.
+// float64 gets 1: with the block size alone ptxas (CUDA 13.0, sm_90) caps its kernels at 64
+// registers and spills; the explicit minimum lets it use the 72-80 it needs.
+template <typename T>
+constexpr int soft_min_blocks(int block) {
+  return (block <= 256 && sizeof(T) < 8) ? 2 : 1;
+}
+
+// Launch bounds: see soft_min_blocks (-Xptxas -v: no spills in any instantiation).
 template <typename T, int TPR, bool WEIGHTED>
-__global__ void __launch_bounds__(block_for(TPR), 1)
+__global__ void __launch_bounds__(block_for(TPR), soft_min_blocks<T>(block_for(TPR)))
     tsce_soft_fwd_kernel(const SoftArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
@@ -282,38 +288,42 @@ struct SoftGrad {
   __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv, const Vec16<T>& tv,
                                              int count) {
     constexpr int V = vec_size<T>();
-    acc_t ox[V], ot[V];
+    acc_t o[V];  // one output vector at a time: the logits' gradient, then the target's
+    if (gx || need_t) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      if (k < count) {
-        const acc_t x = static_cast<acc_t>(xv.v[k]);
-        const acc_t dxm = x - m;
-        const acc_t logp = dxm * beta - ls;  // exact at the row max
-        const acc_t p = fexp2(dxm * bl2 - ls2);
-        const acc_t wk = WEIGHTED ? static_cast<acc_t>(w[idx + k]) : acc_t(1);
-        if (gx || need_t) {
+      for (int k = 0; k < V; ++k) {
+        if (k < count) {
+          const acc_t x = static_cast<acc_t>(xv.v[k]);
+          const acc_t dxm = x - m;
+          const acc_t p = fexp2(dxm * bl2 - ls2);
           acc_t u = a * static_cast<acc_t>(tv.v[k]) + b;
-          if (WEIGHTED) u *= wk;
+          if (WEIGHTED) u *= static_cast<acc_t>(w[idx + k]);
           const acc_t dz = U * p - u;
-          ox[k] = bg * dz;
+          o[k] = bg * dz;
           if (need_t) {
-            if (x != neg_inf<acc_t>()) t1 += dz * logp;
+            if (x != neg_inf<acc_t>()) t1 += dz * (dxm * beta - ls);  // dz log p
             else t0 += dz;
           }
         }
-        if (gt) {
-          const acc_t coef = WEIGHTED ? ga * wk : ga;
-          ot[k] = coef != acc_t(0) ? -coef * logp : acc_t(0);
+      }
+      if (gx) store_vals<T, acc_t>(gx, idx, o, count, vx_ok);
+    }
+    if (gt) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (k < count) {
+          const acc_t logp = (static_cast<acc_t>(xv.v[k]) - m) * beta - ls;  // exact at the max
+          const acc_t coef = WEIGHTED ? ga * static_cast<acc_t>(w[idx + k]) : ga;
+          o[k] = coef != acc_t(0) ? -coef * logp : acc_t(0);
         }
       }
+      store_vals<T, acc_t>(gt, idx, o, count, vt_ok);
     }
-    if (gx) store_vals<T, acc_t>(gx, idx, ox, count, vx_ok);
-    if (gt) store_vals<T, acc_t>(gt, idx, ot, count, vt_ok);
   }
 };
 
 template <typename T, int TPR, bool WEIGHTED>
-__global__ void __launch_bounds__(block_for(TPR), 1)
+__global__ void __launch_bounds__(block_for(TPR), soft_min_blocks<T>(block_for(TPR)))
     tsce_soft_bwd_kernel(const SoftArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
