@@ -8,6 +8,7 @@ on CUDA where a GPU is visible.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -516,3 +517,117 @@ def test_reference_fallback_is_used_without_kernels(monkeypatch):
                                    use_kernel=True)
     want = F.cross_entropy(x / 1.2, t, weight=w, label_smoothing=0.1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the CUDA kernels' code
+# (SOFTCAL_EMULATE_CUDA=1: csrc/cuda/tsce_soft.cu compiled for the CPU by tests/cuda_emu)
+
+needs_emu = pytest.mark.skipif(
+    not EMULATE_CUDA, reason="runs with SOFTCAL_EMULATE_CUDA=1 (the second half of `make test`)")
+
+
+def _emu():
+    import conftest
+
+    return conftest.EMU_OPS
+
+
+def _soft_paths():
+    """(kind, dtype, rows, C, target offset, kernel pattern): every threads-per-row variant of the
+    forward and the backward (capped at 512), the weighted variants, and a target whose rows have
+    another 16-byte alignment than the logits' (read by scalars)."""
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    cases = []
+    for c, tpr in ((40, 4), (100, 8), (200, 16), (400, 32), (1500, 128), (3000, 256), (7000, 512),
+                   (20000, 512)):
+        cases.append(("fwd", f32, 3, c, 0, rf"tsce_soft_fwd_kernel<float, {tpr}, (false|0)>"))
+    cases.append(("bwd", f32, 3, 1500, 0, r"tsce_soft_bwd_kernel<float, 128, (false|0)>"))
+    cases.append(("bwd_w", bf16, 4, 5000, 0, r"tsce_soft_bwd_kernel<c10::BFloat16, \d+, (true|1)>"))
+    cases.append(("fwd_w", f64, 5, 300, 0, r"tsce_soft_fwd_kernel<double, \d+, (true|1)>"))
+    cases.append(("bwd", f32, 5, 301, 1, r"tsce_soft_bwd_kernel<float, \d+, (false|0)>"))
+    cases.append(("fwd", bf16, 5, 301, 3, r"tsce_soft_fwd_kernel<c10::BFloat16, \d+, (false|0)>"))
+    return cases
+
+
+def _run_soft_path(kind, dtype, n, c, off):
+    g = torch.Generator().manual_seed(n * 7 + c)
+    x = (torch.randn(n, c, generator=g, dtype=torch.float64) * 3).to(dtype)
+    tt = torch.softmax(torch.randn(n, c + off, generator=g, dtype=torch.float64), 1).to(dtype)
+    t = tt[:, off:]  # rows misaligned against the logits' when off > 0
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype) if kind.endswith("_w") else None
+    T = torch.tensor(1.3)
+    ops = torch.ops.softcal
+    out = ops.tsce_soft_fwd(x, t, w, T, 1.0, 0.1, 0)
+    if kind.startswith("fwd"):
+        return out
+    g_rows = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    return ops.tsce_soft_bwd(g_rows, x, t, w, out[1], out[2], T, 1.0, 0.1, 0, True, True, True)
+
+
+@needs_emu
+def test_every_soft_launch_path_is_reached():
+    emu = _emu()
+    missing = []
+    for kind, dtype, n, c, off, pattern in _soft_paths():
+        before = {k.rsplit("=", 1)[0]: int(k.rsplit("=", 1)[1]) for k in emu.emu_kernels()}
+        _run_soft_path(kind, dtype, n, c, off)
+        after = {k.rsplit("=", 1)[0]: int(k.rsplit("=", 1)[1]) for k in emu.emu_kernels()}
+        ran = [k for k, v in after.items() if v > before.get(k, 0)]
+        if not any(re.search(pattern, k) for k in ran):
+            missing.append((kind, str(dtype), n, c, pattern, ran))
+    assert not missing, missing
+
+
+@needs_emu
+@pytest.mark.parametrize("case", _soft_paths(), ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-{c[2]}x{c[3]}+{c[4]}")
+def test_soft_results_do_not_depend_on_the_schedule(case):
+    """Bitwise the same outputs whatever the order of the threads of a block between barriers
+    (by index, reversed, two random permutations): no shared-memory race."""
+    import emulator as emu_build
+
+    emu = _emu()
+    kind, dtype, n, c, off, _ = case
+    outs = {}
+    try:
+        for mode, seed in (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)):
+            emu.emu_set_schedule(mode, seed)
+            outs[(mode, seed)] = [o for o in _run_soft_path(kind, dtype, n, c, off) if o.numel()]
+    finally:
+        emu_build.configure(emu)
+    base = outs[("forward", 0)]
+    for key, out in outs.items():
+        assert len(out) == len(base)
+        for a, b in zip(base, out):
+            assert torch.equal(a, b), key
+
+
+@needs_emu
+@pytest.mark.parametrize("c", [10, 3000], ids=lambda c: f"C{c}")
+def test_soft_results_do_not_depend_on_the_grid(c):
+    """1 SM (long grid-stride loops) and 132 SMs: per-row results bitwise equal, reductions equal
+    to rounding, both equal to the float64 reference."""
+    import emulator as emu_build
+
+    emu = _emu()
+    x, t, w = make_soft_case((700, c), torch.float32, "cpu", weighted=True, seed=c)
+    T = torch.tensor(1.4)
+    ops = torch.ops.softcal
+    res = {}
+    try:
+        for sms in (1, 132):
+            emu.emu_set_sm_count(sms)
+            none = ops.tsce_soft_fwd(x, t, w, T, 1.0, 0.1, 0)
+            mean = ops.tsce_soft_fwd(x, t, w, T, 1.0, 0.1, 1)
+            bwd = ops.tsce_soft_bwd(torch.tensor(1.0), x, t, w, mean[1], mean[2], T, 1.0, 0.1, 1,
+                                    True, True, True)
+            res[sms] = (none, mean, bwd)
+    finally:
+        emu_build.configure(emu)
+    (n1, m1, b1), (n2, m2, b2) = res[1], res[132]
+    for a, b in zip(n1 + b1[:2], n2 + b2[:2]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(m1[0], m2[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(b1[2], b2[2], rtol=1e-5, atol=1e-7)
+    want = reference.soft_cross_entropy(x.double(), t.double(), temperature=1.4, label_smoothing=0.1,
+                                        weight=w.double(), reduction="none")
+    assert rel_err(n1[0], want) <= TOL[torch.float32]["rtol"]
