@@ -510,6 +510,13 @@ def _opcheck_cases(device):
             out = ops.softmax_fwd(y, T, 1.0, dim, log)
             cases.append((ops.softmax_bwd.default, (torch.randn_like(y), out, T, 1.0, dim, log, True)))
     cases.append((ops.temperature_stats.default, (x, t.clamp(min=0), 0.6)))
+    # class-probability targets (more cases in tests/test_soft_targets.py)
+    p = torch.softmax(torch.randn(6, 5, device=device), 1)
+    _, slse, smass = ops.tsce_soft_fwd(x, p, w, T, 1.0, 0.1, 1)
+    cases.append((ops.tsce_soft_fwd.default,
+                  (x.clone().requires_grad_(), p.clone().requires_grad_(), w, T, 1.0, 0.1, 1)))
+    cases.append((ops.tsce_soft_bwd.default, (torch.tensor(1.0, device=device), x, p, w, slse, smass,
+                                              T, 1.0, 0.1, 1, True, True, True)))
     return cases
 
 

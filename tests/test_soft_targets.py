@@ -300,6 +300,10 @@ def _opcheck_cases(device):
 def test_opcheck(device):
     for args in _opcheck_cases(device):
         torch.library.opcheck(torch.ops.softcal.tsce_soft_fwd.default, args)
+        # with inputs that require grad: the autograd registration and the backward op
+        torch.library.opcheck(torch.ops.softcal.tsce_soft_fwd.default,
+                              (args[0].clone().requires_grad_(), args[1].clone().requires_grad_())
+                              + args[2:])
         loss, lse, mass = torch.ops.softcal.tsce_soft_fwd(*args)
         x, t, w, T, temp, eps, red = args
         g = torch.randn(loss.shape, device=device, dtype=loss.dtype)
