@@ -203,6 +203,12 @@ def test_large_logits_shift_invariance(device, dtype):
     if theirs is not None:
         bound = max(bound, (theirs.double() - want).abs().max().item())
     assert err <= bound, (err, bound)
+    # the target gradient is -log p: formed as beta (x - m) - ls, it keeps its digits at 1e4
+    tin = t.to(dtype).to(device).requires_grad_()
+    (gt,) = torch.autograd.grad(softcal.cross_entropy(xs.to(device), tin, temperature=1.3,
+                                                      reduction="sum"), tin)
+    want_gt = -torch.log_softmax(xs.double() / 1.3, 1)
+    assert rel_err(gt, want_gt) <= TOL[dtype]["grad"]
 
 
 def test_deterministic_across_thread_counts():
