@@ -18,11 +18,12 @@
 //   tsce_soft_bwd  1 read of each + 1 write of each requested gradient 3-4 N C b
 // Per row the forward keeps [m, ls] and U (12 or 24 bytes); the backward needs U before it
 // writes the first gradient of a row, which is why it is saved rather than recomputed.
-// TPR threads per row (pick_tpr in common.cuh): each thread walks its share of the row with
-// 16-byte loads of the logits and, when the target row has the same alignment (the usual case:
-// both contiguous with the same C), 16-byte loads of the target at the same positions, two
-// pairs in flight before the first use (for_each_pair below); otherwise the target is read by
-// scalars. The per-thread state (m, s, d, U) is exact to merge:
+// TPR threads per row (pick_tpr in common.cuh, capped at 512: see soft_tpr), 2 blocks of 256
+// threads per SM at least for 16/32-bit types (soft_min_blocks); each thread walks its share
+// of the row with 16-byte loads of the logits and, when the target row has the same alignment
+// (the usual case: both contiguous with the same C), 16-byte loads of the target at the same
+// positions, two pairs in flight before the first use (for_each_pair below); otherwise the
+// target is read by scalars. The per-thread state (m, s, d, U) is exact to merge:
 //   s = s_a e^{beta (m_a - M)} + s_b e^{beta (m_b - M)},   d = d_a + U_a (M - m_a) + d_b + U_b (M - m_b)
 // first across the group by shuffles, then through shared memory (group_allreduce), in a fixed
 // order. The max is updated once per vector, one exp2 per element. Per-row losses and
