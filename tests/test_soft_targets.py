@@ -414,6 +414,15 @@ def test_distillation_from_teacher_probabilities(device):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
 
 
+def test_module_takes_probability_targets(device):
+    x, t, w = make_soft_case((2, 6, 3), torch.float64, device, weighted=True, seed=15)
+    crit = softcal.nn.LabelSmoothingLoss(smoothing=0.1, temperature=1.5, weight=w)
+    torch.testing.assert_close(crit(x, t), F.cross_entropy(x / 1.5, t, weight=w, label_smoothing=0.1),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="fused=True"):
+        softcal.nn.LabelSmoothingLoss(0.1, fused=True)(x.requires_grad_(), t)
+
+
 # --------------------------------------------------------------------------- edge cases
 
 def test_zero_mass_on_masked_logit_contributes_zero(device):
