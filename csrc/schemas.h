@@ -97,6 +97,32 @@ inline void define_ops(torch::Library& m) {
       "tsce_shard_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor coef, "
       "Tensor? temperature_t, float temperature, float smooth_coef, int class_offset, "
       "int ignore_index, bool need_temperature_grad) -> Tensor t_rows");
+  // ---------------------------------------------------------------- class-probability targets
+  // Cross-entropy against floating targets t of the logits' shape, as F.cross_entropy with
+  // class probabilities (csrc/cpu/soft_target_cpu.cpp has the maths). logits (rows, C) with a
+  // unit stride along C; target (rows, C) of the logits' dtype and device, unit stride along C
+  // (any row stride). Per row, q_c = (1 - eps) t_c + eps / C, u_c = w_c q_c, U = sum_c u_c:
+  //   loss_i = sum_c u_c (lse_i - z_ic),   z = x / T,   a term with u_c == 0 is 0 (also at a
+  //   masked logit, x = -inf: the limit of u log p, where PyTorch gives NaN).
+  // No ignore_index. reduction mean divides by rows (as PyTorch for probability targets).
+  //   loss: (rows,) for none, () otherwise; logits' dtype.
+  //   lse:  (rows, 2) acc, [m, ls] as tsce_fwd's (NaN for a row without a softmax).
+  //   mass: (rows,) acc, U_i (saved for the backward, which needs it before the row's gradient).
+  m.def(
+      "tsce_soft_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
+      "float temperature, float label_smoothing, int reduction) "
+      "-> (Tensor loss, Tensor lse, Tensor mass)");
+  // Backward: one read of the logits and of the target, one write of each requested gradient.
+  //   grad_loss: (rows,) (any stride) for none, () otherwise.
+  //   grad_logits: (rows, C) contiguous, logits' dtype, or (0,) when need_logits_grad is false.
+  //   grad_target: (rows, C) contiguous, target's dtype, dL/dt_c = -(1 - eps) w_c log p_c times
+  //     the upstream gradient (0 where (1 - eps) w_c == 0), or (0,) when not requested.
+  //   grad_temperature: () in temperature_t's dtype (acc without it); zero when not requested.
+  m.def(
+      "tsce_soft_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor mass, Tensor? temperature_t, float temperature, float label_smoothing, "
+      "int reduction, bool need_logits_grad, bool need_target_grad, bool need_temperature_grad) "
+      "-> (Tensor grad_logits, Tensor grad_target, Tensor grad_temperature)");
 }
 
 }  // namespace softcal

@@ -25,6 +25,8 @@ OPS = (
     "tsce_shard_stats",
     "tsce_shard_grad",
     "tsce_shard_grad_",
+    "tsce_soft_fwd",
+    "tsce_soft_bwd",
 )
 
 try:
@@ -263,3 +265,69 @@ if HAVE_EXTENSION:
 
     torch.library.register_autograd("softcal::softmax_fwd", _softmax_backward,
                                     setup_context=_softmax_setup_context)
+
+
+# ---------------------------------------------------------------------- class-probability targets
+# tsce_soft_fwd / tsce_soft_bwd (schemas in csrc/schemas.h; maths at the top of
+# csrc/cpu/soft_target_cpu.cpp). The forward saves the per-row [m, ls] and U = sum_c w_c q_c;
+# the backward returns the gradients of the logits, the target and a tensor temperature. When
+# the graph of the backward is wanted (create_graph=True: double backward, gradient penalties),
+# the backward is computed by the differentiable reference instead, so that the second
+# derivative is right rather than silently missing.
+_REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
+
+if HAVE_EXTENSION:
+
+    @torch.library.register_fake("softcal::tsce_soft_fwd")
+    def _tsce_soft_fwd_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
+                            reduction):
+        rows = logits.shape[0]
+        loss = logits.new_empty((rows,) if reduction == 0 else ())
+        lse = logits.new_empty((rows, 2), dtype=_acc(logits.dtype))  # [row max, log sum exp]
+        mass = logits.new_empty((rows,), dtype=_acc(logits.dtype))   # sum_c w_c q_c
+        return loss, lse, mass
+
+    @torch.library.register_fake("softcal::tsce_soft_bwd")
+    def _tsce_soft_bwd_fake(grad_loss, logits, target, weight, lse, mass, temperature_t,
+                            temperature, label_smoothing, reduction, need_logits_grad,
+                            need_target_grad, need_temperature_grad):
+        gx = logits.new_empty(tuple(logits.shape)) if need_logits_grad else logits.new_empty((0,))
+        gt = target.new_empty(tuple(target.shape)) if need_target_grad else target.new_empty((0,))
+        return gx, gt, logits.new_empty((), dtype=_grad_t_dtype(temperature_t, logits))
+
+    def _soft_setup_context(ctx, inputs, output):
+        logits, target, weight, temperature_t, temperature, eps, reduction = inputs
+        _, lse, mass = output
+        ctx.save_for_backward(logits, target, weight, temperature_t, lse, mass)
+        ctx.scalars = (temperature, eps, reduction)
+        ctx.mark_non_differentiable(lse, mass)
+
+    def _soft_backward(ctx, grad_loss, grad_lse, grad_mass):
+        logits, target, weight, temperature_t, lse, mass = ctx.saved_tensors
+        temperature, eps, reduction = ctx.scalars
+        need_x, need_tg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_t = temperature_t is not None and ctx.needs_input_grad[3]
+        if torch.is_grad_enabled():
+            # create_graph=True: a backward whose own graph is recorded
+            from .reference import soft_cross_entropy
+
+            wanted = [(0, logits, need_x), (1, target, need_tg), (3, temperature_t, need_t)]
+            inputs = [t for _, t, need in wanted if need]
+            loss = soft_cross_entropy(
+                logits, target, temperature=temperature_t if temperature_t is not None else temperature,
+                label_smoothing=eps, weight=weight, reduction=_REDUCTION_NAMES[reduction])
+            grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True,
+                                             allow_unused=True)) if inputs else iter(())
+            out = [None] * 7
+            for i, t, need in wanted:
+                if need:
+                    g = next(grads)
+                    out[i] = torch.zeros_like(t) if g is None else g
+            return tuple(out)
+        gx, gtg, gT = ops.tsce_soft_bwd(grad_loss, logits, target, weight, lse, mass, temperature_t,
+                                        temperature, eps, reduction, need_x, need_tg, need_t)
+        return (gx if need_x else None, gtg if need_tg else None, None, gT if need_t else None,
+                None, None, None)
+
+    torch.library.register_autograd("softcal::tsce_soft_fwd", _soft_backward,
+                                    setup_context=_soft_setup_context)

@@ -97,10 +97,33 @@ def check_ignore_index(fn: str, ignore_index: int) -> int:
     return ignore_index
 
 
-def check_target(fn: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Check the target's type, device and shape against the logits; return it as int64."""
+def check_target(fn: str, logits: torch.Tensor, target: torch.Tensor,
+                 probabilities: bool = False) -> torch.Tensor:
+    """Check the target's type, device and shape against the logits.
+
+    Returns class indices as int64. With ``probabilities=True`` a floating target of the
+    logits' shape (class probabilities) is accepted too and returned as it is; it must have the
+    logits' dtype and device.
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if probabilities and target.dtype.is_floating_point:
+        if tuple(target.shape) != tuple(logits.shape):
+            raise TypeError(
+                f"{fn}: target must be an integer tensor of class indices, or class probabilities "
+                f"of the logits' shape {tuple(logits.shape)}; got dtype {target.dtype} and shape "
+                f"{tuple(target.shape)}"
+            )
+        if target.dtype != logits.dtype:
+            raise TypeError(
+                f"{fn}: class-probability target has dtype {target.dtype} but logits has dtype "
+                f"{logits.dtype}"
+            )
+        if target.device != logits.device:
+            raise ValueError(f"{fn}: target is on {target.device} but logits is on {logits.device}")
+        if logits.dim() == 0:
+            raise ValueError(f"{fn}: logits must have at least 1 dimension (classes), got a 0-dim tensor")
+        return target
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(
             f"{fn}: target must be an integer tensor of class indices, got dtype {target.dtype} "

@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _ops, reference
+from . import _ops, _soft, reference
 from ._validation import (
     check_ignore_index,
     check_label_smoothing,
@@ -125,7 +125,10 @@ def cross_entropy(
         logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64; any
             strides (views are read in place when the classes have a unit stride, else copied
             once into (rows, C)).
-        target: class indices of shape (), (N,) or (N, d1, ...); any integer dtype.
+        target: class indices of shape (), (N,) or (N, d1, ...); any integer dtype. Or class
+            probabilities: a floating tensor of the logits' shape, dtype and device (mixup,
+            distillation); then "mean" divides by the number of rows and the target gets its
+            gradient too (see softcal._soft).
         temperature: a float > 0 or a 0-dim floating tensor on the logits' device; when the
             tensor requires grad, autograd also returns dL/dT.
         label_smoothing: eps in [0, 1]; the target distribution is (1 - eps) one-hot + eps / C.
@@ -151,7 +154,7 @@ def cross_entropy(
     """
     fn = "softcal.cross_entropy"
     check_logits(fn, logits)
-    target = check_target(fn, logits, target)
+    target = check_target(fn, logits, target, probabilities=True)
     weight = check_weight(fn, logits, weight)
     temperature = check_temperature(fn, temperature, logits.device)
     eps = check_label_smoothing(fn, label_smoothing)
@@ -159,6 +162,11 @@ def cross_entropy(
     ignore_index = check_ignore_index(fn, ignore_index)
     if inplace and not fused:
         raise ValueError(f"{fn}: inplace=True needs fused=True, got fused={fused!r}")
+    if target.dtype.is_floating_point:  # class probabilities of the logits' shape: softcal._soft
+        return _soft.soft_cross_entropy(
+            fn, logits, target, temperature=temperature, label_smoothing=eps, weight=weight,
+            ignore_index=ignore_index, reduction=reduction, fused=fused, inplace=inplace,
+            use_kernel=_use_kernel(logits.device))
     if not _use_kernel(logits.device):
         return reference.cross_entropy(logits, target, temperature=temperature,
                                        label_smoothing=eps, weight=weight,

@@ -19,6 +19,7 @@ from ._validation import flatten_classes
 
 __all__ = [
     "cross_entropy",
+    "soft_cross_entropy",
     "softmax",
     "log_softmax",
     "temperature_stats",
@@ -313,3 +314,90 @@ def tsce_shard_grad_(
                                     need_temperature_grad)
     logits.copy_(grad)
     return t_rows
+
+
+# --------------------------------------------------------------------------- class-probability targets
+
+class _MassTimesNll(torch.autograd.Function):
+    """q * v with 0 * inf := 0 in the forward; the exact partial derivatives in the backward.
+
+    Autograd's own product would give NaN in the forward (0 * inf) or, behind a torch.where,
+    drop the derivative dL/dq = v of a class with no mass (which PyTorch's target gradient has).
+    The backward is built from differentiable operations, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, v)
+        return torch.where(q == 0, torch.zeros_like(q), q * v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, v = ctx.saved_tensors
+        return grad * v, grad * q
+
+
+def flatten_probabilities(logits: torch.Tensor, target: torch.Tensor):
+    """(C,), (N, C) or (N, C, d1, ...) logits and a target of the same shape -> both as 2-D
+    (rows, C) with classes last, and the batch shape. (N, C) inputs are returned as they are
+    (views); K-dim inputs are moved (one copy each)."""
+    if logits.dim() == 1:
+        return logits.unsqueeze(0), target.unsqueeze(0), ()
+    if logits.dim() == 2:
+        return logits, target, (logits.shape[0],)
+    n_classes = logits.shape[1]
+    batch_shape = (logits.shape[0],) + tuple(logits.shape[2:])
+    return (logits.movedim(1, -1).reshape(-1, n_classes),
+            target.movedim(1, -1).reshape(-1, n_classes), batch_shape)
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: Temperature = 1.0,
+    label_smoothing: float = 0.0,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """F.cross_entropy(logits / T, target) for class-probability targets of the logits' shape.
+
+    Per row, with q = (1 - eps) t + eps / C: loss = -sum_c w_c q_c log p_c, where a class with
+    w_c q_c == 0 contributes 0 (also at a masked logit, -inf, where PyTorch gives NaN); "mean"
+    divides by the number of rows. Differentiable in the logits, the target and a tensor
+    temperature; dL/dt_c = -(1 - eps) w_c log p_c (0 where (1 - eps) w_c == 0). The maths is
+    written out at the top of csrc/cpu/soft_target_cpu.cpp.
+    """
+    x, t, batch_shape = flatten_probabilities(logits, target)
+    rows, n_classes = x.shape
+    acc = _acc_dtype(x.dtype)
+    eps = float(label_smoothing)
+    z = _scale(x.to(acc), temperature)
+    if n_classes > 0:
+        zmax = z.amax(dim=1, keepdim=True).detach()
+        no_softmax = ~torch.isfinite(zmax.squeeze(1))  # every logit -inf, or a NaN / +inf
+        m = torch.where(torch.isneginf(zmax), torch.zeros_like(zmax), zmax)
+        logp = (z - m) - torch.log(torch.exp(z - m).sum(dim=1, keepdim=True))
+    else:
+        no_softmax = torch.zeros(rows, dtype=torch.bool, device=x.device)
+        logp = z
+    ta = t.to(acc)
+    # (1 - eps) t + eps / C; for eps == 1 the loss does not depend on t at all
+    if eps < 1.0:
+        q = ta * (1.0 - eps) + eps / max(n_classes, 1)
+    else:
+        q = torch.full_like(ta.detach(), 1.0 / max(n_classes, 1))
+    nll = -logp
+    if weight is not None:
+        w = weight.to(acc)
+        # w_c (-log p_c), 0 where w_c == 0 (w is not differentiable: no NaN from 0 * inf)
+        nll = torch.where(w == 0, torch.zeros_like(nll), w * nll)
+    loss = _MassTimesNll.apply(q, nll).sum(dim=1)
+    loss = torch.where(no_softmax, torch.full_like(loss, float("nan")), loss)
+    if reduction == "none":
+        out = loss.reshape(batch_shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / rows
+    return out.to(logits.dtype)

@@ -518,6 +518,13 @@ def _opcheck_cases(device):
     coef = torch.rand(6, 3, device=device)
     cases.append((ops.tsce_shard_grad.default, (x, t, w, acc_lse, coef, T, 1.0, 0.02, 2, -100, True, True)))
     cases.append((ops.tsce_shard_grad_.default, (x.clone(), t, None, acc_lse, coef, None, 1.5, 0.0, 2, -100, False)))
+    # class-probability targets (more cases in tests/test_soft_targets.py)
+    p = torch.softmax(torch.randn(6, 5, device=device), 1)
+    _, slse, smass = ops.tsce_soft_fwd(x, p, w, T, 1.0, 0.1, 1)
+    cases.append((ops.tsce_soft_fwd.default,
+                  (x.clone().requires_grad_(), p.clone().requires_grad_(), w, T, 1.0, 0.1, 1)))
+    cases.append((ops.tsce_soft_bwd.default, (torch.tensor(1.0, device=device), x, p, w, slse, smass,
+                                              T, 1.0, 0.1, 1, True, True, True)))
     return cases
 
 

@@ -48,6 +48,7 @@ def test_rewrite_leaves_no_cuda_syntax():
         code = re.sub(r"//[^\n]*", "", text)
         assert counts["launch"] == code.count("<<<"), name
         assert counts["shared"] + counts["extern_shared"] == code.count("__shared__"), name
+        assert counts["register"] == len(re.findall(r"TORCH_LIBRARY_IMPL\(softcal,\s*CUDA,", code)), name
         for k in total:
             total[k] += counts[k]
         assert "<<<" not in re.sub(r"//[^\n]*", "", out)
