@@ -21,9 +21,13 @@
 //   fused     the forward's read, then the gradient is written while the row is still in the
 //             core's cache (a row of C float32 fits in L2 up to C ~ 250k); otherwise the second
 //             walk re-reads it from L3/DRAM.
-// Parallelism: at::parallel_for over rows; inner loops on at::vec::Vectorized (AVX2/AVX-512 as
-// built, see setup.py). Reductions over rows are done in fixed blocks of kReduceBlock rows in
-// double, then summed in block order: results are bitwise identical for any thread count.
+// Small C (<= kTileMaxC, float accumulation): tiles of R rows, one row per vector lane (see
+// "Small class counts" below).
+// Parallelism: at::parallel_for over blocks of rows (reduce_block_rows: a function of the row
+// count only); inner loops on at::vec::Vectorized (AVX2/AVX-512 as built, see setup.py). The
+// per-row losses and T-gradients are summed per block in double, in row order, then over the
+// blocks in order: results are bitwise identical for any thread count, and no per-row buffer is
+// allocated (except the outputs of reduction "none").
 // Offsets are int64 throughout.
 //
 // Fresh gradient buffers are advised to use transparent huge pages (madvise) before their first
@@ -276,6 +280,15 @@ CEParams<acc_t> make_params(int64_t C, const at::Tensor& target,
     p.w = wbuf.data();
   }
   return p;
+}
+
+// Rows per block of the per-block sums (loss, dL/dT) and of the parallel work: kReduceBlock, or
+// fewer (a multiple of 16, the tile height) so that short batches still make >= 64 blocks. A
+// function of the row count only: the summation order, hence the result's bits, does not
+// depend on the number of threads.
+inline int64_t reduce_block_rows(int64_t rows) {
+  const int64_t want = (rows + 63) / 64;
+  return std::min<int64_t>(kReduceBlock, std::max<int64_t>(16, (want + 15) / 16 * 16));
 }
 
 // Checks every target (the error names the first bad row and its value) and returns
@@ -628,7 +641,7 @@ inline bool use_tiles(int64_t C) {
   return std::is_same_v<at::opmath_type<scalar_t>, float> && C >= 1 && C <= kTileMaxC;
 }
 
-// The tile path over blocks [b0, b1) of kReduceBlock rows; false (nothing done) where it does
+// The tile path over blocks [b0, b1) of reduce_block_rows(rows) rows; false (nothing done) where it does
 // not apply (float64, or C > kTileMaxC). Per-row outputs go through `emit`, as in the row path.
 template <typename scalar_t, typename Emit>
 bool fwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_t* x,
@@ -638,14 +651,15 @@ bool fwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_
     return false;
   } else {
     if (!use_tiles<scalar_t>(p.C)) return false;
+    const int64_t bs = reduce_block_rows(rows);
     constexpr int64_t R = TileShape::R;
     const TileShape ts(p.C);
     TileBuffers bufs;
     TileRows t;
     for (int64_t b = b0; b < b1; ++b) {
       double sum = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+      const int64_t end = std::min(rows, (b + 1) * bs);
+      for (int64_t i0 = b * bs; i0 < end; i0 += R) {
         const int64_t nr = std::min(R, end - i0);
         const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
                                       t, op);
@@ -682,6 +696,7 @@ bool bwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_
     return false;
   } else {
     if (!use_tiles<scalar_t>(p.C)) return false;
+    const int64_t bs = reduce_block_rows(rows);
     const int64_t C = p.C;
     constexpr int64_t R = TileShape::R;
     const TileShape ts(C);
@@ -689,8 +704,8 @@ bool bwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_
     TileRows t;
     for (int64_t b = b0; b < b1; ++b) {
       double sum_t = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+      const int64_t end = std::min(rows, (b + 1) * bs);
+      for (int64_t i0 = b * bs; i0 < end; i0 += R) {
         const int64_t nr = std::min(R, end - i0);
         const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
                                       t, op);
@@ -722,6 +737,7 @@ bool fused_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scala
     return false;
   } else {
     if (!use_tiles<scalar_t>(p.C)) return false;
+    const int64_t bs = reduce_block_rows(rows);
     const int64_t C = p.C;
     constexpr int64_t R = TileShape::R;
     const TileShape ts(C);
@@ -729,8 +745,8 @@ bool fused_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scala
     TileRows t;
     for (int64_t b = b0; b < b1; ++b) {
       double sl = 0, st = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+      const int64_t end = std::min(rows, (b + 1) * bs);
+      for (int64_t i0 = b * bs; i0 < end; i0 += R) {
         const int64_t nr = std::min(R, end - i0);
         const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
                                       t, op);
@@ -766,12 +782,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
   const auto acc_st = acc_type(logits.scalar_type());
   at::Tensor lse = at::empty({rows, 2}, logits.options().dtype(acc_st));
   // reduction none: the per-row losses are written in the logits' dtype; otherwise they are
-  // summed per block of kReduceBlock rows (no per-row buffer)
+  // summed per block of reduce_block_rows(rows) rows (no per-row buffer)
   at::Tensor loss = reduction == kNone ? at::empty({rows}, logits.options()) : at::Tensor();
   at::Tensor denom_t = at::empty({}, logits.options().dtype(acc_st));
   const at::Tensor tgt = target.contiguous();
   const int64_t row_stride = logits.stride(0);
-  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  const int64_t bs = reduce_block_rows(rows);
+  const int64_t blocks = (rows + bs - 1) / bs;
   std::vector<double> part(blocks, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_fwd_cpu", [&] {
@@ -791,14 +808,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
       if (loss_p != nullptr) loss_p[i] = static_cast<scalar_t>(li);
       else sum += static_cast<double>(li);
     };
-    const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+    const int64_t grain = std::max<int64_t>(1, row_grain(C) / bs);
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       if (fwd_tile_blocks(p, x, row_stride, rows, b0, b1, op, emit, part)) return;
       std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
       for (int64_t b = b0; b < b1; ++b) {
         double sum = 0;
-        const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-        for (int64_t i = b * kReduceBlock; i < end; ++i) {
+        const int64_t end = std::min(rows, (b + 1) * bs);
+        for (int64_t i = b * bs; i < end; ++i) {
           const int64_t y = p.target[i];
           if (y == ignore_index) {
             emit(i, false, 0, 0, 0, sum);
@@ -848,7 +865,8 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
   }
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
-  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  const int64_t bs = reduce_block_rows(rows);
+  const int64_t blocks = (rows + bs - 1) / bs;
   std::vector<double> part(blocks, 0.0);  // per block of rows: sum of dL_i/dT
   GradScale gs;
   at::Tensor g_acc;  // upstream gradient in acc dtype
@@ -872,7 +890,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
     scalar_t* gx = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
     const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
     const acc_t invT = static_cast<acc_t>(1.0 / T);
-    const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+    const int64_t grain = std::max<int64_t>(1, row_grain(C) / bs);
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       if (gx != nullptr &&
           bwd_tile_blocks(p, x, row_stride, rows, b0, b1, op, lse_p, gs, need_t, invT, gx, part))
@@ -881,8 +899,8 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
       std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
       for (int64_t b = b0; b < b1; ++b) {
         double sum_t = 0;
-        const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-        for (int64_t i = b * kReduceBlock; i < end; ++i) {
+        const int64_t end = std::min(rows, (b + 1) * bs);
+        for (int64_t i = b * bs; i < end; ++i) {
           const int64_t y = p.target[i];
           scalar_t* gr = gx == nullptr ? nullptr : gx + i * C;
           if (y == ignore_index) {
@@ -914,7 +932,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
 // Fused forward: loss and gradient (upstream gradient 1) in one call. `grad_out` may alias the
 // logits (in-place mode): each row (each tile) is read completely before its gradient is
 // written. reduction none: per-row loss and dL_i/dT into loss_rows / grad_t_rows; otherwise
-// their sums per block of kReduceBlock rows into part_loss / part_t (no per-row buffers).
+// their sums per block of reduce_block_rows(rows) rows into part_loss / part_t (no per-row buffers).
 template <typename scalar_t>
 void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, double T, double label_smoothing,
@@ -932,7 +950,8 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
   const bool per_row = reduction == kNone;
   acc_t* loss_p = per_row ? loss_rows.data_ptr<acc_t>() : nullptr;
   acc_t* gt_p = per_row && need_t ? grad_t_rows.data_ptr<acc_t>() : nullptr;
-  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  const int64_t bs = reduce_block_rows(rows);
+  const int64_t blocks = (rows + bs - 1) / bs;
   part_loss.assign(blocks, 0.0);
   part_t.assign(blocks, 0.0);
   auto emit = [&](int64_t i, acc_t l, acc_t gt, double& sl, double& st) {
@@ -944,7 +963,7 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
       st += static_cast<double>(gt);
     }
   };
-  const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+  const int64_t grain = std::max<int64_t>(1, row_grain(C) / bs);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     if (fused_tile_blocks(p, x, row_stride, rows, b0, b1, op, g, need_t, grad_out, emit, part_loss,
                           part_t))
@@ -953,8 +972,8 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
     std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
     for (int64_t b = b0; b < b1; ++b) {
       double sl = 0, st = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i = b * kReduceBlock; i < end; ++i) {
+      const int64_t end = std::min(rows, (b + 1) * bs);
+      for (int64_t i = b * bs; i < end; ++i) {
         const int64_t y = p.target[i];
         scalar_t* gr = grad_out + i * C;
         if (y == ignore_index) {
