@@ -146,13 +146,38 @@ inline __m512 exp2_avx512(__m512 t) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
+#endif
+
+// exp(d * beta + c) on a vector: for float32 on AVX-512 as 2^(d * beta log2 e + c log2 e) with
+// one fma (k = beta log2 e, kc = c log2 e precomputed), else exp of the fma.
+template <typename acc_t>
+struct ScaledExp {
+  Vec<acc_t> beta, c, k, kc;
+  ScaledExp(acc_t beta_, acc_t c_)
+      : beta(beta_), c(c_), k(static_cast<acc_t>(beta_ * 1.4426950408889634)),
+        kc(static_cast<acc_t>(c_ * 1.4426950408889634)) {}
+  inline Vec<acc_t> operator()(const Vec<acc_t>& d) const {
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return Vec<acc_t>(exp2_avx512(_mm512_fmadd_ps(d, k, kc)));
+    }
+#endif
+    return vexp(at::vec::fmadd(d, beta, c));
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
 // chunk_accumulate for float32 with AVX-512 masks: exponent t = (x - m) beta log2(e) (0 at the
 // maximum), exps added under the mask "not at the maximum" (one masked add), the maxima counted
 // with popcnt, D from the same x - m. About as many vector instructions per element as the
 // former one-pass forward (which formed beta x - beta m).
+// pf, pf_bytes: memory the next chunk (or the next row) will read, prefetched into L1 while this
+// chunk's exps are computed: the max pass of the next chunk then finds it in cache, so memory
+// and the exps overlap as in a one-pass kernel.
 template <bool kDot>
 inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
-                                 RowStats<float>& st, float& Wseen) {
+                                 RowStats<float>& st, float& Wseen, const char* pf,
+                                 int64_t pf_bytes) {
   const __m512 vm = _mm512_set1_ps(st.m);
   const __m512 vk = _mm512_set1_ps(static_cast<float>(beta * 1.4426950408889634));
   const __m512 zero = _mm512_setzero_ps();
@@ -176,8 +201,13 @@ inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, floa
       }
     }
   };
-  int64_t i = 0;
+  const int64_t iters = n / 32;
+  const int64_t lines = (pf_bytes + 63) / 64;
+  const int64_t per_iter = iters > 0 ? (lines + iters - 1) / iters : 0;
+  int64_t i = 0, line = 0;
   for (; i + 32 <= n; i += 32) {
+    for (int64_t k = 0; k < per_iter && line < lines; ++k, ++line)
+      _mm_prefetch(pf + line * 64, _MM_HINT_T0);
     step(0, 0xFFFF, i);
     step(1, 0xFFFF, i + 16);
   }
@@ -200,7 +230,7 @@ inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, floa
 // non-negative terms: no difference of large numbers).
 template <typename scalar_t, typename acc_t>
 inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
-                                 bool need_dot, acc_t* buf) {
+                                 bool need_dot, acc_t* buf, const scalar_t* next_row = nullptr) {
   RowStats<acc_t> st;
   acc_t Wseen = 0;  // sum of the weights of the classes seen (with need_dot)
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
@@ -223,8 +253,14 @@ inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const
     if (st.m > kNegInf<acc_t>) {
 #if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (need_dot) chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen);
-        else chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen);
+        const scalar_t* nx = c0 + kChunk < C ? x + c0 + kChunk : next_row;
+        const int64_t nn = nx == nullptr ? 0
+                           : c0 + kChunk < C ? std::min(kChunk, C - c0 - kChunk)
+                                             : std::min(kChunk, C);
+        const char* pf = reinterpret_cast<const char*>(nx);
+        const int64_t pfb = nn * static_cast<int64_t>(sizeof(scalar_t));
+        if (need_dot) chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen, pf, pfb);
+        else chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen, pf, pfb);
         continue;
       }
 #endif
@@ -380,9 +416,10 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
       veps_c(p.eps_c), vninf(kNegInf<acc_t>), vzero(0), vone(1);
   Vec<acc_t> vS(0), vM(0);
   const acc_t x_y = static_cast<acc_t>(x[y]);  // read before the row is overwritten (in place)
+  const ScaledExp<acc_t> pexp(p.beta, -ls);  // p = exp(beta (x - m) - ls)
   auto step = [&](const Vec<acc_t>& xv, const Vec<acc_t>& wv, acc_t* o, int64_t k) {
     const Vec<acc_t> d = xv - vm;
-    const Vec<acc_t> e = vexp(at::vec::fmadd(d, vbeta, vnls));
+    const Vec<acc_t> e = pexp(d);
     if (grad != nullptr) {
       const Vec<acc_t> gv = vcoef * e - vcw * wv;
       if (k == V) gv.store(o); else gv.store(o, k);
@@ -526,11 +563,12 @@ inline void tile_forward(const TileShape& ts, const CEParams<float>& p, const fl
   vm = V::blendv(V(0), vm, ok);
   const V vb(p.beta), zero(0), one(1);
   V rest(0), n1(0), D(0);
+  const ScaledExp<float> sexp(p.beta, 0.0f);
   for (int64_t c = 0; c < C; ++c) {
     const V xv = V::loadu(b.tT + c * R);
-    const V d = (xv - vm) * vb;  // exactly 0 at the maximum
-    const V e = vexp(d);
-    const V at_max = d == zero;
+    const V dx = xv - vm;  // exactly 0 at the maximum
+    const V e = sexp(dx);
+    const V at_max = dx == zero;
     rest = rest + V::blendv(e, zero, at_max);
     n1 = n1 + V::blendv(zero, one, at_max);
     if constexpr (kDot) D = at::vec::fmadd(V(p.weight_of(c)), vm - xv, D);
@@ -583,10 +621,13 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
           vcw = V::loadu(cwl), vA = V::loadu(Al), vb(p.beta), veps_c(p.eps_c),
           vninf(kNegInf<float>), zero(0);
   V vS(0), vM(0);
+  ScaledExp<float> pexp(p.beta, 0.0f);  // per-lane shift -ls:
+  pexp.c = vnls;
+  pexp.kc = vnls * V(1.4426950408889634f);
   for (int64_t c = 0; c < C; ++c) {
     const V xv = V::loadu(b.tT + c * R);
     const V dd = xv - vm;
-    const V e = vexp(at::vec::fmadd(dd, vb, vnls));
+    const V e = pexp(dd);
     const V wc(p.weight_of(c));
     (vcoef * e - vcw * wc).store(b.gT + c * R);
     if (need_t) {
@@ -822,7 +863,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
             continue;
           }
           const scalar_t* xr = x + i * row_stride;
-          const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data());
+          const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data(),
+                                    i + 1 < end ? xr + row_stride : nullptr);
           acc_t lse_r[2];
           const acc_t l = row_loss(p, xr, st, y, lse_r);
           emit(i, true, lse_r[0], lse_r[1], l, sum);
@@ -982,7 +1024,8 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
           continue;
         }
         const scalar_t* xr = x + i * row_stride;
-        const auto rs = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data());
+        const auto rs = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data(),
+                                  i + 1 < end ? xr + row_stride : nullptr);
         acc_t lse[2];
         const acc_t l = row_loss(p, xr, rs, y, lse);
         // A row without a softmax has lse = NaN: row_grad gives NaN there, like its loss.
