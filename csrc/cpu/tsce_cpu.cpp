@@ -21,9 +21,13 @@
 //   fused     the forward's read, then the gradient is written while the row is still in the
 //             core's cache (a row of C float32 fits in L2 up to C ~ 250k); otherwise the second
 //             walk re-reads it from L3/DRAM.
-// Parallelism: at::parallel_for over rows; inner loops on at::vec::Vectorized (AVX2/AVX-512 as
-// built, see setup.py). Reductions over rows are done in fixed blocks of kReduceBlock rows in
-// double, then summed in block order: results are bitwise identical for any thread count.
+// Small C (<= kTileMaxC, float accumulation): tiles of R rows, one row per vector lane (see
+// "Small class counts" below).
+// Parallelism: at::parallel_for over blocks of rows (reduce_block_rows: a function of the row
+// count only); inner loops on at::vec::Vectorized (AVX2/AVX-512 as built, see setup.py). The
+// per-row losses and T-gradients are summed per block in double, in row order, then over the
+// blocks in order: results are bitwise identical for any thread count, and no per-row buffer is
+// allocated (except the outputs of reduction "none").
 // Offsets are int64 throughout.
 //
 // Fresh gradient buffers are advised to use transparent huge pages (madvise) before their first
@@ -142,13 +146,38 @@ inline __m512 exp2_avx512(__m512 t) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
+#endif
+
+// exp(d * beta + c) on a vector: for float32 on AVX-512 as 2^(d * beta log2 e + c log2 e) with
+// one fma (k = beta log2 e, kc = c log2 e precomputed), else exp of the fma.
+template <typename acc_t>
+struct ScaledExp {
+  Vec<acc_t> beta, c, k, kc;
+  ScaledExp(acc_t beta_, acc_t c_)
+      : beta(beta_), c(c_), k(static_cast<acc_t>(beta_ * 1.4426950408889634)),
+        kc(static_cast<acc_t>(c_ * 1.4426950408889634)) {}
+  inline Vec<acc_t> operator()(const Vec<acc_t>& d) const {
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return Vec<acc_t>(exp2_avx512(_mm512_fmadd_ps(d, k, kc)));
+    }
+#endif
+    return vexp(at::vec::fmadd(d, beta, c));
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
 // chunk_accumulate for float32 with AVX-512 masks: exponent t = (x - m) beta log2(e) (0 at the
 // maximum), exps added under the mask "not at the maximum" (one masked add), the maxima counted
 // with popcnt, D from the same x - m. About as many vector instructions per element as the
 // former one-pass forward (which formed beta x - beta m).
+// pf, pf_bytes: memory the next chunk (or the next row) will read, prefetched into L1 while this
+// chunk's exps are computed: the max pass of the next chunk then finds it in cache, so memory
+// and the exps overlap as in a one-pass kernel.
 template <bool kDot>
 inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
-                                 RowStats<float>& st, float& Wseen) {
+                                 RowStats<float>& st, float& Wseen, const char* pf,
+                                 int64_t pf_bytes) {
   const __m512 vm = _mm512_set1_ps(st.m);
   const __m512 vk = _mm512_set1_ps(static_cast<float>(beta * 1.4426950408889634));
   const __m512 zero = _mm512_setzero_ps();
@@ -172,8 +201,13 @@ inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, floa
       }
     }
   };
-  int64_t i = 0;
+  const int64_t iters = n / 32;
+  const int64_t lines = (pf_bytes + 63) / 64;
+  const int64_t per_iter = iters > 0 ? (lines + iters - 1) / iters : 0;
+  int64_t i = 0, line = 0;
   for (; i + 32 <= n; i += 32) {
+    for (int64_t k = 0; k < per_iter && line < lines; ++k, ++line)
+      _mm_prefetch(pf + line * 64, _MM_HINT_T0);
     step(0, 0xFFFF, i);
     step(1, 0xFFFF, i + 16);
   }
@@ -196,7 +230,7 @@ inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, floa
 // non-negative terms: no difference of large numbers).
 template <typename scalar_t, typename acc_t>
 inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
-                                 bool need_dot, acc_t* buf) {
+                                 bool need_dot, acc_t* buf, const scalar_t* next_row = nullptr) {
   RowStats<acc_t> st;
   acc_t Wseen = 0;  // sum of the weights of the classes seen (with need_dot)
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
@@ -219,8 +253,14 @@ inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const
     if (st.m > kNegInf<acc_t>) {
 #if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (need_dot) chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen);
-        else chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen);
+        const scalar_t* nx = c0 + kChunk < C ? x + c0 + kChunk : next_row;
+        const int64_t nn = nx == nullptr ? 0
+                           : c0 + kChunk < C ? std::min(kChunk, C - c0 - kChunk)
+                                             : std::min(kChunk, C);
+        const char* pf = reinterpret_cast<const char*>(nx);
+        const int64_t pfb = nn * static_cast<int64_t>(sizeof(scalar_t));
+        if (need_dot) chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen, pf, pfb);
+        else chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen, pf, pfb);
         continue;
       }
 #endif
@@ -276,6 +316,15 @@ CEParams<acc_t> make_params(int64_t C, const at::Tensor& target,
     p.w = wbuf.data();
   }
   return p;
+}
+
+// Rows per block of the per-block sums (loss, dL/dT) and of the parallel work: kReduceBlock, or
+// fewer (a multiple of 16, the tile height) so that short batches still make >= 64 blocks. A
+// function of the row count only: the summation order, hence the result's bits, does not
+// depend on the number of threads.
+inline int64_t reduce_block_rows(int64_t rows) {
+  const int64_t want = (rows + 63) / 64;
+  return std::min<int64_t>(kReduceBlock, std::max<int64_t>(16, (want + 15) / 16 * 16));
 }
 
 // Checks every target (the error names the first bad row and its value) and returns
@@ -367,9 +416,10 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
       veps_c(p.eps_c), vninf(kNegInf<acc_t>), vzero(0), vone(1);
   Vec<acc_t> vS(0), vM(0);
   const acc_t x_y = static_cast<acc_t>(x[y]);  // read before the row is overwritten (in place)
+  const ScaledExp<acc_t> pexp(p.beta, -ls);  // p = exp(beta (x - m) - ls)
   auto step = [&](const Vec<acc_t>& xv, const Vec<acc_t>& wv, acc_t* o, int64_t k) {
     const Vec<acc_t> d = xv - vm;
-    const Vec<acc_t> e = vexp(at::vec::fmadd(d, vbeta, vnls));
+    const Vec<acc_t> e = pexp(d);
     if (grad != nullptr) {
       const Vec<acc_t> gv = vcoef * e - vcw * wv;
       if (k == V) gv.store(o); else gv.store(o, k);
@@ -513,11 +563,12 @@ inline void tile_forward(const TileShape& ts, const CEParams<float>& p, const fl
   vm = V::blendv(V(0), vm, ok);
   const V vb(p.beta), zero(0), one(1);
   V rest(0), n1(0), D(0);
+  const ScaledExp<float> sexp(p.beta, 0.0f);
   for (int64_t c = 0; c < C; ++c) {
     const V xv = V::loadu(b.tT + c * R);
-    const V d = (xv - vm) * vb;  // exactly 0 at the maximum
-    const V e = vexp(d);
-    const V at_max = d == zero;
+    const V dx = xv - vm;  // exactly 0 at the maximum
+    const V e = sexp(dx);
+    const V at_max = dx == zero;
     rest = rest + V::blendv(e, zero, at_max);
     n1 = n1 + V::blendv(zero, one, at_max);
     if constexpr (kDot) D = at::vec::fmadd(V(p.weight_of(c)), vm - xv, D);
@@ -570,10 +621,13 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
           vcw = V::loadu(cwl), vA = V::loadu(Al), vb(p.beta), veps_c(p.eps_c),
           vninf(kNegInf<float>), zero(0);
   V vS(0), vM(0);
+  ScaledExp<float> pexp(p.beta, 0.0f);  // per-lane shift -ls:
+  pexp.c = vnls;
+  pexp.kc = vnls * V(1.4426950408889634f);
   for (int64_t c = 0; c < C; ++c) {
     const V xv = V::loadu(b.tT + c * R);
     const V dd = xv - vm;
-    const V e = vexp(at::vec::fmadd(dd, vb, vnls));
+    const V e = pexp(dd);
     const V wc(p.weight_of(c));
     (vcoef * e - vcw * wc).store(b.gT + c * R);
     if (need_t) {
@@ -628,7 +682,7 @@ inline bool use_tiles(int64_t C) {
   return std::is_same_v<at::opmath_type<scalar_t>, float> && C >= 1 && C <= kTileMaxC;
 }
 
-// The tile path over blocks [b0, b1) of kReduceBlock rows; false (nothing done) where it does
+// The tile path over blocks [b0, b1) of reduce_block_rows(rows) rows; false (nothing done) where it does
 // not apply (float64, or C > kTileMaxC). Per-row outputs go through `emit`, as in the row path.
 template <typename scalar_t, typename Emit>
 bool fwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_t* x,
@@ -638,14 +692,15 @@ bool fwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_
     return false;
   } else {
     if (!use_tiles<scalar_t>(p.C)) return false;
+    const int64_t bs = reduce_block_rows(rows);
     constexpr int64_t R = TileShape::R;
     const TileShape ts(p.C);
     TileBuffers bufs;
     TileRows t;
     for (int64_t b = b0; b < b1; ++b) {
       double sum = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+      const int64_t end = std::min(rows, (b + 1) * bs);
+      for (int64_t i0 = b * bs; i0 < end; i0 += R) {
         const int64_t nr = std::min(R, end - i0);
         const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
                                       t, op);
@@ -682,6 +737,7 @@ bool bwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_
     return false;
   } else {
     if (!use_tiles<scalar_t>(p.C)) return false;
+    const int64_t bs = reduce_block_rows(rows);
     const int64_t C = p.C;
     constexpr int64_t R = TileShape::R;
     const TileShape ts(C);
@@ -689,8 +745,8 @@ bool bwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_
     TileRows t;
     for (int64_t b = b0; b < b1; ++b) {
       double sum_t = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+      const int64_t end = std::min(rows, (b + 1) * bs);
+      for (int64_t i0 = b * bs; i0 < end; i0 += R) {
         const int64_t nr = std::min(R, end - i0);
         const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
                                       t, op);
@@ -722,6 +778,7 @@ bool fused_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scala
     return false;
   } else {
     if (!use_tiles<scalar_t>(p.C)) return false;
+    const int64_t bs = reduce_block_rows(rows);
     const int64_t C = p.C;
     constexpr int64_t R = TileShape::R;
     const TileShape ts(C);
@@ -729,8 +786,8 @@ bool fused_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scala
     TileRows t;
     for (int64_t b = b0; b < b1; ++b) {
       double sl = 0, st = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i0 = b * kReduceBlock; i0 < end; i0 += R) {
+      const int64_t end = std::min(rows, (b + 1) * bs);
+      for (int64_t i0 = b * bs; i0 < end; i0 += R) {
         const int64_t nr = std::min(R, end - i0);
         const float* tile = tile_load(ts, x, row_stride, p.target, p.ignore_index, i0, nr, bufs,
                                       t, op);
@@ -766,12 +823,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
   const auto acc_st = acc_type(logits.scalar_type());
   at::Tensor lse = at::empty({rows, 2}, logits.options().dtype(acc_st));
   // reduction none: the per-row losses are written in the logits' dtype; otherwise they are
-  // summed per block of kReduceBlock rows (no per-row buffer)
+  // summed per block of reduce_block_rows(rows) rows (no per-row buffer)
   at::Tensor loss = reduction == kNone ? at::empty({rows}, logits.options()) : at::Tensor();
   at::Tensor denom_t = at::empty({}, logits.options().dtype(acc_st));
   const at::Tensor tgt = target.contiguous();
   const int64_t row_stride = logits.stride(0);
-  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  const int64_t bs = reduce_block_rows(rows);
+  const int64_t blocks = (rows + bs - 1) / bs;
   std::vector<double> part(blocks, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_fwd_cpu", [&] {
@@ -791,21 +849,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
       if (loss_p != nullptr) loss_p[i] = static_cast<scalar_t>(li);
       else sum += static_cast<double>(li);
     };
-    const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+    const int64_t grain = std::max<int64_t>(1, row_grain(C) / bs);
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       if (fwd_tile_blocks(p, x, row_stride, rows, b0, b1, op, emit, part)) return;
       std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
       for (int64_t b = b0; b < b1; ++b) {
         double sum = 0;
-        const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-        for (int64_t i = b * kReduceBlock; i < end; ++i) {
+        const int64_t end = std::min(rows, (b + 1) * bs);
+        for (int64_t i = b * bs; i < end; ++i) {
           const int64_t y = p.target[i];
           if (y == ignore_index) {
             emit(i, false, 0, 0, 0, sum);
             continue;
           }
           const scalar_t* xr = x + i * row_stride;
-          const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data());
+          const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data(),
+                                    i + 1 < end ? xr + row_stride : nullptr);
           acc_t lse_r[2];
           const acc_t l = row_loss(p, xr, st, y, lse_r);
           emit(i, true, lse_r[0], lse_r[1], l, sum);
@@ -848,7 +907,8 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
   }
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
-  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  const int64_t bs = reduce_block_rows(rows);
+  const int64_t blocks = (rows + bs - 1) / bs;
   std::vector<double> part(blocks, 0.0);  // per block of rows: sum of dL_i/dT
   GradScale gs;
   at::Tensor g_acc;  // upstream gradient in acc dtype
@@ -872,7 +932,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
     scalar_t* gx = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
     const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
     const acc_t invT = static_cast<acc_t>(1.0 / T);
-    const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+    const int64_t grain = std::max<int64_t>(1, row_grain(C) / bs);
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       if (gx != nullptr &&
           bwd_tile_blocks(p, x, row_stride, rows, b0, b1, op, lse_p, gs, need_t, invT, gx, part))
@@ -881,8 +941,8 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
       std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
       for (int64_t b = b0; b < b1; ++b) {
         double sum_t = 0;
-        const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-        for (int64_t i = b * kReduceBlock; i < end; ++i) {
+        const int64_t end = std::min(rows, (b + 1) * bs);
+        for (int64_t i = b * bs; i < end; ++i) {
           const int64_t y = p.target[i];
           scalar_t* gr = gx == nullptr ? nullptr : gx + i * C;
           if (y == ignore_index) {
@@ -914,7 +974,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
 // Fused forward: loss and gradient (upstream gradient 1) in one call. `grad_out` may alias the
 // logits (in-place mode): each row (each tile) is read completely before its gradient is
 // written. reduction none: per-row loss and dL_i/dT into loss_rows / grad_t_rows; otherwise
-// their sums per block of kReduceBlock rows into part_loss / part_t (no per-row buffers).
+// their sums per block of reduce_block_rows(rows) rows into part_loss / part_t (no per-row buffers).
 template <typename scalar_t>
 void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, double T, double label_smoothing,
@@ -932,7 +992,8 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
   const bool per_row = reduction == kNone;
   acc_t* loss_p = per_row ? loss_rows.data_ptr<acc_t>() : nullptr;
   acc_t* gt_p = per_row && need_t ? grad_t_rows.data_ptr<acc_t>() : nullptr;
-  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
+  const int64_t bs = reduce_block_rows(rows);
+  const int64_t blocks = (rows + bs - 1) / bs;
   part_loss.assign(blocks, 0.0);
   part_t.assign(blocks, 0.0);
   auto emit = [&](int64_t i, acc_t l, acc_t gt, double& sl, double& st) {
@@ -944,7 +1005,7 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
       st += static_cast<double>(gt);
     }
   };
-  const int64_t grain = std::max<int64_t>(1, row_grain(C) / kReduceBlock);
+  const int64_t grain = std::max<int64_t>(1, row_grain(C) / bs);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     if (fused_tile_blocks(p, x, row_stride, rows, b0, b1, op, g, need_t, grad_out, emit, part_loss,
                           part_t))
@@ -953,8 +1014,8 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
     std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
     for (int64_t b = b0; b < b1; ++b) {
       double sl = 0, st = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i = b * kReduceBlock; i < end; ++i) {
+      const int64_t end = std::min(rows, (b + 1) * bs);
+      for (int64_t i = b * bs; i < end; ++i) {
         const int64_t y = p.target[i];
         scalar_t* gr = grad_out + i * C;
         if (y == ignore_index) {
@@ -963,7 +1024,8 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
           continue;
         }
         const scalar_t* xr = x + i * row_stride;
-        const auto rs = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data());
+        const auto rs = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data(),
+                                  i + 1 < end ? xr + row_stride : nullptr);
         acc_t lse[2];
         const acc_t l = row_loss(p, xr, rs, y, lse);
         // A row without a softmax has lse = NaN: row_grad gives NaN there, like its loss.
