@@ -274,3 +274,18 @@ def test_lse_is_row_max_and_log_sum(device):
     assert abs(lse[0, 1].item() - want0.item()) <= 1e-6 * want0.item()
     assert (lse[1] == 0).all()
     assert torch.isnan(lse[2]).all() and torch.isnan(lse[3]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [10, 3000])
+def test_temperature_stats_confident_rows(device, dtype, c):
+    """The summed NLL of confident rows (each -log p_y ~ 1e-7..1e-9) keeps its relative accuracy:
+    the ones of the maxima are not rounded into the sum of exps."""
+    temp = 1.0
+    x, x64, t = make_logits("confident", 32, c, dtype, 0.0, temp, seed=8)
+    got = softcal.temperature_stats(x.to(device), t.to(device), 1.0 / temp).cpu()
+    rows = torch.arange(len(t))
+    zd = (x64[rows, t][:, None] - x64) / temp
+    want = torch.log1p(torch.where(zd > 0, torch.exp(-zd), 0.0).sum(1)).sum().item()
+    tol = 4 * ulp(torch.float32) * zd.amax().item()
+    assert abs(got[0].item() - want) <= tol * want, (got[0].item(), want)

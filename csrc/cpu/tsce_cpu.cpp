@@ -1400,8 +1400,8 @@ at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& tar
           continue;
         }
         const Vec<acc_t> vm(mx), vb(beta), vninf(kNegInf<acc_t>), vzero(0);
-        Vec<acc_t> v0(0), v1(0), v2(0);
-        acc_t s0 = 0, s1 = 0, s2 = 0;
+        Vec<acc_t> v0(0), v1(0), v2(0), vn(0);
+        acc_t s0 = 0, s1 = 0, s2 = 0, n1 = 0;
         for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
           const int64_t n = std::min(kChunk, C - c0);
           const acc_t* xa = as_acc(xr + c0, n, buf.data());
@@ -1411,7 +1411,9 @@ at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& tar
             const Vec<acc_t> d = Vec<acc_t>::blendv(vzero, xv - vm, xv > vninf);
             const Vec<acc_t> e = vexp(Vec<acc_t>::blendv(vninf, d * vb, xv > vninf));
             const Vec<acc_t> ed = e * d;
-            v0 = v0 + e;
+            const Vec<acc_t> at_max = d == vzero;  // e == 1 exactly: counted apart (RowStats)
+            v0 = v0 + Vec<acc_t>::blendv(e, vzero, at_max);
+            vn = vn + Vec<acc_t>::blendv(vzero, Vec<acc_t>(1), at_max & (xv > vninf));
             v1 = v1 + ed;
             v2 = at::vec::fmadd(ed, d, v2);
           }
@@ -1419,7 +1421,8 @@ at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& tar
             const acc_t xv = xa[c];
             if (!(xv > kNegInf<acc_t>)) continue;
             const acc_t d = xv - mx, e = std::exp(beta * d);
-            s0 += e;
+            if (d == 0) n1 += 1;
+            else s0 += e;
             s1 += e * d;
             s2 += e * d * d;
           }
@@ -1427,13 +1430,16 @@ at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& tar
         auto sum = [](const Vec<acc_t>& v) {
           return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
         };
-        const double S0 = static_cast<double>(s0 + sum(v0));
+        // S0 = n1 + rest: log S0 = log1p(n1 - 1 + rest) keeps the digits of a confident row
+        const double rest = static_cast<double>(s0 + sum(v0));
+        const double N1 = static_cast<double>(n1 + sum(vn));
+        const double S0 = N1 + rest;
         const double S1 = static_cast<double>(s1 + sum(v1));
         const double S2 = static_cast<double>(s2 + sum(v2));
         const double mean_d = S1 / S0;
         const double x_y = to_double(xr[tp[i]]);
         // NLL = lse(beta x) - beta x_y = beta*mx + log S0 - beta x_y
-        nll_p[i] = beta_d * (static_cast<double>(mx) - x_y) + std::log(S0);
+        nll_p[i] = beta_d * (static_cast<double>(mx) - x_y) + std::log1p((N1 - 1) + rest);
         d1_p[i] = static_cast<double>(mx) + mean_d - x_y;
         d2_p[i] = std::max(0.0, S2 / S0 - mean_d * mean_d);
       }
