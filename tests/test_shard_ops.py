@@ -137,6 +137,19 @@ def test_shard_grad_gives_the_slices_of_the_whole_gradient(device, dtype, inplac
     assert abs(float(gT) - float(gT_ref)) <= tolT * (abs(float(gT_ref)) + 1e-3 * n), (float(gT), float(gT_ref))
 
 
+def test_an_empty_slice_gives_zeros(device):
+    """A rank whose slice holds no class (C_local = 0): stats say "no softmax mass" and the
+    T-gradient sums are 0 (a CUDA buffer left unwritten once gave 1e152)."""
+    x = torch.randn(3, 0, device=device, dtype=torch.float64)
+    t = torch.tensor([0, 5, -100], device=device)
+    st = ops.tsce_shard_stats(x, t, None, None, 1.3, 4, -100, True).cpu()
+    assert torch.isneginf(st[:2, 0]).all() and torch.isneginf(st[:2, 1]).all() and (st[2] == 0).all()
+    lse = torch.zeros(3, 2, device=device, dtype=torch.float64)
+    coef = torch.ones(3, 3, device=device, dtype=torch.float64)
+    g, tr = ops.tsce_shard_grad(x, t, None, lse, coef, None, 1.3, 0.01, 4, -100, True, True)
+    assert g.shape == (3, 0) and torch.equal(tr.cpu(), torch.zeros(3, 2, dtype=torch.float64))
+
+
 def test_shard_ops_check_their_arguments(device):
     x = torch.randn(4, 10, device=device)
     t = torch.zeros(4, dtype=torch.int64, device=device)

@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
 
 // (outer, C, inner) with inner > 1: one thread per column.
 template <typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 2)
     softmax_fwd_strided_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t outer, int64_t C,
                                int64_t inner, TempArg temp, bool log) {
   using acc_t = at::opmath_type<T>;
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
 }
 
 template <typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 2)
     softmax_bwd_strided_kernel(const T* __restrict__ go, const T* __restrict__ out, T* __restrict__ gx,
                                int64_t outer, int64_t C, int64_t inner, TempArg temp, bool log,
                                double* __restrict__ parts) {

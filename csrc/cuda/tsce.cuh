@@ -672,7 +672,7 @@ __device__ __forceinline__ void tile_copy_out(const T* tile, int E, T* out, bool
 }
 
 template <typename T, int MODE, int KIND>
-__global__ void __launch_bounds__(kTileRows)
+__global__ void __launch_bounds__(kTileRows, 2)
     tsce_tile_kernel(const CEArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -825,7 +825,7 @@ inline int tile_grid(int64_t rows) {
 // ------------------------------------------------------------------ small kernels
 // Per-block sums of w_y over non-ignored rows (the denominator of "mean").
 template <typename T>
-__global__ void __launch_bounds__(256) denom_parts_kernel(const int64_t* __restrict__ target,
+__global__ void __launch_bounds__(256, 2) denom_parts_kernel(const int64_t* __restrict__ target,
                                                           const T* __restrict__ weight, int64_t rows,
                                                           int C, int64_t ignore_index,
                                                           double* __restrict__ parts) {
@@ -879,7 +879,7 @@ struct TsceWriter {
 
 // grad[i, :] *= scale (0-dim: returns at once when it is 1) or scale[i * stride].
 template <typename T>
-__global__ void __launch_bounds__(256) scale_rows_kernel(T* __restrict__ grad, int64_t numel,
+__global__ void __launch_bounds__(256, 2) scale_rows_kernel(T* __restrict__ grad, int64_t numel,
                                                          int64_t inner, const void* scale, int code,
                                                          int64_t sstride, bool per_row) {
   constexpr int V = vec_size<T>();

@@ -194,9 +194,11 @@ at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
               ": smooth_coef must be a finite number >= 0, got ", smooth_coef);
   c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight);
-  at::Tensor t_rows = need_t ? at::empty({rows, 2}, logits.options().dtype(acc))
-                             : at::zeros({rows, 2}, logits.options().dtype(acc));
-  if (rows == 0 || logits.size(1) == 0 || (grad == nullptr && !need_t)) return t_rows;
+  // written by the kernel only when it runs: zeros for an empty slice (C_local = 0) or no request
+  const bool runs = rows > 0 && logits.size(1) > 0 && (grad != nullptr || need_t);
+  at::Tensor t_rows = (need_t && runs) ? at::empty({rows, 2}, logits.options().dtype(acc))
+                                       : at::zeros({rows, 2}, logits.options().dtype(acc));
+  if (!runs) return t_rows;
   const at::Tensor lse_c = lse.contiguous(), coef_c = coef.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_shard_grad_cuda", [&] {
