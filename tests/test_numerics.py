@@ -289,3 +289,56 @@ def test_temperature_stats_confident_rows(device, dtype, c):
     want = torch.log1p(torch.where(zd > 0, torch.exp(-zd), 0.0).sum(1)).sum().item()
     tol = 4 * ulp(torch.float32) * zd.amax().item()
     assert abs(got[0].item() - want) <= tol * want, (got[0].item(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("c", [10, 100, 5000])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("mode", ["autograd", "fused"])
+def test_non_finite_logits_follow_pytorch(device, dtype, c, eps, mode):
+    """A NaN or +inf logit anywhere in a row (the first chunk, a later chunk whose max is finite,
+    after a run of -inf, at the row max's position) makes that row's loss and gradient NaN, as
+    in PyTorch; the other rows are untouched. (The float32 kernels find NaN through the exps,
+    not through the max.)"""
+    torch.manual_seed(3)
+    n = 9
+    x = torch.randn(n, c, dtype=torch.float64) * 3
+    last = c - 1
+    x[0, 0] = math.nan                       # first element
+    x[1, last] = math.nan                    # last element (a later chunk for c = 5000)
+    x[2, c // 2] = math.inf
+    x[3, :] = -math.inf
+    x[3, last] = math.nan                    # -inf everywhere, then NaN
+    x[4, 1] = 50.0
+    x[4, last] = math.nan                    # NaN after a large finite max
+    x[5, :] = -math.inf                      # entirely -inf: NaN (no softmax), as PyTorch
+    x[6, : c // 2] = -math.inf               # masked first half: finite
+    x[7, last] = -math.inf                   # one masked class: finite
+    t = torch.arange(n) % c
+    t[6] = c - 1
+    t[7] = 0
+    x = x.to(dtype)
+    xs = x.clone().to(device).requires_grad_()
+    if mode == "fused":
+        loss = softcal.cross_entropy(xs, t.to(device), temperature=1.5, label_smoothing=eps,
+                                     reduction="none", fused=True)
+    else:
+        loss = softcal.cross_entropy(xs, t.to(device), temperature=1.5, label_smoothing=eps,
+                                     reduction="none")
+    g_out = torch.ones(n, dtype=dtype, device=device)
+    (gx,) = torch.autograd.grad(loss, xs, g_out)
+    xr = x.double().requires_grad_()
+    want = F.cross_entropy(xr / 1.5, t, label_smoothing=eps, reduction="none")
+    (gwant,) = torch.autograd.grad(want, xr, torch.ones(n, dtype=torch.float64))
+    loss, gx = loss.detach().double().cpu(), gx.double().cpu()
+    nan_rows = torch.isnan(want.detach())
+    assert nan_rows[[0, 1, 2, 3, 4, 5]].all() and not nan_rows[[6, 7, 8]].any()
+    assert torch.equal(torch.isnan(loss), nan_rows), (loss, want)
+    assert torch.isnan(gx[nan_rows]).all()
+    ok = ~nan_rows
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(loss[ok], want.detach()[ok], rtol=tol, atol=tol)
+    gw = gwant[ok]
+    assert torch.equal(torch.isnan(gw), torch.isnan(gx[ok]))
+    fin = ~torch.isnan(gw)
+    torch.testing.assert_close(gx[ok][fin], gw[fin], rtol=tol, atol=tol)

@@ -71,8 +71,26 @@ struct RowStats {
   bool bad = false;  // a NaN or +inf logit: no softmax
   // false also for a row that is entirely -inf
   bool has_softmax() const { return !bad && m > kNegInf<acc_t>; }
-  acc_t ls() const { return std::log1p((n1 - acc_t(1)) + rest); }
+  // the argument of log1p: ls = log1p(arg())
+  acc_t arg() const { return (n1 - acc_t(1)) + rest; }
+  acc_t ls() const { return std::log1p(arg()); }
 };
+
+// Rows of the row path taken together (forward, backward, fused) so that the per-row
+// transcendental functions (log1p of the forward, expm1 and exp of the true class's gradient)
+// run as vector code over the group, not as scalar libm calls (glibc's log1pf and expm1f cost
+// 10-12 ns each: 15-30 % of a row of 100 classes) in each row's dependency chain.
+constexpr int64_t kGroup = 16;
+
+// a[j] = log1p(a[j]) for j < n (SLEEF's vector log1p, 1 ulp)
+template <typename acc_t>
+inline void log1p_n(acc_t* a, int64_t n) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t k = std::min(V, n - j);
+    Vec<acc_t>::loadu(a + j, k).log1p().store(a + j, k);
+  }
+}
 
 // Walks x[0:n] (acc, a chunk in L1) relative to the state's max m (finite), adding the exps
 // (split into exact ones and the rest) and, with kDot, D += sum w (m - x), Wseen += sum w.
@@ -201,13 +219,13 @@ inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, floa
       }
     }
   };
-  const int64_t iters = n / 32;
-  const int64_t lines = (pf_bytes + 63) / 64;
-  const int64_t per_iter = iters > 0 ? (lines + iters - 1) / iters : 0;
+  // A full chunk (64 iterations) prefetches <= kChunk * 4 bytes = 128 lines: 2 an iteration.
+  // Shorter rows are left to the hardware prefetcher (consecutive rows are sequential).
+  const int64_t lines = n == kChunk ? (pf_bytes + 63) / 64 : 0;
+  static_assert(kChunk * sizeof(float) <= 2 * 64 * (kChunk / 32), "2 lines an iteration");
   int64_t i = 0, line = 0;
   for (; i + 32 <= n; i += 32) {
-    for (int64_t k = 0; k < per_iter && line < lines; ++k, ++line)
-      _mm_prefetch(pf + line * 64, _MM_HINT_T0);
+    for (int k = 0; k < 2 && line < lines; ++k, ++line) _mm_prefetch(pf + line * 64, _MM_HINT_T0);
     step(0, 0xFFFF, i);
     step(1, 0xFFFF, i + 16);
   }
@@ -220,6 +238,24 @@ inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, floa
     Wseen += w != nullptr ? _mm512_reduce_add_ps(_mm512_add_ps(ws[0], ws[1]))
                           : static_cast<float>(n);
   }
+}
+
+// Max of x[0:n] ignoring NaN (-inf for none): one vmaxps a vector, four independent chains
+// (the NaN-propagating chunk_max takes four instructions a vector). Its callers detect NaN
+// through the exps: a NaN logit makes the sum of exps NaN (chunk_accumulate_f32 adds every lane
+// that is not at the maximum, and NaN never compares equal to it).
+inline float max_ignoring_nan_f32(const float* x, int64_t n) {
+  const __m512 ninf = _mm512_set1_ps(kNegInf<float>);
+  __m512 m[4] = {ninf, ninf, ninf, ninf};
+  int64_t i = 0;
+  // _mm512_max_ps(a, b) returns b where either is NaN: the accumulator is never NaN
+  for (; i + 64 <= n; i += 64)
+    for (int k = 0; k < 4; ++k) m[k] = _mm512_max_ps(_mm512_loadu_ps(x + i + 16 * k), m[k]);
+  for (int k = 0; i < n; i += 16, k = (k + 1) & 3) {
+    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    m[k] = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lanes, x + i), m[k]);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
 }
 #endif
 
@@ -237,7 +273,16 @@ inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const
     const int64_t n = std::min(kChunk, C - c0);
     const acc_t* xa = as_acc(x + c0, n, buf);
     const acc_t* wc = w == nullptr ? nullptr : w + c0;
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+    // float32: NaN is found through the exps (max_ignoring_nan_f32), or below while every
+    // logit so far is -inf
+    const acc_t cm = std::is_same_v<acc_t, float>
+                         ? static_cast<acc_t>(max_ignoring_nan_f32(
+                               reinterpret_cast<const float*>(xa), n))
+                         : chunk_max(xa, n);
+#else
     const acc_t cm = chunk_max(xa, n);
+#endif
     if (std::isnan(cm) || cm == std::numeric_limits<acc_t>::infinity()) {
       st.bad = true;  // NaN or +inf: no softmax; the caller turns this into NaN
       return st;
@@ -266,11 +311,18 @@ inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const
 #endif
       if (need_dot) chunk_accumulate<acc_t, true>(xa, wc, n, beta, st, Wseen);
       else chunk_accumulate<acc_t, false>(xa, wc, n, beta, st, Wseen);
-    } else if (need_dot) {  // every logit so far is -inf: D is +inf (NaN where a weight is 0)
-      st.D += chunk_dot(xa, wc, n) * acc_t(-1);
-      Wseen += wc == nullptr ? acc_t(n) : chunk_dot<acc_t>(wc, nullptr, n);
+    } else {  // every logit so far is -inf (or NaN)
+      if (std::isnan(chunk_max(xa, n))) {
+        st.bad = true;
+        return st;
+      }
+      if (need_dot) {  // D is +inf (NaN where a weight is 0)
+        st.D += chunk_dot(xa, wc, n) * acc_t(-1);
+        Wseen += wc == nullptr ? acc_t(n) : chunk_dot<acc_t>(wc, nullptr, n);
+      }
     }
   }
+  if (std::isnan(st.rest)) st.bad = true;  // a NaN logit (the exps of every path propagate it)
   return st;
 }
 
@@ -363,17 +415,17 @@ double check_targets_and_denom(const CEParams<acc_t>& p, int64_t rows, const cha
   return denom;
 }
 
-// Loss of one non-ignored row from its stats; writes its [m, ls] (NaN without a softmax).
+// Loss of one non-ignored row from its stats and ls = log1p(st.arg()); writes its [m, ls] (NaN
+// without a softmax).
 //   lse - z_y = beta (m - x_y) + ls,   W lse - sum_c w_c z_c = beta D + W ls:
 // sums of non-negative terms, no difference of two large numbers.
 template <typename scalar_t, typename acc_t>
 inline acc_t row_loss(const CEParams<acc_t>& p, const scalar_t* x, const RowStats<acc_t>& st,
-                      int64_t y, acc_t* lse_out) {
+                      acc_t ls, int64_t y, acc_t* lse_out) {
   if (!st.has_softmax()) {  // NaN / +inf logits, or entirely -inf: NaN lse and loss
     lse_out[0] = lse_out[1] = kNaN<acc_t>;
     return kNaN<acc_t>;
   }
-  const acc_t ls = st.ls();
   lse_out[0] = st.m;
   lse_out[1] = ls;
   const acc_t w_y = p.weight_of(y);
@@ -386,23 +438,42 @@ inline acc_t row_loss(const CEParams<acc_t>& p, const scalar_t* x, const RowStat
 // The true-class gradient dL/dz_y = A p_y - (eps/C) w_y - (1 - eps) w_y, written as
 //   (1 - eps) w_y (p_y - 1) + (eps/C) (W p_y - w_y)
 // with p_y - 1 = expm1(log p_y), log p_y = beta (x_y - m) - ls: a confident row (p_y near 1)
-// keeps the relative accuracy of p_y - 1.
-template <typename acc_t>
-inline acc_t true_class_dz(const CEParams<acc_t>& p, acc_t w_y, acc_t x_y, acc_t m, acc_t ls) {
-  const acc_t lp = p.beta * (x_y - m) - ls;
-  acc_t dz = (acc_t(1) - p.eps) * w_y * std::expm1(lp);
-  if (p.eps > 0) dz += p.eps_c * (p.W * std::exp(lp) - w_y);
-  return dz;
+// keeps the relative accuracy of p_y - 1. For a group of n rows (see kGroup): row j's element
+// grad[j][y[j]] = gb[j] * dL/dz_y from lp[j] = log p_y (rows with grad[j] == nullptr skipped),
+// in acc precision, then one rounding. lp is overwritten.
+template <typename scalar_t, typename acc_t>
+inline void write_true_class(const CEParams<acc_t>& p, scalar_t* const* grad, const int64_t* y,
+                             const acc_t* gb, acc_t* lp, int64_t n) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  alignas(64) acc_t em1[kGroup], e[kGroup];
+  for (int64_t j = 0; j < n; ++j)
+    if (grad[j] == nullptr) lp[j] = 0;
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t k = std::min(V, n - j);
+    const Vec<acc_t> v = Vec<acc_t>::loadu(lp + j, k);
+    v.expm1().store(em1 + j, k);
+    if (p.eps > 0) v.exp().store(e + j, k);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (grad[j] == nullptr) continue;
+    const acc_t w_y = p.weight_of(y[j]);
+    acc_t dz = (acc_t(1) - p.eps) * w_y * em1[j];
+    if (p.eps > 0) dz += p.eps_c * (p.W * e[j] - w_y);
+    grad[j][y[j]] = static_cast<scalar_t>(gb[j] * dz);
+  }
 }
 
 // Gradient of one non-ignored row: grad_c = g * beta * dL/dz_c (written when grad != nullptr),
-// with p_c = exp(beta (x_c - m) - ls) (exactly exp(-ls) at the maximum).
+// with p_c = exp(beta (x_c - m) - ls) (exactly exp(-ls) at the maximum), except the true
+// class's element: its log p_y goes to *lp_y, for write_true_class over the row's group
+// (a row without a softmax is all NaN, its *lp_y NaN).
 // Returns S = sum over non-masked c of dL/dz_c * z_c (when need_t), for dL/dT = -(g/T) * S,
 // computed shifted by beta m (sum_c dL/dz_c = 0): sum_{non-masked} dz_c beta (x_c - m)
 // - beta m sum_{masked} dz_c, so that large logits keep their digits.
 template <typename scalar_t, typename acc_t>
 inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t m,
-                      acc_t ls, int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf) {
+                      acc_t ls, int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf,
+                      acc_t* lp_y) {
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t C = p.C;
   const acc_t w_y = p.weight_of(y);
@@ -410,12 +481,14 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
   const acc_t gb = g * p.beta;
   if (!(std::isfinite(m) && std::isfinite(ls))) {  // no softmax: NaN gradient
     if (grad != nullptr) std::fill(grad, grad + C, static_cast<scalar_t>(kNaN<acc_t>));
+    *lp_y = kNaN<acc_t>;
     return kNaN<acc_t>;
   }
   const Vec<acc_t> vbeta(p.beta), vm(m), vnls(-ls), vcoef(gb * A), vcw(gb * p.eps_c), vA(A),
       veps_c(p.eps_c), vninf(kNegInf<acc_t>), vzero(0), vone(1);
   Vec<acc_t> vS(0), vM(0);
   const acc_t x_y = static_cast<acc_t>(x[y]);  // read before the row is overwritten (in place)
+  *lp_y = p.beta * (x_y - m) - ls;
   const ScaledExp<acc_t> pexp(p.beta, -ls);  // p = exp(beta (x - m) - ls)
   auto step = [&](const Vec<acc_t>& xv, const Vec<acc_t>& wv, acc_t* o, int64_t k) {
     const Vec<acc_t> d = xv - vm;
@@ -449,10 +522,6 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
       step(t.masked, wv, out + i, k);
     }
     if (grad != nullptr) store_from_acc(out, grad + c0, n);
-  }
-  if (grad != nullptr) {
-    // The true-class term in acc precision, then one rounding.
-    grad[y] = static_cast<scalar_t>(gb * true_class_dz(p, w_y, x_y, m, ls));
   }
   if (!need_t) return 0;
   acc_t S = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vS);
@@ -637,7 +706,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
       vM = vM + V::blendv(dz, zero, live);
     }
   }
-  // the true class: (1 - eps) w_y expm1(log p_y) + (eps/C) (W p_y - w_y)  (true_class_dz)
+  // the true class: (1 - eps) w_y expm1(log p_y) + (eps/C) (W p_y - w_y)  (write_true_class)
   const V vwy = V::loadu(wyl);
   const V lp = vb * (V::loadu(t.xy) - vm) + vnls;
   V dzy = V(1 - p.eps) * vwy * lp.expm1();
@@ -853,21 +922,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
       if (fwd_tile_blocks(p, x, row_stride, rows, b0, b1, op, emit, part)) return;
       std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+      RowStats<acc_t> st[kGroup];
+      alignas(64) acc_t ls[kGroup];
       for (int64_t b = b0; b < b1; ++b) {
         double sum = 0;
         const int64_t end = std::min(rows, (b + 1) * bs);
-        for (int64_t i = b * bs; i < end; ++i) {
-          const int64_t y = p.target[i];
-          if (y == ignore_index) {
-            emit(i, false, 0, 0, 0, sum);
-            continue;
+        for (int64_t i0 = b * bs; i0 < end; i0 += kGroup) {
+          const int64_t ng = std::min(kGroup, end - i0);
+          for (int64_t j = 0; j < ng; ++j) {
+            const int64_t i = i0 + j;
+            ls[j] = 0;
+            if (p.target[i] == ignore_index) continue;
+            const scalar_t* xr = x + i * row_stride;
+            st[j] = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data(),
+                              i + 1 < end ? xr + row_stride : nullptr);
+            ls[j] = st[j].arg();
           }
-          const scalar_t* xr = x + i * row_stride;
-          const auto st = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data(),
-                                    i + 1 < end ? xr + row_stride : nullptr);
-          acc_t lse_r[2];
-          const acc_t l = row_loss(p, xr, st, y, lse_r);
-          emit(i, true, lse_r[0], lse_r[1], l, sum);
+          log1p_n(ls, ng);
+          for (int64_t j = 0; j < ng; ++j) {
+            const int64_t i = i0 + j, y = p.target[i];
+            if (y == ignore_index) {
+              emit(i, false, 0, 0, 0, sum);
+              continue;
+            }
+            acc_t lse_r[2];
+            const acc_t l = row_loss(p, x + i * row_stride, st[j], ls[j], y, lse_r);
+            emit(i, true, lse_r[0], lse_r[1], l, sum);
+          }
         }
         part[b] = sum;
       }
@@ -939,22 +1020,34 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
         return;
       std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
       std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+      scalar_t* grs[kGroup];
+      int64_t ys[kGroup];
+      alignas(64) acc_t gbs[kGroup], lps[kGroup];
       for (int64_t b = b0; b < b1; ++b) {
         double sum_t = 0;
         const int64_t end = std::min(rows, (b + 1) * bs);
-        for (int64_t i = b * bs; i < end; ++i) {
-          const int64_t y = p.target[i];
-          scalar_t* gr = gx == nullptr ? nullptr : gx + i * C;
-          if (y == ignore_index) {
-            if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
-            continue;
+        for (int64_t i0 = b * bs; i0 < end; i0 += kGroup) {
+          const int64_t ng = std::min(kGroup, end - i0);
+          for (int64_t j = 0; j < ng; ++j) {
+            const int64_t i = i0 + j, y = p.target[i];
+            scalar_t* gr = gx == nullptr ? nullptr : gx + i * C;
+            grs[j] = nullptr;
+            ys[j] = 0;
+            if (y == ignore_index) {
+              if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
+              continue;
+            }
+            TORCH_CHECK(y >= 0 && y < C, op, ": target[", i, "] = ", y, " is out of range for ",
+                        C, " classes");
+            const acc_t g = grad_of_row<acc_t>(gs, i);
+            const acc_t S = row_grad(p, x + i * row_stride, gr, lse_p[2 * i], lse_p[2 * i + 1],
+                                     y, g, need_t, xbuf.data(), gbuf.data(), &lps[j]);
+            if (need_t) sum_t += static_cast<double>(-g * S * invT);
+            if (gr != nullptr && !std::isnan(lps[j])) grs[j] = gr;
+            ys[j] = y;
+            gbs[j] = g * p.beta;
           }
-          TORCH_CHECK(y >= 0 && y < C, op, ": target[", i, "] = ", y, " is out of range for ",
-                      C, " classes");
-          const acc_t g = grad_of_row<acc_t>(gs, i);
-          const acc_t S = row_grad(p, x + i * row_stride, gr, lse_p[2 * i], lse_p[2 * i + 1], y,
-                                   g, need_t, xbuf.data(), gbuf.data());
-          if (need_t) sum_t += static_cast<double>(-g * S * invT);
+          if (gx != nullptr) write_true_class(p, grs, ys, gbs, lps, ng);
         }
         part[b] = sum_t;
       }
@@ -1012,26 +1105,53 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
       return;
     std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
     std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+    // Rows per group: their stats are taken first, then their gradients written while the
+    // group (<= kFusedGroupBytes of logits) is still in L1/L2.
+    constexpr int64_t kFusedGroupBytes = 32768;
+    const int64_t G = std::clamp<int64_t>(
+        kFusedGroupBytes / std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(scalar_t))), 1,
+        kGroup);
+    RowStats<acc_t> rs[kGroup];
+    alignas(64) acc_t ls[kGroup], gbs[kGroup], lps[kGroup];
+    scalar_t* grs[kGroup];
+    int64_t ys[kGroup];
     for (int64_t b = b0; b < b1; ++b) {
       double sl = 0, st = 0;
       const int64_t end = std::min(rows, (b + 1) * bs);
-      for (int64_t i = b * bs; i < end; ++i) {
-        const int64_t y = p.target[i];
-        scalar_t* gr = grad_out + i * C;
-        if (y == ignore_index) {
-          std::fill(gr, gr + C, scalar_t(0));
-          emit(i, 0, 0, sl, st);
-          continue;
+      for (int64_t i0 = b * bs; i0 < end; i0 += G) {
+        const int64_t ng = std::min(G, end - i0);
+        for (int64_t j = 0; j < ng; ++j) {
+          const int64_t i = i0 + j;
+          ls[j] = 0;
+          if (p.target[i] == ignore_index) continue;
+          const scalar_t* xr = x + i * row_stride;
+          rs[j] = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data(),
+                            i + 1 < end ? xr + row_stride : nullptr);
+          ls[j] = rs[j].arg();
         }
-        const scalar_t* xr = x + i * row_stride;
-        const auto rs = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data(),
-                                  i + 1 < end ? xr + row_stride : nullptr);
-        acc_t lse[2];
-        const acc_t l = row_loss(p, xr, rs, y, lse);
-        // A row without a softmax has lse = NaN: row_grad gives NaN there, like its loss.
-        const acc_t S = row_grad(p, xr, gr, lse[0], lse[1], y, g, need_t, xbuf.data(),
-                                 gbuf.data());
-        emit(i, l, need_t ? -g * S * p.beta : acc_t(0), sl, st);
+        log1p_n(ls, ng);
+        for (int64_t j = 0; j < ng; ++j) {
+          const int64_t i = i0 + j, y = p.target[i];
+          scalar_t* gr = grad_out + i * C;
+          grs[j] = nullptr;
+          ys[j] = 0;
+          if (y == ignore_index) {
+            std::fill(gr, gr + C, scalar_t(0));
+            emit(i, 0, 0, sl, st);
+            continue;
+          }
+          const scalar_t* xr = x + i * row_stride;
+          acc_t lse[2];
+          const acc_t l = row_loss(p, xr, rs[j], ls[j], y, lse);
+          // A row without a softmax has lse = NaN: row_grad gives NaN there, like its loss.
+          const acc_t S = row_grad(p, xr, gr, lse[0], lse[1], y, g, need_t, xbuf.data(),
+                                   gbuf.data(), &lps[j]);
+          if (!std::isnan(lps[j])) grs[j] = gr;
+          ys[j] = y;
+          gbs[j] = g * p.beta;
+          emit(i, l, need_t ? -g * S * p.beta : acc_t(0), sl, st);
+        }
+        write_true_class(p, grs, ys, gbs, lps, ng);
       }
       part_loss[b] = sl;
       part_t[b] = st;
