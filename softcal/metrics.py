@@ -40,6 +40,7 @@ broken by that order). ``adaptive=False`` keeps nothing per row and leaves adapt
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple, Union
 
@@ -361,6 +362,36 @@ class CalibrationMetrics:
         self.adaptive = bool(adaptive)
         self.reset()
 
+    # The group is held by a weak reference. torch.distributed itself holds every group that can
+    # still communicate, so nothing usable is lost; but a strong reference here kept a group that
+    # destroy_process_group() had released alive until the interpreter exited, with its gloo
+    # worker threads: a worker that still had to drop its last all_gather (whose tensors are
+    # Python objects, so the drop takes the GIL) was then killed by the interpreter's
+    # finalisation inside a noexcept destructor, and the process aborted ("terminate called
+    # without an active exception") after a correct run.
+    @property
+    def group(self):
+        """The process group given to the constructor (None: this process only)."""
+        ref = self._group_ref
+        if ref is None:
+            return None
+        g = ref()
+        if g is None:
+            raise RuntimeError(
+                f"softcal.metrics.{type(self).__name__}: its process group was destroyed "
+                "(torch.distributed.destroy_process_group); give a live group")
+        return g
+
+    @group.setter
+    def group(self, group) -> None:
+        if group is None:
+            self._group_ref = None
+            return
+        try:
+            self._group_ref = weakref.ref(group)
+        except TypeError:      # not weak-referenceable: validated (and refused) by the collectives
+            self._group_ref = lambda: group
+
     def reset(self) -> None:
         """Forget every batch."""
         self.classes: Optional[int] = None
@@ -410,7 +441,8 @@ class CalibrationMetrics:
     def _global_state(self):
         """(top bins, classwise bins, sums, confidences, hits), summed over the group."""
         fn = f"softcal.metrics.{type(self).__name__}.compute"
-        if self.group is None:
+        group = self.group
+        if group is None:
             if self.classes is None or float(self._sums[0]) == 0:
                 raise ValueError(f"{fn}: no rows were added (call update first)")
             conf = torch.cat(self._conf) if self._conf else None
@@ -422,7 +454,7 @@ class CalibrationMetrics:
         # The number of classes: every rank that saw data must agree (ranks without data take it).
         c = self.classes if self.classes is not None else 0
         cc = all_reduce(torch.tensor([float(c), -float(c) if c else -1e300], dtype=torch.float64),
-                        "max", self.group)
+                        "max", group)
         c_max, c_min = int(cc[0]), -cc[1]
         if c_max == 0:
             raise ValueError(f"{fn}: no rows were added on any rank (call update first)")
@@ -433,7 +465,7 @@ class CalibrationMetrics:
         if self.classes is None:
             self._init_state(fn, c_max, torch.device("cpu"))
         packed = torch.cat([self._top.reshape(-1), self._cls.reshape(-1), self._sums])
-        packed = all_reduce(packed, "sum", self.group)
+        packed = all_reduce(packed, "sum", group)
         top = packed[:3 * nb].reshape(3, nb)
         cls = packed[3 * nb:3 * nb + 2 * c_max * nb].reshape(2, -1)
         sums = packed[-4:]
@@ -441,20 +473,20 @@ class CalibrationMetrics:
             raise ValueError(f"{fn}: no rows were added on any rank (call update first)")
         conf = hit = None
         if self.adaptive:
-            dev = comm_device(self.group)
+            dev = comm_device(group)
             local_c = torch.cat(self._conf).to(dev) if self._conf else torch.zeros(0, dtype=torch.float64, device=dev)
             local_h = torch.cat(self._hit).to(dev) if self._hit else torch.zeros(0, dtype=torch.bool, device=dev)
-            world = dist.get_world_size(self.group)
+            world = dist.get_world_size(group)
             n_local = torch.tensor([local_c.shape[0]], dtype=torch.int64, device=dev)
             sizes = [torch.empty_like(n_local) for _ in range(world)]
-            dist.all_gather(sizes, n_local, group=self.group)
+            dist.all_gather(sizes, n_local, group=group)
             sizes = [int(s) for s in torch.cat(sizes).tolist()]
             most = max(sizes)
             buf = torch.zeros(2, most, dtype=torch.float64, device=dev)
             buf[0, :local_c.shape[0]] = local_c
             buf[1, :local_c.shape[0]] = local_h.to(torch.float64)
             out = [torch.empty_like(buf) for _ in range(world)]
-            dist.all_gather(out, buf, group=self.group)
+            dist.all_gather(out, buf, group=group)
             conf = torch.cat([o[0, :k] for o, k in zip(out, sizes)])
             hit = torch.cat([o[1, :k] for o, k in zip(out, sizes)]).to(torch.bool)
         return top, cls, sums, conf, hit

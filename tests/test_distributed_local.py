@@ -4,10 +4,12 @@ accumulating metrics (plus: metrics on tensors that require grad do not warn).""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import tempfile
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -215,6 +217,27 @@ def test_world_of_one_rank():
         m = M.CalibrationMetrics(group=dist.group.WORLD)
         m.update(x, y)
         assert m.compute().ece == pytest.approx(M.ece(x, y), rel=1e-13)
+
+
+def test_metrics_do_not_keep_a_destroyed_group_alive():
+    """CalibrationMetrics holds its group weakly: after destroy_process_group the group (and its
+    gloo worker threads) is freed at once, not at interpreter exit, where a worker still dropping
+    an all_gather's tensors aborted the process (the README's calibrate_sharded.py, 1 run in 3);
+    a compute on the destroyed group is a clear error."""
+    x = torch.randn(30, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (30,))
+    with _world_of_one():
+        ref = weakref.ref(dist.group.WORLD)
+        m = M.CalibrationMetrics(group=dist.group.WORLD)
+        m.update(x, y)
+        assert m.group is dist.group.WORLD
+        assert m.compute().ece == pytest.approx(M.ece(x, y), rel=1e-13)
+    gc.collect()
+    assert ref() is None, "the metrics object kept the destroyed process group alive"
+    with pytest.raises(RuntimeError, match="process group was destroyed"):
+        m.compute()
+    m.group = None                       # a group can be dropped: this process only
+    assert m.compute().ece == pytest.approx(M.ece(x, y), rel=1e-13)
 
 
 def test_uninitialised_errors_are_clear():
