@@ -91,21 +91,15 @@ inline void check_logits(const at::Tensor& logits, const char* op) {
               logits.sizes());
 }
 
-// Shape, dtype and device checks of the cross-entropy inputs, shared by every backend.
-inline void check_tsce_inputs(const at::Tensor& logits, const at::Tensor& target,
-                              const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& temperature_t, double temperature,
-                              double label_smoothing, int64_t reduction, const char* op) {
-  check_logits(logits, op);
-  check_reduction(reduction, op);
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1, op,
-              ": logits must have unit stride along classes, got strides ", logits.strides());
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target has shape ",
-              target.sizes(), " but logits has ", logits.size(0), " rows");
-  TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(),
-              " but logits is on ", logits.device());
+// The class weights (1-D, one per class, the logits' dtype and device), the temperature (a 0-dim
+// floating tensor on the logits' device, or a finite number > 0) and label_smoothing in [0, 1]:
+// checks shared by the cross-entropy ops (check_tsce_inputs) and the class-probability-target
+// ops (soft_target.h).
+inline void check_weight_and_temperature(const at::Tensor& logits,
+                                         const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& temperature_t,
+                                         double temperature, double label_smoothing,
+                                         const char* op) {
   if (weight.has_value()) {
     const auto& w = *weight;
     TORCH_CHECK(w.dim() == 1 && w.size(0) == logits.size(1), op, ": weight has shape ",
@@ -127,6 +121,24 @@ inline void check_tsce_inputs(const at::Tensor& logits, const at::Tensor& target
   } else {
     check_float_scalars(temperature, label_smoothing, op);
   }
+}
+
+// Shape, dtype and device checks of the cross-entropy inputs, shared by every backend.
+inline void check_tsce_inputs(const at::Tensor& logits, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& temperature_t, double temperature,
+                              double label_smoothing, int64_t reduction, const char* op) {
+  check_logits(logits, op);
+  check_reduction(reduction, op);
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1, op,
+              ": logits must have unit stride along classes, got strides ", logits.strides());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target has shape ",
+              target.sizes(), " but logits has ", logits.size(0), " rows");
+  TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(),
+              " but logits is on ", logits.device());
+  check_weight_and_temperature(logits, weight, temperature_t, temperature, label_smoothing, op);
 }
 
 // The value of the temperature on the host (CPU tensors only: no synchronisation).

@@ -29,27 +29,7 @@ inline void check_soft_inputs(const at::Tensor& logits, const at::Tensor& target
               " but logits is on ", logits.device());
   TORCH_CHECK(target.stride(1) == 1 || target.size(1) <= 1, op,
               ": target must have unit stride along classes, got strides ", target.strides());
-  if (weight.has_value()) {
-    const auto& w = *weight;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == logits.size(1), op, ": weight has shape ",
-                w.sizes(), " but logits has ", logits.size(1), " classes");
-    TORCH_CHECK(w.scalar_type() == logits.scalar_type(), op, ": weight has dtype ",
-                w.scalar_type(), " but logits has ", logits.scalar_type());
-    TORCH_CHECK(w.device() == logits.device(), op, ": weight is on ", w.device(),
-                " but logits is on ", logits.device());
-  }
-  if (temperature_t.has_value()) {
-    const auto& t = *temperature_t;
-    TORCH_CHECK(t.numel() == 1 && t.dim() == 0, op,
-                ": temperature tensor must be 0-dim, got shape ", t.sizes());
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op,
-                ": temperature tensor must be floating, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == logits.device(), op, ": temperature is on ", t.device(),
-                " but logits is on ", logits.device());
-    check_float_scalars(1.0, label_smoothing, op);
-  } else {
-    check_float_scalars(temperature, label_smoothing, op);
-  }
+  check_weight_and_temperature(logits, weight, temperature_t, temperature, label_smoothing, op);
 }
 
 }  // namespace softcal

@@ -36,12 +36,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scale(x: torch.Tensor, temperature: Temperature) -> torch.Tensor:
-    """z = x / T, with masked logits (-inf) kept as constants (their T-gradient is 0)."""
+    """z = x / T, with masked logits (-inf) kept at -inf: their T-gradient is 0, their
+    x-gradient carries beta = 1/T as every other logit's (the smoothing term's -(eps/C) w_c)."""
     if isinstance(temperature, torch.Tensor):
         masked = torch.isneginf(x)
         safe = torch.where(masked, torch.zeros_like(x), x)
         t = temperature.to(x.dtype)
-        return torch.where(masked, x, safe / t)
+        return torch.where(masked, x * (1.0 / t).detach(), safe / t)
     return x / temperature
 
 

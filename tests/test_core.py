@@ -823,9 +823,15 @@ def test_label_smoothing_loss_validates_in_init():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_row_max_in_a_later_chunk(device, dtype):
     """Long rows are walked in chunks: a chunk whose max jumps far above the running max (its
-    exps relative to the old max would overflow) and rows whose only finite values come late."""
+    exps relative to the old max would overflow), rows whose only finite values come late, and
+    (the float32 CPU kernel walks later chunks online, relative to the running max) the max tied
+    across chunks, a later chunk's max equal to the running max, logits shifted by 1000."""
     C = 9000
-    x = torch.randn(6, C, dtype=torch.float64)
+    x = torch.randn(9, C, dtype=torch.float64)
+    x[6, 10] = x[6, 8000] = 30.0            # the max twice, in the first and the fourth chunk
+    x[7, 3000] = 20.0
+    x[7, 2047] = 20.0                        # ... in the first chunk's last element and later
+    x[8] += 1000.0
     x[0, 7000] = 500.0        # jump of 500 / T after 3 chunks
     x[1, 2100] = 95.0         # jump just above the 80 / beta threshold at T = 1
     x[1, 5000] = 190.0
@@ -833,7 +839,7 @@ def test_row_max_in_a_later_chunk(device, dtype):
     x[3, 1:] = -math.inf      # a single finite value
     x[4] = torch.linspace(-50, 50, C)  # the max grows in every chunk
     x[5, 8999] = 60.0
-    t = torch.tensor([7000, 5000, 4100, 0, 8999, 3])
+    t = torch.tensor([7000, 5000, 4100, 0, 8999, 3, 8000, 2047, 5])
     x = x.to(dtype).to(device)
     for T in (0.5, 1.0, 4.0):
         for eps in (0.0, 0.1):

@@ -118,6 +118,17 @@ def test_cross_entropy_shift_invariance(device, dtype, shift, temp, eps, mode):
     run_cross_entropy(x, x64, t, temp, eps, device, mode)
 
 
+@pytest.mark.parametrize("dtype,shift", SHIFTS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("mode", ["autograd", "fused"])
+@pytest.mark.parametrize("c", [100, 3000, 9000])
+def test_cross_entropy_shift_invariance_row_path(device, dtype, shift, eps, mode, c):
+    """The same on the row path (C > 32): one chunk, and rows of 2 and 5 chunks, whose later
+    chunks the float32 CPU kernel walks online, relative to the running max."""
+    x, x64, t = make_logits("randn", 8, c, dtype, shift, 0.625, seed=4)
+    run_cross_entropy(x, x64, t, 0.625, eps, device, mode)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temp", TEMPS)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
@@ -342,3 +353,39 @@ def test_non_finite_logits_follow_pytorch(device, dtype, c, eps, mode):
     assert torch.equal(torch.isnan(gw), torch.isnan(gx[ok]))
     fin = ~torch.isnan(gw)
     torch.testing.assert_close(gx[ok][fin], gw[fin], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reference_masked_logits_with_a_temperature_tensor(eps, weighted):
+    """softcal.reference.cross_entropy with a temperature tensor: the gradient of a masked (-inf)
+    logit is beta times the smoothing term's -(eps/C) w_c, as with a float temperature and as the
+    kernels give (it was the term without beta)."""
+    torch.manual_seed(11)
+    x = torch.randn(6, 9, dtype=torch.float64) * 2
+    x[1, 3] = x[2, 0] = x[4, 8] = -math.inf
+    t = torch.tensor([0, 1, 2, 3, 4, 5])
+    w = torch.rand(9, dtype=torch.float64) + 0.5 if weighted else None
+    grads = []
+    for temp in (torch.tensor(1.7, dtype=torch.float64), 1.7):
+        xs = x.clone().requires_grad_()
+        tt = temp.clone().requires_grad_() if isinstance(temp, torch.Tensor) else temp
+        loss = reference.cross_entropy(xs, t, temperature=tt, label_smoothing=eps, weight=w,
+                                       reduction="none")
+        loss.sum().backward()            # rows with a masked logit: loss +inf when eps > 0
+        grads.append(xs.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-14, atol=0)
+    masked = torch.isneginf(x)
+    want = -(eps / 9) * (w if weighted else torch.ones(9, dtype=torch.float64)) / 1.7
+    torch.testing.assert_close(grads[0][masked], want.expand_as(x)[masked], rtol=1e-14, atol=0)
+    xs = x.clone().requires_grad_()
+    tt = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    softcal.cross_entropy(xs, t, temperature=tt, label_smoothing=eps, weight=w,
+                          reduction="sum").backward()
+    xr = x.clone().requires_grad_()
+    tr = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    reference.cross_entropy(xr, t, temperature=tr, label_smoothing=eps, weight=w,
+                            reduction="sum").backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(tt.grad, tr.grad, rtol=1e-12, atol=1e-15, equal_nan=True)

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_common.h"
+#include "shard.h"
 
 namespace softcal {
 namespace {
@@ -28,21 +29,6 @@ inline int64_t local_target(int64_t y, int64_t ignore_index, int64_t off, int64_
   if (y == ignore_index) return kIgnored;
   const int64_t l = y - off;
   return (l >= 0 && l < C) ? l : kElsewhere;
-}
-
-void check_shard_inputs(const at::Tensor& logits, const at::Tensor& target,
-                        const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& temperature_t, double temperature,
-                        int64_t class_offset, const char* op) {
-  check_tsce_inputs(logits, target, weight, temperature_t, temperature, 0.0, kNone, op);
-  TORCH_CHECK(class_offset >= 0, op, ": class_offset must be >= 0, got ", class_offset);
-}
-
-void check_rows(const at::Tensor& t, int64_t rows, int64_t k, at::ScalarType acc, const char* name,
-                const char* op) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == k && t.scalar_type() == acc, op, ": ",
-              name, " must be (", rows, ", ", k, ") ", acc, ", got ", t.sizes(), " ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like the logits, got ", t.device());
 }
 
 // Class weights of the slice in acc (empty without weights).
@@ -225,10 +211,7 @@ at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
   const double T = host_temperature(temperature_t, temperature, op);
   const int64_t rows = logits.size(0);
   const at::ScalarType acc_st = acc_type(logits.scalar_type());
-  check_rows(lse, rows, 2, acc_st, "lse", op);
-  check_rows(coef, rows, 3, acc_st, "coef", op);
-  TORCH_CHECK(std::isfinite(smooth_coef) && smooth_coef >= 0, op,
-              ": smooth_coef must be a finite number >= 0, got ", smooth_coef);
+  check_shard_grad_inputs(logits, lse, coef, smooth_coef, op);
   at::Tensor t_rows = at::zeros({rows, 2}, logits.options().dtype(acc_st));
   if (rows == 0 || logits.size(1) == 0 || (grad == nullptr && !need_t)) return t_rows;
   const at::Tensor tgt = target.contiguous(), lse_c = lse.contiguous(), coef_c = coef.contiguous();
@@ -263,8 +246,7 @@ at::Tensor tsce_shard_grad_inplace_cpu(const at::Tensor& logits, const at::Tenso
                                        bool need_temperature_grad) {
   const char* op = "softcal.tsce_shard_grad_";
   check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
-  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written "
-              "into its buffer), got strides ", logits.strides());
+  check_shard_inplace(logits, op);
   at::Tensor grad = logits;
   return shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef,
                          class_offset, ignore_index, &grad, need_temperature_grad, op);

@@ -15,6 +15,8 @@
 //   forward   one read of the logits. A row is walked in chunks of kChunk elements: the chunk's
 //             max is taken first (the chunk then sits in L1), the running state is rescaled when
 //             the max grows, and the chunk's exps and (for smoothing) D = sum w (m - x) are added.
+//             float32 on AVX-512: the max of the next chunk (or of the next row's first chunk)
+//             is taken inside this chunk's exp loop, so the loads from memory overlap the exps.
 //             One exp per element; nothing of size N x C is written or kept.
 //   backward  one read of the logits and one write of the gradient; p = exp(beta (x - m) - ls)
 //             from the saved [m, ls]. One exp per element.
@@ -185,61 +187,6 @@ struct ScaledExp {
 };
 
 #if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
-// chunk_accumulate for float32 with AVX-512 masks: exponent t = (x - m) beta log2(e) (0 at the
-// maximum), exps added under the mask "not at the maximum" (one masked add), the maxima counted
-// with popcnt, D from the same x - m. About as many vector instructions per element as the
-// former one-pass forward (which formed beta x - beta m).
-// pf, pf_bytes: memory the next chunk (or the next row) will read, prefetched into L1 while this
-// chunk's exps are computed: the max pass of the next chunk then finds it in cache, so memory
-// and the exps overlap as in a one-pass kernel.
-template <bool kDot>
-inline void chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
-                                 RowStats<float>& st, float& Wseen, const char* pf,
-                                 int64_t pf_bytes) {
-  const __m512 vm = _mm512_set1_ps(st.m);
-  const __m512 vk = _mm512_set1_ps(static_cast<float>(beta * 1.4426950408889634));
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 r[2] = {zero, zero}, d[2] = {zero, zero}, ws[2] = {zero, zero};
-  int64_t cnt = 0;
-  auto step = [&](int k, __mmask16 lanes, int64_t i) {
-    const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
-    const __m512 dx = _mm512_sub_ps(xv, vm);
-    const __m512 t = _mm512_mul_ps(dx, vk);
-    const __m512 e = exp2_avx512(t);
-    const __mmask16 at_max = _mm512_mask_cmp_ps_mask(lanes, t, zero, _CMP_EQ_OQ);
-    r[k] = _mm512_mask_add_ps(r[k], lanes & ~at_max, r[k], e);
-    cnt += _mm_popcnt_u32(at_max);
-    if constexpr (kDot) {
-      if (w != nullptr) {
-        const __m512 wv = _mm512_maskz_loadu_ps(lanes, w + i);
-        d[k] = _mm512_fmadd_ps(wv, dx, d[k]);  // unused lanes: weight 0, dx finite
-        ws[k] = _mm512_add_ps(ws[k], wv);
-      } else {
-        d[k] = _mm512_mask_add_ps(d[k], lanes, d[k], dx);
-      }
-    }
-  };
-  // A full chunk (64 iterations) prefetches <= kChunk * 4 bytes = 128 lines: 2 an iteration.
-  // Shorter rows are left to the hardware prefetcher (consecutive rows are sequential).
-  const int64_t lines = n == kChunk ? (pf_bytes + 63) / 64 : 0;
-  static_assert(kChunk * sizeof(float) <= 2 * 64 * (kChunk / 32), "2 lines an iteration");
-  int64_t i = 0, line = 0;
-  for (; i + 32 <= n; i += 32) {
-    for (int k = 0; k < 2 && line < lines; ++k, ++line) _mm_prefetch(pf + line * 64, _MM_HINT_T0);
-    step(0, 0xFFFF, i);
-    step(1, 0xFFFF, i + 16);
-  }
-  for (int k = 0; i < n; i += 16, k ^= 1)
-    step(k, n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1), i);
-  st.rest += _mm512_reduce_add_ps(_mm512_add_ps(r[0], r[1]));
-  st.n1 += static_cast<float>(cnt);
-  if constexpr (kDot) {
-    st.D -= _mm512_reduce_add_ps(_mm512_add_ps(d[0], d[1]));  // D = sum w (m - x)
-    Wseen += w != nullptr ? _mm512_reduce_add_ps(_mm512_add_ps(ws[0], ws[1]))
-                          : static_cast<float>(n);
-  }
-}
-
 // Max of x[0:n] ignoring NaN (-inf for none): one vmaxps a vector, four independent chains
 // (the NaN-propagating chunk_max takes four instructions a vector). Its callers detect NaN
 // through the exps: a NaN logit makes the sum of exps NaN (chunk_accumulate_f32 adds every lane
@@ -257,32 +204,177 @@ inline float max_ignoring_nan_f32(const float* x, int64_t n) {
   }
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
 }
+
+// One vector of chunk_accumulate_f32 (lanes: the valid ones): exponent t = (x - m) beta log2(e),
+// exactly 0 at the maximum; the exps of the other lanes added (one masked add), the maxima
+// counted per lane, D from the same x - m. Accumulators are passed by reference to distinct
+// locals and the weights are a template parameter: GCC kept indexed accumulator arrays on the
+// stack (a store per update) and the weight test inside the loop.
+template <bool kDot, bool kW>
+__attribute__((always_inline)) inline __m512 f32_step(const float* x, const float* w, int64_t i,
+                                                    __mmask16 lanes, __m512 vm, __m512 vk,
+                                                    __m512& r, __m512& d, __m512& ws, __m512i& cnt) {
+  const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
+  const __m512 dx = _mm512_sub_ps(xv, vm);
+  const __m512 t = _mm512_mul_ps(dx, vk);
+  const __m512 e = exp2_avx512(t);
+  const __mmask16 at_max = _mm512_mask_cmp_ps_mask(lanes, t, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  r = _mm512_mask_add_ps(r, lanes & ~at_max, r, e);
+  cnt = _mm512_mask_add_epi32(cnt, at_max, cnt, _mm512_set1_epi32(1));
+  if constexpr (kDot) {
+    if constexpr (kW) {
+      const __m512 wv = _mm512_maskz_loadu_ps(lanes, w + i);
+      d = _mm512_fmadd_ps(wv, dx, d);  // unused lanes: weight 0, dx finite
+      ws = _mm512_add_ps(ws, wv);
+    } else {
+      d = _mm512_mask_add_ps(d, lanes, d, dx);
+    }
+  }
+  return xv;
+}
+
+// chunk_accumulate for float32 with AVX-512 masks (f32_step). Returns a max ignoring NaN (-inf
+// if none), the caller's max for the next step:
+//  * kSelf = false: software-pipelined with the max pass of the next chunk (or of the next row's
+//    first chunk): nx[0:nn] is read by the same loop, so that its loads from memory overlap this
+//    chunk's exps; returns max nx[0:nn].
+//  * kSelf = true (the online walk of a long row's later chunks): the chunk is read once from
+//    memory, its exps taken relative to the running max st.m and its own max taken beside them;
+//    returns max x[0:n]. The sums are valid only if that max is <= st.m (row_stats checks, and
+//    otherwise walks the chunk again from L1 relative to its max: the exponent at the maximum
+//    must be exactly 0).
+// bfloat16/float16 rows (x: a chunk converted to float in L1) have no float chunk to take the
+// max of: pf, pf_bytes is the memory that the next conversion will read, prefetched into L1
+// instead (2 lines an iteration of a full chunk).
+template <bool kDot, bool kW, bool kSelf>
+inline float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n, float beta,
+                                       RowStats<float>& st, float& Wseen, const float* nx,
+                                       int64_t nn, const char* pf, int64_t pf_bytes) {
+  const __m512 vm = _mm512_set1_ps(st.m);
+  const __m512 vk = _mm512_set1_ps(static_cast<float>(beta * 1.4426950408889634));
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 ninf = _mm512_set1_ps(kNegInf<float>);
+  __m512 r0 = zero, r1 = zero, d0 = zero, d1 = zero, w0 = zero, w1 = zero;
+  __m512 mx0 = ninf, mx1 = ninf;
+  __m512i c0 = _mm512_setzero_si512(), c1 = _mm512_setzero_si512();
+  const int64_t n32 = n & ~int64_t(31);
+  // elements of nx taken by the first loop (kSelf: all of x's full iterations)
+  const int64_t j32 = kSelf ? n32 : std::min(n32, nn & ~int64_t(31));
+  int64_t i = 0;
+  // _mm512_max_ps(a, b) returns b where either is NaN: the max accumulators are never NaN
+  for (; i < j32; i += 32) {
+    const __m512 a = f32_step<kDot, kW>(x, w, i, 0xFFFF, vm, vk, r0, d0, w0, c0);
+    const __m512 b = f32_step<kDot, kW>(x, w, i + 16, 0xFFFF, vm, vk, r1, d1, w1, c1);
+    mx0 = _mm512_max_ps(kSelf ? a : _mm512_loadu_ps(nx + i), mx0);
+    mx1 = _mm512_max_ps(kSelf ? b : _mm512_loadu_ps(nx + i + 16), mx1);
+  }
+  const int64_t lines = n == kChunk ? (pf_bytes + 63) / 64 : 0;
+  static_assert(kChunk * sizeof(float) <= 2 * 64 * (kChunk / 32), "2 lines an iteration");
+  for (int64_t line = 0; i < n32; i += 32) {
+    for (int k = 0; k < 2 && line < lines; ++k, ++line) _mm_prefetch(pf + line * 64, _MM_HINT_T0);
+    f32_step<kDot, kW>(x, w, i, 0xFFFF, vm, vk, r0, d0, w0, c0);
+    f32_step<kDot, kW>(x, w, i + 16, 0xFFFF, vm, vk, r1, d1, w1, c1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 a = f32_step<kDot, kW>(x, w, i, lanes, vm, vk, r0, d0, w0, c0);
+    if constexpr (kSelf) mx0 = _mm512_mask_max_ps(mx0, lanes, a, mx0);
+  }
+  st.rest += _mm512_reduce_add_ps(_mm512_add_ps(r0, r1));
+  st.n1 += static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1)));
+  if constexpr (kDot) {
+    st.D -= _mm512_reduce_add_ps(_mm512_add_ps(d0, d1));  // D = sum w (m - x)
+    Wseen += kW ? _mm512_reduce_add_ps(_mm512_add_ps(w0, w1)) : static_cast<float>(n);
+  }
+  float next = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
+  if (!kSelf && j32 < nn) next = std::max(next, max_ignoring_nan_f32(nx + j32, nn - j32));
+  return next;
+}
+
+template <bool kDot, bool kSelf = false>
+inline float chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
+                                  RowStats<float>& st, float& Wseen, const float* nx = nullptr,
+                                  int64_t nn = 0, const char* pf = nullptr, int64_t pf_bytes = 0) {
+  return w != nullptr ? chunk_accumulate_f32_impl<kDot, true, kSelf>(x, w, n, beta, st, Wseen, nx,
+                                                                     nn, pf, pf_bytes)
+                      : chunk_accumulate_f32_impl<kDot, false, kSelf>(x, w, n, beta, st, Wseen, nx,
+                                                                      nn, pf, pf_bytes);
+}
+
 #endif
 
+// The max of a row's first chunk, taken by the row_stats call of the row before it (float32
+// logits on AVX-512, whose exp loop reads the next row's first chunk): valid for the call whose
+// x is `row` (a row skipped in between leaves it unused).
+struct NextMax {
+  const void* row = nullptr;
+  float m = 0;
+};
+
 // One read of a row (bf16/half converted chunk by chunk into buf): per chunk of kChunk elements
-// its max is taken first (the chunk then sits in L1); when it exceeds the running max, the state
-// is rescaled to the new max; then the chunk's exps are taken relative to the max, so that the
-// exponent at the maximum is exactly 0. With need_dot, D = sum w_c (m - x_c) as well (a sum of
-// non-negative terms: no difference of large numbers).
+// its max is taken first; when it exceeds the running max, the state is rescaled to the new max;
+// then the chunk's exps are taken relative to the max, so that the exponent at the maximum is
+// exactly 0. With need_dot, D = sum w_c (m - x_c) as well (a sum of non-negative terms: no
+// difference of large numbers). float32 on AVX-512, so that each logit is read from memory once
+// with its loads beside the exps: the chunks after the first are walked online (exps relative to
+// the running max, kept when the chunk holds no larger logit, else walked again from L1), and
+// the max of the next row's first chunk is taken inside the exp loop of this row's last chunk
+// and handed over through `carry`.
 template <typename scalar_t, typename acc_t>
 inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
-                                 bool need_dot, acc_t* buf, const scalar_t* next_row = nullptr) {
+                                 bool need_dot, acc_t* buf, const scalar_t* next_row = nullptr,
+                                 NextMax* carry = nullptr) {
+#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+  constexpr bool kPipe = std::is_same_v<scalar_t, float>;
+#else
+  constexpr bool kPipe = false;
+#endif
   RowStats<acc_t> st;
   acc_t Wseen = 0;  // sum of the weights of the classes seen (with need_dot)
+  acc_t next_max = 0;
+  bool have_next = false;  // next_max is the max of the chunk at c0 (ignoring NaN)
+  if (carry != nullptr) {
+    if (kPipe && carry->row == x) {
+      next_max = static_cast<acc_t>(carry->m);
+      have_next = true;
+    }
+    carry->row = nullptr;
+  }
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     const acc_t* xa = as_acc(x + c0, n, buf);
     const acc_t* wc = w == nullptr ? nullptr : w + c0;
 #if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+    if constexpr (kPipe) {
+      // A later chunk of a long row: one online walk from memory (exps relative to the running
+      // max, the chunk's max beside them), kept if the chunk has no larger logit (the usual
+      // case once the first chunks are seen); otherwise the chunk is walked again below, from
+      // L1, relative to its max.
+      if (c0 > 0 && st.m > kNegInf<acc_t>) {
+        RowStats<acc_t> t = st;
+        acc_t Wt = Wseen;
+        const acc_t cmx = need_dot ? chunk_accumulate_f32<true, true>(xa, wc, n, beta, t, Wt)
+                                   : chunk_accumulate_f32<false, true>(xa, wc, n, beta, t, Wt);
+        if (cmx <= st.m) {
+          st = t;
+          Wseen = Wt;
+          continue;
+        }
+        next_max = cmx;
+        have_next = true;
+      }
+    }
     // float32: NaN is found through the exps (max_ignoring_nan_f32), or below while every
     // logit so far is -inf
-    const acc_t cm = std::is_same_v<acc_t, float>
+    const acc_t cm = have_next ? next_max
+                     : std::is_same_v<acc_t, float>
                          ? static_cast<acc_t>(max_ignoring_nan_f32(
                                reinterpret_cast<const float*>(xa), n))
                          : chunk_max(xa, n);
 #else
     const acc_t cm = chunk_max(xa, n);
 #endif
+    have_next = false;
     if (std::isnan(cm) || cm == std::numeric_limits<acc_t>::infinity()) {
       st.bad = true;  // NaN or +inf: no softmax; the caller turns this into NaN
       return st;
@@ -298,14 +390,26 @@ inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const
     if (st.m > kNegInf<acc_t>) {
 #if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
       if constexpr (std::is_same_v<acc_t, float>) {
-        const scalar_t* nx = c0 + kChunk < C ? x + c0 + kChunk : next_row;
-        const int64_t nn = nx == nullptr ? 0
-                           : c0 + kChunk < C ? std::min(kChunk, C - c0 - kChunk)
-                                             : std::min(kChunk, C);
-        const char* pf = reinterpret_cast<const char*>(nx);
-        const int64_t pfb = nn * static_cast<int64_t>(sizeof(scalar_t));
-        if (need_dot) chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen, pf, pfb);
-        else chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen, pf, pfb);
+        const bool last = c0 + kChunk >= C;
+        // kPipe: the later chunks of this row are walked online; the next row's first chunk's
+        // max is taken here
+        const scalar_t* nx = !last ? (kPipe ? nullptr : x + c0 + kChunk) : next_row;
+        const int64_t nn = nx == nullptr ? 0 : !last ? std::min(kChunk, C - c0 - kChunk)
+                                                     : std::min(kChunk, C);
+        if constexpr (kPipe) {
+          const float* nf = reinterpret_cast<const float*>(nx);
+          next_max = need_dot ? chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen, nf, nn)
+                              : chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen, nf, nn);
+          if (last && carry != nullptr && nx != nullptr) {
+            carry->row = nx;
+            carry->m = next_max;
+          }
+        } else {
+          const char* pf = reinterpret_cast<const char*>(nx);
+          const int64_t pfb = nn * static_cast<int64_t>(sizeof(scalar_t));
+          if (need_dot) chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen, nullptr, 0, pf, pfb);
+          else chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen, nullptr, 0, pf, pfb);
+        }
         continue;
       }
 #endif
@@ -924,6 +1028,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
       std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
       RowStats<acc_t> st[kGroup];
       alignas(64) acc_t ls[kGroup];
+      NextMax carry;
       for (int64_t b = b0; b < b1; ++b) {
         double sum = 0;
         const int64_t end = std::min(rows, (b + 1) * bs);
@@ -935,7 +1040,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
             if (p.target[i] == ignore_index) continue;
             const scalar_t* xr = x + i * row_stride;
             st[j] = row_stats(xr, C, p.beta, p.w, p.eps > 0, buf.data(),
-                              i + 1 < end ? xr + row_stride : nullptr);
+                              i + 1 < end ? xr + row_stride : nullptr, &carry);
             ls[j] = st[j].arg();
           }
           log1p_n(ls, ng);
@@ -1115,6 +1220,7 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
     alignas(64) acc_t ls[kGroup], gbs[kGroup], lps[kGroup];
     scalar_t* grs[kGroup];
     int64_t ys[kGroup];
+    NextMax carry;
     for (int64_t b = b0; b < b1; ++b) {
       double sl = 0, st = 0;
       const int64_t end = std::min(rows, (b + 1) * bs);
@@ -1126,7 +1232,7 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
           if (p.target[i] == ignore_index) continue;
           const scalar_t* xr = x + i * row_stride;
           rs[j] = row_stats(xr, C, p.beta, p.w, p.eps > 0, xbuf.data(),
-                            i + 1 < end ? xr + row_stride : nullptr);
+                            i + 1 < end ? xr + row_stride : nullptr, &carry);
           ls[j] = rs[j].arg();
         }
         log1p_n(ls, ng);

@@ -323,6 +323,38 @@ __device__ __forceinline__ T group_allreduce(T v, Op op, T* smem) {
   return v;
 }
 
+// Two sums reduced together (the T-gradient's two partial sums).
+template <typename acc_t>
+struct Pair {
+  acc_t a, b;
+};
+template <typename acc_t>
+__device__ __forceinline__ Pair<acc_t> shfl_xor(Pair<acc_t> v, int mask) {
+  return Pair<acc_t>{__shfl_xor_sync(0xffffffffu, v.a, mask), __shfl_xor_sync(0xffffffffu, v.b, mask)};
+}
+template <typename acc_t>
+struct PairSum {
+  __device__ __forceinline__ Pair<acc_t> operator()(const Pair<acc_t>& x, const Pair<acc_t>& y) const {
+    return Pair<acc_t>{x.a + y.a, x.b + y.b};
+  }
+};
+
+// The log-sum-exp merge of two per-thread row states (exact up to rounding), for any state with
+// the fields m (max x), s (sum exp(beta (x - m))), d (sum w (m - x) >= 0) and wc (sum w), in
+// units of the raw logits; bl2 = beta * log2(e). Sets r.m, r.s, r.d and r.wc; the caller merges
+// any other field (CEMerge in tsce.cuh: the target's logit; SoftMerge in tsce_soft.cu: none).
+template <typename State, typename acc_t>
+__device__ __forceinline__ void lse_merge(State& r, const State& a, const State& b, acc_t bl2) {
+  r.m = a.m > b.m ? a.m : b.m;
+  const bool af = a.m > neg_inf<acc_t>();
+  const bool bf = b.m > neg_inf<acc_t>();
+  const acc_t ea = af ? fexp2((a.m - r.m) * bl2) : acc_t(0);
+  const acc_t eb = bf ? fexp2((b.m - r.m) * bl2) : acc_t(0);
+  r.s = a.s * ea + b.s * eb;
+  r.d = (a.d + (af ? a.wc * (r.m - a.m) : acc_t(0))) + (b.d + (bf ? b.wc * (r.m - b.m) : acc_t(0)));
+  r.wc = a.wc + b.wc;
+}
+
 // Sum over the whole block, result valid in thread 0. smem: BLOCK / 32 doubles.
 template <int BLOCK>
 __device__ __forceinline__ double block_sum(double v, double* smem) {

@@ -134,38 +134,16 @@ __device__ __forceinline__ CEState<acc_t> ce_init() {
   return CEState<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
 }
 
-// The log-sum-exp merge of two states (exact up to rounding). bl2 = beta * log2(e).
+// The log-sum-exp merge of two states (lse_merge of common.cuh), plus the target's logit.
 template <typename acc_t>
 struct CEMerge {
   acc_t bl2;
   __device__ __forceinline__ CEState<acc_t> operator()(const CEState<acc_t>& a,
                                                        const CEState<acc_t>& b) const {
     CEState<acc_t> r;
-    r.m = a.m > b.m ? a.m : b.m;
-    const bool af = a.m > neg_inf<acc_t>();
-    const bool bf = b.m > neg_inf<acc_t>();
-    const acc_t ea = af ? fexp2((a.m - r.m) * bl2) : acc_t(0);
-    const acc_t eb = bf ? fexp2((b.m - r.m) * bl2) : acc_t(0);
-    r.s = a.s * ea + b.s * eb;
-    r.d = (a.d + (af ? a.wc * (r.m - a.m) : acc_t(0))) + (b.d + (bf ? b.wc * (r.m - b.m) : acc_t(0)));
-    r.wc = a.wc + b.wc;
+    lse_merge(r, a, b, bl2);
     r.xy = a.xy + b.xy;
     return r;
-  }
-};
-
-template <typename acc_t>
-struct Pair {
-  acc_t a, b;
-};
-template <typename acc_t>
-__device__ __forceinline__ Pair<acc_t> shfl_xor(Pair<acc_t> v, int mask) {
-  return Pair<acc_t>{__shfl_xor_sync(0xffffffffu, v.a, mask), __shfl_xor_sync(0xffffffffu, v.b, mask)};
-}
-template <typename acc_t>
-struct PairSum {
-  __device__ __forceinline__ Pair<acc_t> operator()(const Pair<acc_t>& x, const Pair<acc_t>& y) const {
-    return Pair<acc_t>{x.a + y.a, x.b + y.b};
   }
 };
 

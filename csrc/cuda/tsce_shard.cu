@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "cuda/tsce.cuh"
+#include "shard.h"
 
 namespace softcal {
 namespace cuda {
@@ -147,23 +148,6 @@ __global__ void __launch_bounds__(block_for(TPR), min_blocks_for(block_for(TPR))
 // KIND of the kernels: 0 without smoothing, 1 smoothing without weights, 2 with weights.
 inline int shard_kind(bool smoothing, bool weighted) { return smoothing ? (weighted ? 2 : 1) : 0; }
 
-void check_shard_inputs(const at::Tensor& logits, const at::Tensor& target,
-                        const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& temperature_t, double temperature,
-                        int64_t class_offset, const char* op) {
-  // the shape, dtype and device checks of the cross-entropy (no smoothing, reduction none)
-  check_tsce_inputs(logits, target, weight, temperature_t, temperature, 0.0, kNone, op);
-  TORCH_CHECK(class_offset >= 0, op, ": class_offset must be >= 0, got ", class_offset);
-}
-
-void check_rows(const at::Tensor& t, int64_t rows, int64_t k, at::ScalarType acc, const at::Tensor& logits,
-                const char* name, const char* op) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == k && t.scalar_type() == acc, op, ": ",
-              name, " must be (", rows, ", ", k, ") ", acc, ", got ", t.sizes(), " ", t.scalar_type());
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but logits is on ",
-              logits.device());
-}
-
 template <typename scalar_t>
 ShardArgs<scalar_t> shard_args(const at::Tensor& logits, const Prepared& p,
                                const std::optional<at::Tensor>& temperature_t, double temperature,
@@ -188,10 +172,7 @@ at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
                            int64_t ignore_index, at::Tensor* grad, bool need_t, const char* op) {
   const int64_t rows = logits.size(0);
   const at::ScalarType acc = acc_type(logits.scalar_type());
-  check_rows(lse, rows, 2, acc, logits, "lse", op);
-  check_rows(coef, rows, 3, acc, logits, "coef", op);
-  TORCH_CHECK(std::isfinite(smooth_coef) && smooth_coef >= 0, op,
-              ": smooth_coef must be a finite number >= 0, got ", smooth_coef);
+  check_shard_grad_inputs(logits, lse, coef, smooth_coef, op);
   c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight);
   // written by the kernel only when it runs: zeros for an empty slice (C_local = 0) or no request
@@ -288,8 +269,7 @@ at::Tensor tsce_shard_grad_inplace_cuda(const at::Tensor& logits, const at::Tens
                                         int64_t ignore_index, bool need_temperature_grad) {
   const char* op = "softcal.tsce_shard_grad_";
   check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
-  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written "
-              "into its buffer), got strides ", logits.strides());
+  check_shard_inplace(logits, op);
   at::Tensor grad = logits;
   return shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef,
                          class_offset, ignore_index, &grad, need_temperature_grad, op);

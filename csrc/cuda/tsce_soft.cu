@@ -23,7 +23,7 @@
 // of the row with 16-byte loads of the logits and, when the target row has the same alignment
 // (the usual case: both contiguous with the same C), 16-byte loads of the target at the same
 // positions, two pairs in flight before the first use (for_each_pair below); otherwise the
-// target is read by scalars. The per-thread state (m, s, d, U) is exact to merge:
+// target is read by scalars. The per-thread state (m, s, d, wc = U) is exact to merge:
 //   s = s_a e^{beta (m_a - M)} + s_b e^{beta (m_b - M)},   d = d_a + U_a (M - m_a) + d_b + U_b (M - m_b)
 // first across the group by shuffles, then through shared memory (group_allreduce), in a fixed
 // order. The max is updated once per vector, one exp2 per element. Per-row losses and
@@ -46,7 +46,7 @@ constexpr double kSoftLog2e = 1.4426950408889634;
 // ------------------------------------------------------------------ per-thread row state
 template <typename acc_t>
 struct SoftState {
-  acc_t m, s, d, U;  // max x, sum exp(beta (x - m)), sum_{u != 0} u (m - x), sum u
+  acc_t m, s, d, wc;  // max x, sum exp(beta (x - m)), sum_{u != 0} u (m - x), wc = sum u
 };
 
 template <typename acc_t>
@@ -55,41 +55,19 @@ __device__ __forceinline__ SoftState<acc_t> shfl_xor(SoftState<acc_t> v, int mas
   r.m = __shfl_xor_sync(0xffffffffu, v.m, mask);
   r.s = __shfl_xor_sync(0xffffffffu, v.s, mask);
   r.d = __shfl_xor_sync(0xffffffffu, v.d, mask);
-  r.U = __shfl_xor_sync(0xffffffffu, v.U, mask);
+  r.wc = __shfl_xor_sync(0xffffffffu, v.wc, mask);
   return r;
 }
 
+// The log-sum-exp merge of two states: lse_merge of common.cuh (wc = U, no target logit).
 template <typename acc_t>
 struct SoftMerge {
   acc_t bl2;  // beta log2(e)
   __device__ __forceinline__ SoftState<acc_t> operator()(const SoftState<acc_t>& a,
                                                          const SoftState<acc_t>& b) const {
     SoftState<acc_t> r;
-    r.m = a.m > b.m ? a.m : b.m;
-    const bool af = a.m > neg_inf<acc_t>();
-    const bool bf = b.m > neg_inf<acc_t>();
-    const acc_t ea = af ? fexp2((a.m - r.m) * bl2) : acc_t(0);
-    const acc_t eb = bf ? fexp2((b.m - r.m) * bl2) : acc_t(0);
-    r.s = a.s * ea + b.s * eb;
-    r.d = (a.d + (af ? a.U * (r.m - a.m) : acc_t(0))) + (b.d + (bf ? b.U * (r.m - b.m) : acc_t(0)));
-    r.U = a.U + b.U;
+    lse_merge(r, a, b, bl2);
     return r;
-  }
-};
-
-template <typename acc_t>
-struct SoftPair {
-  acc_t a, b;
-};
-template <typename acc_t>
-__device__ __forceinline__ SoftPair<acc_t> shfl_xor(SoftPair<acc_t> v, int mask) {
-  return SoftPair<acc_t>{__shfl_xor_sync(0xffffffffu, v.a, mask), __shfl_xor_sync(0xffffffffu, v.b, mask)};
-}
-template <typename acc_t>
-struct SoftPairSum {
-  __device__ __forceinline__ SoftPair<acc_t> operator()(const SoftPair<acc_t>& x,
-                                                        const SoftPair<acc_t>& y) const {
-    return SoftPair<acc_t>{x.a + y.a, x.b + y.b};
   }
 };
 
@@ -199,7 +177,7 @@ struct SoftAccum {
     if (vm > st.m) {
       if (st.m > neg_inf<acc_t>()) {
         st.s *= fexp2((st.m - vm) * bl2);
-        st.d += st.U * (vm - st.m);
+        st.d += st.wc * (vm - st.m);
       }
       st.m = vm;
     }
@@ -213,7 +191,7 @@ struct SoftAccum {
         acc_t u = a * static_cast<acc_t>(tv.v[k]) + b;
         if (WEIGHTED) u *= static_cast<acc_t>(w[idx + k]);
         st.d -= u != acc_t(0) ? u * dx : acc_t(0);  // 0 log 0 = 0
-        st.U += u;
+        st.wc += u;
       }
     }
   }
@@ -256,14 +234,14 @@ __global__ void __launch_bounds__(block_for(TPR), soft_min_blocks<T>(block_for(T
       acc_t loss;
       const bool ok = st.m > neg_inf<acc_t>() && st.m < -neg_inf<acc_t>() && ls == ls;
       if (ok) {
-        loss = beta * st.d + st.U * ls;
+        loss = beta * st.d + st.wc * ls;
         a.lse[2 * row] = st.m;
         a.lse[2 * row + 1] = ls;
       } else {  // no softmax (every logit -inf, or a NaN / +inf logit): NaN
         loss = std::numeric_limits<acc_t>::quiet_NaN();
         a.lse[2 * row] = a.lse[2 * row + 1] = loss;
       }
-      a.mass[row] = st.U;
+      a.mass[row] = st.wc;
       if (a.loss_rows) a.loss_rows[row] = static_cast<T>(loss);
       lsum += static_cast<double>(loss);
     }
@@ -329,7 +307,7 @@ __global__ void __launch_bounds__(block_for(TPR), soft_min_blocks<T>(block_for(T
   using acc_t = at::opmath_type<T>;
   constexpr int BLOCK = block_for(TPR);
   constexpr int RPB = BLOCK / TPR;
-  __shared__ SoftPair<acc_t> sred[BLOCK / kWarp];
+  __shared__ Pair<acc_t> sred[BLOCK / kWarp];
   __shared__ double sd[BLOCK / kWarp];
   const int tid = threadIdx.x % TPR;
   const int grp = threadIdx.x / TPR;
@@ -388,8 +366,8 @@ __global__ void __launch_bounds__(block_for(TPR), soft_min_blocks<T>(block_for(T
       }
     }
     if (a.need_t) {
-      const SoftPair<acc_t> t =
-          group_allreduce<TPR>(SoftPair<acc_t>{f.t1, f.t0}, SoftPairSum<acc_t>(), sred);
+      const Pair<acc_t> t =
+          group_allreduce<TPR>(Pair<acc_t>{f.t1, f.t0}, PairSum<acc_t>(), sred);
       if (active && tid == 0) {
         const acc_t lse = beta * f.m + f.ls;
         const acc_t tg = ok ? -f.bg * (t.a - lse * t.b) : std::numeric_limits<acc_t>::quiet_NaN();
