@@ -286,6 +286,7 @@ inline float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n
     st.D -= _mm512_reduce_add_ps(_mm512_add_ps(d0, d1));  // D = sum w (m - x)
     Wseen += kW ? _mm512_reduce_add_ps(_mm512_add_ps(w0, w1)) : static_cast<float>(n);
   }
+  if (!kSelf && nn == 0) return kNegInf<float>;  // (short rows: no reduction to pay for)
   float next = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
   if (!kSelf && j32 < nn) next = std::max(next, max_ignoring_nan_f32(nx + j32, nn - j32));
   return next;
