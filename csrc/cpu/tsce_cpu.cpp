@@ -693,6 +693,17 @@ inline const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t ro
   constexpr int64_t R = TileShape::R;
   const int64_t C = ts.C;
   const float* tile;
+  if (row_stride == C) {
+    // The tile 4 tiles ahead (<= 2 KB) prefetched into L1: the gathers below (float32, read in
+    // place) or the conversion stall on each line's miss otherwise (the hardware prefetcher
+    // alone left 1e6 x 10 float32 forward at 19.5 ms, 15.1 with this; fwd+bwd 46.7 -> 37.5).
+    // (An address past the logits is harmless: a prefetch never faults.)
+    constexpr int64_t kTilesAhead = 4;
+    const int64_t bytes = R * C * static_cast<int64_t>(sizeof(scalar_t));
+    const uintptr_t ahead = reinterpret_cast<uintptr_t>(x + i0 * C) + kTilesAhead * bytes;
+    for (int64_t off = 0; off < bytes; off += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(ahead + off), 0, 3);
+  }
   if (std::is_same_v<scalar_t, float> && row_stride == C && nr == R && C <= 16) {
     // read in place (a tile of <= 16 rows x 16 floats: its gathers touch <= 16 cache lines)
     tile = reinterpret_cast<const float*>(x + i0 * C);
