@@ -91,6 +91,12 @@ inline void check_logits(const at::Tensor& logits, const char* op) {
               logits.sizes());
 }
 
+// A 2-D (rows, classes) tensor read with the classes contiguous (the kernels' layout).
+inline void check_class_stride(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, op, ": ", name,
+              " must have unit stride along classes, got strides ", t.strides());
+}
+
 // The class weights (1-D, one per class, the logits' dtype and device), the temperature (a 0-dim
 // floating tensor on the logits' device, or a finite number > 0) and label_smoothing in [0, 1]:
 // checks shared by the cross-entropy ops (check_tsce_inputs) and the class-probability-target
@@ -130,8 +136,7 @@ inline void check_tsce_inputs(const at::Tensor& logits, const at::Tensor& target
                               double label_smoothing, int64_t reduction, const char* op) {
   check_logits(logits, op);
   check_reduction(reduction, op);
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1, op,
-              ": logits must have unit stride along classes, got strides ", logits.strides());
+  check_class_stride(logits, "logits", op);
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
               target.scalar_type());
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target has shape ",

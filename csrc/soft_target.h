@@ -19,16 +19,14 @@ inline void check_soft_inputs(const at::Tensor& logits, const at::Tensor& target
                               double label_smoothing, int64_t reduction, const char* op) {
   check_logits(logits, op);
   check_reduction(reduction, op);
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1, op,
-              ": logits must have unit stride along classes, got strides ", logits.strides());
+  check_class_stride(logits, "logits", op);
   TORCH_CHECK(target.sizes() == logits.sizes(), op, ": target has shape ", target.sizes(),
               " but logits has shape ", logits.sizes(), " (class-probability targets)");
   TORCH_CHECK(target.scalar_type() == logits.scalar_type(), op, ": target has dtype ",
               target.scalar_type(), " but logits has ", logits.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(),
               " but logits is on ", logits.device());
-  TORCH_CHECK(target.stride(1) == 1 || target.size(1) <= 1, op,
-              ": target must have unit stride along classes, got strides ", target.strides());
+  check_class_stride(target, "target", op);
   check_weight_and_temperature(logits, weight, temperature_t, temperature, label_smoothing, op);
 }
 

@@ -15,8 +15,10 @@
 //   forward   one read of the logits. A row is walked in chunks of kChunk elements: the chunk's
 //             max is taken first (the chunk then sits in L1), the running state is rescaled when
 //             the max grows, and the chunk's exps and (for smoothing) D = sum w (m - x) are added.
-//             float32 on AVX-512: the max of the next chunk (or of the next row's first chunk)
-//             is taken inside this chunk's exp loop, so the loads from memory overlap the exps.
+//             float32 on AVX-512: a long row's later chunks are walked online (exps relative to
+//             the running max, walked again from L1 only when the chunk holds a larger logit),
+//             and the next row's first-chunk max is taken inside the last chunk's exp loop, so
+//             each logit is read from memory once, its loads beside the exps.
 //             One exp per element; nothing of size N x C is written or kept.
 //   backward  one read of the logits and one write of the gradient; p = exp(beta (x - m) - ls)
 //             from the saved [m, ls]. One exp per element.
@@ -1600,8 +1602,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
 at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& target, double beta_d) {
   const char* op = "softcal.temperature_stats";
   check_logits(logits, op);
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1, op,
-              ": logits must have unit stride along classes, got strides ", logits.strides());
+  check_class_stride(logits, "logits", op);
   TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 &&
                   target.size(0) == logits.size(0),
               op, ": target must be int64 of shape (", logits.size(0), ",), got ",

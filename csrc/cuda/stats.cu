@@ -137,8 +137,7 @@ struct StatsWriter {
 at::Tensor temperature_stats_cuda(const at::Tensor& logits, const at::Tensor& target, double beta) {
   const char* op = "softcal.temperature_stats";
   check_logits(logits, op);
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1, op,
-              ": logits must have unit stride along classes, got strides ", logits.strides());
+  check_class_stride(logits, "logits", op);
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target has shape ",
               target.sizes(), " but logits has ", logits.size(0), " rows");
