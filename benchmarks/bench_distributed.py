@@ -62,7 +62,7 @@ def header(args) -> str:
     except (OSError, StopIteration):
         pass
     kernels = {op: softcal._ops.has_kernel("cpu", op)
-               for op in ("tsce_shard_stats", "tsce_shard_grad")}
+               for op in ("shard_stats", "shard_grad")}
     return "\n".join([
         f"command: python {shlex.join(sys.argv)}",
         f"date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}",

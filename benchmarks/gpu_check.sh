@@ -112,7 +112,7 @@ PTXAS_PID=
        || $PY -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths(cuda=True)))')
   PYI=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   STD=$($PY -c 'import torch; print("c++20" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 14) else "c++17")')
-  for f in tsce_fwd tsce_bwd tsce_fused softmax stats; do
+  for f in cross_entropy_fwd cross_entropy_bwd cross_entropy_fused softmax stats; do
     # shellcheck disable=SC2086
     nvcc -c "csrc/cuda/$f.cu" -o "/tmp/softcal_ptxas_$f.o" -Icsrc $TI -I"$PYI" -std=$STD -O3 --use_fast_math \
       -lineinfo --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
@@ -120,7 +120,7 @@ PTXAS_PID=
       -gencode=arch=compute_90,code=sm_90 -Xptxas -v >"/tmp/softcal_ptxas_$f.txt" 2>&1 &
   done
   wait
-  for f in tsce_fwd tsce_bwd tsce_fused softmax stats; do
+  for f in cross_entropy_fwd cross_entropy_bwd cross_entropy_fused softmax stats; do
     echo "=== $f"
     grep -E 'error|Function properties|Used|spill' "/tmp/softcal_ptxas_$f.txt"
     echo "$f: LDG.E.128 in SASS: $(cuobjdump --dump-sass "/tmp/softcal_ptxas_$f.o" | grep -c 'LDG.E.128'), LDL/STL: $(cuobjdump --dump-sass "/tmp/softcal_ptxas_$f.o" | grep -cE '(LDL|STL)')"
@@ -149,26 +149,26 @@ for dtype in (torch.float32, torch.bfloat16):
         w = (torch.rand(c, device=dev) + 0.5).to(dtype)
         T = torch.tensor(1.3, device=dev)
         for red in (0, 1, 2):
-            loss, lse, den = ops.tsce_fwd(x, t, w, T, 1.0, 0.1, -100, red)
+            loss, lse, den = ops.cross_entropy_fwd(x, t, w, T, 1.0, 0.1, -100, red)
             gl = torch.ones(n, device=dev, dtype=dtype) if red == 0 else torch.tensor(1.0, device=dev, dtype=dtype)
-            ops.tsce_bwd(gl, x, t, w, lse, den, T, 1.0, 0.1, -100, red, True, True)
-            ops.tsce_fused(x, t, w, T, 1.0, 0.1, -100, red, True)
+            ops.cross_entropy_bwd(gl, x, t, w, lse, den, T, 1.0, 0.1, -100, red, True, True)
+            ops.cross_entropy_fused(x, t, w, T, 1.0, 0.1, -100, red, True)
             xi = x.clone()
-            ops.tsce_fused_(xi, t, None, None, 1.5, 0.0, -100, red, False)
+            ops.cross_entropy_fused_(xi, t, None, None, 1.5, 0.0, -100, red, False)
         xs = torch.randn(n, c + 3, device=dev, dtype=dtype)[:, 1:c + 1]  # misaligned rows
-        ops.tsce_fwd(xs, t, None, None, 1.0, 0.0, -100, 1)
+        ops.cross_entropy_fwd(xs, t, None, None, 1.0, 0.0, -100, 1)
         ops.scale_rows_(xi, torch.tensor(2.0, device=dev))
         ops.scale_rows_(xi, torch.rand(n, device=dev))
         p = ops.softmax_fwd(x, T, 1.0, -1, False)
         ops.softmax_bwd(torch.randn_like(p), p, T, 1.0, -1, False, True)
         ops.temperature_stats(x, t.clamp(min=0), 0.7)
         half = c // 2
-        st = ops.tsce_shard_stats(x[:, half:], t, w[half:], T, 1.0, half, -100, True)
+        st = ops.shard_stats(x[:, half:], t, w[half:], T, 1.0, half, -100, True)
         acc = torch.float32
         lse2 = torch.stack([st[:, 0], st[:, 1]], 1).contiguous()
         coef = torch.rand(n, 3, device=dev, dtype=acc)
-        ops.tsce_shard_grad(x[:, half:], t, w[half:], lse2, coef, T, 1.0, 0.01, half, -100, True, True)
-        ops.tsce_shard_grad_(x[:, half:].contiguous(), t, None, lse2, coef, None, 1.3, 0.0, half, -100, False)
+        ops.shard_grad(x[:, half:], t, w[half:], lse2, coef, T, 1.0, 0.01, half, -100, True, True)
+        ops.shard_grad_(x[:, half:].contiguous(), t, None, lse2, coef, None, 1.3, 0.0, half, -100, False)
     y = torch.randn(4, 33, 7, device=dev, dtype=dtype)
     for log in (False, True):
         q = ops.softmax_fwd(y, None, 2.0, 1, log)
@@ -247,14 +247,14 @@ for dtype in (torch.bfloat16, torch.float32):
         T = torch.tensor(1.5, device=dev)
         nb = N * C * b
         side = N * 8 + N * 4  # target read + lse written
-        loss, lse, den = ops.tsce_fwd(x, t, None, T, 1.0, 0.1, -100, 1)
+        loss, lse, den = ops.cross_entropy_fwd(x, t, None, T, 1.0, 0.1, -100, 1)
         one = torch.tensor(1.0, device=dev, dtype=dtype)
         xi = x.clone()
         todo = [
-            ("tsce_fwd", lambda: ops.tsce_fwd(x, t, None, T, 1.0, 0.1, -100, 1), nb + side),
-            ("tsce_bwd", lambda: ops.tsce_bwd(one, x, t, None, lse, den, T, 1.0, 0.1, -100, 1, True, False), 2 * nb + side),
-            ("tsce_fused", lambda: ops.tsce_fused(x, t, None, T, 1.0, 0.1, -100, 1, False), 2 * nb + 2 * N * 8),
-            ("tsce_fused_", lambda: ops.tsce_fused_(xi, t, None, T, 1.0, 0.1, -100, 1, False), 2 * nb + 2 * N * 8),
+            ("cross_entropy_fwd", lambda: ops.cross_entropy_fwd(x, t, None, T, 1.0, 0.1, -100, 1), nb + side),
+            ("cross_entropy_bwd", lambda: ops.cross_entropy_bwd(one, x, t, None, lse, den, T, 1.0, 0.1, -100, 1, True, False), 2 * nb + side),
+            ("cross_entropy_fused", lambda: ops.cross_entropy_fused(x, t, None, T, 1.0, 0.1, -100, 1, False), 2 * nb + 2 * N * 8),
+            ("cross_entropy_fused_", lambda: ops.cross_entropy_fused_(xi, t, None, T, 1.0, 0.1, -100, 1, False), 2 * nb + 2 * N * 8),
             ("softmax_fwd", lambda: ops.softmax_fwd(x, T, 1.0, -1, False), 2 * nb),
             ("temperature_stats", lambda: ops.temperature_stats(x, t, 0.7), nb + N * 8),
         ]

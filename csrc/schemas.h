@@ -30,28 +30,28 @@ inline void define_ops(torch::Library& m) {
   //   lse:   (rows, 2) acc; [m, ls] per row (see above; saved for backward).
   //   denom: () acc; sum over non-ignored rows of weight[target] (the count without weights).
   m.def(
-      "tsce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
+      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction) "
       "-> (Tensor loss, Tensor lse, Tensor denom)");
-  // Backward: one read of the logits, one write of the gradient. lse: (rows, 2), as tsce_fwd's.
+  // Backward: one read of the logits, one write of the gradient. lse: (rows, 2), as cross_entropy_fwd's.
   //   grad_loss: (rows,) (any stride, stride 0 allowed) for none, () otherwise.
   //   grad_logits: like logits (contiguous), or an empty (0,) tensor when not requested.
   //   grad_temperature: () in temperature_t's dtype (acc when temperature_t is absent);
   //   zero when not requested.
   m.def(
-      "tsce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor denom, Tensor? temperature_t, float temperature, float label_smoothing, "
       "int ignore_index, int reduction, bool need_logits_grad, bool need_temperature_grad) "
       "-> (Tensor grad_logits, Tensor grad_temperature)");
   // Fused forward: loss and the gradient for an upstream gradient of 1, in one call.
   //   grad_temperature: () for mean/sum; (rows,) per-row dL_i/dT for none.
   m.def(
-      "tsce_fused(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
+      "cross_entropy_fused(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction, "
       "bool need_temperature_grad) -> (Tensor loss, Tensor grad_logits, Tensor grad_temperature)");
   // The same, writing the gradient into the logits' own buffer (logits must be contiguous).
   m.def(
-      "tsce_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
+      "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction, "
       "bool need_temperature_grad) -> (Tensor loss, Tensor grad_temperature)");
   // grad[i, :] *= scale (scale 0-dim) or scale[i] (scale (rows,), any stride). A 0-dim scale
@@ -72,15 +72,15 @@ inline void define_ops(torch::Library& m) {
   // [class_offset, class_offset + C_local); target holds GLOBAL class indices (a target outside
   // the slice is another rank's); weight is this slice's (C_local,) or None. Rows whose target is
   // ignore_index give zeros everywhere.
-  //   tsce_shard_stats -> (rows, 4) acc per row [m, ls, d, xy]: m = max of the raw logits of the
+  //   shard_stats -> (rows, 4) acc per row [m, ls, d, xy]: m = max of the raw logits of the
   //     slice (-inf when all are -inf), ls = log sum exp(beta (x - m)) (-inf when m = -inf),
   //     d = sum w_c (m - x_c) when `smoothing` else 0 (+inf when m = -inf: the smoothing sum over
   //     masked logits is infinite, as PyTorch's loss), xy = x[target - offset]
   //     when the target is in the slice else 0.
   m.def(
-      "tsce_shard_stats(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
+      "shard_stats(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, int class_offset, int ignore_index, bool smoothing) -> Tensor");
-  //   tsce_shard_grad: lse (rows, 2) acc is the GLOBAL [M, LS] of each row; coef (rows, 3) acc is
+  //   shard_grad: lse (rows, 2) acc is the GLOBAL [M, LS] of each row; coef (rows, 3) acc is
   //     [g, A, ty] per row (g: upstream gradient of the row, 1/denom included; A = (1 - eps) w_y +
   //     eps W / C_total; ty = (1 - eps) w_y); smooth_coef = eps / C_total. With
   //     p_c = exp(beta (x_c - M) - LS) and dz_c = A p_c - smooth_coef w_c - ty [c == target - offset]:
@@ -88,13 +88,13 @@ inline void define_ops(torch::Library& m) {
   //     t_rows (rows, 2) acc = [sum over x_c != -inf of dz_c (beta (x_c - M) - LS),
   //                             sum over x_c == -inf of dz_c]  (zeros when not requested).
   m.def(
-      "tsce_shard_grad(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor coef, "
+      "shard_grad(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor coef, "
       "Tensor? temperature_t, float temperature, float smooth_coef, int class_offset, "
       "int ignore_index, bool need_logits_grad, bool need_temperature_grad) "
       "-> (Tensor grad_logits, Tensor t_rows)");
-  //   tsce_shard_grad_: the same, the gradient written into the logits' buffer (contiguous).
+  //   shard_grad_: the same, the gradient written into the logits' buffer (contiguous).
   m.def(
-      "tsce_shard_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor coef, "
+      "shard_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor coef, "
       "Tensor? temperature_t, float temperature, float smooth_coef, int class_offset, "
       "int ignore_index, bool need_temperature_grad) -> Tensor t_rows");
   // ---------------------------------------------------------------- class-probability targets
@@ -106,10 +106,10 @@ inline void define_ops(torch::Library& m) {
   //   masked logit, x = -inf: the limit of u log p, where PyTorch gives NaN).
   // No ignore_index. reduction mean divides by rows (as PyTorch for probability targets).
   //   loss: (rows,) for none, () otherwise; logits' dtype.
-  //   lse:  (rows, 2) acc, [m, ls] as tsce_fwd's (NaN for a row without a softmax).
+  //   lse:  (rows, 2) acc, [m, ls] as cross_entropy_fwd's (NaN for a row without a softmax).
   //   mass: (rows,) acc, U_i (saved for the backward, which needs it before the row's gradient).
   m.def(
-      "tsce_soft_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
+      "soft_target_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int reduction) "
       "-> (Tensor loss, Tensor lse, Tensor mass)");
   // Backward: one read of the logits and of the target, one write of each requested gradient.
@@ -119,7 +119,7 @@ inline void define_ops(torch::Library& m) {
   //     the upstream gradient (0 where (1 - eps) w_c == 0), or (0,) when not requested.
   //   grad_temperature: () in temperature_t's dtype (acc without it); zero when not requested.
   m.def(
-      "tsce_soft_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "soft_target_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor mass, Tensor? temperature_t, float temperature, float label_smoothing, "
       "int reduction, bool need_logits_grad, bool need_target_grad, bool need_temperature_grad) "
       "-> (Tensor grad_logits, Tensor grad_target, Tensor grad_temperature)");

@@ -1,5 +1,5 @@
-// softcal: argument checks of the vocabulary-parallel ops (tsce_shard_stats, tsce_shard_grad,
-// tsce_shard_grad_), shared by the CPU kernels (csrc/cpu/shard_cpu.cpp) and the CUDA kernels
+// softcal: argument checks of the vocabulary-parallel ops (shard_stats, shard_grad,
+// shard_grad_), shared by the CPU kernels (csrc/cpu/shard_cpu.cpp) and the CUDA kernels
 // (csrc/cuda/tsce_shard.cu); the contracts are in csrc/schemas.h.
 #pragma once
 
@@ -44,7 +44,7 @@ inline void check_shard_grad_inputs(const at::Tensor& logits, const at::Tensor& 
               ": smooth_coef must be a finite number >= 0, got ", smooth_coef);
 }
 
-// tsce_shard_grad_ writes the gradient into the logits' buffer.
+// shard_grad_ writes the gradient into the logits' buffer.
 inline void check_shard_inplace(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written "
               "into its buffer), got strides ", logits.strides());

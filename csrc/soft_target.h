@@ -1,4 +1,4 @@
-// softcal: argument checks of the class-probability-target ops (tsce_soft_fwd, tsce_soft_bwd),
+// softcal: argument checks of the class-probability-target ops (soft_target_fwd, soft_target_bwd),
 // shared by the CPU kernels (csrc/cpu/soft_target_cpu.cpp, which has the maths at its top) and
 // the CUDA kernels (csrc/cuda/tsce_soft.cu).
 #pragma once

@@ -14,19 +14,19 @@ import torch
 __all__ = ["HAVE_EXTENSION", "IMPORT_ERROR", "OPS", "has_kernel", "kernel_devices"]
 
 OPS = (
-    "tsce_fwd",
-    "tsce_bwd",
-    "tsce_fused",
-    "tsce_fused_",
+    "cross_entropy_fwd",
+    "cross_entropy_bwd",
+    "cross_entropy_fused",
+    "cross_entropy_fused_",
     "scale_rows_",
     "softmax_fwd",
     "softmax_bwd",
     "temperature_stats",
-    "tsce_shard_stats",
-    "tsce_shard_grad",
-    "tsce_shard_grad_",
-    "tsce_soft_fwd",
-    "tsce_soft_bwd",
+    "shard_stats",
+    "shard_grad",
+    "shard_grad_",
+    "soft_target_fwd",
+    "soft_target_bwd",
 )
 
 try:
@@ -58,7 +58,7 @@ def _registered(device_type: str, op: str) -> bool:
 _KERNELS = {(d, op): _registered(d, op) for d in _DISPATCH_KEYS for op in OPS}
 
 
-def has_kernel(device_type: str, op: str = "tsce_fwd") -> bool:
+def has_kernel(device_type: str, op: str = "cross_entropy_fwd") -> bool:
     """True when the compiled extension registered a kernel of `op` for this device type."""
     return _KERNELS.get((device_type, op), False)
 
@@ -76,7 +76,7 @@ if HAVE_EXTENSION:
     ops = torch.ops.softcal
 
     # ------------------------------------------------------------------ fake kernels
-    @torch.library.register_fake("softcal::tsce_fwd")
+    @torch.library.register_fake("softcal::cross_entropy_fwd")
     def _tsce_fwd_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
                        ignore_index, reduction):
         rows = logits.shape[0]
@@ -88,7 +88,7 @@ if HAVE_EXTENSION:
     def _grad_t_dtype(temperature_t, logits):
         return temperature_t.dtype if temperature_t is not None else _acc(logits.dtype)
 
-    @torch.library.register_fake("softcal::tsce_bwd")
+    @torch.library.register_fake("softcal::cross_entropy_bwd")
     def _tsce_bwd_fake(grad_loss, logits, target, weight, lse, denom, temperature_t, temperature,
                        label_smoothing, ignore_index, reduction, need_logits_grad,
                        need_temperature_grad):
@@ -102,14 +102,14 @@ if HAVE_EXTENSION:
         shape = (logits.shape[0],) if reduction == 0 else ()
         return logits.new_empty(shape, dtype=_grad_t_dtype(temperature_t, logits))
 
-    @torch.library.register_fake("softcal::tsce_fused")
+    @torch.library.register_fake("softcal::cross_entropy_fused")
     def _tsce_fused_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
                          ignore_index, reduction, need_temperature_grad):
         loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         return loss, grad, _fused_grad_t_fake(logits, temperature_t, reduction)
 
-    @torch.library.register_fake("softcal::tsce_fused_")
+    @torch.library.register_fake("softcal::cross_entropy_fused_")
     def _tsce_fused_inplace_fake(logits, target, weight, temperature_t, temperature,
                                  label_smoothing, ignore_index, reduction, need_temperature_grad):
         loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
@@ -133,12 +133,12 @@ if HAVE_EXTENSION:
     def _temperature_stats_fake(logits, target, beta):
         return logits.new_empty((4,), dtype=torch.float64)
 
-    @torch.library.register_fake("softcal::tsce_shard_stats")
+    @torch.library.register_fake("softcal::shard_stats")
     def _tsce_shard_stats_fake(logits, target, weight, temperature_t, temperature, class_offset,
                                ignore_index, smoothing):
         return logits.new_empty((logits.shape[0], 4), dtype=_acc(logits.dtype))
 
-    @torch.library.register_fake("softcal::tsce_shard_grad")
+    @torch.library.register_fake("softcal::shard_grad")
     def _tsce_shard_grad_fake(logits, target, weight, lse, coef, temperature_t, temperature,
                               smooth_coef, class_offset, ignore_index, need_logits_grad,
                               need_temperature_grad):
@@ -148,7 +148,7 @@ if HAVE_EXTENSION:
             grad = logits.new_empty((0,))
         return grad, logits.new_empty((logits.shape[0], 2), dtype=_acc(logits.dtype))
 
-    @torch.library.register_fake("softcal::tsce_shard_grad_")
+    @torch.library.register_fake("softcal::shard_grad_")
     def _tsce_shard_grad_inplace_fake(logits, target, weight, lse, coef, temperature_t, temperature,
                                       smooth_coef, class_offset, ignore_index, need_temperature_grad):
         return logits.new_empty((logits.shape[0], 2), dtype=_acc(logits.dtype))
@@ -211,13 +211,13 @@ if HAVE_EXTENSION:
                 grad_loss, logits, target, weight, temperature_t, temperature, eps, ignore_index,
                 reduction, need_x, need_t)
         else:
-            grad_x, grad_t = ops.tsce_bwd(grad_loss, logits, target, weight, lse, denom,
+            grad_x, grad_t = ops.cross_entropy_bwd(grad_loss, logits, target, weight, lse, denom,
                                           temperature_t, temperature, eps, ignore_index,
                                           reduction, need_x, need_t)
         return (grad_x if need_x else None, None, None, grad_t if need_t else None,
                 None, None, None, None)
 
-    torch.library.register_autograd("softcal::tsce_fwd", _tsce_backward,
+    torch.library.register_autograd("softcal::cross_entropy_fwd", _tsce_backward,
                                     setup_context=_tsce_setup_context)
 
     def _softmax_setup_context(ctx, inputs, output):
@@ -273,7 +273,7 @@ if HAVE_EXTENSION:
 
 
 # ---------------------------------------------------------------------- class-probability targets
-# tsce_soft_fwd / tsce_soft_bwd (schemas in csrc/schemas.h; maths at the top of
+# soft_target_fwd / soft_target_bwd (schemas in csrc/schemas.h; maths at the top of
 # csrc/cpu/soft_target_cpu.cpp). The forward saves the per-row [m, ls] and U = sum_c w_c q_c;
 # the backward returns the gradients of the logits, the target and a tensor temperature. When
 # the graph of the backward is wanted (create_graph=True: double backward, gradient penalties),
@@ -283,7 +283,7 @@ _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 
 if HAVE_EXTENSION:
 
-    @torch.library.register_fake("softcal::tsce_soft_fwd")
+    @torch.library.register_fake("softcal::soft_target_fwd")
     def _tsce_soft_fwd_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
                             reduction):
         rows = logits.shape[0]
@@ -292,7 +292,7 @@ if HAVE_EXTENSION:
         mass = logits.new_empty((rows,), dtype=_acc(logits.dtype))   # sum_c w_c q_c
         return loss, lse, mass
 
-    @torch.library.register_fake("softcal::tsce_soft_bwd")
+    @torch.library.register_fake("softcal::soft_target_bwd")
     def _tsce_soft_bwd_fake(grad_loss, logits, target, weight, lse, mass, temperature_t,
                             temperature, label_smoothing, reduction, need_logits_grad,
                             need_target_grad, need_temperature_grad):
@@ -329,10 +329,10 @@ if HAVE_EXTENSION:
                     g = next(grads)
                     out[i] = torch.zeros_like(t) if g is None else g
             return tuple(out)
-        gx, gtg, gT = ops.tsce_soft_bwd(grad_loss, logits, target, weight, lse, mass, temperature_t,
+        gx, gtg, gT = ops.soft_target_bwd(grad_loss, logits, target, weight, lse, mass, temperature_t,
                                         temperature, eps, reduction, need_x, need_tg, need_t)
         return (gx if need_x else None, gtg if need_tg else None, None, gT if need_t else None,
                 None, None, None)
 
-    torch.library.register_autograd("softcal::tsce_soft_fwd", _soft_backward,
+    torch.library.register_autograd("softcal::soft_target_fwd", _soft_backward,
                                     setup_context=_soft_setup_context)

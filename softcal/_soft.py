@@ -4,7 +4,7 @@ A floating target of the logits' shape is a distribution over the classes per ro
 weights: they are used as given, as PyTorch does), for mixup / CutMix (timm's
 SoftTargetCrossEntropy) and distillation from a teacher's probabilities. This module is the
 functional dispatch: softcal.cross_entropy validates the arguments and calls soft_cross_entropy
-here, which runs the compiled ops tsce_soft_fwd / tsce_soft_bwd (softcal._ops, kernels in
+here, which runs the compiled ops soft_target_fwd / soft_target_bwd (softcal._ops, kernels in
 csrc/cpu/soft_target_cpu.cpp and csrc/cuda/tsce_soft.cu) or, without them, the pure-PyTorch
 reference (softcal.reference.soft_cross_entropy). The maths is written out at the top of
 csrc/cpu/soft_target_cpu.cpp.
@@ -72,7 +72,7 @@ def soft_cross_entropy(
             f"targets, got fused={fused!r}, inplace={inplace!r}; use fused=False"
         )
     kernels = use_kernel and all(
-        _ops.has_kernel(logits.device.type, op) for op in ("tsce_soft_fwd", "tsce_soft_bwd"))
+        _ops.has_kernel(logits.device.type, op) for op in ("soft_target_fwd", "soft_target_bwd"))
     if not kernels:
         return reference.soft_cross_entropy(logits, target, temperature=temperature,
                                             label_smoothing=label_smoothing, weight=weight,
@@ -84,7 +84,7 @@ def soft_cross_entropy(
     else:
         temp_t, temp_f = None, float(temperature)
     red = REDUCTIONS[reduction]
-    loss, _, _ = torch.ops.softcal.tsce_soft_fwd(x, t, weight, temp_t, temp_f, label_smoothing, red)
+    loss, _, _ = torch.ops.softcal.soft_target_fwd(x, t, weight, temp_t, temp_f, label_smoothing, red)
     if red == 0:
         loss = loss.reshape(batch_shape)
     return loss

@@ -11,7 +11,7 @@ over the GLOBAL number of classes, class weights sliced like the logits, ignore_
 reductions), on every rank, without gathering the logits. Per call (beta = 1/T, eps the
 smoothing, w the weights, W = sum_c w_c, C the global number of classes):
 
-1. local statistics of each row (a compiled op, ``torch.ops.softcal.tsce_shard_stats``, or its
+1. local statistics of each row (a compiled op, ``torch.ops.softcal.shard_stats``, or its
    pure-PyTorch reference): m = max of the slice, ls = log sum exp(beta (x - m)),
    d = sum w_c (m - x_c), the target logit when the target lies in the slice;
 2. ``all_reduce(MAX)`` of m (rows values): the global row max M;
@@ -23,7 +23,7 @@ smoothing, w the weights, W = sum_c w_c, C the global number of classes):
 So the communication is 5 numbers per row in the accumulation dtype (plus, when ``class_offset``
 is not given, an all-gather of the slice widths), never the logits. The backward needs no
 collective: each rank computes the gradient of its own slice from the saved [M, LS] (op
-``tsce_shard_grad``); only the temperature gradient, when a temperature tensor requires grad, is
+``shard_grad``); only the temperature gradient, when a temperature tensor requires grad, is
 all-reduced (one number).
 
 Data-parallel calibration
@@ -59,9 +59,9 @@ __all__ = [
     "class_offsets",
     "comm_device",
     "padding_mask",
-    "tsce_shard_grad",
-    "tsce_shard_grad_",
-    "tsce_shard_stats",
+    "shard_grad",
+    "shard_grad_",
+    "shard_stats",
     "vocab_parallel_cross_entropy",
 ]
 
@@ -76,50 +76,50 @@ def _kernel(device: torch.device, op: str) -> bool:
     return _ops.has_kernel(device.type, op)
 
 
-def tsce_shard_stats(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+def shard_stats(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                      temperature_t: Optional[torch.Tensor], temperature: float, class_offset: int,
                      ignore_index: int, smoothing: bool) -> torch.Tensor:
     """Per-row [m, ls, d, xy] of this rank's slice, (rows, 4) in the accumulation dtype: the
-    compiled op when this device has it, else :func:`softcal.reference.tsce_shard_stats`
+    compiled op when this device has it, else :func:`softcal.reference.shard_stats`
     (which documents the semantics)."""
-    if _kernel(logits.device, "tsce_shard_stats"):
-        return torch.ops.softcal.tsce_shard_stats(logits, target, weight, temperature_t,
+    if _kernel(logits.device, "shard_stats"):
+        return torch.ops.softcal.shard_stats(logits, target, weight, temperature_t,
                                                   temperature, class_offset, ignore_index,
                                                   smoothing)
-    return reference.tsce_shard_stats(logits, target, weight, temperature_t, temperature,
+    return reference.shard_stats(logits, target, weight, temperature_t, temperature,
                                       class_offset, ignore_index, smoothing)
 
 
-def tsce_shard_grad(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+def shard_grad(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                     lse: torch.Tensor, coef: torch.Tensor, temperature_t: Optional[torch.Tensor],
                     temperature: float, smooth_coef: float, class_offset: int, ignore_index: int,
                     need_logits_grad: bool, need_temperature_grad: bool
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad_logits (rows, C_local), t_rows (rows, 2)) of this rank's slice given the global
     [M, LS]: the compiled op when this device has it, else
-    :func:`softcal.reference.tsce_shard_grad` (which documents the semantics)."""
-    if _kernel(logits.device, "tsce_shard_grad"):
-        return torch.ops.softcal.tsce_shard_grad(logits, target, weight, lse, coef, temperature_t,
+    :func:`softcal.reference.shard_grad` (which documents the semantics)."""
+    if _kernel(logits.device, "shard_grad"):
+        return torch.ops.softcal.shard_grad(logits, target, weight, lse, coef, temperature_t,
                                                  temperature, smooth_coef, class_offset,
                                                  ignore_index, need_logits_grad,
                                                  need_temperature_grad)
-    return reference.tsce_shard_grad(logits, target, weight, lse, coef, temperature_t,
+    return reference.shard_grad(logits, target, weight, lse, coef, temperature_t,
                                      temperature, smooth_coef, class_offset, ignore_index,
                                      need_logits_grad, need_temperature_grad)
 
 
-def tsce_shard_grad_(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+def shard_grad_(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                      lse: torch.Tensor, coef: torch.Tensor, temperature_t: Optional[torch.Tensor],
                      temperature: float, smooth_coef: float, class_offset: int, ignore_index: int,
                      need_temperature_grad: bool) -> torch.Tensor:
-    """In-place :func:`tsce_shard_grad`: the gradient overwrites the (contiguous) logits; returns
+    """In-place :func:`shard_grad`: the gradient overwrites the (contiguous) logits; returns
     t_rows."""
-    if _kernel(logits.device, "tsce_shard_grad_"):
-        return torch.ops.softcal.tsce_shard_grad_(logits, target, weight, lse, coef,
+    if _kernel(logits.device, "shard_grad_"):
+        return torch.ops.softcal.shard_grad_(logits, target, weight, lse, coef,
                                                   temperature_t, temperature, smooth_coef,
                                                   class_offset, ignore_index,
                                                   need_temperature_grad)
-    return reference.tsce_shard_grad_(logits, target, weight, lse, coef, temperature_t,
+    return reference.shard_grad_(logits, target, weight, lse, coef, temperature_t,
                                       temperature, smooth_coef, class_offset, ignore_index,
                                       need_temperature_grad)
 
@@ -253,7 +253,7 @@ def _forward(x, temp_t, t, weight, temp_f, eps, ignore_index, red, offset, n_cla
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows, n_local = x.shape
     zero = torch.zeros((), dtype=acc, device=x.device)
-    stats = tsce_shard_stats(x, t, weight, temp_t, temp_f, offset, ignore_index, eps > 0)
+    stats = shard_stats(x, t, weight, temp_t, temp_f, offset, ignore_index, eps > 0)
     m, ls, d, xy = stats.unbind(1)
     big_m = all_reduce(m, "max", group) if rows else m
     beta = (1.0 / temp_t.detach().to(acc)) if temp_t is not None else 1.0 / temp_f
@@ -336,13 +336,13 @@ class _VocabParallelCE(torch.autograd.Function):
             smooth = eps / n_classes if n_classes else 0.0
             if inplace:
                 version = x._version
-                t_rows = tsce_shard_grad_(x, t, weight, lse, coef, temp_t, temp_f, smooth, offset,
+                t_rows = shard_grad_(x, t, weight, lse, coef, temp_t, temp_f, smooth, offset,
                                           ignore_index, need_t)
                 if x._version == version:  # declare the write, so that autograd sees it
                     torch.autograd.graph.increment_version(x)
                 grad = x
             else:
-                grad, t_rows = tsce_shard_grad(x, t, weight, lse, coef, temp_t, temp_f, smooth,
+                grad, t_rows = shard_grad(x, t, weight, lse, coef, temp_t, temp_f, smooth,
                                                offset, ignore_index, True, need_t)
             # per row: sum_c dL_row/dz_c z_c times the row's unit (mean: 1/denom)
             tpart = unit * _t_partial(t_rows, lse, beta) if need_t else None
@@ -385,7 +385,7 @@ class _VocabParallelCE(torch.autograd.Function):
         g = torch.where(valid, g, torch.zeros((), dtype=acc, device=x.device))
         coef = _coef(g, wy, big_w, c.eps, c.n_classes)
         smooth = c.eps / c.n_classes if c.n_classes else 0.0
-        grad, t_rows = tsce_shard_grad(x, t, weight, lse, coef, temp_t, c.temperature, smooth,
+        grad, t_rows = shard_grad(x, t, weight, lse, coef, temp_t, c.temperature, smooth,
                                        c.offset, c.ignore_index, need_x, need_t)
         if need_x:
             gx = grad

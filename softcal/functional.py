@@ -60,7 +60,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 inplace):
         need_t = temperature_t is not None and temperature_t.requires_grad
         if inplace:
-            loss, grad_t = torch.ops.softcal.tsce_fused_(x, target, weight, temperature_t,
+            loss, grad_t = torch.ops.softcal.cross_entropy_fused_(x, target, weight, temperature_t,
                                                          temperature, eps, ignore_index,
                                                          reduction, need_t)
             # Declare the mutation: the logits' version counter (shared with the tensor they
@@ -70,7 +70,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             torch.autograd.graph.increment_version(x)
             grad = x
         else:
-            loss, grad, grad_t = torch.ops.softcal.tsce_fused(x, target, weight, temperature_t,
+            loss, grad, grad_t = torch.ops.softcal.cross_entropy_fused(x, target, weight, temperature_t,
                                                               temperature, eps, ignore_index,
                                                               reduction, need_t)
         ctx.save_for_backward(grad, grad_t)
@@ -181,7 +181,7 @@ def cross_entropy(
         loss = _FusedCrossEntropy.apply(x, temp_t, t, weight, temp_f, eps, ignore_index, red,
                                         inplace)
     else:
-        loss, _, _ = torch.ops.softcal.tsce_fwd(x, t, weight, temp_t, temp_f, eps, ignore_index,
+        loss, _, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps, ignore_index,
                                                 red)
     if red == 0:
         loss = loss.reshape(batch_shape)

@@ -23,9 +23,9 @@ __all__ = [
     "softmax",
     "log_softmax",
     "temperature_stats",
-    "tsce_shard_stats",
-    "tsce_shard_grad",
-    "tsce_shard_grad_",
+    "shard_stats",
+    "shard_grad",
+    "shard_grad_",
 ]
 
 Temperature = Union[float, torch.Tensor]
@@ -143,8 +143,8 @@ def temperature_stats(logits: torch.Tensor, target: torch.Tensor, beta: float) -
 # Each rank holds x: (rows, C_local), the logits of its class slice [class_offset,
 # class_offset + C_local), the full GLOBAL targets, and its (C_local,) slice of the weights.
 # beta = 1/T; "acc" is float32 for float16/bfloat16/float32 inputs, float64 for float64.
-# These are the exact semantics of the compiled ops torch.ops.softcal.tsce_shard_stats /
-# tsce_shard_grad / tsce_shard_grad_ (not differentiable; the autograd lives in
+# These are the exact semantics of the compiled ops torch.ops.softcal.shard_stats /
+# shard_grad / shard_grad_ (not differentiable; the autograd lives in
 # softcal.distributed).
 
 
@@ -161,7 +161,7 @@ def _in_slice(target: torch.Tensor, class_offset: int, n_local: int):
 
 
 @torch.no_grad()
-def tsce_shard_stats(
+def shard_stats(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -252,7 +252,7 @@ def _shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperatu
 
 
 @torch.no_grad()
-def tsce_shard_grad(
+def shard_grad(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -270,7 +270,7 @@ def tsce_shard_grad(
 
     Args:
         logits, target, weight, temperature_t, temperature, class_offset, ignore_index: as in
-            :func:`tsce_shard_stats`.
+            :func:`shard_stats`.
         lse: (rows, 2) acc, the global [M, LS] of each row (M: global max of the raw logits,
             LS = log sum over all classes of exp(beta (x - M))).
         coef: (rows, 3) acc, [g, A, ty]: g the row's upstream gradient (1/denom included for
@@ -295,7 +295,7 @@ def tsce_shard_grad(
 
 
 @torch.no_grad()
-def tsce_shard_grad_(
+def shard_grad_(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -308,7 +308,7 @@ def tsce_shard_grad_(
     ignore_index: int,
     need_temperature_grad: bool,
 ) -> torch.Tensor:
-    """:func:`tsce_shard_grad` writing grad_logits into the (contiguous) logits' buffer; returns
+    """:func:`shard_grad` writing grad_logits into the (contiguous) logits' buffer; returns
     t_rows."""
     grad, t_rows = _shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
                                     smooth_coef, class_offset, ignore_index, True,

@@ -129,7 +129,7 @@ def test_compiled_extension_is_used():
     with torch.profiler.profile() as prof:
         softcal.cross_entropy(x, t, temperature=2.0).backward()
     names = {e.name for e in prof.events()}
-    assert "softcal::tsce_fwd" in names and "softcal::tsce_bwd" in names, sorted(names)[:20]
+    assert "softcal::cross_entropy_fwd" in names and "softcal::cross_entropy_bwd" in names, sorted(names)[:20]
 
 
 def test_fallback_runs_without_extension_and_warns_once():
@@ -396,7 +396,7 @@ def test_fully_masked_rows(device):
     t = torch.tensor([0, -100, 3, 5], device=device)
     a = x.clone().requires_grad_()
     la = softcal.cross_entropy(a, t, reduction="none", temperature=2.0)
-    _, lse, _ = torch.ops.softcal.tsce_fwd(x, t, None, None, 2.0, 0.0, -100, 0)
+    _, lse, _ = torch.ops.softcal.cross_entropy_fwd(x, t, None, None, 2.0, 0.0, -100, 0)
     assert lse.shape == (4, 2)
     assert torch.isnan(lse[2]).all()  # the saved [max, log sum exp] of a non-ignored masked row: NaN
     assert (lse[1] == 0).all()  # an ignored row: [0, 0]
@@ -492,17 +492,17 @@ def _opcheck_cases(device):
     x, t, w = make_case(6, 5, torch.float32, device, weighted=True)
     T = torch.tensor(1.5, device=device)
     ops = torch.ops.softcal
-    loss, lse, denom = ops.tsce_fwd(x, t, w, T, 1.0, 0.1, -100, 1)
+    loss, lse, denom = ops.cross_entropy_fwd(x, t, w, T, 1.0, 0.1, -100, 1)
     cases = []
     for red in (0, 1, 2):
-        cases.append((ops.tsce_fwd.default, (x.clone().requires_grad_(), t, w, None, 1.5, 0.1, -100, red)))
-        cases.append((ops.tsce_fwd.default, (x, t, None, T, 1.0, 0.0, -100, red)))
-        cases.append((ops.tsce_fused.default, (x, t, w, T, 1.0, 0.1, -100, red, True)))
-        cases.append((ops.tsce_fused_.default, (x.clone(), t, w, None, 2.0, 0.1, -100, red, False)))
+        cases.append((ops.cross_entropy_fwd.default, (x.clone().requires_grad_(), t, w, None, 1.5, 0.1, -100, red)))
+        cases.append((ops.cross_entropy_fwd.default, (x, t, None, T, 1.0, 0.0, -100, red)))
+        cases.append((ops.cross_entropy_fused.default, (x, t, w, T, 1.0, 0.1, -100, red, True)))
+        cases.append((ops.cross_entropy_fused_.default, (x.clone(), t, w, None, 2.0, 0.1, -100, red, False)))
     g_none = torch.randn(6, device=device)
-    cases.append((ops.tsce_bwd.default, (g_none, x, t, w, lse, denom, T, 1.0, 0.1, -100, 0, True, True)))
-    cases.append((ops.tsce_bwd.default, (torch.tensor(1.0, device=device), x, t, w, lse, denom, T, 1.0, 0.1, -100, 1, True, False)))
-    cases.append((ops.tsce_bwd.default, (torch.tensor(1.0, device=device), x, t, w, lse, denom, T, 1.0, 0.1, -100, 2, False, True)))
+    cases.append((ops.cross_entropy_bwd.default, (g_none, x, t, w, lse, denom, T, 1.0, 0.1, -100, 0, True, True)))
+    cases.append((ops.cross_entropy_bwd.default, (torch.tensor(1.0, device=device), x, t, w, lse, denom, T, 1.0, 0.1, -100, 1, True, False)))
+    cases.append((ops.cross_entropy_bwd.default, (torch.tensor(1.0, device=device), x, t, w, lse, denom, T, 1.0, 0.1, -100, 2, False, True)))
     cases.append((ops.scale_rows_.default, (torch.randn(6, 5, device=device), torch.tensor(2.0, device=device))))
     cases.append((ops.scale_rows_.default, (torch.randn(6, 5, device=device), torch.randn(6, device=device))))
     y = torch.randn(2, 3, 4, device=device)
@@ -513,17 +513,17 @@ def _opcheck_cases(device):
             cases.append((ops.softmax_bwd.default, (torch.randn_like(y), out, T, 1.0, dim, log, True)))
     cases.append((ops.temperature_stats.default, (x, t.clamp(min=0), 0.6)))
     # the vocabulary-parallel pieces (tests/test_shard_ops.py checks their values)
-    cases.append((ops.tsce_shard_stats.default, (x, t, w, T, 1.0, 2, -100, True)))
+    cases.append((ops.shard_stats.default, (x, t, w, T, 1.0, 2, -100, True)))
     acc_lse = torch.randn(6, 2, device=device)
     coef = torch.rand(6, 3, device=device)
-    cases.append((ops.tsce_shard_grad.default, (x, t, w, acc_lse, coef, T, 1.0, 0.02, 2, -100, True, True)))
-    cases.append((ops.tsce_shard_grad_.default, (x.clone(), t, None, acc_lse, coef, None, 1.5, 0.0, 2, -100, False)))
+    cases.append((ops.shard_grad.default, (x, t, w, acc_lse, coef, T, 1.0, 0.02, 2, -100, True, True)))
+    cases.append((ops.shard_grad_.default, (x.clone(), t, None, acc_lse, coef, None, 1.5, 0.0, 2, -100, False)))
     # class-probability targets (more cases in tests/test_soft_targets.py)
     p = torch.softmax(torch.randn(6, 5, device=device), 1)
-    _, slse, smass = ops.tsce_soft_fwd(x, p, w, T, 1.0, 0.1, 1)
-    cases.append((ops.tsce_soft_fwd.default,
+    _, slse, smass = ops.soft_target_fwd(x, p, w, T, 1.0, 0.1, 1)
+    cases.append((ops.soft_target_fwd.default,
                   (x.clone().requires_grad_(), p.clone().requires_grad_(), w, T, 1.0, 0.1, 1)))
-    cases.append((ops.tsce_soft_bwd.default, (torch.tensor(1.0, device=device), x, p, w, slse, smass,
+    cases.append((ops.soft_target_bwd.default, (torch.tensor(1.0, device=device), x, p, w, slse, smass,
                                               T, 1.0, 0.1, 1, True, True, True)))
     return cases
 

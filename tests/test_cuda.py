@@ -197,7 +197,7 @@ def test_cuda_ce_misaligned_rows(dtype, c, offset):
         _close_loss(loss, rl, dtype)
         assert rel_err(gx, rgx) <= TOL[dtype]["grad"]
     # the raw op on the strided view (functional layer passes it as is)
-    loss, lse, denom = torch.ops.softcal.tsce_fwd(xb, t.to(KDEV), None, None, 1.3, 0.0, -100, 0)
+    loss, lse, denom = torch.ops.softcal.cross_entropy_fwd(xb, t.to(KDEV), None, None, 1.3, 0.0, -100, 0)
     want = reference.cross_entropy(x.double(), t, temperature=1.3, reduction="none")
     _close_loss(loss, want, dtype)
 
@@ -205,11 +205,11 @@ def test_cuda_ce_misaligned_rows(dtype, c, offset):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_fused_grad_temperature_per_row(dtype):
-    """tsce_fused with reduction none returns the per-row dL_i/dT; mean/sum a 0-dim sum."""
+    """cross_entropy_fused with reduction none returns the per-row dL_i/dT; mean/sum a 0-dim sum."""
     x, t, w = _case(50, 37, dtype, seed=2, weighted=True)
     T = torch.tensor(1.4, dtype=torch.float64, device=KDEV)
     xc, tc, wc = x.to(KDEV), t.to(KDEV), w.to(KDEV)
-    loss, grad, gT = torch.ops.softcal.tsce_fused(xc, tc, wc, T, 1.0, 0.2, -100, 0, True)
+    loss, grad, gT = torch.ops.softcal.cross_entropy_fused(xc, tc, wc, T, 1.0, 0.2, -100, 0, True)
     assert gT.shape == (50,) and gT.dtype == torch.float64
     x64 = x.double().requires_grad_()
     T64 = torch.tensor(1.4, dtype=torch.float64, requires_grad=True)
@@ -219,7 +219,7 @@ def test_cuda_fused_grad_temperature_per_row(dtype):
     tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
     assert rel_err(gT, want) <= tol
     for red in (1, 2):
-        _, _, gs = torch.ops.softcal.tsce_fused(xc, tc, wc, T, 1.0, 0.2, -100, red, True)
+        _, _, gs = torch.ops.softcal.cross_entropy_fused(xc, tc, wc, T, 1.0, 0.2, -100, red, True)
         assert gs.shape == ()
 
 
@@ -321,16 +321,16 @@ def test_kernels_read_rows_beyond_2_31_elements(dtype, c):
     t = torch.tensor([1, c - 1, c // 2])
     tk = t.to(KDEV)
     ops = torch.ops.softcal
-    loss, lse, denom = ops.tsce_fwd(x, tk, None, None, 1.3, 0.1, -100, 0)
+    loss, lse, denom = ops.cross_entropy_fwd(x, tk, None, None, 1.3, 0.1, -100, 0)
     want = reference.cross_entropy(xd.double(), t, temperature=1.3, label_smoothing=0.1, reduction="none")
     _close_loss(loss, want, dtype)
     x64 = xd.double().requires_grad_()
     rg, = torch.autograd.grad(reference.cross_entropy(x64, t, temperature=1.3, label_smoothing=0.1,
                                                       reduction="sum"), x64)
-    gx, _ = ops.tsce_bwd(torch.tensor(1.0, dtype=dtype, device=KDEV), x, tk, None, lse, denom, None,
+    gx, _ = ops.cross_entropy_bwd(torch.tensor(1.0, dtype=dtype, device=KDEV), x, tk, None, lse, denom, None,
                          1.3, 0.1, -100, 2, True, False)
     assert rel_err(gx, rg) <= TOL[dtype]["grad"]
-    lf, gf, _ = ops.tsce_fused(x, tk, None, None, 1.3, 0.1, -100, 0, False)
+    lf, gf, _ = ops.cross_entropy_fused(x, tk, None, None, 1.3, 0.1, -100, 0, False)
     _close_loss(lf, want, dtype)
     assert rel_err(gf, rg) <= TOL[dtype]["grad"]
     st = ops.temperature_stats(x, tk, 0.7)
@@ -353,12 +353,12 @@ def test_cuda_int64_offsets():
     t = torch.randint(0, c, (n,), device="cuda")
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1])
     xs, ts = x[rows.cuda()].cpu(), t[rows.cuda()].cpu()
-    loss, lse, denom = torch.ops.softcal.tsce_fwd(x, t, None, None, 1.3, 0.1, -100, 0)
+    loss, lse, denom = torch.ops.softcal.cross_entropy_fwd(x, t, None, None, 1.3, 0.1, -100, 0)
     want = reference.cross_entropy(xs.double(), ts, temperature=1.3, label_smoothing=0.1, reduction="none")
     _close_loss(loss[rows.cuda()], want, torch.bfloat16)
     assert float(denom) == n
     # backward of the rows (mean): rows at the end of the buffer
-    gx, _ = torch.ops.softcal.tsce_bwd(torch.tensor(1.0, dtype=torch.bfloat16, device="cuda"), x, t,
+    gx, _ = torch.ops.softcal.cross_entropy_bwd(torch.tensor(1.0, dtype=torch.bfloat16, device="cuda"), x, t,
                                        None, lse, denom, None, 1.3, 0.1, -100, 1, True, False)
     xr = xs.double().requires_grad_()
     lr = reference.cross_entropy(xr, ts, temperature=1.3, label_smoothing=0.1, reduction="sum") / n
@@ -366,7 +366,7 @@ def test_cuda_int64_offsets():
     assert rel_err(gx[rows.cuda()], rg) <= TOL[torch.bfloat16]["grad"]
     del gx
     # fused, in place: the gradient lands in the logits' own buffer
-    lf, _ = torch.ops.softcal.tsce_fused_(x, t, None, None, 1.3, 0.1, -100, 1, False)
+    lf, _ = torch.ops.softcal.cross_entropy_fused_(x, t, None, None, 1.3, 0.1, -100, 1, False)
     mean_fwd = loss.double().mean().cpu()  # the forward's per-row losses (bf16), averaged
     torch.testing.assert_close(lf.double().cpu(), mean_fwd.to(torch.bfloat16).double(),
                                rtol=2e-2, atol=1e-3)
@@ -385,11 +385,11 @@ def test_cuda_int64_offsets():
 
 def _all_ops_once(x, t, w, T, gl):
     ops = torch.ops.softcal
-    loss, lse, denom = ops.tsce_fwd(x, t, w, T, 1.0, 0.1, -100, 1)
-    gx, gT = ops.tsce_bwd(gl, x, t, w, lse, denom, T, 1.0, 0.1, -100, 1, True, True)
-    fl, fg, fT = ops.tsce_fused(x, t, w, T, 1.0, 0.1, -100, 1, True)
+    loss, lse, denom = ops.cross_entropy_fwd(x, t, w, T, 1.0, 0.1, -100, 1)
+    gx, gT = ops.cross_entropy_bwd(gl, x, t, w, lse, denom, T, 1.0, 0.1, -100, 1, True, True)
+    fl, fg, fT = ops.cross_entropy_fused(x, t, w, T, 1.0, 0.1, -100, 1, True)
     xi = x.clone()
-    il, iT = ops.tsce_fused_(xi, t, w, T, 1.0, 0.1, -100, 2, True)
+    il, iT = ops.cross_entropy_fused_(xi, t, w, T, 1.0, 0.1, -100, 2, True)
     ops.scale_rows_(fg, gl)
     p = ops.softmax_fwd(x, T, 1.0, -1, False)
     sg, sT = ops.softmax_bwd(x, p, T, 1.0, -1, False, True)
@@ -544,10 +544,10 @@ def test_cuda_fused_inplace_uses_no_extra_memory():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, gT = torch.ops.softcal.tsce_fused_(x, t, None, None, 1.5, 0.1, -100, 1, False)
+    loss, gT = torch.ops.softcal.cross_entropy_fused_(x, t, None, None, 1.5, 0.1, -100, 1, False)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra < 1 << 20, f"tsce_fused_ allocated {extra} bytes beyond its inputs"
+    assert extra < 1 << 20, f"cross_entropy_fused_ allocated {extra} bytes beyond its inputs"
     assert extra < 0.01 * nbytes
     # the functional in-place path: no logits-sized buffer in the forward
     h = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -561,7 +561,7 @@ def test_cuda_fused_inplace_uses_no_extra_memory():
     # out of place, for contrast: one gradient-sized buffer
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    _, g, _ = torch.ops.softcal.tsce_fused(h.detach(), t, None, None, 1.5, 0.1, -100, 1, False)
+    _, g, _ = torch.ops.softcal.cross_entropy_fused(h.detach(), t, None, None, 1.5, 0.1, -100, 1, False)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base >= nbytes
     del loss, g
@@ -582,9 +582,9 @@ def test_cuda_bitwise_deterministic(shape):
 
     def run():
         return _all_ops_once(x, t, w, T, torch.tensor(0.5, device="cuda", dtype=torch.bfloat16)) + [
-            torch.ops.softcal.tsce_fwd(x, t, None, T, 1.0, 0.0, -100, 2)[0],
-            torch.ops.softcal.tsce_bwd(torch.ones(n, device="cuda", dtype=torch.bfloat16), x, t, None,
-                                       torch.ops.softcal.tsce_fwd(x, t, None, T, 1.0, 0.0, -100, 0)[1],
+            torch.ops.softcal.cross_entropy_fwd(x, t, None, T, 1.0, 0.0, -100, 2)[0],
+            torch.ops.softcal.cross_entropy_bwd(torch.ones(n, device="cuda", dtype=torch.bfloat16), x, t, None,
+                                       torch.ops.softcal.cross_entropy_fwd(x, t, None, T, 1.0, 0.0, -100, 0)[1],
                                        torch.tensor(float(n), device="cuda"), T, 1.0, 0.0, -100, 0,
                                        False, True)[1],
         ]

@@ -175,15 +175,15 @@ def _run_path(kind, dtype, n, c):
     t = torch.randint(0, c, (n,), generator=g)
     ops = torch.ops.softcal
     if kind == "fwd":
-        return ops.tsce_fwd(x, t, None, None, 1.3, 0.1, -100, 1)
+        return ops.cross_entropy_fwd(x, t, None, None, 1.3, 0.1, -100, 1)
     if kind == "bwd":
-        loss, lse, den = ops.tsce_fwd(x, t, None, None, 1.3, 0.1, -100, 1)
-        return ops.tsce_bwd(torch.tensor(1.0, dtype=dtype), x, t, None, lse, den, None, 1.3, 0.1, -100, 1,
+        loss, lse, den = ops.cross_entropy_fwd(x, t, None, None, 1.3, 0.1, -100, 1)
+        return ops.cross_entropy_bwd(torch.tensor(1.0, dtype=dtype), x, t, None, lse, den, None, 1.3, 0.1, -100, 1,
                             True, False)
     if kind == "fused":
-        return ops.tsce_fused(x, t, None, None, 1.3, 0.1, -100, 2, False)
+        return ops.cross_entropy_fused(x, t, None, None, 1.3, 0.1, -100, 2, False)
     if kind == "fused_mean":
-        return ops.tsce_fused(x, t, None, None, 1.3, 0.1, -100, 1, False)
+        return ops.cross_entropy_fused(x, t, None, None, 1.3, 0.1, -100, 1, False)
     if kind == "scale":
         ops.scale_rows_(x, torch.tensor(2.0, dtype=dtype))
         return x
@@ -197,12 +197,12 @@ def _run_path(kind, dtype, n, c):
     if kind == "stats":
         return ops.temperature_stats(x, t, 0.7)
     if kind == "shard_stats":
-        return ops.tsce_shard_stats(x, t, None, None, 1.3, 0, -100, True)
+        return ops.shard_stats(x, t, None, None, 1.3, 0, -100, True)
     if kind == "shard_grad":
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         lse = torch.zeros(n, 2, dtype=acc)
         coef = torch.ones(n, 3, dtype=acc)
-        return ops.tsce_shard_grad(x, t, None, lse, coef, None, 1.3, 0.01, 0, -100, True, True)
+        return ops.shard_grad(x, t, None, lse, coef, None, 1.3, 0.01, 0, -100, True, True)
     raise AssertionError(kind)
 
 
@@ -240,8 +240,8 @@ def test_results_do_not_depend_on_the_grid(emu, dtype, c):
     try:
         for sms in (1, 132):
             emu.emu_set_sm_count(sms)
-            res[sms] = (ops.tsce_fwd(x, t, w, T, 1.0, 0.1, -100, 0),
-                        ops.tsce_fused(x, t, w, T, 1.0, 0.1, -100, 1, True),
+            res[sms] = (ops.cross_entropy_fwd(x, t, w, T, 1.0, 0.1, -100, 0),
+                        ops.cross_entropy_fused(x, t, w, T, 1.0, 0.1, -100, 1, True),
                         ops.softmax_fwd(x, T, 1.0, -1, True),
                         ops.temperature_stats(x, t.clamp(min=0), 0.6))
     finally:

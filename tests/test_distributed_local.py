@@ -21,7 +21,7 @@ from softcal import metrics as M
 from softcal import reference as R
 from softcal.nn import TemperatureScaler
 
-SHARD_OPS = ("tsce_shard_stats", "tsce_shard_grad", "tsce_shard_grad_")
+SHARD_OPS = ("shard_stats", "shard_grad", "shard_grad_")
 
 
 def _rows(seed=0, n=9, c=7, dtype=torch.float64):
@@ -34,7 +34,7 @@ def _rows(seed=0, n=9, c=7, dtype=torch.float64):
 
 
 def _naive_stats(x, t, w, beta, off, ignore, smoothing):
-    """The contract of tsce_shard_stats, row by row in Python floats."""
+    """The contract of shard_stats, row by row in Python floats."""
     out = []
     for i in range(x.shape[0]):
         row = [float(v) for v in x[i]]
@@ -64,7 +64,7 @@ def test_reference_shard_stats_contract(weighted, smoothing, temp):
     x[1] = float("-inf")     # masked and ignored: all 0
     temp_t = torch.tensor(1.3, dtype=torch.float64) if temp == "tensor" else None
     beta = 1 / 1.3 if temp == "tensor" else 1 / temp
-    got = R.tsce_shard_stats(x, t, w if weighted else None, temp_t, 1.0 if temp_t is not None else temp,
+    got = R.shard_stats(x, t, w if weighted else None, temp_t, 1.0 if temp_t is not None else temp,
                              3, -100, smoothing)
     want = _naive_stats(x, t - 3 + 3, w if weighted else None, beta, 3, -100, smoothing)
     assert got.dtype == torch.float64 and got.shape == (9, 4)
@@ -78,12 +78,12 @@ def test_reference_shard_stats_contract(weighted, smoothing, temp):
 def test_reference_shard_stats_nan_and_dtypes():
     x, t, w = _rows(seed=1)
     x[0, 0] = float("nan")
-    s = R.tsce_shard_stats(x, t, None, None, 1.0, 0, -100, True)
+    s = R.shard_stats(x, t, None, None, 1.0, 0, -100, True)
     assert bool(torch.isnan(s[0, :3]).all())
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        s = R.tsce_shard_stats(x.to(dtype), t, w.to(dtype), None, 1.0, 0, -100, True)
+        s = R.shard_stats(x.to(dtype), t, w.to(dtype), None, 1.0, 0, -100, True)
         assert s.dtype == torch.float32
-    empty = R.tsce_shard_stats(x[:, :0], t, None, None, 1.0, 0, -100, True)
+    empty = R.shard_stats(x[:, :0], t, None, None, 1.0, 0, -100, True)
     assert bool(torch.isneginf(empty[t != -100, 0]).all())
 
 
@@ -120,11 +120,11 @@ def test_reference_shard_grad_slices_equal_full_gradient(eps, weighted):
     for off, width in ((0, 3), (3, 0), (3, 5), (8, 2)):
         xs = x[:, off:off + width].contiguous()
         ws = w[off:off + width] if weighted else None
-        gx, tr = R.tsce_shard_grad(xs, t, ws, lse, coef, temp.detach(), 1.0, eps / c, off, -100,
+        gx, tr = R.shard_grad(xs, t, ws, lse, coef, temp.detach(), 1.0, eps / c, off, -100,
                                    True, True)
         assert gx.shape == xs.shape and gx.dtype == x.dtype and tr.shape == (n, 2)
         xi = xs.clone()
-        tr2 = R.tsce_shard_grad_(xi, t, ws, lse, coef, temp.detach(), 1.0, eps / c, off, -100, True)
+        tr2 = R.shard_grad_(xi, t, ws, lse, coef, temp.detach(), 1.0, eps / c, off, -100, True)
         torch.testing.assert_close(xi, gx, rtol=0, atol=0)
         torch.testing.assert_close(tr2, tr, rtol=0, atol=0)
         grads.append(gx)
@@ -133,7 +133,7 @@ def test_reference_shard_grad_slices_equal_full_gradient(eps, weighted):
     full_lse = beta * big_m + big_ls
     d_t = -(coef[:, 0] / 1.4 * (t_tot[:, 0] - full_lse * t_tot[:, 1])).sum()
     torch.testing.assert_close(d_t, temp.grad, rtol=1e-12, atol=1e-13)
-    gx, tr = R.tsce_shard_grad(x, t, w, lse, coef, None, 1.4, eps / c, 0, -100, False, False)
+    gx, tr = R.shard_grad(x, t, w, lse, coef, None, 1.4, eps / c, 0, -100, False, False)
     assert gx.shape == (0,) and bool((tr == 0).all())
 
 
@@ -148,14 +148,14 @@ def test_dispatcher_calls_the_kernel_when_registered(monkeypatch, op):
         return ref(*args)
 
     real = _ops.has_kernel
-    monkeypatch.setattr(_ops, "has_kernel", lambda d, o="tsce_fwd": True if o == op else real(d, o))
+    monkeypatch.setattr(_ops, "has_kernel", lambda d, o="cross_entropy_fwd": True if o == op else real(d, o))
     monkeypatch.setattr(torch.ops.softcal, op, fake, raising=False)
     x, t, w = _rows(seed=3)
     before = len(calls)
     with _world_of_one():
         xl = x.clone().requires_grad_()
         loss = D.vocab_parallel_cross_entropy(xl, t.clamp_max(6), weight=w, label_smoothing=0.1,
-                                              fused=op == "tsce_shard_grad_", inplace=op == "tsce_shard_grad_")
+                                              fused=op == "shard_grad_", inplace=op == "shard_grad_")
         loss.backward()
     assert len(calls) > before, f"{op} was not dispatched to torch.ops.softcal"
 
@@ -169,13 +169,13 @@ def test_kernels_equal_reference(dtype):
     tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1.6e-2}[dtype]
     ops = torch.ops.softcal
     for smoothing in (False, True):
-        a = ops.tsce_shard_stats(x, t, w, None, 1.3, 5, -100, smoothing)
-        b = R.tsce_shard_stats(x, t, w, None, 1.3, 5, -100, smoothing)
+        a = ops.shard_stats(x, t, w, None, 1.3, 5, -100, smoothing)
+        b = R.shard_stats(x, t, w, None, 1.3, 5, -100, smoothing)
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     lse = torch.stack([x.float().amax(1) + 0.5, torch.full((33,), 0.3)], 1).to(a.dtype)
     coef = torch.rand(33, 3, dtype=a.dtype)
-    a = ops.tsce_shard_grad(x, t, w, lse, coef, None, 1.3, 0.01, 5, -100, True, True)
-    b = R.tsce_shard_grad(x, t, w, lse, coef, None, 1.3, 0.01, 5, -100, True, True)
+    a = ops.shard_grad(x, t, w, lse, coef, None, 1.3, 0.01, 5, -100, True, True)
+    b = R.shard_grad(x, t, w, lse, coef, None, 1.3, 0.01, 5, -100, True, True)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, rtol=tol, atol=tol)
 

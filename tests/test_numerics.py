@@ -272,12 +272,12 @@ def test_one_class_is_exactly_zero(device, dtype, eps, mode, near):
 
 
 def test_lse_is_row_max_and_log_sum(device):
-    """tsce_fwd's saved lse is [max_c x_c, log sum_c exp(beta (x_c - max))] per row: [0, 0] for
+    """cross_entropy_fwd's saved lse is [max_c x_c, log sum_c exp(beta (x_c - max))] per row: [0, 0] for
     ignored rows, NaN for rows without a softmax; the max is that of the raw logits."""
     x = torch.tensor([[1000.5, 999.0, 998.0], [1.0, 2.0, 3.0], [-float("inf")] * 3,
                       [5.0, float("nan"), 1.0]], dtype=torch.float32, device=device)
     t = torch.tensor([0, -100, 1, 2], device=device)
-    _, lse, _ = torch.ops.softcal.tsce_fwd(x, t, None, None, 0.5, 0.0, -100, 0)
+    _, lse, _ = torch.ops.softcal.cross_entropy_fwd(x, t, None, None, 0.5, 0.0, -100, 0)
     assert lse.shape == (4, 2) and lse.dtype == torch.float32
     lse = lse.cpu().double()
     want0 = torch.log(torch.exp(2 * torch.tensor([0.0, -1.5, -2.5], dtype=torch.float64)).sum())

@@ -1,4 +1,4 @@
-"""The vocabulary-parallel kernel ops (tsce_shard_stats, tsce_shard_grad, tsce_shard_grad_).
+"""The vocabulary-parallel kernel ops (shard_stats, shard_grad, shard_grad_).
 
 Each test cuts a full (N, C) logits tensor into class slices, runs the ops on every slice as one
 rank would, combines the per-row results as softcal.distributed does (without a process group:
@@ -67,7 +67,7 @@ def test_shard_stats_give_the_loss_of_the_whole_vocabulary(device, dtype, masked
     x, t, w = _case(n, c, dtype, seed=5 + masked, masked=masked)
     stats = []
     for a, b in SLICES:
-        s = ops.tsce_shard_stats(x[:, a:b].to(device), t.to(device), w[a:b].to(device), None, T, a, -100, True)
+        s = ops.shard_stats(x[:, a:b].to(device), t.to(device), w[a:b].to(device), None, T, a, -100, True)
         assert s.shape == (n, 4) and s.dtype == _acc(dtype)
         assert torch.all(s[t == -100] == 0)
         stats.append(s.cpu())
@@ -117,11 +117,11 @@ def test_shard_grad_gives_the_slices_of_the_whole_gradient(device, dtype, inplac
     for a, b in SLICES:
         xs = x[:, a:b].contiguous().to(device)
         if inplace:
-            tr = ops.tsce_shard_grad_(xs, t.to(device), w[a:b].to(device), lse.to(device), coef.to(device),
+            tr = ops.shard_grad_(xs, t.to(device), w[a:b].to(device), lse.to(device), coef.to(device),
                                       temp, 1.0, eps / c, a, -100, True)
             gs = xs
         else:
-            gs, tr = ops.tsce_shard_grad(xs, t.to(device), w[a:b].to(device), lse.to(device), coef.to(device),
+            gs, tr = ops.shard_grad(xs, t.to(device), w[a:b].to(device), lse.to(device), coef.to(device),
                                          temp, 1.0, eps / c, a, -100, True, True)
         assert gs.shape == (n, b - a) and gs.dtype == dtype and tr.shape == (n, 2)
         parts.append(gs.cpu())
@@ -142,11 +142,11 @@ def test_an_empty_slice_gives_zeros(device):
     T-gradient sums are 0 (a CUDA buffer left unwritten once gave 1e152)."""
     x = torch.randn(3, 0, device=device, dtype=torch.float64)
     t = torch.tensor([0, 5, -100], device=device)
-    st = ops.tsce_shard_stats(x, t, None, None, 1.3, 4, -100, True).cpu()
+    st = ops.shard_stats(x, t, None, None, 1.3, 4, -100, True).cpu()
     assert torch.isneginf(st[:2, 0]).all() and torch.isneginf(st[:2, 1]).all() and (st[2] == 0).all()
     lse = torch.zeros(3, 2, device=device, dtype=torch.float64)
     coef = torch.ones(3, 3, device=device, dtype=torch.float64)
-    g, tr = ops.tsce_shard_grad(x, t, None, lse, coef, None, 1.3, 0.01, 4, -100, True, True)
+    g, tr = ops.shard_grad(x, t, None, lse, coef, None, 1.3, 0.01, 4, -100, True, True)
     assert g.shape == (3, 0) and torch.equal(tr.cpu(), torch.zeros(3, 2, dtype=torch.float64))
 
 
@@ -154,15 +154,15 @@ def test_shard_ops_check_their_arguments(device):
     x = torch.randn(4, 10, device=device)
     t = torch.zeros(4, dtype=torch.int64, device=device)
     with pytest.raises(RuntimeError, match="class_offset must be >= 0, got -1"):
-        ops.tsce_shard_stats(x, t, None, None, 1.0, -1, -100, False)
+        ops.shard_stats(x, t, None, None, 1.0, -1, -100, False)
     with pytest.raises(RuntimeError, match=r"lse must be \(4, 2\)"):
-        ops.tsce_shard_grad(x, t, None, torch.zeros(4, device=device), torch.zeros(4, 3, device=device),
+        ops.shard_grad(x, t, None, torch.zeros(4, device=device), torch.zeros(4, 3, device=device),
                             None, 1.0, 0.0, 0, -100, True, False)
     with pytest.raises(RuntimeError, match=r"coef must be \(4, 3\)"):
-        ops.tsce_shard_grad(x, t, None, torch.zeros(4, 2, device=device), torch.zeros(4, 2, device=device),
+        ops.shard_grad(x, t, None, torch.zeros(4, 2, device=device), torch.zeros(4, 2, device=device),
                             None, 1.0, 0.0, 0, -100, True, False)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        ops.tsce_shard_grad_(torch.randn(4, 12, device=device)[:, :10], t, None, torch.zeros(4, 2, device=device),
+        ops.shard_grad_(torch.randn(4, 12, device=device)[:, :10], t, None, torch.zeros(4, 2, device=device),
                              torch.zeros(4, 3, device=device), None, 1.0, 0.0, 0, -100, False)
 
 
@@ -170,8 +170,8 @@ def test_shard_ops_pass_opcheck(device):
     x = torch.randn(6, 40, device=device, dtype=torch.float64)
     t = torch.tensor([0, 39, -100, 60, 5, 100], device=device)
     w = torch.rand(40, device=device, dtype=torch.float64) + 0.5
-    torch.library.opcheck(ops.tsce_shard_stats, (x, t, w, None, 1.3, 20, -100, True))
+    torch.library.opcheck(ops.shard_stats, (x, t, w, None, 1.3, 20, -100, True))
     lse = torch.randn(6, 2, device=device, dtype=torch.float64)
     coef = torch.rand(6, 3, device=device, dtype=torch.float64)
-    torch.library.opcheck(ops.tsce_shard_grad, (x, t, w, lse, coef, None, 1.3, 0.01, 20, -100, True, True))
-    torch.library.opcheck(ops.tsce_shard_grad_, (x.clone(), t, w, lse, coef, None, 1.3, 0.01, 20, -100, True))
+    torch.library.opcheck(ops.shard_grad, (x, t, w, lse, coef, None, 1.3, 0.01, 20, -100, True, True))
+    torch.library.opcheck(ops.shard_grad_, (x.clone(), t, w, lse, coef, None, 1.3, 0.01, 20, -100, True))

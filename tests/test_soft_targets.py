@@ -108,7 +108,7 @@ def test_reference_matches_torch(reduction, eps, weighted, shape):
 # --------------------------------------------------------------------------- the kernels ran
 
 def test_soft_ops_are_used_on_every_backend():
-    for op in ("tsce_soft_fwd", "tsce_soft_bwd"):
+    for op in ("soft_target_fwd", "soft_target_bwd"):
         assert op in softcal._ops.OPS
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"softcal::{op}", "CPU"), op
     x = torch.randn(8, 5, requires_grad=True)
@@ -116,7 +116,7 @@ def test_soft_ops_are_used_on_every_backend():
     with torch.profiler.profile() as prof:
         softcal.cross_entropy(x, t, temperature=2.0).backward()
     names = {e.name for e in prof.events()}
-    assert "softcal::tsce_soft_fwd" in names and "softcal::tsce_soft_bwd" in names, sorted(names)[:20]
+    assert "softcal::soft_target_fwd" in names and "softcal::soft_target_bwd" in names, sorted(names)[:20]
 
 
 # --------------------------------------------------------------------------- parity
@@ -275,14 +275,14 @@ def test_target_gradient_is_pytorchs(device):
 
 def test_only_requested_gradients_are_computed(device):
     x, t, _ = make_soft_case((4, 6), torch.float32, device)
-    loss, lse, mass = torch.ops.softcal.tsce_soft_fwd(x, t, None, None, 1.0, 0.0, 1)
+    loss, lse, mass = torch.ops.softcal.soft_target_fwd(x, t, None, None, 1.0, 0.0, 1)
     assert lse.shape == (4, 2) and mass.shape == (4,)
     torch.testing.assert_close(mass, torch.ones(4, device=device))  # rows of t sum to 1
     g = torch.ones((), device=device)
-    gx, gt, gT = torch.ops.softcal.tsce_soft_bwd(g, x, t, None, lse, mass, None, 1.0, 0.0, 1,
+    gx, gt, gT = torch.ops.softcal.soft_target_bwd(g, x, t, None, lse, mass, None, 1.0, 0.0, 1,
                                                   True, False, False)
     assert gx.shape == (4, 6) and gt.shape == (0,) and gT.item() == 0
-    gx, gt, _ = torch.ops.softcal.tsce_soft_bwd(g, x, t, None, lse, mass, None, 1.0, 0.0, 1,
+    gx, gt, _ = torch.ops.softcal.soft_target_bwd(g, x, t, None, lse, mass, None, 1.0, 0.0, 1,
                                                 False, True, False)
     assert gx.shape == (0,) and gt.shape == (4, 6)
     # the autograd path asks only for what is needed: a target without requires_grad is fine
@@ -305,15 +305,15 @@ def _opcheck_cases(device):
 
 def test_opcheck(device):
     for args in _opcheck_cases(device):
-        torch.library.opcheck(torch.ops.softcal.tsce_soft_fwd.default, args)
+        torch.library.opcheck(torch.ops.softcal.soft_target_fwd.default, args)
         # with inputs that require grad: the autograd registration and the backward op
-        torch.library.opcheck(torch.ops.softcal.tsce_soft_fwd.default,
+        torch.library.opcheck(torch.ops.softcal.soft_target_fwd.default,
                               (args[0].clone().requires_grad_(), args[1].clone().requires_grad_())
                               + args[2:])
-        loss, lse, mass = torch.ops.softcal.tsce_soft_fwd(*args)
+        loss, lse, mass = torch.ops.softcal.soft_target_fwd(*args)
         x, t, w, T, temp, eps, red = args
         g = torch.randn(loss.shape, device=device, dtype=loss.dtype)
-        torch.library.opcheck(torch.ops.softcal.tsce_soft_bwd.default,
+        torch.library.opcheck(torch.ops.softcal.soft_target_bwd.default,
                               (g, x, t, w, lse, mass, T, temp, eps, red, True, True, T is not None))
 
 
@@ -520,9 +520,9 @@ def test_errors_name_argument_and_value(device):
         ce(x, t, weight=torch.ones(2, device=device))
     # the ops check on their own
     with pytest.raises(RuntimeError, match=r"target has dtype Double but logits has Float"):
-        torch.ops.softcal.tsce_soft_fwd(x.detach(), t.double(), None, None, 1.0, 0.0, 1)
+        torch.ops.softcal.soft_target_fwd(x.detach(), t.double(), None, None, 1.0, 0.0, 1)
     with pytest.raises(RuntimeError, match=r"target has shape \[4, 2\] but logits has shape \[4, 3\]"):
-        torch.ops.softcal.tsce_soft_fwd(x.detach(), t[:, :2].contiguous(), None, None, 1.0, 0.0, 1)
+        torch.ops.softcal.soft_target_fwd(x.detach(), t[:, :2].contiguous(), None, None, 1.0, 0.0, 1)
 
 
 def test_reference_fallback_is_used_without_kernels(monkeypatch):
@@ -530,7 +530,7 @@ def test_reference_fallback_is_used_without_kernels(monkeypatch):
     from softcal import _soft
 
     x, t, w = make_soft_case((5, 6), torch.float64, "cpu", weighted=True)
-    monkeypatch.setattr(softcal._ops, "has_kernel", lambda device_type, op="tsce_fwd": False)
+    monkeypatch.setattr(softcal._ops, "has_kernel", lambda device_type, op="cross_entropy_fwd": False)
     got = _soft.soft_cross_entropy("f", x, t, temperature=1.2, label_smoothing=0.1, weight=w,
                                    ignore_index=-100, reduction="mean", fused=False, inplace=False,
                                    use_kernel=True)
@@ -576,11 +576,11 @@ def _run_soft_path(kind, dtype, n, c, off):
     w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype) if kind.endswith("_w") else None
     T = torch.tensor(1.3)
     ops = torch.ops.softcal
-    out = ops.tsce_soft_fwd(x, t, w, T, 1.0, 0.1, 0)
+    out = ops.soft_target_fwd(x, t, w, T, 1.0, 0.1, 0)
     if kind.startswith("fwd"):
         return out
     g_rows = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
-    return ops.tsce_soft_bwd(g_rows, x, t, w, out[1], out[2], T, 1.0, 0.1, 0, True, True, True)
+    return ops.soft_target_bwd(g_rows, x, t, w, out[1], out[2], T, 1.0, 0.1, 0, True, True, True)
 
 
 @needs_emu
@@ -635,9 +635,9 @@ def test_soft_results_do_not_depend_on_the_grid(c):
     try:
         for sms in (1, 132):
             emu.emu_set_sm_count(sms)
-            none = ops.tsce_soft_fwd(x, t, w, T, 1.0, 0.1, 0)
-            mean = ops.tsce_soft_fwd(x, t, w, T, 1.0, 0.1, 1)
-            bwd = ops.tsce_soft_bwd(torch.tensor(1.0), x, t, w, mean[1], mean[2], T, 1.0, 0.1, 1,
+            none = ops.soft_target_fwd(x, t, w, T, 1.0, 0.1, 0)
+            mean = ops.soft_target_fwd(x, t, w, T, 1.0, 0.1, 1)
+            bwd = ops.soft_target_bwd(torch.tensor(1.0), x, t, w, mean[1], mean[2], T, 1.0, 0.1, 1,
                                     True, True, True)
             res[sms] = (none, mean, bwd)
     finally:

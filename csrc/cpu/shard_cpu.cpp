@@ -1,4 +1,4 @@
-// softcal CPU kernels: the vocabulary-parallel pieces, tsce_shard_stats and tsce_shard_grad(_).
+// softcal CPU kernels: the vocabulary-parallel pieces, shard_stats and shard_grad(_).
 //
 // A rank holds the logits of a slice of the classes, [off, off + C_local). softcal.distributed
 // computes the loss of the whole vocabulary from per-row statistics of every slice (one
@@ -46,7 +46,7 @@ at::Tensor tsce_shard_stats_cpu(const at::Tensor& logits, const at::Tensor& targ
                                 const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& temperature_t, double temperature,
                                 int64_t class_offset, int64_t ignore_index, bool smoothing) {
-  const char* op = "softcal.tsce_shard_stats";
+  const char* op = "softcal.shard_stats";
   check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
   const double T = host_temperature(temperature_t, temperature, op);
   const int64_t rows = logits.size(0), C = logits.size(1);
@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_shard_grad_cpu(
     const at::Tensor& lse, const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
     double temperature, double smooth_coef, int64_t class_offset, int64_t ignore_index,
     bool need_logits_grad, bool need_temperature_grad) {
-  const char* op = "softcal.tsce_shard_grad";
+  const char* op = "softcal.shard_grad";
   check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
   at::Tensor t_rows = shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
@@ -244,7 +244,7 @@ at::Tensor tsce_shard_grad_inplace_cpu(const at::Tensor& logits, const at::Tenso
                                        const std::optional<at::Tensor>& temperature_t, double temperature,
                                        double smooth_coef, int64_t class_offset, int64_t ignore_index,
                                        bool need_temperature_grad) {
-  const char* op = "softcal.tsce_shard_grad_";
+  const char* op = "softcal.shard_grad_";
   check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
   check_shard_inplace(logits, op);
   at::Tensor grad = logits;
@@ -255,9 +255,9 @@ at::Tensor tsce_shard_grad_inplace_cpu(const at::Tensor& logits, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softcal, CPU, m) {
-  m.impl("tsce_shard_stats", &tsce_shard_stats_cpu);
-  m.impl("tsce_shard_grad", &tsce_shard_grad_cpu);
-  m.impl("tsce_shard_grad_", &tsce_shard_grad_inplace_cpu);
+  m.impl("shard_stats", &tsce_shard_stats_cpu);
+  m.impl("shard_grad", &tsce_shard_grad_cpu);
+  m.impl("shard_grad_", &tsce_shard_grad_inplace_cpu);
 }
 
 }  // namespace softcal

@@ -1,5 +1,5 @@
 // softcal CPU kernels: cross-entropy against class-probability (soft) targets, forward and
-// backward (ops tsce_soft_fwd / tsce_soft_bwd, schemas in csrc/schemas.h). The CUDA kernels in
+// backward (ops soft_target_fwd / soft_target_bwd, schemas in csrc/schemas.h). The CUDA kernels in
 // csrc/cuda/tsce_soft.cu implement the same maths.
 //
 // ============================ The maths ============================
@@ -47,7 +47,7 @@
 // * C == 0: every row loss is 0 (an empty sum).
 //
 // Passes over memory: forward one read of the logits and one of the target; backward one read of
-// each and one write of each requested gradient. Per row the forward keeps [m, ls] (as tsce_fwd)
+// each and one write of each requested gradient. Per row the forward keeps [m, ls] (as cross_entropy_fwd)
 // and U (the backward needs U before it writes the row's first gradient). Nothing of size N x C
 // is allocated besides the gradients. at::parallel_for over rows; vector inner loops on
 // at::vec::Vectorized; per-row results summed in fixed blocks (deterministic_sum): bitwise the
@@ -386,8 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softcal, CPU, m) {
-  m.impl("tsce_soft_fwd", &tsce_soft_fwd_cpu);
-  m.impl("tsce_soft_bwd", &tsce_soft_bwd_cpu);
+  m.impl("soft_target_fwd", &tsce_soft_fwd_cpu);
+  m.impl("soft_target_bwd", &tsce_soft_bwd_cpu);
 }
 
 }  // namespace softcal

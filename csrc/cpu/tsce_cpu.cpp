@@ -1695,10 +1695,10 @@ at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& tar
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softcal, CPU, m) {
-  m.impl("tsce_fwd", &tsce_fwd_cpu);
-  m.impl("tsce_bwd", &tsce_bwd_cpu);
-  m.impl("tsce_fused", &tsce_fused_cpu);
-  m.impl("tsce_fused_", &tsce_fused_inplace_cpu);
+  m.impl("cross_entropy_fwd", &tsce_fwd_cpu);
+  m.impl("cross_entropy_bwd", &tsce_bwd_cpu);
+  m.impl("cross_entropy_fused", &tsce_fused_cpu);
+  m.impl("cross_entropy_fused_", &tsce_fused_inplace_cpu);
   m.impl("scale_rows_", &scale_rows_cpu);
   m.impl("softmax_fwd", &softmax_fwd_cpu);
   m.impl("softmax_bwd", &softmax_bwd_cpu);

@@ -1,6 +1,6 @@
 // softcal CUDA: temperature-scaled, label-smoothed cross-entropy. The kernels and their host
-// helpers; the ops are in tsce_fwd.cu (tsce_fwd), tsce_bwd.cu (tsce_bwd, scale_rows_) and
-// tsce_fused.cu (tsce_fused, tsce_fused_), split so that they compile in parallel.
+// helpers; the ops are in cross_entropy_fwd.cu (cross_entropy_fwd), cross_entropy_bwd.cu (cross_entropy_bwd, scale_rows_) and
+// cross_entropy_fused.cu (cross_entropy_fused, cross_entropy_fused_), split so that they compile in parallel.
 //
 // ============================ The maths ============================
 // Written out in csrc/common.h (read it first). Per row, z_c = beta x_c, beta = 1/T:
@@ -41,9 +41,9 @@
 // ============================ Kernel design ============================
 // Bytes (N rows, C classes, b bytes per element): the logits dominate; the target (8 N), the
 // saved [m, ls] (8 N) and per-row losses are small next to them unless C is tiny.
-//   tsce_fwd     1 read of the logits                       N C b
-//   tsce_bwd     1 read of the logits, 1 write of the grad  2 N C b
-//   tsce_fused   1 read, 1 write when the row fits on chip  2 N C b
+//   cross_entropy_fwd     1 read of the logits                       N C b
+//   cross_entropy_bwd     1 read of the logits, 1 write of the grad  2 N C b
+//   cross_entropy_fused   1 read, 1 write when the row fits on chip  2 N C b
 //                (held in registers, <= 4 vectors of 16 B per thread, <= 512 threads per row:
 //                C <= 16384 bf16/fp16, 8192 fp32, 4096 fp64). Longer rows: two reads and one
 //                write; the second read of a row should come from L2: one row per SM at a time
@@ -243,7 +243,7 @@ struct CEGrad {
   acc_t beta, off;  // z - lse = beta (x - sh) - off
   // The T-gradient sums dz_c (beta (x_c - sh) - toff): toff = 0 in the cross-entropy kernels
   // (shifted by beta m: the rounding noise of sum_c dz_c = 0 is then not multiplied by ls, which
-  // cost 4x PyTorch's error at T = 2.5), toff = off for tsce_shard_grad (its contract).
+  // cost 4x PyTorch's error at T = 2.5), toff = off for shard_grad (its contract).
   acc_t toff;
   acc_t A, As, cw, ty, bg, bgA, bgcw;
   const T* w;

@@ -1,4 +1,4 @@
-// softcal CUDA: tsce_bwd (one read of the logits, one write of the gradient) and scale_rows_.
+// softcal CUDA: cross_entropy_bwd (one read of the logits, one write of the gradient) and scale_rows_.
 // The maths, the numerics and the kernel design are written at the top of csrc/cuda/tsce.cuh
 // (and the maths in full in csrc/common.h).
 #include "cuda/tsce.cuh"
@@ -10,7 +10,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cuda(
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& denom,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, bool need_logits_grad, bool need_temperature_grad) {
-  const char* op = "softcal.tsce_bwd";
+  const char* op = "softcal.cross_entropy_bwd";
   check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing, reduction, op);
   const int64_t rows = logits.size(0);
   const at::ScalarType acc = acc_type(logits.scalar_type());
@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cuda(
   TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()), op, ": grad_loss must be floating, got ",
               grad_loss.scalar_type());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == 2 && lse.scalar_type() == acc,
-              op, ": lse must be (", rows, ", 2) ", acc, " ([row max, log sum] as tsce_fwd gives), got ",
+              op, ": lse must be (", rows, ", 2) ", acc, " ([row max, log sum] as cross_entropy_fwd gives), got ",
               lse.sizes(), " ", lse.scalar_type());
   TORCH_CHECK(denom.numel() == 1 && denom.scalar_type() == acc, op, ": denom must be a 0-dim ", acc,
               " tensor, got ", denom.sizes(), " ", denom.scalar_type());

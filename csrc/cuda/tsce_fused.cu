@@ -1,4 +1,4 @@
-// softcal CUDA: tsce_fused and tsce_fused_ (loss and gradient in one kernel).
+// softcal CUDA: cross_entropy_fused and cross_entropy_fused_ (loss and gradient in one kernel).
 // The maths, the numerics and the kernel design are written at the top of csrc/cuda/tsce.cuh
 // (and the maths in full in csrc/common.h).
 #include "cuda/tsce.cuh"
@@ -7,7 +7,7 @@ namespace softcal {
 namespace cuda {
 namespace {
 
-// Shared body of tsce_fused and tsce_fused_: grad may be logits itself.
+// Shared body of cross_entropy_fused and cross_entropy_fused_: grad may be logits itself.
 template <typename scalar_t>
 void fused_impl(const at::Tensor& logits, const Prepared& p, const std::optional<at::Tensor>& temperature_t,
                 double temperature, double eps, int64_t ignore_index, int64_t reduction, bool need_t,
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
-  const char* op = "softcal.tsce_fused";
+  const char* op = "softcal.cross_entropy_fused";
   check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing, reduction, op);
   c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight);
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_fused_inplace_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
-  const char* op = "softcal.tsce_fused_";
+  const char* op = "softcal.cross_entropy_fused_";
   check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing, reduction, op);
   TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written "
               "into its buffer), got strides ", logits.strides());

@@ -1,4 +1,4 @@
-// softcal CUDA: tsce_fwd (one read of the logits: per-row lse and loss, deterministic reduction).
+// softcal CUDA: cross_entropy_fwd (one read of the logits: per-row lse and loss, deterministic reduction).
 // The maths, the numerics and the kernel design are written at the top of csrc/cuda/tsce.cuh
 // (and the maths in full in csrc/common.h).
 #include "cuda/tsce.cuh"
@@ -10,7 +10,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction) {
-  const char* op = "softcal.tsce_fwd";
+  const char* op = "softcal.cross_entropy_fwd";
   check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing, reduction, op);
   c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight);

@@ -1,4 +1,4 @@
-// softcal CUDA: the vocabulary-parallel pieces, tsce_shard_stats and tsce_shard_grad(_).
+// softcal CUDA: the vocabulary-parallel pieces, shard_stats and shard_grad(_).
 //
 // A rank holds the logits of a slice of the classes, [off, off + C_local). softcal.distributed
 // computes the loss of the whole vocabulary from per-row statistics of each slice (one all-reduce
@@ -210,7 +210,7 @@ at::Tensor tsce_shard_stats_cuda(const at::Tensor& logits, const at::Tensor& tar
                                  const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& temperature_t, double temperature,
                                  int64_t class_offset, int64_t ignore_index, bool smoothing) {
-  const char* op = "softcal.tsce_shard_stats";
+  const char* op = "softcal.shard_stats";
   check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
   c10::cuda::CUDAGuard guard(logits.device());
   const Prepared p = prepare(logits, target, weight);
@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_shard_grad_cuda(
     const at::Tensor& lse, const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
     double temperature, double smooth_coef, int64_t class_offset, int64_t ignore_index,
     bool need_logits_grad, bool need_temperature_grad) {
-  const char* op = "softcal.tsce_shard_grad";
+  const char* op = "softcal.shard_grad";
   check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
   at::Tensor grad = need_logits_grad ? at::empty({logits.size(0), logits.size(1)}, logits.options())
                                      : at::empty({0}, logits.options());
@@ -267,7 +267,7 @@ at::Tensor tsce_shard_grad_inplace_cuda(const at::Tensor& logits, const at::Tens
                                         const std::optional<at::Tensor>& temperature_t,
                                         double temperature, double smooth_coef, int64_t class_offset,
                                         int64_t ignore_index, bool need_temperature_grad) {
-  const char* op = "softcal.tsce_shard_grad_";
+  const char* op = "softcal.shard_grad_";
   check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
   check_shard_inplace(logits, op);
   at::Tensor grad = logits;
@@ -279,7 +279,7 @@ at::Tensor tsce_shard_grad_inplace_cuda(const at::Tensor& logits, const at::Tens
 }  // namespace softcal
 
 TORCH_LIBRARY_IMPL(softcal, CUDA, m) {
-  m.impl("tsce_shard_stats", &softcal::cuda::tsce_shard_stats_cuda);
-  m.impl("tsce_shard_grad", &softcal::cuda::tsce_shard_grad_cuda);
-  m.impl("tsce_shard_grad_", &softcal::cuda::tsce_shard_grad_inplace_cuda);
+  m.impl("shard_stats", &softcal::cuda::tsce_shard_stats_cuda);
+  m.impl("shard_grad", &softcal::cuda::tsce_shard_grad_cuda);
+  m.impl("shard_grad_", &softcal::cuda::tsce_shard_grad_inplace_cuda);
 }

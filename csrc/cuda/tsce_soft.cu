@@ -1,5 +1,5 @@
 // softcal CUDA: cross-entropy against class-probability (soft) targets, forward and backward
-// (ops tsce_soft_fwd / tsce_soft_bwd, schemas in csrc/schemas.h; the CPU kernels are in
+// (ops soft_target_fwd / soft_target_bwd, schemas in csrc/schemas.h; the CPU kernels are in
 // csrc/cpu/soft_target_cpu.cpp, whose header has the full derivation and the edge cases).
 //
 // ============================ The maths ============================
@@ -14,8 +14,8 @@
 //
 // ============================ Kernel design ============================
 // Bytes (N rows, C classes, b bytes per element):
-//   tsce_soft_fwd  1 read of the logits + 1 read of the target        2 N C b
-//   tsce_soft_bwd  1 read of each + 1 write of each requested gradient 3-4 N C b
+//   soft_target_fwd  1 read of the logits + 1 read of the target        2 N C b
+//   soft_target_bwd  1 read of each + 1 write of each requested gradient 3-4 N C b
 // Per row the forward keeps [m, ls] and U (12 or 24 bytes); the backward needs U before it
 // writes the first gradient of a row, which is why it is saved rather than recomputed.
 // TPR threads per row (pick_tpr in common.cuh, capped at 512: see soft_tpr), 2 blocks of 256
@@ -584,6 +584,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cuda(
 }  // namespace softcal
 
 TORCH_LIBRARY_IMPL(softcal, CUDA, m) {
-  m.impl("tsce_soft_fwd", &softcal::cuda::tsce_soft_fwd_cuda);
-  m.impl("tsce_soft_bwd", &softcal::cuda::tsce_soft_bwd_cuda);
+  m.impl("soft_target_fwd", &softcal::cuda::tsce_soft_fwd_cuda);
+  m.impl("soft_target_bwd", &softcal::cuda::tsce_soft_bwd_cuda);
 }
