@@ -14,8 +14,8 @@
 // being walked in chunks of kChunk elements); grad reads it once and writes it once.
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cpu/cpu_common.h"
-#include "shard.h"
 
 namespace softcal {
 namespace {
@@ -46,9 +46,9 @@ at::Tensor tsce_shard_stats_cpu(const at::Tensor& logits, const at::Tensor& targ
                                 const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& temperature_t, double temperature,
                                 int64_t class_offset, int64_t ignore_index, bool smoothing) {
-  const char* op = "softcal.shard_stats";
-  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
-  const double T = host_temperature(temperature_t, temperature, op);
+  checks::shard_stats(Backend::kCpu, logits, target, weight, temperature_t, temperature,
+                      class_offset);
+  const double T = checks::host_temperature(Op::kShardStats, temperature_t, temperature);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const at::ScalarType acc_st = acc_type(logits.scalar_type());
   at::Tensor stats = at::empty({rows, 4}, logits.options().dtype(acc_st));
@@ -207,11 +207,12 @@ at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
                            const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                            const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
                            double temperature, double smooth_coef, int64_t class_offset,
-                           int64_t ignore_index, at::Tensor* grad, bool need_t, const char* op) {
-  const double T = host_temperature(temperature_t, temperature, op);
+                           int64_t ignore_index, at::Tensor* grad, bool need_t, Op op) {
+  checks::shard_grad(Backend::kCpu, op, logits, target, weight, lse, coef, temperature_t,
+                     temperature, smooth_coef, class_offset);
+  const double T = checks::host_temperature(op, temperature_t, temperature);
   const int64_t rows = logits.size(0);
   const at::ScalarType acc_st = acc_type(logits.scalar_type());
-  check_shard_grad_inputs(logits, lse, coef, smooth_coef, op);
   at::Tensor t_rows = at::zeros({rows, 2}, logits.options().dtype(acc_st));
   if (rows == 0 || logits.size(1) == 0 || (grad == nullptr && !need_t)) return t_rows;
   const at::Tensor tgt = target.contiguous(), lse_c = lse.contiguous(), coef_c = coef.contiguous();
@@ -229,12 +230,11 @@ std::tuple<at::Tensor, at::Tensor> tsce_shard_grad_cpu(
     const at::Tensor& lse, const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
     double temperature, double smooth_coef, int64_t class_offset, int64_t ignore_index,
     bool need_logits_grad, bool need_temperature_grad) {
-  const char* op = "softcal.shard_grad";
-  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
   at::Tensor t_rows = shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
                                       smooth_coef, class_offset, ignore_index,
-                                      need_logits_grad ? &grad : nullptr, need_temperature_grad, op);
+                                      need_logits_grad ? &grad : nullptr, need_temperature_grad,
+                                      Op::kShardGrad);
   return {grad, t_rows};
 }
 
@@ -244,12 +244,10 @@ at::Tensor tsce_shard_grad_inplace_cpu(const at::Tensor& logits, const at::Tenso
                                        const std::optional<at::Tensor>& temperature_t, double temperature,
                                        double smooth_coef, int64_t class_offset, int64_t ignore_index,
                                        bool need_temperature_grad) {
-  const char* op = "softcal.shard_grad_";
-  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
-  check_shard_inplace(logits, op);
   at::Tensor grad = logits;
   return shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef,
-                         class_offset, ignore_index, &grad, need_temperature_grad, op);
+                         class_offset, ignore_index, &grad, need_temperature_grad,
+                         Op::kShardGradInplace);
 }
 
 }  // namespace

@@ -65,9 +65,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
+#include "checks.h"
 #include "cpu/cpu_common.h"
-#include "soft_target.h"
 
 namespace softcal {
 namespace {
@@ -105,6 +104,17 @@ SoftParams<acc_t> soft_params(int64_t C, const std::optional<at::Tensor>& weight
   return p;
 }
 
+// Calls f(target_t{}) with target_t the target's element type: the logits' scalar_t, or float
+// with float16/bfloat16 logits (checks::soft_target_fwd admits only these).
+template <typename scalar_t, typename F>
+inline void dispatch_target(at::ScalarType target_type, F&& f) {
+  if constexpr (!std::is_same_v<scalar_t, float> &&
+                std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    if (target_type == at::kFloat) return f(float{});
+  }
+  f(scalar_t{});
+}
+
 // u = w (a t + b) on the used lanes, 0 on the others.
 template <typename acc_t>
 inline Vec<acc_t> mass_of(const Vec<acc_t>& t, const acc_t* wc, int64_t k, const Vec<acc_t>& va,
@@ -132,8 +142,8 @@ struct SoftRow {
 // One read of a row of the logits and of the target. A chunk of kChunk elements is walked twice
 // while it sits in L1: its max first (the running state is rescaled when it grows), then the
 // exps and the target sums relative to the running max.
-template <typename scalar_t, typename acc_t>
-inline SoftRow<acc_t> soft_row(const SoftParams<acc_t>& p, const scalar_t* x, const scalar_t* t,
+template <typename scalar_t, typename target_t, typename acc_t>
+inline SoftRow<acc_t> soft_row(const SoftParams<acc_t>& p, const scalar_t* x, const target_t* t,
                                acc_t* xbuf, acc_t* tbuf) {
   constexpr int64_t V = Vec<acc_t>::size();
   SoftRow<acc_t> r{kNegInf<acc_t>, 0, 0, 0};
@@ -188,10 +198,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t reduction) {
-  const char* op = "softcal.cross_entropy (class-probability targets)";
-  check_soft_inputs(logits, target, weight, temperature_t, temperature, label_smoothing,
-                    reduction, op);
-  const double T = host_temperature(temperature_t, temperature, op);
+  checks::soft_target_fwd(Backend::kCpu, logits, target, weight, temperature_t, temperature,
+                          label_smoothing, reduction);
+  const double T = checks::host_temperature(Op::kSoftTarget, temperature_t, temperature);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto acc_st = acc_type(logits.scalar_type());
   at::Tensor lse = at::empty({rows, 2}, logits.options().dtype(acc_st));
@@ -200,17 +209,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_fwd_cpu(
   const int64_t xs = logits.stride(0), ts = target.stride(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_soft_fwd_cpu", [&] {
+   dispatch_target<scalar_t>(target.scalar_type(), [&](auto target_tag) {
+    using target_t = decltype(target_tag);
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> wbuf;
     const auto p = soft_params<acc_t>(C, weight, wbuf, T, label_smoothing);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    const scalar_t* t = target.const_data_ptr<scalar_t>();
+    const target_t* t = target.const_data_ptr<target_t>();
     acc_t* lse_p = lse.data_ptr<acc_t>();
     acc_t* mass_p = mass.data_ptr<acc_t>();
     acc_t* loss_p = loss_rows.data_ptr<acc_t>();
     at::parallel_for(0, rows, row_grain(2 * C), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-      std::vector<acc_t> tbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+      std::vector<acc_t> tbuf(std::is_same_v<target_t, acc_t> ? 0 : kChunk);
       for (int64_t i = r0; i < r1; ++i) {
         if (C == 0) {  // an empty sum
           lse_p[2 * i] = lse_p[2 * i + 1] = kNegInf<acc_t>;
@@ -232,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_fwd_cpu(
         loss_p[i] = p.beta * r.d + r.U * ls;
       }
     });
+   });
   });
 
   at::Tensor loss;
@@ -250,27 +262,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cpu(
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& mass,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t reduction, bool need_logits_grad, bool need_target_grad, bool need_temperature_grad) {
-  const char* op = "softcal.cross_entropy (class-probability targets, backward)";
-  check_soft_inputs(logits, target, weight, temperature_t, temperature, label_smoothing,
-                    reduction, op);
-  const double T = host_temperature(temperature_t, temperature, op);
+  checks::soft_target_bwd(Backend::kCpu, grad_loss, logits, target, weight, lse, mass,
+                          temperature_t, temperature, label_smoothing, reduction);
+  const double T = checks::host_temperature(Op::kSoftTargetBwd, temperature_t, temperature);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto acc_st = acc_type(logits.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == 2 &&
-                  lse.scalar_type() == acc_st,
-              op, ": lse must be (", rows, ", 2) ", acc_st, ", got ", lse.sizes(), " ",
-              lse.scalar_type());
-  TORCH_CHECK(mass.dim() == 1 && mass.size(0) == rows && mass.scalar_type() == acc_st, op,
-              ": mass must be (", rows, ",) ", acc_st, ", got ", mass.sizes(), " ",
-              mass.scalar_type());
-  TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()), op,
-              ": grad_loss must be floating, got ", grad_loss.scalar_type());
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == rows, op, ": grad_loss must be (",
-                rows, ",) for reduction none, got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be 0-dim, got ", grad_loss.sizes());
-  }
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad_x = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
   at::Tensor grad_tg = need_target_grad ? new_grad_buffer(target) : target.new_empty({0});
@@ -289,33 +285,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cpu(
 
   if (rows > 0 && C > 0 && (need_logits_grad || need_target_grad || need_t)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_soft_bwd_cpu", [&] {
+     dispatch_target<scalar_t>(target.scalar_type(), [&](auto target_tag) {
+      using target_t = decltype(target_tag);
       using acc_t = at::opmath_type<scalar_t>;
       constexpr int64_t V = Vec<acc_t>::size();
       std::vector<acc_t> wbuf;
       const auto p = soft_params<acc_t>(C, weight, wbuf, T, label_smoothing);
       const scalar_t* x = logits.const_data_ptr<scalar_t>();
-      const scalar_t* t = target.const_data_ptr<scalar_t>();
+      const target_t* t = target.const_data_ptr<target_t>();
       scalar_t* gx = need_logits_grad ? grad_x.data_ptr<scalar_t>() : nullptr;
-      scalar_t* gtg = need_target_grad ? grad_tg.data_ptr<scalar_t>() : nullptr;
+      target_t* gtg = need_target_grad ? grad_tg.data_ptr<target_t>() : nullptr;
       const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
       const acc_t* mass_p = mass_c.const_data_ptr<acc_t>();
       acc_t* gt_p = need_t ? gt_rows.data_ptr<acc_t>() : nullptr;
       const acc_t* g_p = reduction == kNone ? g_rows.const_data_ptr<acc_t>() : nullptr;
       const int64_t g_stride = reduction == kNone ? g_rows.stride(0) : 0;
       at::parallel_for(0, rows, row_grain(2 * C), [&](int64_t r0, int64_t r1) {
-        constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
-        std::vector<acc_t> xbuf(kSame ? 0 : kChunk), tbuf(kSame ? 0 : kChunk);
+        std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+        std::vector<acc_t> tbuf(std::is_same_v<target_t, acc_t> ? 0 : kChunk);
         std::vector<acc_t> gxbuf(kChunk), gtbuf(kChunk);
         for (int64_t i = r0; i < r1; ++i) {
           const scalar_t* xr = x + i * xs;
-          const scalar_t* tr = t + i * ts;
+          const target_t* tr = t + i * ts;
           scalar_t* gxr = gx == nullptr ? nullptr : gx + i * C;
-          scalar_t* gtr = gtg == nullptr ? nullptr : gtg + i * C;
+          target_t* gtr = gtg == nullptr ? nullptr : gtg + i * C;
           const acc_t g = g_p == nullptr ? static_cast<acc_t>(g_scalar) : g_p[i * g_stride];
           const acc_t m = lse_p[2 * i], ls = lse_p[2 * i + 1], U = mass_p[i];
           if (!std::isfinite(m) || !std::isfinite(ls)) {  // no softmax: NaN
             if (gxr != nullptr) std::fill(gxr, gxr + C, static_cast<scalar_t>(kNaN<acc_t>));
-            if (gtr != nullptr) std::fill(gtr, gtr + C, static_cast<scalar_t>(kNaN<acc_t>));
+            if (gtr != nullptr) std::fill(gtr, gtr + C, static_cast<target_t>(kNaN<acc_t>));
             if (gt_p != nullptr) gt_p[i] = kNaN<acc_t>;
             continue;
           }
@@ -374,6 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cpu(
           }
         }
       });
+     });
     });
   }
 

@@ -51,7 +51,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
+#include "checks.h"
 #include "cpu/cpu_common.h"
 
 namespace softcal {
@@ -1002,10 +1002,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction) {
-  const char* op = "softcal.cross_entropy";
-  check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing,
-                    reduction, op);
-  const double T = host_temperature(temperature_t, temperature, op);
+  const char* op = op_name(Op::kCrossEntropy);
+  checks::cross_entropy(Backend::kCpu, Op::kCrossEntropy, logits, target, weight, temperature_t,
+                        temperature, label_smoothing, reduction);
+  const double T = checks::host_temperature(Op::kCrossEntropy, temperature_t, temperature);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto acc_st = acc_type(logits.scalar_type());
   at::Tensor lse = at::empty({rows, 2}, logits.options().dtype(acc_st));
@@ -1088,23 +1088,13 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& denom,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, bool need_logits_grad, bool need_temperature_grad) {
-  const char* op = "softcal.cross_entropy (backward)";
-  check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing,
-                    reduction, op);
-  const double T = host_temperature(temperature_t, temperature, op);
+  const char* op = op_name(Op::kCrossEntropyBwd);
+  checks::cross_entropy_bwd(Backend::kCpu, grad_loss, logits, target, weight, lse, denom,
+                            temperature_t, temperature, label_smoothing, reduction);
+  const double T = checks::host_temperature(Op::kCrossEntropyBwd, temperature_t, temperature);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto acc_st = acc_type(logits.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == 2 &&
-                  lse.scalar_type() == acc_st,
-              op, ": lse must be (", rows, ", 2) ", acc_st, " (row max, log sum exp), got ",
-              lse.sizes(), " ", lse.scalar_type());
   const at::Tensor lse_c = lse.contiguous();
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == rows, op, ": grad_loss must be (",
-                rows, ",) for reduction none, got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be 0-dim, got ", grad_loss.sizes());
-  }
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
   const int64_t bs = reduce_block_rows(rows);
@@ -1307,10 +1297,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fused_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
-  const char* op = "softcal.cross_entropy (fused)";
-  check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing,
-                    reduction, op);
-  const double T = host_temperature(temperature_t, temperature, op);
+  const char* op = op_name(Op::kCrossEntropyFused);
+  checks::cross_entropy(Backend::kCpu, Op::kCrossEntropyFused, logits, target, weight,
+                        temperature_t, temperature, label_smoothing, reduction);
+  const double T = checks::host_temperature(Op::kCrossEntropyFused, temperature_t, temperature);
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   const auto acc_st = acc_type(logits.scalar_type());
   const int64_t rows = logits.size(0);
@@ -1335,12 +1325,11 @@ std::tuple<at::Tensor, at::Tensor> tsce_fused_inplace_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
-  const char* op = "softcal.cross_entropy (fused, in place)";
-  check_tsce_inputs(logits, target, weight, temperature_t, temperature, label_smoothing,
-                    reduction, op);
-  TORCH_CHECK(logits.is_contiguous(), op, ": in-place mode needs contiguous logits, got strides ",
-              logits.strides());
-  const double T = host_temperature(temperature_t, temperature, op);
+  const char* op = op_name(Op::kCrossEntropyFusedInplace);
+  checks::cross_entropy(Backend::kCpu, Op::kCrossEntropyFusedInplace, logits, target, weight,
+                        temperature_t, temperature, label_smoothing, reduction);
+  const double T =
+      checks::host_temperature(Op::kCrossEntropyFusedInplace, temperature_t, temperature);
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   const auto acc_st = acc_type(logits.scalar_type());
   const int64_t rows = logits.size(0);
@@ -1360,9 +1349,7 @@ std::tuple<at::Tensor, at::Tensor> tsce_fused_inplace_cpu(
 }
 
 void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
-  const char* op = "softcal.scale_rows_";
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), op, ": grad must be 2-D contiguous, got ",
-              grad.sizes());
+  checks::scale_rows(Backend::kCpu, grad, scale);
   const int64_t rows = grad.size(0), C = grad.size(1);
   if (scale.dim() == 0) {
     const double s = scale.item<double>();
@@ -1370,8 +1357,6 @@ void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
     grad.mul_(s);
     return;
   }
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows, op, ": scale must be 0-dim or (", rows,
-              ",), got ", scale.sizes());
   const at::Tensor s = scale.to(at::kDouble);
   const double* sp = s.const_data_ptr<double>();
   const int64_t ss = s.stride(0);
@@ -1487,15 +1472,11 @@ void dims_of(const at::Tensor& x, int64_t dim, int64_t& outer, int64_t& C, int64
 
 at::Tensor softmax_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& temperature_t,
                            double temperature, int64_t dim, bool log) {
-  const char* op = log ? "softcal.log_softmax" : "softcal.softmax";
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), op,
-              ": input must be floating, got ", x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() >= 1, op, ": input must have at least one dimension");
-  dim = c10::maybe_wrap_dim(dim, x_in.dim());
-  if (!temperature_t.has_value()) check_float_scalars(temperature, 0.0, op);
-  const double T = host_temperature(temperature_t, temperature, op);
-  const at::Tensor x = x_in.contiguous();
+  dim = checks::softmax_fwd(Backend::kCpu, log, x_in, temperature_t, temperature, dim);
+  const double T = checks::host_temperature(softmax_op(log, false), temperature_t, temperature);
+  const at::Tensor x = (x_in.dim() == 0 ? x_in.reshape({1}) : x_in).contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x_in.dim() == 0) out = out.reshape({});
   if (x.numel() == 0) return out;
   int64_t outer, C, inner;
   dims_of(x, dim, outer, C, inner);
@@ -1517,13 +1498,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& out_in,
     const std::optional<at::Tensor>& temperature_t, double temperature, int64_t dim, bool log,
     bool need_temperature_grad) {
-  const char* op = log ? "softcal.log_softmax (backward)" : "softcal.softmax (backward)";
-  TORCH_CHECK(grad_out_in.sizes() == out_in.sizes(), op, ": grad has shape ", grad_out_in.sizes(),
-              " but the output has ", out_in.sizes());
-  dim = c10::maybe_wrap_dim(dim, out_in.dim());
-  const double T = host_temperature(temperature_t, temperature, op);
-  const at::Tensor out = out_in.contiguous();
-  const at::Tensor g = grad_out_in.to(out.scalar_type()).contiguous();
+  dim = checks::softmax_bwd(Backend::kCpu, log, grad_out_in, out_in, temperature_t, temperature,
+                            dim);
+  const double T = checks::host_temperature(softmax_op(log, true), temperature_t, temperature);
+  const at::Tensor out = (out_in.dim() == 0 ? out_in.reshape({1}) : out_in).contiguous();
+  const at::Tensor g = grad_out_in.reshape(out.sizes()).to(out.scalar_type()).contiguous();
   at::Tensor grad_x = at::empty_like(out, at::MemoryFormat::Contiguous);
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   const auto t_dtype = temp_grad_type(temperature_t, out.scalar_type());
@@ -1590,7 +1569,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
   if (need_t) {
     grad_t.fill_(deterministic_sum(t_rows));
   }
-  return {grad_x, grad_t};
+  return {out_in.dim() == 0 ? grad_x.reshape({}) : grad_x, grad_t};
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1600,14 +1579,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
 // ------------------------------------------------------------------------------------------
 
 at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& target, double beta_d) {
-  const char* op = "softcal.temperature_stats";
-  check_logits(logits, op);
-  check_class_stride(logits, "logits", op);
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 &&
-                  target.size(0) == logits.size(0),
-              op, ": target must be int64 of shape (", logits.size(0), ",), got ",
-              target.scalar_type(), " ", target.sizes());
-  TORCH_CHECK(std::isfinite(beta_d) && beta_d > 0, op, ": beta must be finite and > 0, got ", beta_d);
+  const char* op = op_name(Op::kTemperatureStats);
+  checks::temperature_stats(Backend::kCpu, logits, target, beta_d);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const at::Tensor tgt = target.contiguous();
   const int64_t* tp = tgt.const_data_ptr<int64_t>();
