@@ -10,8 +10,8 @@ namespace softcal {
 namespace cuda {
 namespace {
 
-// Per row the loss and [m, ls] (docs/design.md: loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c
-// (lse - z_c)); per block the sums of the loss and of w_y.
+// Per row the loss and [m, ls], per block the sums of the loss and of w_y. Implements docs/design.md's
+// loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c) with phase 1 of ce_row.cuh.
 template <typename T, int TPR, Smoothing S>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fwd_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;

@@ -56,8 +56,10 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_stats_kern
         const bool any = st.m > neg_inf<acc_t>() || st.s != st.s;  // a NaN sum propagates
         o[0] = st.m;
         o[1] = any ? flog_sum(st.s) : neg_inf<acc_t>();
-        // an all -inf slice row: no softmax mass, an infinite smoothing sum (as PyTorch's loss)
-        o[2] = S != Smoothing::kOff ? (any ? st.d : std::numeric_limits<acc_t>::infinity()) : acc_t(0);
+        // an all -inf slice row: no softmax mass, an infinite smoothing sum (as PyTorch's loss); an
+        // empty slice (C_local = 0): nothing to smooth over
+        const acc_t none = a.C > 0 ? std::numeric_limits<acc_t>::infinity() : acc_t(0);
+        o[2] = S != Smoothing::kOff ? (any ? st.d : none) : acc_t(0);
         o[3] = y >= 0 ? st.xy : acc_t(0);
       }
     }
@@ -160,15 +162,7 @@ at::Tensor shard_stats_cuda(const at::Tensor& logits, const at::Tensor& target,
   const CEInputs in = ce_inputs(logits, target, weight);
   const int64_t rows = logits.size(0);
   at::Tensor stats = at::empty({rows, 4}, logits.options().dtype(acc_type(logits.scalar_type())));
-  if (rows == 0) return stats;
-  if (logits.size(1) == 0) {  // an empty slice: no softmax mass here
-    stats.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
-    stats.select(1, 1).fill_(-std::numeric_limits<double>::infinity());
-    stats.select(1, 2).zero_();  // no classes: nothing to smooth over
-    stats.select(1, 3).zero_();
-    stats.masked_fill_((in.target == ignore_index).unsqueeze(1), 0.0);
-    return stats;
-  }
+  if (rows == 0) return stats;  // an empty slice (C_local = 0) runs the kernel: it reads no logit
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_stats_cuda", [&] {
     auto a = shard_args<scalar_t>(logits, in, temperature_t, temperature, class_offset, ignore_index);

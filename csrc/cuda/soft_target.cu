@@ -52,9 +52,7 @@ struct SoftArgs {
 // Blocks of <= 256 threads: at least 2 per SM (<= 128 registers) for 16- and 32-bit logits.
 // float64 gets 1: with 2 ptxas (CUDA 13.0, sm_90) held its kernels to 64 registers and spilled.
 template <typename T, int TPR>
-constexpr int soft_min_blocks() {
-  return (kBlock<TPR> <= 256 && sizeof(T) < 8) ? 2 : 1;
-}
+constexpr int kSoftMinBlocks = (kBlock<TPR> <= 256 && sizeof(T) < 8) ? 2 : 1;
 
 // Pairs of 16-byte loads in flight per thread: 2, or 1 with 512 threads per row.
 template <int TPR>
@@ -105,8 +103,7 @@ struct SoftAccum {
 
 // Per row loss = beta sum_c u_c (m - x_c) + U ls, [m, ls] and U; per block the sum of the loss.
 template <typename T, typename S, int TPR, bool WEIGHTED>
-__global__ void __launch_bounds__(kBlock<TPR>, soft_min_blocks<T, TPR>())
-    soft_target_fwd_kernel(const SoftArgs<T, S> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_target_fwd_kernel(const SoftArgs<T, S> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ LseState<acc_t> sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(a.temp);
@@ -201,8 +198,7 @@ struct SoftGrad {
 // Per row dL/dx_c = beta g (U p_c - u_c) and dL/dt_c = -g (1 - eps) w_c log p_c; per block the sum of
 // dL/dT = -beta g sum_c dz_c log p_c.
 template <typename T, typename S, int TPR, bool WEIGHTED>
-__global__ void __launch_bounds__(kBlock<TPR>, soft_min_blocks<T, TPR>())
-    soft_target_bwd_kernel(const SoftArgs<T, S> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_target_bwd_kernel(const SoftArgs<T, S> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ Pair<double> sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(a.temp);
