@@ -156,6 +156,47 @@ inline acc_t chunk_sum_exp(const acc_t* x, int64_t n, acc_t beta, acc_t shift) {
 }
 
 
+// A sum of acc vectors kept in double lanes: the precision policy of every reduction that feeds
+// a gradient (the temperature gradient's sums over a row's classes; docs/design.md). A float
+// vector is split into two double vectors (lanes [0, V/2) into lo, [V/2, V) into hi).
+template <typename acc_t>
+struct DoubleSum {
+  Vec<double> lo = Vec<double>(0.0), hi = Vec<double>(0.0);
+  inline void add(const Vec<acc_t>& v) {
+    if constexpr (std::is_same_v<acc_t, double>) {
+      lo = lo + v;
+    } else {
+      static_assert(Vec<float>::size() == 2 * Vec<double>::size(), "float = two double halves");
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512 f = v;
+      lo = lo + Vec<double>(_mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+      hi = hi + Vec<double>(_mm512_cvtps_pd(
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+#elif defined(CPU_CAPABILITY_AVX2)
+      const __m256 f = v;
+      lo = lo + Vec<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+      hi = hi + Vec<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#else
+      constexpr int64_t H = Vec<double>::size();
+      alignas(64) float a[2 * H];
+      alignas(64) double d[2 * H];
+      v.store(a);
+      for (int64_t k = 0; k < 2 * H; ++k) d[k] = a[k];
+      lo = lo + Vec<double>::loadu(d);
+      hi = hi + Vec<double>::loadu(d + H);
+#endif
+    }
+  }
+  // the lanes' values in lane order (V of them)
+  inline void store(double* out) const {
+    lo.store(out);
+    if constexpr (!std::is_same_v<acc_t, double>) hi.store(out + Vec<double>::size());
+  }
+  inline double sum() const {
+    return at::vec::vec_reduce_all<double>(std::plus<Vec<double>>(), lo + hi);
+  }
+};
+
 template <typename scalar_t>
 inline double to_double(scalar_t v) {
   return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));

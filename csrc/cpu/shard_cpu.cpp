@@ -152,8 +152,8 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
       const acc_t x_y = y >= 0 ? static_cast<acc_t>(xr[y]) : acc_t(0);
       const Vec<acc_t> vM(M), vb(beta), vLS(LS), vA(A), vcw(cw), vbg(bg), vninf(kNegInf<acc_t>),
           vzero(0);
-      Vec<acc_t> va(0), vbm(0);
-      acc_t sa = 0, sb = 0;  // the scalar tails' T-gradient sums
+      DoubleSum<acc_t> va, vbm;  // the T-gradient's sums, in double
+      double sa = 0, sb = 0;      // and those of the scalar tails
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(kChunk, C - c0);
         const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
@@ -166,8 +166,8 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
           const Vec<acc_t> dz = wc ? vA * vexp(lp) - vcw * Vec<acc_t>::loadu(wc + k) : vA * vexp(lp) - vcw;
           (vbg * dz).store(ga + k);
           if (t_rows) {
-            va = va + Vec<acc_t>::blendv(vzero, dz * lp, xv > vninf);
-            vbm = vbm + Vec<acc_t>::blendv(vzero, dz, xv == vninf);
+            va.add(Vec<acc_t>::blendv(vzero, dz * lp, xv > vninf));
+            vbm.add(Vec<acc_t>::blendv(vzero, dz, xv == vninf));
           }
         }
         for (; k < n; ++k) {
@@ -179,10 +179,10 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
         }
         if (gr) store_from_acc(ga, gr + c0, n);
       }
-      acc_t ta = 0, tb = 0;
+      double ta = 0, tb = 0;
       if (t_rows) {
-        ta = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), va) + sa;
-        tb = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vbm) + sb;
+        ta = va.sum() + sa;
+        tb = vbm.sum() + sb;
       }
       if (y >= 0) {  // the target's element, in acc precision (replaces the generic one)
         const acc_t lp = (x_y - M) * beta - LS;
@@ -196,8 +196,8 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
         }
       }
       if (t_rows) {
-        t_rows[2 * i] = ta;
-        t_rows[2 * i + 1] = tb;
+        t_rows[2 * i] = static_cast<acc_t>(ta);
+        t_rows[2 * i + 1] = static_cast<acc_t>(tb);
       }
     }
   });

@@ -248,11 +248,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_fwd_cpu(
 
   at::Tensor loss;
   if (reduction == kNone) {
-    loss = loss_rows.to(logits.scalar_type());
+    loss = loss_rows;
   } else {
     double total = deterministic_sum(loss_rows);
     if (reduction == kMean) total /= static_cast<double>(rows);  // 0 / 0 = NaN for no rows
-    loss = at::scalar_tensor(total, logits.options().dtype(acc_st)).to(logits.scalar_type());
+    loss = at::scalar_tensor(total, logits.options().dtype(acc_st));
   }
   return {loss, lse, mass};
 }
@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cpu(
           const acc_t bg = p.beta * g;
           const Vec<acc_t> vbeta(p.beta), vm(m), vls(ls), vU(U), va(p.a), vb(p.b), vbg(bg),
               vga(g * p.a), vzero(0), vninf(kNegInf<acc_t>);
-          Vec<acc_t> t1(0), t0(0);
+          DoubleSum<acc_t> t1, t0;  // the T-gradient's sums, in double
           for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
             const int64_t n = std::min(kChunk, C - c0);
             const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
@@ -348,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cpu(
                 }
                 if (gt_p != nullptr) {
                   const Vec<acc_t> live = xv > vninf;  // masked (and unused) lanes: into t0
-                  t1 = t1 + Vec<acc_t>::blendv(vzero, dz * logp, live);
-                  t0 = t0 + Vec<acc_t>::blendv(dz, vzero, live);
+                  t1.add(Vec<acc_t>::blendv(vzero, dz * logp, live));
+                  t0.add(Vec<acc_t>::blendv(dz, vzero, live));
                 }
               }
               if (gtr != nullptr) {
@@ -364,11 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_soft_bwd_cpu(
             if (gtr != nullptr) store_from_acc(gtbuf.data(), gtr + c0, n);
           }
           if (gt_p != nullptr) {
-            auto sum = [](const Vec<acc_t>& v) {
-              return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
-            };
-            const acc_t lse_v = p.beta * m + ls;
-            gt_p[i] = -bg * (sum(t1) - lse_v * sum(t0));
+            const double lse_v = static_cast<double>(p.beta) * m + ls;
+            gt_p[i] = static_cast<acc_t>(-static_cast<double>(bg) * (t1.sum() - lse_v * t0.sum()));
           }
         }
       });

@@ -445,6 +445,14 @@ struct CEParams {
   const acc_t* w;   // class weights in acc, or nullptr
   const int64_t* target;
   inline acc_t weight_of(int64_t c) const { return w == nullptr ? acc_t(1) : w[c]; }
+  // The weights of the smoothing terms (eps / C) w_c: none without smoothing, so that a weight
+  // of inf (1 / bincount of a class absent from the batch) never meets a 0 (0 * inf = NaN);
+  // PyTorch's gradient is finite there.
+  inline const acc_t* smoothing_weights() const { return eps > 0 ? w : nullptr; }
+  // A = (1 - eps) w_y + eps W / C, the coefficient of p_c in dL/dz_c
+  inline acc_t A_of(acc_t w_y) const {
+    return eps > 0 ? (acc_t(1) - eps) * w_y + eps * W / static_cast<acc_t>(C) : w_y;
+  }
 };
 
 template <typename acc_t>
@@ -576,24 +584,24 @@ inline void write_true_class(const CEParams<acc_t>& p, scalar_t* const* grad, co
 // (a row without a softmax is all NaN, its *lp_y NaN).
 // Returns S = sum over non-masked c of dL/dz_c * z_c (when need_t), for dL/dT = -(g/T) * S,
 // computed shifted by beta m (sum_c dL/dz_c = 0): sum_{non-masked} dz_c beta (x_c - m)
-// - beta m sum_{masked} dz_c, so that large logits keep their digits.
+// - beta m sum_{masked} dz_c, so that large logits keep their digits; summed in double.
 template <typename scalar_t, typename acc_t>
-inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t m,
+inline double row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t m,
                       acc_t ls, int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf,
                       acc_t* lp_y) {
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t C = p.C;
   const acc_t w_y = p.weight_of(y);
-  const acc_t A = (acc_t(1) - p.eps) * w_y + p.eps * p.W / static_cast<acc_t>(C);
+  const acc_t A = p.A_of(w_y);
   const acc_t gb = g * p.beta;
   if (!(std::isfinite(m) && std::isfinite(ls))) {  // no softmax: NaN gradient
     if (grad != nullptr) std::fill(grad, grad + C, static_cast<scalar_t>(kNaN<acc_t>));
     *lp_y = kNaN<acc_t>;
-    return kNaN<acc_t>;
+    return std::numeric_limits<double>::quiet_NaN();
   }
   const Vec<acc_t> vbeta(p.beta), vm(m), vnls(-ls), vcoef(gb * A), vcw(gb * p.eps_c), vA(A),
       veps_c(p.eps_c), vninf(kNegInf<acc_t>), vzero(0), vone(1);
-  Vec<acc_t> vS(0), vM(0);
+  DoubleSum<acc_t> vS, vM;
   const acc_t x_y = static_cast<acc_t>(x[y]);  // read before the row is overwritten (in place)
   *lp_y = p.beta * (x_y - m) - ls;
   const ScaledExp<acc_t> pexp(p.beta, -ls);  // p = exp(beta (x - m) - ls)
@@ -607,8 +615,8 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
     if (need_t) {
       const Vec<acc_t> dz = vA * e - veps_c * wv;
       const Vec<acc_t> live = xv > vninf;
-      vS = vS + Vec<acc_t>::blendv(vzero, dz * (d * vbeta), live);
-      vM = vM + Vec<acc_t>::blendv(dz, vzero, live);
+      vS.add(Vec<acc_t>::blendv(vzero, dz * (d * vbeta), live));
+      vM.add(Vec<acc_t>::blendv(dz, vzero, live));
     }
   };
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
@@ -617,7 +625,7 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
     acc_t* out = std::is_same_v<scalar_t, acc_t> && grad != nullptr
                      ? reinterpret_cast<acc_t*>(grad + c0)
                      : gbuf;
-    const acc_t* wc = p.w == nullptr ? nullptr : p.w + c0;
+    const acc_t* wc = p.smoothing_weights() == nullptr ? nullptr : p.w + c0;
     int64_t i = 0;
     for (; i + V <= n; i += V)
       step(Vec<acc_t>::loadu(xa + i), wc == nullptr ? vone : Vec<acc_t>::loadu(wc + i), out + i, V);
@@ -631,12 +639,11 @@ inline acc_t row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gra
     if (grad != nullptr) store_from_acc(out, grad + c0, n);
   }
   if (!need_t) return 0;
-  acc_t S = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vS);
-  acc_t masked = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vM);
-  const acc_t ty = -(acc_t(1) - p.eps) * w_y;  // the rest of dz_y
-  if (x_y > kNegInf<acc_t>) S += ty * (p.beta * (x_y - m));
+  double S = vS.sum(), masked = vM.sum();
+  const double ty = -(acc_t(1) - p.eps) * w_y;  // the rest of dz_y
+  if (x_y > kNegInf<acc_t>) S += ty * static_cast<double>(p.beta * (x_y - m));
   else masked += ty;
-  if (masked != 0) S -= p.beta * m * masked;
+  if (masked != 0) S -= static_cast<double>(p.beta) * static_cast<double>(m) * masked;
   return S;
 }
 
@@ -671,7 +678,8 @@ struct TileShape {
 // Per-lane results of a tile.
 struct TileRows {
   static constexpr int64_t R = Vec<float>::size();
-  alignas(64) float m[R], ls[R], xy[R], loss[R], g[R], S[R];
+  alignas(64) float m[R], ls[R], xy[R], loss[R], g[R];
+  alignas(64) double S[R];  // the row's sum for dL/dT (row_grad), in double
   alignas(64) int32_t yidx[R];  // l * C + y (y = 0 for ignored rows)
   int64_t y[R];
   bool valid[R];  // not ignored
@@ -795,7 +803,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   for (int64_t l = 0; l < R; ++l) {
     const bool live = t.valid[l] && t.ok[l];
     const float w_y = p.weight_of(t.y[l]);
-    const float A = (1 - p.eps) * w_y + p.eps * p.W / static_cast<float>(C);
+    const float A = p.A_of(w_y);
     const float gb = live ? t.g[l] * p.beta : 0.0f;
     ml[l] = live ? t.m[l] : 0.0f;
     lsl[l] = live ? t.ls[l] : 0.0f;
@@ -807,7 +815,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   const V vm = V::loadu(ml), vnls = V(0) - V::loadu(lsl), vcoef = V::loadu(coefl),
           vcw = V::loadu(cwl), vA = V::loadu(Al), vb(p.beta), veps_c(p.eps_c),
           vninf(kNegInf<float>), zero(0);
-  V vS(0), vM(0);
+  DoubleSum<float> vS, vM;
   ScaledExp<float> pexp(p.beta, 0.0f);  // per-lane shift -ls:
   pexp.c = vnls;
   pexp.kc = vnls * V(1.4426950408889634f);
@@ -815,13 +823,13 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
     const V xv = V::loadu(b.tT + c * R);
     const V dd = xv - vm;
     const V e = pexp(dd);
-    const V wc(p.weight_of(c));
+    const V wc(p.smoothing_weights() == nullptr ? 1.0f : p.w[c]);
     (vcoef * e - vcw * wc).store(b.gT + c * R);
     if (need_t) {
       const V dz = vA * e - veps_c * wc;
       const V live = xv > vninf;
-      vS = vS + V::blendv(zero, dz * (dd * vb), live);
-      vM = vM + V::blendv(dz, zero, live);
+      vS.add(V::blendv(zero, dz * (dd * vb), live));
+      vM.add(V::blendv(dz, zero, live));
     }
   }
   // the true class: (1 - eps) w_y expm1(log p_y) + (eps/C) (W p_y - w_y)  (write_true_class)
@@ -829,7 +837,8 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   const V lp = vb * (V::loadu(t.xy) - vm) + vnls;
   V dzy = V(1 - p.eps) * vwy * lp.expm1();
   if (p.eps > 0) dzy = dzy + veps_c * (V(p.W) * lp.exp() - vwy);
-  alignas(64) float dzyl[R], Sl[R], Ml[R];
+  alignas(64) float dzyl[R];
+  alignas(64) double Sl[R], Ml[R];
   dzy.store(dzyl);
   if (need_t) {
     vS.store(Sl);
@@ -843,16 +852,16 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
     }
     if (!t.ok[l]) {
       for (int64_t c = 0; c < C; ++c) b.gT[c * R + l] = kNaN<float>;
-      t.S[l] = kNaN<float>;
+      t.S[l] = std::numeric_limits<double>::quiet_NaN();
       continue;
     }
     b.gT[t.y[l] * R + l] = t.g[l] * p.beta * dzyl[l];
     if (need_t) {
-      float S = Sl[l], masked = Ml[l];
-      const float ty = -(1 - p.eps) * wyl[l];
-      if (t.xy[l] > kNegInf<float>) S += ty * (p.beta * (t.xy[l] - t.m[l]));
+      double S = Sl[l], masked = Ml[l];
+      const double ty = -(1 - p.eps) * wyl[l];
+      if (t.xy[l] > kNegInf<float>) S += ty * static_cast<double>(p.beta * (t.xy[l] - t.m[l]));
       else masked += ty;
-      if (masked != 0) S -= p.beta * t.m[l] * masked;
+      if (masked != 0) S -= static_cast<double>(p.beta) * static_cast<double>(t.m[l]) * masked;
       t.S[l] = S;
     }
   }
@@ -948,7 +957,7 @@ bool bwd_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scalar_
         tile_grad(ts, p, bufs, t, nr, need_t, gx + i0 * C);
         if (need_t)
           for (int64_t l = 0; l < nr; ++l)
-            if (t.valid[l]) sum_t += static_cast<double>(-t.g[l] * t.S[l] * invT);
+            if (t.valid[l]) sum_t += -static_cast<double>(t.g[l]) * t.S[l] * invT;
       }
       part[b] = sum_t;
     }
@@ -984,7 +993,9 @@ bool fused_tile_blocks(const CEParams<at::opmath_type<scalar_t>>& p, const scala
         tile_grad(ts, p, bufs, t, nr, need_t, grad_out + i0 * C);
         for (int64_t l = 0; l < nr; ++l) {
           const bool v = t.valid[l];
-          emit(i0 + l, v ? t.loss[l] : 0.0f, v && need_t ? -g * t.S[l] * p.beta : 0.0f, sl, st);
+          emit(i0 + l, v ? t.loss[l] : 0.0f,
+               v && need_t ? static_cast<float>(-static_cast<double>(g) * t.S[l] * p.beta) : 0.0f,
+               sl, st);
         }
       }
       part_loss[b] = sl;
@@ -1009,9 +1020,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
   const int64_t rows = logits.size(0), C = logits.size(1);
   const auto acc_st = acc_type(logits.scalar_type());
   at::Tensor lse = at::empty({rows, 2}, logits.options().dtype(acc_st));
-  // reduction none: the per-row losses are written in the logits' dtype; otherwise they are
-  // summed per block of reduce_block_rows(rows) rows (no per-row buffer)
-  at::Tensor loss = reduction == kNone ? at::empty({rows}, logits.options()) : at::Tensor();
+  // reduction none: the per-row losses are written (acc); otherwise they are summed per block of
+  // reduce_block_rows(rows) rows (no per-row buffer)
+  at::Tensor loss = reduction == kNone ? at::empty({rows}, logits.options().dtype(acc_st))
+                                       : at::Tensor();
   at::Tensor denom_t = at::empty({}, logits.options().dtype(acc_st));
   const at::Tensor tgt = target.contiguous();
   const int64_t row_stride = logits.stride(0);
@@ -1027,13 +1039,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
     denom_t.fill_(denom);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     acc_t* lse_p = lse.data_ptr<acc_t>();
-    scalar_t* loss_p = reduction == kNone ? loss.data_ptr<scalar_t>() : nullptr;
+    acc_t* loss_p = reduction == kNone ? loss.data_ptr<acc_t>() : nullptr;
     // one row's results: lse, and its loss written or added to the block's sum
     auto emit = [&](int64_t i, bool valid, acc_t m, acc_t ls, acc_t l, double& sum) {
       lse_p[2 * i] = valid ? m : acc_t(0);  // ignored rows: [0, 0], loss 0
       lse_p[2 * i + 1] = valid ? ls : acc_t(0);
       const acc_t li = valid ? l : acc_t(0);
-      if (loss_p != nullptr) loss_p[i] = static_cast<scalar_t>(li);
+      if (loss_p != nullptr) loss_p[i] = li;
       else sum += static_cast<double>(li);
     };
     const int64_t grain = std::max<int64_t>(1, row_grain(C) / bs);
@@ -1078,7 +1090,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tsce_fwd_cpu(
     double total = 0;
     for (double v : part) total += v;
     if (reduction == kMean) total /= denom_t.item<double>();  // 0/0 = NaN when all are ignored
-    loss = at::scalar_tensor(total, logits.options().dtype(acc_st)).to(logits.scalar_type());
+    loss = at::scalar_tensor(total, logits.options().dtype(acc_st));
   }
   return {loss, lse, denom_t};
 }
@@ -1149,9 +1161,9 @@ std::tuple<at::Tensor, at::Tensor> tsce_bwd_cpu(
             TORCH_CHECK(y >= 0 && y < C, op, ": target[", i, "] = ", y, " is out of range for ",
                         C, " classes");
             const acc_t g = grad_of_row<acc_t>(gs, i);
-            const acc_t S = row_grad(p, x + i * row_stride, gr, lse_p[2 * i], lse_p[2 * i + 1],
-                                     y, g, need_t, xbuf.data(), gbuf.data(), &lps[j]);
-            if (need_t) sum_t += static_cast<double>(-g * S * invT);
+            const double S = row_grad(p, x + i * row_stride, gr, lse_p[2 * i], lse_p[2 * i + 1],
+                                      y, g, need_t, xbuf.data(), gbuf.data(), &lps[j]);
+            if (need_t) sum_t += -static_cast<double>(g) * S * invT;
             if (gr != nullptr && !std::isnan(lps[j])) grs[j] = gr;
             ys[j] = y;
             gbs[j] = g * p.beta;
@@ -1254,12 +1266,13 @@ void tsce_fused_impl(const at::Tensor& logits, scalar_t* grad_out, const at::Ten
           acc_t lse[2];
           const acc_t l = row_loss(p, xr, rs[j], ls[j], y, lse);
           // A row without a softmax has lse = NaN: row_grad gives NaN there, like its loss.
-          const acc_t S = row_grad(p, xr, gr, lse[0], lse[1], y, g, need_t, xbuf.data(),
-                                   gbuf.data(), &lps[j]);
+          const double S = row_grad(p, xr, gr, lse[0], lse[1], y, g, need_t, xbuf.data(),
+                                    gbuf.data(), &lps[j]);
           if (!std::isnan(lps[j])) grs[j] = gr;
           ys[j] = y;
           gbs[j] = g * p.beta;
-          emit(i, l, need_t ? -g * S * p.beta : acc_t(0), sl, st);
+          emit(i, l, need_t ? static_cast<acc_t>(-static_cast<double>(g) * S * p.beta) : acc_t(0),
+               sl, st);
         }
         write_true_class(p, grs, ys, gbs, lps, ng);
       }
@@ -1279,7 +1292,7 @@ std::tuple<at::Tensor, at::Tensor> finish_fused(const at::Tensor& logits, at::Te
   const auto acc_st = acc_type(logits.scalar_type());
   at::Tensor loss, grad_t;
   if (reduction == kNone) {
-    loss = loss_rows.to(logits.scalar_type());
+    loss = loss_rows;
     grad_t = need_t ? grad_t_rows.to(t_dtype) : at::zeros({logits.size(0)}, logits.options().dtype(t_dtype));
   } else {
     double total = 0, total_t = 0;
@@ -1287,7 +1300,7 @@ std::tuple<at::Tensor, at::Tensor> finish_fused(const at::Tensor& logits, at::Te
     if (need_t)
       for (double v : part_t) total_t += v;
     if (reduction == kMean) total /= denom;
-    loss = at::scalar_tensor(total, logits.options().dtype(acc_st)).to(logits.scalar_type());
+    loss = at::scalar_tensor(total, logits.options().dtype(acc_st));
     grad_t = at::scalar_tensor(total_t, logits.options().dtype(t_dtype));
   }
   return {loss, grad_t};
