@@ -140,8 +140,9 @@ def test_softcal_ops_run_the_emulated_kernels(emu):
     assert emu.emu_stats()[0] >= before + 5  # fwd + finalize, bwd, softmax, stats + finalize
 
 
-UNIFORM = "softcal::cuda::Smoothing::kUniform"  # the loss variant: smoothing without class weights
-PASS = "softcal::cuda::Pass::"
+# the loss variant of the cases below: smoothing without class weights (common.h's enums)
+UNIFORM = "softcal::Smoothing::kOn, softcal::ClassWeights::kNone"
+PASS = "softcal::Pass::"
 
 
 def _path_cases():
@@ -174,8 +175,11 @@ def _path_cases():
     cases.append(("softmax_bwd", f32, 3, 20000, r"softmax_bwd_rows_kernel<float, \d+, 1, false>"))
     cases.append(("stats", f32, 5, 1000, r"temperature_stats_kernel<float, \d+>"))
     # class-probability targets: the target in the logits' dtype, or float32 beside bfloat16
-    cases.append(("soft_fwd", f32, 5, 300, r"soft_target_fwd_kernel<float, float, \d+, false>"))
-    cases.append(("soft_bwd", bf16, 5, 3000, r"soft_target_bwd_kernel<c10::BFloat16, c10::BFloat16, \d+, false>"))
+    cases.append(("soft_fwd", f32, 5, 300, r"soft_target_fwd_kernel<float, float, \d+, softcal::ClassWeights::kNone>"))
+    cases.append(("soft_bwd", bf16, 5, 3000,
+                  r"soft_target_bwd_kernel<c10::BFloat16, c10::BFloat16, \d+, softcal::ClassWeights::kNone>"))
+    cases.append(("soft_bwd_f32_target", bf16, 5, 3000,
+                  r"soft_target_bwd_kernel<c10::BFloat16, float, \d+, softcal::ClassWeights::kNone>"))
     return cases
 
 
@@ -208,8 +212,9 @@ def _run_path(kind, dtype, n, c):
         return ops.temperature_stats(x, t, 0.7)
     if kind == "shard_stats":
         return ops.shard_stats(x, t, None, None, 1.3, 0, -100, True)
-    if kind in ("soft_fwd", "soft_bwd"):
-        q = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), 1).to(dtype)
+    if kind.startswith("soft_"):
+        q = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), 1)
+        q = q.float() if kind.endswith("f32_target") else q.to(dtype)
         loss, lse, mass = ops.soft_target_fwd(x, q, None, torch.tensor(1.3), 1.0, 0.1, 1)
         if kind == "soft_fwd":
             return loss, lse, mass

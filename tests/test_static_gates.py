@@ -85,12 +85,16 @@ def test_static_compare_matches_kernels_across_the_renames(tmp_path, capsys):
     import static_compare
 
     old = "tsce_fwd_kernel<BFloat16, 256, 1>"
-    new = "cross_entropy_fwd_kernel<BFloat16, 256, softcal::cuda::Smoothing::kUniform>"
+    new = "cross_entropy_fwd_kernel<BFloat16, 256, softcal::Smoothing::kOn, softcal::ClassWeights::kNone>"
     assert static_compare.canonical(old) == static_compare.canonical(new)
     assert static_compare.canonical("tsce_soft_bwd_kernel<float, 4, true>") == \
-        static_compare.canonical("soft_target_bwd_kernel<float, float, 4, true>")
-    assert static_compare.canonical("tsce_tile_kernel<Half, 2, 0>") == \
-        static_compare.canonical("ce_tile_kernel<Half, softcal::cuda::Pass::kFused, softcal::cuda::Smoothing::kOff>")
+        static_compare.canonical("soft_target_bwd_kernel<float, float, 4, softcal::ClassWeights::kPerClass>")
+    assert static_compare.canonical("tsce_tile_kernel<Half, 2, 2>") == static_compare.canonical(
+        "ce_tile_kernel<Half, softcal::Pass::kFused, softcal::Smoothing::kOn, softcal::ClassWeights::kPerClass>")
+    assert static_compare.canonical("tsce_fused_kernel<float, 512, 4, true, 0>") == static_compare.canonical(
+        "cross_entropy_fused_kernel<float, 512, 4, true, softcal::Smoothing::kOff, softcal::ClassWeights::kNone>")
+    assert static_compare.canonical("shard_grad_kernel<double, 8, 1>") == static_compare.canonical(
+        "shard_grad_kernel<double, 8, softcal::Smoothing::kOn, softcal::ClassWeights::kNone>")
 
     def sass_csv(path, name, ipe):
         with open(path, "w", newline="") as fh:
@@ -102,4 +106,4 @@ def test_static_compare_matches_kernels_across_the_renames(tmp_path, capsys):
     before = sass_csv(tmp_path / "before.csv", old, "12.0")
     assert static_compare.main(["--sass", before, sass_csv(tmp_path / "same.csv", new, "12.0"), "--check"]) == 0
     assert static_compare.main(["--sass", before, sass_csv(tmp_path / "worse.csv", new, "12.5"), "--check"]) == 1
-    assert "MORE: cross_entropy_fwd_kernel<BFloat16, 256, 1>: 12.00 -> 12.50" in capsys.readouterr().out
+    assert "MORE: cross_entropy_fwd_kernel<BFloat16, 256, 1, 0>: 12.00 -> 12.50" in capsys.readouterr().out

@@ -9,7 +9,8 @@
 //    derivative): ce_logit, read by phase 1, phase 2 and the tile path, and the element's dz in
 //    CEGrad::element;
 //  * the per-row lse returned: ce_row_loss computes it.
-// Variants are enum values (Smoothing), template parameters switched once by the launcher.
+// The variants are common.h's enums (Smoothing, ClassWeights), template parameters switched once
+// on the host by ce_switch.
 #pragma once
 
 #include "cuda/reduce.cuh"
@@ -18,17 +19,23 @@
 namespace softcal {
 namespace cuda {
 
-// The loss variant, a template parameter so that the element loops carry no dead work.
-enum class Smoothing : int {
-  kOff,       // eps == 0: the smoothing sum is never formed (no 0 * inf)
-  kUniform,   // smoothing, no class weights
-  kWeighted,  // smoothing with class weights (w_c read per element)
-};
-
-// Class weights without smoothing need w_y only, read once per row.
-inline Smoothing smoothing_of(double eps, bool weighted) {
-  return eps > 0 ? (weighted ? Smoothing::kWeighted : Smoothing::kUniform) : Smoothing::kOff;
+// f(Smoothing constant, ClassWeights constant) for the kernel variant of (eps, weights given):
+// without smoothing the class weights are read once per row (w_y), never per element, so the
+// kernels have three variants, not four: (kOff, kNone), (kOn, kNone), (kOn, kPerClass).
+template <typename F>
+inline void ce_switch(double eps, bool weighted, F&& f) {
+  using Off = std::integral_constant<Smoothing, Smoothing::kOff>;
+  using On = std::integral_constant<Smoothing, Smoothing::kOn>;
+  using None = std::integral_constant<ClassWeights, ClassWeights::kNone>;
+  using PerClass = std::integral_constant<ClassWeights, ClassWeights::kPerClass>;
+  if (smoothing_of(eps) == Smoothing::kOff) f(Off{}, None{});
+  else if (!weighted) f(On{}, None{});
+  else f(On{}, PerClass{});
 }
+
+// Whether a variant reads w_c per element (the smoothing sum with class weights).
+template <Smoothing S, ClassWeights W>
+constexpr bool kPerElementWeights = S == Smoothing::kOn && W == ClassWeights::kPerClass;
 
 // A logit as the loss sees it (the place of a per-element map such as soft-capping).
 template <typename acc_t, typename T>
@@ -43,7 +50,7 @@ struct CEConsts {
   __device__ __forceinline__ CEConsts(const Temperature& t, acc_t eps, int C)
       : beta(load_beta<acc_t>(t)),
         beta_log2e(beta * static_cast<acc_t>(kLog2e)),
-        smooth_coef(S != Smoothing::kOff ? eps / static_cast<acc_t>(C) : acc_t(0)) {}
+        smooth_coef(S == Smoothing::kOn ? eps / static_cast<acc_t>(C) : acc_t(0)) {}
 };
 
 // The target of a row; asserts on targets outside [0, C); -1 for ignored and out-of-range rows
@@ -82,11 +89,11 @@ struct CEMerge {
 
 // Consumes a thread's elements of a row into its state: the max is updated once per vector, one
 // exp2 per element.
-template <typename T, typename acc_t, Smoothing S>
+template <typename T, typename acc_t, Smoothing S, ClassWeights W>
 struct CEAccum {
   CEState<acc_t> st;
   acc_t beta_log2e;
-  const acc_t* w;  // class weights (kWeighted)
+  const acc_t* w;  // class weights (read per element: kPerElementWeights)
   int y;           // target (-1: none)
 
   __device__ __forceinline__ void operator()(int idx, const Vec16<T>& v, int count) {
@@ -98,7 +105,7 @@ struct CEAccum {
     if (vm > st.m) {
       if (st.m > neg_inf<acc_t>()) {
         st.s *= fexp2((st.m - vm) * beta_log2e);
-        if (S != Smoothing::kOff) st.d += st.wc * (vm - st.m);
+        if (S == Smoothing::kOn) st.d += st.wc * (vm - st.m);
       }
       st.m = vm;
     }
@@ -111,8 +118,8 @@ struct CEAccum {
       if (k < count) {
         const acc_t dx = x[k] - mref;
         e[k] = fexp2(dx * beta_log2e);
-        if (S == Smoothing::kUniform) dd[k] = dx;
-        if (S == Smoothing::kWeighted) {
+        if (S == Smoothing::kOn && !kPerElementWeights<S, W>) dd[k] = dx;
+        if (kPerElementWeights<S, W>) {
           const acc_t wk = w[idx + k];
           dd[k] = wk * dx;
           st.wc += wk;
@@ -120,8 +127,8 @@ struct CEAccum {
       }
     }
     st.s += tree_sum<V>(e);
-    if (S != Smoothing::kOff) st.d -= tree_sum<V>(dd);
-    if (S == Smoothing::kUniform) st.wc += static_cast<acc_t>(count);
+    if (S == Smoothing::kOn) st.d -= tree_sum<V>(dd);
+    if (S == Smoothing::kOn && !kPerElementWeights<S, W>) st.wc += static_cast<acc_t>(count);
     if (static_cast<unsigned>(y - idx) < static_cast<unsigned>(count)) {
 #pragma unroll
       for (int k = 0; k < V; ++k)  // no runtime index into v: it would go to local memory
@@ -143,7 +150,7 @@ __device__ __forceinline__ acc_t ce_row_loss(const CEState<acc_t>& st, acc_t bet
   ls = flog_sum(st.s);
   lse = beta * st.m + ls;
   acc_t loss = (acc_t(1) - eps) * w_y * (beta * (st.m - st.xy) + ls);
-  if (S != Smoothing::kOff) loss += smooth_coef * (beta * st.d + st.wc * ls);
+  if (S == Smoothing::kOn) loss += smooth_coef * (beta * st.d + st.wc * ls);
   return loss;
 }
 
@@ -163,7 +170,7 @@ template <typename acc_t, Smoothing S>
 __device__ __forceinline__ CECoef<acc_t> ce_coef(acc_t beta, acc_t eps, acc_t smooth_coef,
                                                  acc_t weight_total, acc_t classes, acc_t w_y, acc_t g) {
   const acc_t target_coef = (acc_t(1) - eps) * w_y;
-  const acc_t smooth_mass = S != Smoothing::kOff ? eps * weight_total / classes : acc_t(0);
+  const acc_t smooth_mass = S == Smoothing::kOn ? eps * weight_total / classes : acc_t(0);
   return CECoef<acc_t>{target_coef + smooth_mass, target_coef, smooth_mass, smooth_coef, beta * g};
 }
 
@@ -180,7 +187,7 @@ __device__ __forceinline__ acc_t ce_target_dz(acc_t log_p, const CECoef<acc_t>& 
 // or the forward's saved [m, ls] (backward): exact at the row maximum whatever the logits'
 // magnitude. The T-gradient sums dz_c (beta (x_c - row_max) - t_shift) over unmasked classes
 // (t1) and dz_c over masked ones (t0), in double (docs/design.md: precision policy).
-template <typename T, typename acc_t, Smoothing S>
+template <typename T, typename acc_t, Smoothing S, ClassWeights W>
 struct CEGrad {
   acc_t beta, beta_log2e;
   acc_t row_max;    // m
@@ -222,7 +229,7 @@ struct CEGrad {
 
   // One element's dL/dz in the generic form (the target's is corrected by finish()).
   __device__ __forceinline__ acc_t element(acc_t x, acc_t wk) const {
-    return c.p_coef * p_of(x) - (S != Smoothing::kOff ? c.smooth_coef * wk : acc_t(0));
+    return c.p_coef * p_of(x) - (S == Smoothing::kOn ? c.smooth_coef * wk : acc_t(0));
   }
 
   __device__ __forceinline__ void sum_t(acc_t dz, acc_t x) {
@@ -239,7 +246,7 @@ struct CEGrad {
         if (k < count) {
           const acc_t p = p_of(ce_logit<acc_t>(v.v[k]));
           if (S == Smoothing::kOff) g[k] = p * scaled_p_coef;
-          else if (S == Smoothing::kUniform) g[k] = p * scaled_p_coef - scaled_smooth;
+          else if (!kPerElementWeights<S, W>) g[k] = p * scaled_p_coef - scaled_smooth;
           else g[k] = p * scaled_p_coef - scaled_smooth * w[idx + k];
         }
       }
@@ -248,7 +255,7 @@ struct CEGrad {
       for (int k = 0; k < V; ++k) {
         if (k < count) {
           const acc_t x = ce_logit<acc_t>(v.v[k]);
-          const acc_t dz = element(x, S == Smoothing::kWeighted ? w[idx + k] : acc_t(1));
+          const acc_t dz = element(x, kPerElementWeights<S, W> ? w[idx + k] : acc_t(1));
           g[k] = c.grad_scale * dz;
           sum_t(dz, x);
         }
@@ -280,7 +287,7 @@ struct CEGrad {
   // T-gradient sums corrected by the difference. Out of the hot loop: expm1 there made ptxas spill.
   __device__ __forceinline__ void finish() {
     if (!have_y) return;
-    const acc_t w_y = S == Smoothing::kWeighted ? w[y] : acc_t(1);
+    const acc_t w_y = kPerElementWeights<S, W> ? w[y] : acc_t(1);
     const acc_t generic = element(xy, w_y) - c.target_coef;
     const acc_t dz = ce_target_dz((xy - row_max) * beta - ls, c, w_y);
     if (out) out[y] = static_cast<T>(c.grad_scale * dz);

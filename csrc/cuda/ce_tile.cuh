@@ -9,9 +9,6 @@
 namespace softcal {
 namespace cuda {
 
-// Which results the tile kernel computes.
-enum class Pass : int { kForward, kBackward, kFused };
-
 template <typename T>
 constexpr int tile_max_c() {
   return 128 / static_cast<int>(sizeof(T));
@@ -57,10 +54,10 @@ __device__ __forceinline__ void tile_copy_out(const T* tile, int E, T* out, bool
 }
 
 // One thread's row of the tile, xs[0..C): its loss (forward, fused) and its gradient written over
-// it (backward, fused); returns dL/dT of the row (0 unless asked for). The row is visited from a
+// it (backward, fused); returns dL/dT of the row in double (0 unless asked for). The row is visited from a
 // thread-dependent column c0, which spreads the shared-memory banks.
-template <typename T, Pass P, Smoothing S, typename acc_t = at::opmath_type<T>>
-__device__ __forceinline__ acc_t tile_row(const CEArgs<T>& a, T* xs, int64_t row, int y, const CEConsts<acc_t, S>& k,
+template <typename T, Pass P, Smoothing S, ClassWeights W, typename acc_t = at::opmath_type<T>>
+__device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t row, int y, const CEConsts<acc_t, S>& k,
                                           acc_t g, acc_t& loss) {
   const int C = a.C;
   const int c0 = static_cast<int>(threadIdx.x % C);
@@ -83,20 +80,20 @@ __device__ __forceinline__ acc_t tile_row(const CEArgs<T>& a, T* xs, int64_t row
     each([&](int c) {
       const acc_t dx = ce_logit<acc_t>(xs[c]) - mref;
       st.s += fexp2(dx * k.beta_log2e);
-      if (S == Smoothing::kUniform) st.d -= dx;
-      if (S == Smoothing::kWeighted) {
+      if (S == Smoothing::kOn && !kPerElementWeights<S, W>) st.d -= dx;
+      if (kPerElementWeights<S, W>) {
         st.d -= a.weight[c] * dx;
         st.wc += a.weight[c];
       }
     });
-    if (S == Smoothing::kUniform) st.wc = static_cast<acc_t>(C);
+    if (S == Smoothing::kOn && !kPerElementWeights<S, W>) st.wc = static_cast<acc_t>(C);
     st.xy = ce_logit<acc_t>(xs[y]);
     acc_t lse;
     loss = ce_row_loss<acc_t, S>(st, k.beta, a.eps, k.smooth_coef, w_y, lse, ls);
     if (P == Pass::kForward) {
       a.lse[2 * row] = ls == ls ? st.m : ls;  // NaN for rows without a softmax
       a.lse[2 * row + 1] = ls;
-      return acc_t(0);
+      return 0.0;
     }
     weight_total = st.wc;
     row_max = st.m;
@@ -104,13 +101,13 @@ __device__ __forceinline__ acc_t tile_row(const CEArgs<T>& a, T* xs, int64_t row
   // the gradient, written over the row
   const CECoef<acc_t> cf =
       ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total, static_cast<acc_t>(C), w_y, g);
-  CEGrad<T, acc_t, S> f;
+  CEGrad<T, acc_t, S, W> f;
   f.setup(k.beta, row_max, ls, cf, a.weight, y, xs, xs);  // finish() writes the target's element in xs
   f.need_t = a.need_t;
   const acc_t x_y = ce_logit<acc_t>(xs[y]);  // read before the row is overwritten
   each([&](int c) {
     const acc_t x = ce_logit<acc_t>(xs[c]);
-    const acc_t w_c = S == Smoothing::kWeighted ? a.weight[c] : acc_t(1);
+    const acc_t w_c = kPerElementWeights<S, W> ? a.weight[c] : acc_t(1);
     const acc_t dz = f.element(x, w_c) - (c == y ? cf.target_coef : acc_t(0));
     if (a.need_t) f.sum_t(dz, x);
     xs[c] = static_cast<T>(cf.grad_scale * dz);
@@ -118,10 +115,10 @@ __device__ __forceinline__ acc_t tile_row(const CEArgs<T>& a, T* xs, int64_t row
   f.xy = x_y;  // the target's element in acc precision
   f.have_y = true;
   f.finish();
-  return a.need_t ? static_cast<acc_t>(f.temperature_grad(Pair<double>{f.t1, f.t0})) : acc_t(0);
+  return a.need_t ? f.temperature_grad(Pair<double>{f.t1, f.t0}) : 0.0;
 }
 
-template <typename T, Pass P, Smoothing S>
+template <typename T, Pass P, Smoothing S, ClassWeights W>
 __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -147,10 +144,11 @@ __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a
     T* const ts = sm + shift;
     __syncthreads();
     T* xs = ts + threadIdx.x * C;  // this thread's row
-    acc_t loss = 0, t_grad = 0;
+    acc_t loss = 0;
+    double t_grad = 0;
     if (valid) {
       const acc_t g = (P == Pass::kBackward && a.reduction == kNone) ? ce_grad_loss(a, row) : g0;
-      t_grad = tile_row<T, P, S>(a, xs, row, y, k, g, loss);
+      t_grad = tile_row<T, P, S, W>(a, xs, row, y, k, g, loss);
     } else if (active) {
       if (P == Pass::kForward) a.lse[2 * row] = a.lse[2 * row + 1] = acc_t(0);
       if (P != Pass::kForward)
@@ -164,8 +162,8 @@ __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a
           w_sum += static_cast<double>(a.weight ? a.weight[y] : acc_t(1));
         }
       }
-      if (P != Pass::kForward && valid) t_sum += static_cast<double>(t_grad);
-      if (P == Pass::kFused && a.t_rows.p) a.t_rows.store(row, static_cast<double>(t_grad));
+      if (P != Pass::kForward && valid) t_sum += t_grad;
+      if (P == Pass::kFused && a.t_rows.p) a.t_rows.store(row, t_grad);
     }
     if (P != Pass::kForward && a.grad) {
       __syncthreads();
@@ -193,9 +191,9 @@ inline Launch tile_launch(int64_t rows, int64_t C) {
 
 // Launches the tile kernel of pass P for the logits' loss variant.
 template <typename T, Pass P>
-inline void launch_tile(const CEArgs<T>& a, const Launch& l, Smoothing s, cudaStream_t stream) {
-  static_switch<Smoothing::kOff, Smoothing::kUniform, Smoothing::kWeighted>(s, [&](auto sc) {
-    launch(KernelRef<&ce_tile_kernel<T, P, decltype(sc)::value>>{}, l, stream, a);
+inline void launch_tile(const CEArgs<T>& a, const Launch& l, double eps, cudaStream_t stream) {
+  ce_switch(eps, a.weight != nullptr, [&](auto sc, auto wc) {
+    launch(KernelRef<&ce_tile_kernel<T, P, decltype(sc)::value, decltype(wc)::value>>{}, l, stream, a);
   });
 }
 

@@ -143,9 +143,9 @@ inline CEArgs<T> ce_args(const at::Tensor& logits, const CEInputs& in,
   return a;
 }
 
-// The loss: (rows,) for none, () otherwise. An empty batch's is PyTorch's: mean NaN, sum 0.
+// The loss: (rows,) for none, () otherwise, in acc. An empty batch's is PyTorch's: mean NaN, sum 0.
 inline at::Tensor ce_loss_tensor(const at::Tensor& logits, int64_t reduction) {
-  auto opts = logits.options();
+  auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
   at::Tensor loss = reduction == kNone ? at::empty({logits.size(0)}, opts) : at::empty({}, opts);
   if (logits.size(0) == 0) {
     if (reduction == kMean) loss.fill_(std::numeric_limits<double>::quiet_NaN());

@@ -12,7 +12,7 @@ namespace {
 
 // Per row dL/dx_c = beta g (A p_c - (eps / C) w_c - (1 - eps) w_y [c == y]) from the saved [m, ls]; per
 // block the sum of dL/dT = -beta g sum_c dL/dz_c z_c.
-template <typename T, int TPR, Smoothing S>
+template <typename T, int TPR, Smoothing S, ClassWeights W>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_bwd_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ Pair<double> sred[kWarps<TPR>];
@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_bw
     const bool valid = y >= 0;
     const T* xr = a.logits + row * a.row_stride;
     T* gr = a.grad ? a.grad + row * static_cast<int64_t>(a.C) : nullptr;
-    CEGrad<T, acc_t, S> f;
+    CEGrad<T, acc_t, S, W> f;
     f.need_t = a.need_t;
     f.row_max = 0;
     f.t_shift = 0;
@@ -87,13 +87,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cuda(
     a.grad = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
     a.need_t = need_t;
     a.parts = need_t ? parts.data_ptr<double>() : nullptr;
-    const Smoothing s = smoothing_of(label_smoothing, a.weight != nullptr);
     if (tile) {
-      launch_tile<scalar_t, Pass::kBackward>(a, l, s, stream);
+      launch_tile<scalar_t, Pass::kBackward>(a, l, label_smoothing, stream);
     } else {
-      static_switch<Smoothing::kOff, Smoothing::kUniform, Smoothing::kWeighted>(s, [&](auto sc) {
+      ce_switch(label_smoothing, a.weight != nullptr, [&](auto sc, auto wc) {
         launch_rows(l, stream, [](auto tpr) {
-          return KernelRef<&cross_entropy_bwd_kernel<scalar_t, decltype(tpr)::value, decltype(sc)::value>>{};
+          constexpr int TPR = decltype(tpr)::value;
+          return KernelRef<&cross_entropy_bwd_kernel<scalar_t, TPR, decltype(sc)::value, decltype(wc)::value>>{};
         }, a);
       });
     }

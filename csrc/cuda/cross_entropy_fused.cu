@@ -21,7 +21,7 @@ struct NoRegs {
 
 // Per row phase 1 (the loss, as cross_entropy_fwd_kernel) then phase 2 (the gradient, as
 // cross_entropy_bwd_kernel with g = 1, or 1 / denom for mean, and the row's own [m, ls]).
-template <typename T, int TPR, int MAXV, bool RESIDENT, Smoothing S>
+template <typename T, int TPR, int MAXV, bool RESIDENT, Smoothing S, ClassWeights W>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fused_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   using Regs = std::conditional_t<RESIDENT, RowRegs<T, TPR, MAXV>, NoRegs<T>>;
@@ -42,10 +42,10 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
       else for_each_vec<TPR, kUnroll>(xr, n, tid, f);  // two-read path: 4 loads in flight
     };
     // phase 1: the row's state, merged over the group
-    CEAccum<T, acc_t, S> acc{ce_init<acc_t>(), k.beta_log2e, a.weight, y};
+    CEAccum<T, acc_t, S, W> acc{ce_init<acc_t>(), k.beta_log2e, a.weight, y};
     pass(acc);
     const CEState<acc_t> st = group_allreduce<TPR>(acc.st, CEMerge<acc_t>{k.beta_log2e}, sred);
-    CEGrad<T, acc_t, S> f;
+    CEGrad<T, acc_t, S, W> f;
     f.row_max = 0;
     f.t_shift = 0;
     f.c.grad_scale = 0;
@@ -69,14 +69,14 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
       fill_row<TPR>(gr, a.C, tid, T(0));
       if (tid == 0 && a.loss_rows) a.loss_rows[row] = loss_t<T>(0);
     }
-    acc_t t_grad = 0;
+    double t_grad = 0;  // the row's dL/dT, in double up to the block sums
     if (a.need_t) {
       const Pair<double> t = group_allreduce<TPR>(Pair<double>{f.t1, f.t0}, Plus(), sred2);
-      if (valid) t_grad = static_cast<acc_t>(f.temperature_grad(t));
+      if (valid) t_grad = f.temperature_grad(t);
     }
     if (active && tid == 0) {
-      if (valid) t_sum += static_cast<double>(t_grad);
-      if (a.t_rows.p) a.t_rows.store(row, static_cast<double>(t_grad));
+      if (valid) t_sum += t_grad;
+      if (a.t_rows.p) a.t_rows.store(row, t_grad);
     }
   });
   store_block_sums<kBlock<TPR>, 3>(a.parts, {loss_sum, w_sum, t_sum});
@@ -110,19 +110,20 @@ void fused(const at::Tensor& logits, const CEInputs& in, const std::optional<at:
   a.need_t = need_t;
   a.parts = parts.data_ptr<double>();
   if (need_t && reduction == kNone) a.t_rows = any_out(grad_t);
-  const Smoothing s = smoothing_of(eps, a.weight != nullptr);
   if (tile) {
-    launch_tile<scalar_t, Pass::kFused>(a, l, s, stream);
+    launch_tile<scalar_t, Pass::kFused>(a, l, eps, stream);
   } else {
-    static_switch<Smoothing::kOff, Smoothing::kUniform, Smoothing::kWeighted>(s, [&](auto sc) {
+    ce_switch(eps, a.weight != nullptr, [&](auto sc, auto wc) {
       constexpr Smoothing S = decltype(sc)::value;
+      constexpr ClassWeights W = decltype(wc)::value;
       if (holds) {
         launch_rows(l, stream, [](auto tpr) {
           constexpr int TPR = decltype(tpr)::value;
-          return KernelRef<&cross_entropy_fused_kernel<scalar_t, TPR, 4, true, decltype(sc)::value>>{};
+          return KernelRef<&cross_entropy_fused_kernel<scalar_t, TPR, 4, true, decltype(sc)::value,
+                                                       decltype(wc)::value>>{};
         }, a);
       } else {
-        launch(KernelRef<&cross_entropy_fused_kernel<scalar_t, 512, 1, false, S>>{}, l, stream, a);
+        launch(KernelRef<&cross_entropy_fused_kernel<scalar_t, 512, 1, false, S, W>>{}, l, stream, a);
       }
     });
   }

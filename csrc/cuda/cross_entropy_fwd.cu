@@ -12,7 +12,7 @@ namespace {
 
 // Per row the loss and [m, ls], per block the sums of the loss and of w_y. Implements docs/design.md's
 // loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c) with phase 1 of ce_row.cuh.
-template <typename T, int TPR, Smoothing S>
+template <typename T, int TPR, Smoothing S, ClassWeights W>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fwd_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ CEState<acc_t> sred[kWarps<TPR>];
@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fw
     const int y = active ? load_target(a.target, row, a.ignore_index, a.C) : -1;
     const bool valid = y >= 0;
     const T* xr = a.logits + row * a.row_stride;
-    CEAccum<T, acc_t, S> acc{ce_init<acc_t>(), k.beta_log2e, a.weight, y};
+    CEAccum<T, acc_t, S, W> acc{ce_init<acc_t>(), k.beta_log2e, a.weight, y};
     for_each_vec<TPR>(xr, valid ? a.C : 0, tid, acc);
     const CEState<acc_t> st = group_allreduce<TPR>(acc.st, CEMerge<acc_t>{k.beta_log2e}, sred);
     if (active && tid == 0) {
@@ -69,13 +69,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     a.loss_rows = reduction == kNone ? loss.data_ptr<loss_t<scalar_t>>() : nullptr;
     a.lse = lse.data_ptr<acc_t>();
     a.parts = parts.data_ptr<double>();
-    const Smoothing s = smoothing_of(label_smoothing, a.weight != nullptr);
     if (tile) {
-      launch_tile<scalar_t, Pass::kForward>(a, l, s, stream);
+      launch_tile<scalar_t, Pass::kForward>(a, l, label_smoothing, stream);
     } else {
-      static_switch<Smoothing::kOff, Smoothing::kUniform, Smoothing::kWeighted>(s, [&](auto sc) {
+      ce_switch(label_smoothing, a.weight != nullptr, [&](auto sc, auto wc) {
         launch_rows(l, stream, [](auto tpr) {
-          return KernelRef<&cross_entropy_fwd_kernel<scalar_t, decltype(tpr)::value, decltype(sc)::value>>{};
+          constexpr int TPR = decltype(tpr)::value;
+          return KernelRef<&cross_entropy_fwd_kernel<scalar_t, TPR, decltype(sc)::value, decltype(wc)::value>>{};
         }, a);
       });
     }

@@ -28,7 +28,6 @@ namespace cuda {
 constexpr int kWarp = 32;
 // 16-byte vectors in flight per thread in the streaming loops.
 constexpr int kUnroll = 4;
-constexpr double kLog2e = 1.4426950408889634;
 
 // N elements read or written as one unit: 16 bytes (one LDG.E.128) for the default N; a target
 // of float32 beside bfloat16 logits is 8 floats, two 16-byte accesses.
@@ -46,9 +45,10 @@ constexpr int vec_size() {
   return 16 / static_cast<int>(sizeof(T));
 }
 
-// The dtype of the losses an op returns (per row and reduced).
+// The dtype of the losses an op returns, per row and reduced: the accumulation dtype (the Python
+// layer rounds it to the logits' dtype once).
 template <typename T>
-using loss_t = T;
+using loss_t = at::opmath_type<T>;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {

@@ -37,7 +37,7 @@ struct ShardArgs : CERows<T> {
 };
 
 // Per row of the slice [m, log s, d, x_y] (phase 1 of the cross-entropy, csrc/schemas.h's contract).
-template <typename T, int TPR, Smoothing S>
+template <typename T, int TPR, Smoothing S, ClassWeights W>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_stats_kernel(const ShardArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ CEState<acc_t> sred[kWarps<TPR>];
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_stats_kern
   for_each_row<TPR>(a.rows, [&](int64_t row, bool active, int tid) {
     const int y = active ? local_target(a.target, row, a.ignore_index, a.off, a.C) : -2;
     const T* xr = a.logits + row * a.row_stride;
-    CEAccum<T, acc_t, S> acc{ce_init<acc_t>(), beta_log2e, a.weight, y};
+    CEAccum<T, acc_t, S, W> acc{ce_init<acc_t>(), beta_log2e, a.weight, y};
     for_each_vec<TPR>(xr, y > -2 ? a.C : 0, tid, acc);
     const CEState<acc_t> st = group_allreduce<TPR>(acc.st, CEMerge<acc_t>{beta_log2e}, sred);
     if (active && tid == 0) {
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_stats_kern
         // an all -inf slice row: no softmax mass, an infinite smoothing sum (as PyTorch's loss); an
         // empty slice (C_local = 0): nothing to smooth over
         const acc_t none = a.C > 0 ? std::numeric_limits<acc_t>::infinity() : acc_t(0);
-        o[2] = S != Smoothing::kOff ? (any ? st.d : none) : acc_t(0);
+        o[2] = S == Smoothing::kOn ? (any ? st.d : none) : acc_t(0);
         o[3] = y >= 0 ? st.xy : acc_t(0);
       }
     }
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_stats_kern
 
 // Per row of the slice beta g dz_c (phase 2 of the cross-entropy with the caller's global [M, LS] and
 // [g, A, ty]) and the T-gradient's two sums.
-template <typename T, int TPR, Smoothing S>
+template <typename T, int TPR, Smoothing S, ClassWeights W>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_grad_kernel(const ShardArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ Pair<double> sred[kWarps<TPR>];
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_grad_kerne
     const int y = active ? local_target(a.target, row, a.ignore_index, a.off, a.C) : -2;
     const T* xr = a.logits + row * a.row_stride;
     T* gr = a.grad ? a.grad + row * static_cast<int64_t>(a.C) : nullptr;
-    CEGrad<T, acc_t, S> f;
+    CEGrad<T, acc_t, S, W> f;
     f.need_t = need_t;
     if (y > -2) {
       const acc_t* cf = a.coef + 3 * row;  // g, A, ty
@@ -109,19 +109,19 @@ ShardArgs<T> shard_args(const at::Tensor& logits, const CEInputs& in, const std:
   return a;
 }
 
-// Launches kernel K<T, TPR, S> (shard_stats_kernel or shard_grad_kernel) on the streaming shape.
+// Launches shard_stats_kernel or (GRAD) shard_grad_kernel on the streaming shape.
 template <typename T, bool GRAD>
 void launch_shard(const ShardArgs<T>& a, bool smoothing, cudaStream_t stream) {
   const Launch l = plan(Walk::kStream, a.rows, a.C, vec_size<T>());
-  static_switch<Smoothing::kOff, Smoothing::kUniform, Smoothing::kWeighted>(
-      smoothing_of(smoothing ? 1.0 : 0.0, a.weight != nullptr), [&](auto sc) {
-        launch_rows(l, stream, [](auto tpr) {
-          constexpr int TPR = decltype(tpr)::value;
-          constexpr Smoothing S = decltype(sc)::value;
-          if constexpr (GRAD) return KernelRef<&shard_grad_kernel<T, TPR, S>>{};
-          else return KernelRef<&shard_stats_kernel<T, TPR, S>>{};
-        }, a);
-      });
+  ce_switch(smoothing ? 1.0 : 0.0, a.weight != nullptr, [&](auto sc, auto wc) {
+    launch_rows(l, stream, [](auto tpr) {
+      constexpr int TPR = decltype(tpr)::value;
+      constexpr Smoothing S = decltype(sc)::value;
+      constexpr ClassWeights W = decltype(wc)::value;
+      if constexpr (GRAD) return KernelRef<&shard_grad_kernel<T, TPR, S, W>>{};
+      else return KernelRef<&shard_stats_kernel<T, TPR, S, W>>{};
+    }, a);
+  });
 }
 
 at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,

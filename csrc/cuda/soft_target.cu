@@ -19,15 +19,15 @@ namespace softcal {
 namespace cuda {
 namespace {
 
-// T: the logits' dtype; S: the target's.
-template <typename T, typename S>
+// T: the logits' dtype; Q: the target's (probabilities).
+template <typename T, typename Q>
 struct SoftArgs {
   using logits_t = T;
-  using target_t = S;
+  using target_t = Q;
   using acc_t = at::opmath_type<T>;
   const T* logits;
   int64_t logits_stride;  // row strides
-  const S* target;
+  const Q* target;
   int64_t target_stride;
   int64_t rows;
   int C;
@@ -45,7 +45,7 @@ struct SoftArgs {
   const acc_t* lse_in;
   const acc_t* mass_in;
   T* grad_x;  // (rows, C) contiguous or nullptr
-  S* grad_t;  // (rows, C) contiguous or nullptr
+  Q* grad_t;  // (rows, C) contiguous or nullptr
   bool need_t;
 };
 
@@ -60,13 +60,13 @@ constexpr int soft_unroll() {
   return TPR >= 512 ? 1 : kUnroll / 2;
 }
 
-template <typename T, typename S, typename acc_t, bool WEIGHTED>
+template <typename T, typename Q, typename acc_t, ClassWeights W>
 struct SoftAccum {
   LseState<acc_t> st;
   acc_t beta_log2e, keep, spread;
   const acc_t* w;
 
-  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv, const Vec<S, vec_size<T>()>& tv,
+  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv, const Vec<Q, vec_size<T>()>& tv,
                                              int count) {
     constexpr int V = vec_size<T>();
     acc_t x[V];
@@ -93,7 +93,7 @@ struct SoftAccum {
         const acc_t dx = x[k] - mref;
         st.s += fexp2(dx * beta_log2e);
         acc_t u = keep * static_cast<acc_t>(tv.v[k]) + spread;
-        if (WEIGHTED) u *= w[idx + k];
+        if (W == ClassWeights::kPerClass) u *= w[idx + k];
         st.d -= u != acc_t(0) ? u * dx : acc_t(0);  // 0 log 0 = 0
         st.wc += u;
       }
@@ -102,8 +102,8 @@ struct SoftAccum {
 };
 
 // Per row loss = beta sum_c u_c (m - x_c) + U ls, [m, ls] and U; per block the sum of the loss.
-template <typename T, typename S, int TPR, bool WEIGHTED>
-__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_target_fwd_kernel(const SoftArgs<T, S> a) {
+template <typename T, typename Q, int TPR, ClassWeights W>
+__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_target_fwd_kernel(const SoftArgs<T, Q> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ LseState<acc_t> sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(a.temp);
@@ -116,8 +116,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_targ
   double loss_sum = 0.0;
   for_each_row<TPR>(a.rows, [&](int64_t row, bool active, int tid) {
     const T* xr = a.logits + row * a.logits_stride;
-    const S* tr = a.target + row * a.target_stride;
-    SoftAccum<T, S, acc_t, WEIGHTED> acc{
+    const Q* tr = a.target + row * a.target_stride;
+    SoftAccum<T, Q, acc_t, W> acc{
         LseState<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)}, beta_log2e, a.keep, a.spread, a.weight};
     for_each_pair<TPR, soft_unroll<TPR>()>(xr, tr, active ? a.C : 0, tid, acc);
     const LseState<acc_t> st = group_allreduce<TPR>(acc.st, merge, sred);
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_targ
 // t1 = sum over unmasked classes of dz_c beta (x_c - m), t0 = sum over masked ones of dz_c; then
 // sum_c dz_c log p_c - lse t0 = t1 - beta m t0 (sum_c dz_c = 0), and the rounding noise of
 // sum_c dz_c is not multiplied by ls.
-template <typename T, typename S, typename acc_t, bool WEIGHTED>
+template <typename T, typename Q, typename acc_t, ClassWeights W>
 struct SoftGrad {
   acc_t row_max, ls, ls_log2e;  // log p = beta (x - row_max) - ls
   acc_t beta, beta_log2e;
@@ -153,12 +153,12 @@ struct SoftGrad {
   acc_t grad_scale, target_scale;  // beta g, g (1 - eps)
   const acc_t* w;
   T* gx;
-  S* gt;
+  Q* gt;
   bool gx_vec, gt_vec;  // 16-byte stores possible
   bool need_t;
   double t1 = 0, t0 = 0;
 
-  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv, const Vec<S, vec_size<T>()>& tv,
+  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv, const Vec<Q, vec_size<T>()>& tv,
                                              int count) {
     constexpr int V = vec_size<T>();
     acc_t o[V];  // one output vector at a time: the logits' gradient, then the target's
@@ -170,7 +170,7 @@ struct SoftGrad {
           const acc_t dxm = x - row_max;
           const acc_t p = fexp2(dxm * beta_log2e - ls_log2e);
           acc_t u = keep * static_cast<acc_t>(tv.v[k]) + spread;
-          if (WEIGHTED) u *= w[idx + k];
+          if (W == ClassWeights::kPerClass) u *= w[idx + k];
           const acc_t dz = mass * p - u;
           o[k] = grad_scale * dz;
           if (need_t) {
@@ -186,19 +186,19 @@ struct SoftGrad {
       for (int k = 0; k < V; ++k) {
         if (k < count) {
           const acc_t log_p = (static_cast<acc_t>(xv.v[k]) - row_max) * beta - ls;  // exact at the max
-          const acc_t coef = WEIGHTED ? target_scale * w[idx + k] : target_scale;
+          const acc_t coef = W == ClassWeights::kPerClass ? target_scale * w[idx + k] : target_scale;
           o[k] = coef != acc_t(0) ? -coef * log_p : acc_t(0);
         }
       }
-      store_vals<S, V>(gt, idx, o, count, gt_vec);
+      store_vals<Q, V>(gt, idx, o, count, gt_vec);
     }
   }
 };
 
 // Per row dL/dx_c = beta g (U p_c - u_c) and dL/dt_c = -g (1 - eps) w_c log p_c; per block the sum of
 // dL/dT = -beta g sum_c dz_c log p_c.
-template <typename T, typename S, int TPR, bool WEIGHTED>
-__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_target_bwd_kernel(const SoftArgs<T, S> a) {
+template <typename T, typename Q, int TPR, ClassWeights W>
+__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_target_bwd_kernel(const SoftArgs<T, Q> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ Pair<double> sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(a.temp);
@@ -212,10 +212,10 @@ __global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_targ
   double t_sum = 0.0;
   for_each_row<TPR>(a.rows, [&](int64_t row, bool active, int tid) {
     const T* xr = a.logits + row * a.logits_stride;
-    const S* tr = a.target + row * a.target_stride;
+    const Q* tr = a.target + row * a.target_stride;
     T* gxr = a.grad_x ? a.grad_x + row * static_cast<int64_t>(a.C) : nullptr;
-    S* gtr = a.grad_t ? a.grad_t + row * static_cast<int64_t>(a.C) : nullptr;
-    SoftGrad<T, S, acc_t, WEIGHTED> f;
+    Q* gtr = a.grad_t ? a.grad_t + row * static_cast<int64_t>(a.C) : nullptr;
+    SoftGrad<T, Q, acc_t, W> f;
     f.grad_scale = 0;
     f.row_max = 0;
     f.ls = 0;
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_targ
       } else {  // no softmax: NaN gradients
         const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
         if (gxr) fill_row<TPR>(gxr, a.C, tid, static_cast<T>(nan));
-        if (gtr) fill_row<TPR>(gtr, a.C, tid, static_cast<S>(nan));
+        if (gtr) fill_row<TPR>(gtr, a.C, tid, static_cast<Q>(nan));
       }
     }
     if (a.need_t) {
@@ -265,7 +265,7 @@ struct Tag {
   using type = U;
 };
 
-// f(Tag<S>) for the target's dtype S: the logits' dtype, or float32 beside float16/bfloat16.
+// f(Tag<Q>) for the target's dtype Q: the logits' dtype, or float32 beside float16/bfloat16.
 template <typename T, typename F>
 void switch_target_dtype(const at::Tensor& target, F&& f) {
   if constexpr (sizeof(T) == 2) {
@@ -286,11 +286,11 @@ void with_soft_args(const at::Tensor& logits, const at::Tensor& target, const st
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_target_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     switch_target_dtype<scalar_t>(target, [&](auto tag) {
-      using S = typename decltype(tag)::type;
-      SoftArgs<scalar_t, S> a{};
+      using Q = typename decltype(tag)::type;
+      SoftArgs<scalar_t, Q> a{};
       a.logits = logits.data_ptr<scalar_t>();
       a.logits_stride = logits.stride(0);
-      a.target = target.data_ptr<S>();
+      a.target = target.data_ptr<Q>();
       a.target_stride = target.stride(0);
       a.rows = logits.size(0);
       a.C = static_cast<int>(logits.size(1));
@@ -305,14 +305,15 @@ void with_soft_args(const at::Tensor& logits, const at::Tensor& target, const st
 }
 
 // Launches the forward (BWD false) or backward kernel on the kPairs shape.
-template <bool BWD, typename T, typename S>
-void launch_soft(const SoftArgs<T, S>& a, const Launch& l, cudaStream_t stream) {
-  static_switch<false, true>(a.weight != nullptr, [&](auto wc) {
+template <bool BWD, typename T, typename Q>
+void launch_soft(const SoftArgs<T, Q>& a, const Launch& l, cudaStream_t stream) {
+  static_switch<ClassWeights::kNone, ClassWeights::kPerClass>(
+      a.weight ? ClassWeights::kPerClass : ClassWeights::kNone, [&](auto wc) {
     launch_rows(l, stream, [](auto tpr) {
       constexpr int TPR = decltype(tpr)::value;
-      constexpr bool W = decltype(wc)::value;
-      if constexpr (BWD) return KernelRef<&soft_target_bwd_kernel<T, S, TPR, W>>{};
-      else return KernelRef<&soft_target_fwd_kernel<T, S, TPR, W>>{};
+      constexpr ClassWeights W = decltype(wc)::value;
+      if constexpr (BWD) return KernelRef<&soft_target_bwd_kernel<T, Q, TPR, W>>{};
+      else return KernelRef<&soft_target_fwd_kernel<T, Q, TPR, W>>{};
     }, a);
   });
 }
@@ -326,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_fwd_cuda(
   c10::cuda::CUDAGuard guard(logits.device());
   const at::ScalarType acc = acc_type(logits.scalar_type());
   const int64_t rows = logits.size(0), C = logits.size(1);
-  at::Tensor loss = reduction == kNone ? at::empty({rows}, logits.options()) : at::empty({}, logits.options());
+  at::Tensor loss = reduction == kNone ? at::empty({rows}, logits.options().dtype(acc))
+                                       : at::empty({}, logits.options().dtype(acc));
   at::Tensor lse = at::empty({rows, 2}, logits.options().dtype(acc));
   at::Tensor mass = at::empty({rows}, logits.options().dtype(acc));
   if (rows == 0 || C == 0) {  // no rows: mean NaN, sum 0; no classes: empty sums, loss 0

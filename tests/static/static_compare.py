@@ -29,8 +29,15 @@ _FAMILY = {
     "tsce_soft_fwd_kernel": "soft_target_fwd_kernel",
     "tsce_soft_bwd_kernel": "soft_target_bwd_kernel",
 }
-_ENUMS = {"Smoothing::kOff": "0", "Smoothing::kUniform": "1", "Smoothing::kWeighted": "2",
+# today's enums (common.h) as the integers the old names used; the old loss variant KIND (0 no
+# smoothing, 1 smoothing, 2 smoothing with class weights) is two of them now (Smoothing, ClassWeights)
+_ENUMS = {"Smoothing::kOff": "0", "Smoothing::kOn": "1", "ClassWeights::kNone": "0", "ClassWeights::kPerClass": "1",
           "Pass::kForward": "0", "Pass::kBackward": "1", "Pass::kFused": "2"}
+_KIND = {"0": ["0", "0"], "1": ["1", "0"], "2": ["1", "1"]}
+_WITH_KIND = ("cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel", "cross_entropy_fused_kernel", "ce_tile_kernel",
+              "shard_stats_kernel", "shard_grad_kernel")
+_KIND_ARGS = {"cross_entropy_fwd_kernel": 3, "cross_entropy_bwd_kernel": 3, "cross_entropy_fused_kernel": 5,
+              "ce_tile_kernel": 3, "shard_stats_kernel": 3, "shard_grad_kernel": 3}  # with KIND last
 
 
 def _split_args(s: str) -> List[str]:
@@ -67,10 +74,14 @@ def canonical(name: str) -> str:
         return s
     family, args = m.group(1), _split_args(m.group(2))
     family = _FAMILY.get(family, family)
-    args = [_ENUMS.get(a.replace("softcal::cuda::", ""), a) for a in args]
-    args = [re.sub(r"^\((?:softcal::cuda::)?\w+\)(\d+)$", r"\1", a) for a in args]  # (Enum)1 -> 1
+    args = [_ENUMS.get(re.sub(r"^(softcal::)?(cuda::)?", "", a), a) for a in args]
+    args = [re.sub(r"^\((?:softcal::)?(?:cuda::)?\w+\)(\d+)$", r"\1", a) for a in args]  # (Enum)1 -> 1
+    if family in _WITH_KIND and len(args) == _KIND_ARGS[family] and args[-1] in _KIND:  # KIND -> S, W
+        args = args[:-1] + _KIND[args[-1]]
     if family.startswith("soft_target_") and len(args) == 3:  # before: the target had the logits' dtype
         args = [args[0], args[0]] + args[1:]
+    if family.startswith("soft_target_"):  # the class weights were a bool
+        args = args[:-1] + [{"false": "0", "true": "1"}.get(args[-1], args[-1])]
     return f"{family}<{', '.join(args)}>"
 
 
