@@ -103,7 +103,7 @@ inline void define_ops(torch::Library& m) {
       "int ignore_index, bool need_temperature_grad) -> Tensor t_rows");
   // ---------------------------------------------------------------- class-probability targets
   // Cross-entropy against floating targets t of the logits' shape, as F.cross_entropy with
-  // class probabilities (csrc/cpu/soft_target_cpu.cpp has the maths). logits (rows, C) with a
+  // class probabilities (docs/design.md §1 has the maths). logits (rows, C) with a
   // unit stride along C; target (rows, C) of the logits' dtype, or float32 with float16/bfloat16
   // logits (read in its own dtype, accumulated in float), on the logits' device, unit stride
   // along C (any row stride). Per row, q_c = (1 - eps) t_c + eps / C, u_c = w_c q_c, U = sum_c u_c:

@@ -1,30 +1,24 @@
-// softcal CPU kernels: shared vector helpers (exp on vectors, masked tails, conversions to the
-// accumulation type, deterministic reductions, gradient buffers). Used by every file of csrc/cpu.
-// The maths of the ops is in csrc/common.h.
+// softcal CPU kernels: vector helpers shared by every op of csrc/cpu: exp and exp2 on vectors
+// (AVX-512 intrinsics where built for it), conversions to the accumulation type, masked tails,
+// maxima and sums of chunks, and sums in double lanes (the precision policy, docs/design.md §2).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <type_traits>
-#include <vector>
-
-#include "common.h"
 
 namespace softcal {
 namespace cpu {
 
-constexpr int64_t kChunk = 2048;        // elements of a row processed together (fits L1)
-constexpr int64_t kReduceBlock = 1024;  // rows per block of the deterministic reductions
+constexpr int64_t kChunk = 2048;  // elements of a row processed together (a chunk of float fits L1)
 
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
@@ -35,7 +29,15 @@ constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 template <typename acc_t>
 constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
 
+// The float32 AVX-512 routines below are used where the build targets AVX-512 (setup.py);
+// -DSOFTCAL_EXP_U20 forces ATen's exp_u20 instead (for comparisons).
 #if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+#define SOFTCAL_AVX512_EXP 1
+#else
+#define SOFTCAL_AVX512_EXP 0
+#endif
+
+#if SOFTCAL_AVX512_EXP
 // exp(x) for float32 lanes in 11 AVX-512 instructions: x = n ln2 + r with |r| <= ln2/2
 // (Cody-Waite split of ln2), e^r by a degree-5 polynomial fitted on that interval with its
 // constant term 1 (max relative error 1.05e-7 in exact arithmetic; exp(0) == 1 exactly), then
@@ -57,13 +59,35 @@ inline __m512 exp_avx512(__m512 x) {
 }
 #endif
 
+
+#if SOFTCAL_AVX512_EXP
+// 2^t for float32 lanes (the polynomial of exp_avx512 above, rescaled to base 2:
+// coefficient k times ln2^k, the same function on |f| <= 1/2): n = round(t), f = t - n (exact),
+// 2^f by the polynomial (exactly 1 at f = 0), scaled by 2^n. t < -126 gives exactly 0 (so
+// -inf gives 0, no denormals); NaN stays NaN. 9 instructions.
+inline __m512 exp2_avx512(__m512 t) {
+  constexpr double l = 0.6931471805599453;
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(static_cast<float>(0.0082615288 * l * l * l * l * l));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(static_cast<float>(0.041898742 * l * l * l * l)));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(static_cast<float>(0.16668114 * l * l * l)));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(static_cast<float>(0.49999142 * l * l)));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(static_cast<float>(0.99999952 * l)));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+#endif
+
 // exp on a vector. float: the AVX-512 routine above where built for AVX-512, else ATen's
 // polynomial exp_u20 (inputs below log(FLT_MIN) give exactly 0, so -inf gives 0); double:
 // Sleef's 1-ulp exp.
 template <typename acc_t>
 inline Vec<acc_t> vexp(const Vec<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
-#if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
+#if SOFTCAL_AVX512_EXP
     return Vec<float>(exp_avx512(v));
 #else
     return v.exp_u20();
@@ -72,6 +96,25 @@ inline Vec<acc_t> vexp(const Vec<acc_t>& v) {
     return v.exp();
   }
 }
+
+
+// exp(d * beta + c) on a vector: for float32 on AVX-512 as 2^(d * beta log2 e + c log2 e) with
+// one fma (k = beta log2 e, kc = c log2 e precomputed), else exp of the fma.
+template <typename acc_t>
+struct ScaledExp {
+  Vec<acc_t> beta, c, k, kc;
+  ScaledExp(acc_t beta_, acc_t c_)
+      : beta(beta_), c(c_), k(static_cast<acc_t>(beta_ * 1.4426950408889634)),
+        kc(static_cast<acc_t>(c_ * 1.4426950408889634)) {}
+  inline Vec<acc_t> operator()(const Vec<acc_t>& d) const {
+#if SOFTCAL_AVX512_EXP
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return Vec<acc_t>(exp2_avx512(_mm512_fmadd_ps(d, k, kc)));
+    }
+#endif
+    return vexp(at::vec::fmadd(d, beta, c));
+  }
+};
 
 // x[0:n] as acc_t: the pointer itself for float/double, else converted into buf.
 template <typename scalar_t, typename acc_t>
@@ -139,22 +182,36 @@ inline acc_t chunk_dot(const acc_t* x, const acc_t* w, int64_t n) {
   return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), s0);
 }
 
-// sum_i exp(beta * x_i - shift)
-template <typename acc_t>
-inline acc_t chunk_sum_exp(const acc_t* x, int64_t n, acc_t beta, acc_t shift) {
-  constexpr int64_t V = Vec<acc_t>::size();
-  const Vec<acc_t> vb(beta), vs(-shift);
-  Vec<acc_t> s0(0), s1(0);
-  int64_t i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
-    s0 = s0 + vexp(at::vec::fmadd(Vec<acc_t>::loadu(x + i), vb, vs));
-    s1 = s1 + vexp(at::vec::fmadd(Vec<acc_t>::loadu(x + i + V), vb, vs));
-  }
-  for (; i + V <= n; i += V) s0 = s0 + vexp(at::vec::fmadd(Vec<acc_t>::loadu(x + i), vb, vs));
-  if (i < n) s1 = s1 + vexp(at::vec::fmadd(load_tail(x + i, n - i).masked, vb, vs));
-  return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), s0 + s1);
-}
 
+#if SOFTCAL_AVX512_EXP
+// Max of x[0:n] ignoring NaN (-inf for none): one vmaxps a vector, four independent chains
+// (the NaN-propagating chunk_max takes four instructions a vector). Its callers detect NaN
+// through the exps: a NaN logit makes the sum of exps NaN (chunk_accumulate_f32 adds every lane
+// that is not at the maximum, and NaN never compares equal to it).
+inline float max_ignoring_nan_f32(const float* x, int64_t n) {
+  const __m512 ninf = _mm512_set1_ps(kNegInf<float>);
+  __m512 m[4] = {ninf, ninf, ninf, ninf};
+  int64_t i = 0;
+  // _mm512_max_ps(a, b) returns b where either is NaN: the accumulator is never NaN
+  for (; i + 64 <= n; i += 64)
+    for (int k = 0; k < 4; ++k) m[k] = _mm512_max_ps(_mm512_loadu_ps(x + i + 16 * k), m[k]);
+  for (int k = 0; i < n; i += 16, k = (k + 1) & 3) {
+    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    m[k] = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lanes, x + i), m[k]);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
+}
+#endif
+
+// a[j] = log1p(a[j]) for j < n (SLEEF's vector log1p, 1 ulp)
+template <typename acc_t>
+inline void log1p_n(acc_t* a, int64_t n) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t k = std::min(V, n - j);
+    Vec<acc_t>::loadu(a + j, k).log1p().store(a + j, k);
+  }
+}
 
 // A sum of acc vectors kept in double lanes: the precision policy of every reduction that feeds
 // a gradient (the temperature gradient's sums over a row's classes; docs/design.md). A float
@@ -203,56 +260,6 @@ inline double to_double(scalar_t v) {
 }
 
 
-// Deterministic sum of v[0:n] (any thread count gives the same bits).
-template <typename T>
-inline double deterministic_sum(const T* v, int64_t n) {
-  if (n <= 0) return 0.0;
-  const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
-  std::vector<double> part(blocks, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double s = 0;
-      const int64_t end = std::min(n, (b + 1) * kReduceBlock);
-      for (int64_t i = b * kReduceBlock; i < end; ++i) s += static_cast<double>(v[i]);
-      part[b] = s;
-    }
-  });
-  double total = 0;
-  for (double s : part) total += s;
-  return total;
-}
-
-// The same for a contiguous 1-D float or double tensor of per-row values.
-inline double deterministic_sum(const at::Tensor& v) {
-  double total = 0;
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "softcal_deterministic_sum", [&] {
-    total = deterministic_sum(v.const_data_ptr<scalar_t>(), v.numel());
-  });
-  return total;
-}
-
-// Rows per parallel task, so that a task touches at least ~32k elements.
-inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
-
-// Advise the kernel to back a fresh buffer with transparent huge pages before its first touch.
-inline void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
-}
-
-inline at::Tensor new_grad_buffer(const at::Tensor& like) {
-  at::Tensor g = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(g.data_ptr(), g.numel() * g.element_size());
-  return g;
-}
 
 }  // namespace cpu
 }  // namespace softcal
