@@ -141,7 +141,11 @@ inline void tile_forward(const TileShape& ts, const CEParams<float>& p, const fl
     const V at_max = dx == zero;
     rest = rest + V::blendv(e, zero, at_max);
     n1 = n1 + V::blendv(zero, one, at_max);
-    if constexpr (kDot) D = at::vec::fmadd(V(p.weight_of(c)), vm - xv, D);
+    if constexpr (kDot) {
+      const float w_c = p.weight_of(c);  // at the maximum not w * 0 for a weight of inf (§1)
+      D = std::isinf(w_c) ? V::blendv(at::vec::fmadd(V(w_c), vm - xv, D), D, at_max)
+                          : at::vec::fmadd(V(w_c), vm - xv, D);
+    }
   }
   const V ls = ((n1 - one) + rest).log1p();
   const V xy = at::vec::gather<4>(tile, at::vec::Vectorized<int32_t>::loadu(t.yidx));

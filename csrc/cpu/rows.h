@@ -60,7 +60,9 @@ inline void chunk_accumulate(const acc_t* x, const acc_t* w, int64_t n, acc_t be
     r[k] = r[k] + Vec<acc_t>::blendv(e, zero, at_max);
     c[k] = c[k] + (at_max & one);
     if constexpr (kDot) {
-      d[k] = at::vec::fmadd(wv, vm - xz, d[k]);
+      // the classes at the maximum add nothing (not w * 0: a weight of inf there, §1)
+      d[k] = w == nullptr ? at::vec::fmadd(wv, vm - xz, d[k])
+                          : Vec<acc_t>::blendv(at::vec::fmadd(wv, vm - xz, d[k]), d[k], at_max);
       if (w != nullptr) ws[k] = ws[k] + wv;
     }
   };
@@ -117,7 +119,9 @@ __attribute__((always_inline)) inline __m512 f32_step(const float* x, const floa
   if constexpr (kDot) {
     if constexpr (kW) {
       const __m512 wv = _mm512_maskz_loadu_ps(lanes, w + i);
-      d = _mm512_fmadd_ps(wv, dx, d);  // unused lanes: weight 0, dx finite
+      // unused lanes: weight 0, dx finite; the lanes at the maximum add nothing (not w * 0: a
+      // weight of inf there, §1)
+      d = _mm512_mask3_fmadd_ps(wv, dx, d, lanes & ~at_max);
       ws = _mm512_add_ps(ws, wv);
     } else {
       d = _mm512_mask_add_ps(d, lanes, d, dx);

@@ -4,6 +4,7 @@
 //   q_c = (1 - eps) t_c + eps / C,  u_c = w_c q_c,  U = sum_c u_c
 //   loss = sum_c u_c (lse - z_c) = beta sum_c u_c (m - x_c) + U ls     (one sign: no cancellation)
 //   dL/dz_c = U p_c - u_c,  dL/dt_c = -g (1 - eps) w_c log p_c,  dL/dT = -(g / T) sum_c dz_c z_c
+//   (summed shifted by beta m, as the cross-entropy's)
 // Passes: the forward reads the logits and the target once and keeps [m, ls] and U per row;
 // the backward reads each once and writes each requested gradient once. A chunk of kChunk
 // elements is walked twice while it sits in L1 (its max, then the sums). The T-gradient's sums
@@ -276,7 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_bwd_cpu(
           const acc_t bg = p.beta * g;
           const Vec<acc_t> vbeta(p.beta), vm(m), vls(ls), vU(U), va(p.a), vb(p.b), vbg(bg),
               vga(g * p.a), vzero(0), vninf(kNegInf<acc_t>);
-          DoubleSum<acc_t> t1, t0;  // the T-gradient's sums, in double
+          // the T-gradient's sums, in double: over the live classes of dz_c (z_c - beta m)
+          // (shifted by beta m, not lse: the rounding of sum_c dz_c = 0 is not multiplied by
+          // ls), over the masked ones of dz_c
+          DoubleSum<acc_t> t_live, t_masked;
           for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
             const int64_t n = std::min(kChunk, C - c0);
             const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
@@ -286,7 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_bwd_cpu(
               const int64_t k = std::min(V, n - j);
               Vec<acc_t> xv, tv;
               load_lanes(xa + j, ta + j, k, xv, tv);
-              const Vec<acc_t> logp = (xv - vm) * vbeta - vls;  // exact at the row max
+              const Vec<acc_t> zm = (xv - vm) * vbeta;  // z - beta m: exactly 0 at the row max
+              const Vec<acc_t> logp = zm - vls;
               const Vec<acc_t> pr = vexp(logp);
               if (gxr != nullptr || gt_p != nullptr) {
                 const Vec<acc_t> u = mass_of(tv, wc == nullptr ? nullptr : wc + j, k, va, vb);
@@ -297,9 +302,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_bwd_cpu(
                   else gv.store(gxbuf.data() + j, k);
                 }
                 if (gt_p != nullptr) {
-                  const Vec<acc_t> live = xv > vninf;  // masked (and unused) lanes: into t0
-                  t1.add(Vec<acc_t>::blendv(vzero, dz * logp, live));
-                  t0.add(Vec<acc_t>::blendv(dz, vzero, live));
+                  const Vec<acc_t> live = xv > vninf;  // masked (and unused) lanes: t_masked
+                  t_live.add(Vec<acc_t>::blendv(vzero, dz * zm, live));
+                  t_masked.add(Vec<acc_t>::blendv(dz, vzero, live));
                 }
               }
               if (gtr != nullptr) {
@@ -314,8 +319,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_bwd_cpu(
             if (gtr != nullptr) store_from_acc(gtbuf.data(), gtr + c0, n);
           }
           if (gt_p != nullptr) {
-            const double lse_v = static_cast<double>(p.beta) * m + ls;
-            gt_p[i] = static_cast<acc_t>(-static_cast<double>(bg) * (t1.sum() - lse_v * t0.sum()));
+            // sum_c dz_c z_c = sum_live dz_c (z_c - beta m) - beta m sum_masked dz_c (§2)
+            const double bm = static_cast<double>(p.beta) * static_cast<double>(m);
+            gt_p[i] = static_cast<acc_t>(-static_cast<double>(bg) *
+                                         (t_live.sum() - bm * t_masked.sum()));
           }
         }
       });
