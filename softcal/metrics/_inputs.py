@@ -33,13 +33,14 @@ def _check_temperature(fn: str, temperature: Temperature, device: torch.device):
     if temperature is None:
         return None
     if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach()   # a number about the values: never part of a graph
         if temperature.numel() != 1:
             raise ValueError(f"{fn}: temperature tensor must have exactly one element, got shape "
                              f"{tuple(temperature.shape)}")
         if not temperature.dtype.is_floating_point:
             raise TypeError(f"{fn}: temperature tensor must be floating point, got dtype "
                             f"{temperature.dtype}")
-        t = temperature.detach().reshape(()).to(device, torch.float64)
+        t = temperature.reshape(()).to(device, torch.float64)
         v = float(t)  # one synchronisation: a bad value must not give a silently wrong metric
         if not (v > 0 and v < float("inf")):
             raise ValueError(f"{fn}: temperature must be a finite number > 0, got tensor({v})")
@@ -89,9 +90,9 @@ def _rows(fn: str, scores, labels, probs: bool, ignore_index: Optional[int] = -1
             x = x.reshape(-1)
     else:
         raise ValueError(
-            f"{fn}: {name} of shape {tuple(scores.shape)} do not fit labels of shape "
-            f"{tuple(labels.shape)}: expected {name} (N, C) with labels (N,), (N, C, d1, ...) with "
-            f"labels (N, d1, ...), or one score per label (binary)")
+            f"{fn}: labels has shape {tuple(labels.shape)} but {name} has shape "
+            f"{tuple(scores.shape)} (expected labels (N,) for {name} (N, C), (N, d1, ...) for "
+            f"(N, C, d1, ...), or the {name}' own shape for a binary problem)")
     y = labels.reshape(-1).to(x.device, torch.int64)
     if ignore_index is not None:
         keep = y != ignore_index

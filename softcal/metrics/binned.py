@@ -137,6 +137,10 @@ def adaptive_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature =
     fn = "softcal.metrics.adaptive_ece"
     n_bins = _check_bins(fn, n_bins)
     p, _, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
+    return float(_adaptive(p, y, n_bins))
+
+
+def _adaptive(p, y, n_bins):
     conf, hit = _top_label(p, y)
     n = conf.shape[0]
     order = torch.argsort(conf, stable=True)
@@ -144,7 +148,7 @@ def adaptive_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature =
     idx[order] = torch.arange(n, device=conf.device) * n_bins // n
     count, sc, sh = _binned(conf, hit, idx, n_bins)
     gap, w = _gaps(count, sc, sh, n)
-    return float((gap * w).sum())
+    return (gap * w).sum()
 
 
 def classwise_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
@@ -154,12 +158,16 @@ def classwise_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature 
     fn = "softcal.metrics.classwise_ece"
     n_bins = _check_bins(fn, n_bins)
     p, _, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
+    return float(_classwise(p, y, n_bins))
+
+
+def _classwise(p, y, n_bins):
     n, c = p.shape
     target = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
     flat = (_bin_index(p, n_bins) + n_bins * torch.arange(c, device=p.device)[None, :]).reshape(-1)
     count, sc, sh = _binned(p.reshape(-1), target.reshape(-1), flat, n_bins * c)
     gap = (sh - sc).abs()  # n_b |acc_b - conf_b|
-    return float(gap.sum() / (n * c))
+    return gap.sum() / (n * c)
 
 
 def brier_score(scores, labels, *, temperature: Temperature = None, probs: bool = False,
@@ -215,7 +223,6 @@ def calibration_report(scores, labels, n_bins: int = 15, *, temperature: Tempera
     n_bins = _check_bins(fn, n_bins)
     p, logp, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
     n, c = p.shape
-    kw = dict(n_bins=n_bins, probs=True)
     (gap, w), count = _ece_terms(p, y, n_bins)
     nonempty = torch.where(count > 0, gap, torch.zeros_like(gap))
     sq = (p * p).sum(1) - 2 * p.gather(1, y[:, None]).squeeze(1) + 1
@@ -226,12 +233,14 @@ def calibration_report(scores, labels, n_bins: int = 15, *, temperature: Tempera
         nonempty.max(),
         (w * gap * gap).sum().sqrt(),
         sq.mean(),
+        _adaptive(p, y, n_bins),
+        _classwise(p, y, n_bins),
     ]).cpu().tolist()
     return CalibrationReport(
         n=n, classes=c, n_bins=n_bins,
         accuracy=vals[0], nll=vals[1], ece=vals[2],
-        adaptive_ece=adaptive_ece(p, y, **kw),
-        classwise_ece=classwise_ece(p, y, **kw),
+        adaptive_ece=vals[6],
+        classwise_ece=vals[7],
         mce=vals[3], rmsce=vals[4], brier=vals[5],
     )
 
@@ -356,7 +365,7 @@ class CalibrationMetrics:
             conf = torch.cat(self._conf) if self._conf else None
             hit = torch.cat(self._hit) if self._hit else None
             return self._top, self._cls, self._sums, conf, hit
-        from .distributed import all_reduce, comm_device, _dist
+        from ..distributed import all_reduce, comm_device, _dist
 
         dist = _dist()
         # The number of classes: every rank that saw data must agree (ranks without data take it).
