@@ -61,7 +61,10 @@ def test_binary_one_score_equals_two(fn):
     _same(fn(z, y), ref)                     # (N,) logits of class 1
     _same(fn(z[:, None], y), ref)            # (N, 1)
     _same(fn(z.reshape(20, 1, 20), y.reshape(20, 20)), ref)   # (N, 1, d)
-    _same(fn(z.reshape(20, 20), y.reshape(20, 20)), ref)      # one score per label
+    _same(fn(z.reshape(4, 5, 20), y.reshape(4, 5, 20)), ref)  # one score per label
+    _same(fn(z, y), fn(z[:, None], y[:, None]))               # (N, 1) beside (N, 1)
+    with pytest.raises(ValueError, match="not one-hot"):      # (N, C) beside (N, C)
+        fn(two, torch.nn.functional.one_hot(y, 2))
     if fn is not M.accuracy:
         _same(fn(z, y, temperature=2.0), fn(two, y, temperature=2.0))
     # probabilities of class 1

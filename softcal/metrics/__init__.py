@@ -9,7 +9,8 @@ Every function takes ``scores`` and integer ``labels`` of one of these shapes:
 * (N, C, d1, ..., dk) with labels (N, d1, ..., dk), as ``torch.nn.functional.cross_entropy``
   (segmentation maps, sequences): every element is a row;
 * a binary problem as one score per element (scores of the labels' shape, or a class
-  dimension of size 1): the logit of class 1 (or, with probs=True, its probability p), read as
+  dimension of size 1; 2-D labels of the scores' shape (N, C), C > 1, are refused: one-hot
+  labels are not accepted): the logit of class 1 (or, with probs=True, its probability p), read as
   the two classes [0, logit] ([1 - p, p]), so that it gives what two columns give; labels 0/1.
 
 Values and options:

@@ -62,9 +62,9 @@ def _rows(fn: str, scores, labels, probs: bool, ignore_index: Optional[int] = -1
 
     Shapes: scores (N, C) with labels (N,) or (N, 1); scores (N, C, d1, ..., dk) with labels
     (N, d1, ..., dk) (class dimension 1, as in torch.nn.functional.cross_entropy); a binary
-    problem as one score per element (scores of the labels' shape, or a class dimension of
-    size 1): a logit of class 1, or with probs=True its probability p, made into the two
-    classes [0, logit] or [1 - p, p].
+    problem as one score per element (scores of the labels' shape, except (N, C) with C > 1,
+    refused as one-hot labels; or a class dimension of size 1): a logit of class 1, or with
+    probs=True its probability p, made into the two classes [0, logit] or [1 - p, p].
     """
     if not isinstance(scores, torch.Tensor):
         scores = torch.as_tensor(scores)
@@ -81,6 +81,13 @@ def _rows(fn: str, scores, labels, probs: bool, ignore_index: Optional[int] = -1
     if scores.dim() == 2 and labels.dim() == 2 and labels.shape[1] == 1 and scores.shape[1] != 1:
         labels = labels.reshape(-1)                       # (N, 1) labels beside (N, C) scores
     binary = scores.shape == labels.shape and scores.dim() >= 1
+    if binary and scores.dim() == 2 and scores.shape[1] != 1:
+        # (N, C) scores beside (N, C) labels: one-hot labels far more often than a binary
+        # (N, d1) problem; refused rather than read silently as C binary problems a row
+        raise ValueError(
+            f"{fn}: labels has the {name}' shape {tuple(labels.shape)}: labels are class indices "
+            f"(N,), not one-hot (pass labels.argmax(1)); for a binary problem with one score per "
+            f"element of (N, d1), pass {name} of shape (N, 1, d1)")
     if binary:
         x = scores.reshape(-1)
     elif scores.dim() >= 2 and labels.shape == scores.shape[:1] + scores.shape[2:]:
