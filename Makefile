@@ -15,6 +15,10 @@ VPY         := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 # pyarrow: an optional dependency of softcal (Parquet input); installed here so that its test runs
 DEPS        := numpy scipy matplotlib tqdm pytest ninja setuptools wheel pyarrow
+# the peers that tests/test_metrics_peers.py compares softcal.metrics with (test environment
+# only, never a dependency of softcal): relplot (smooth ECE), uncertainty-calibration (debiased
+# calibration error), netcal (MMCE, ECE, MCE; it brings pyro-ppl, gpytorch and tensorboard)
+ORACLES     := relplot==1.0.3 uncertainty-calibration==0.1.4 netcal==1.4.0
 CUDA_VENV   ?= .venv-cuda
 CUDA_TORCH  ?= torch==2.14.1
 CUDA_HOME   ?= /usr/local/cuda-13.0
@@ -25,6 +29,7 @@ MAX_JOBS    ?= 2
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q $(TORCH_SPEC) $(DEPS)
+	$(VPY) -m pip install -q $(TORCH_SPEC) $(ORACLES)
 	touch $@
 
 venv: $(VENV)/.ready
