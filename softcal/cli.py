@@ -89,7 +89,16 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``softcal`` and ``python -m softcal``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rc = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return rc
+    except BrokenPipeError:  # stdout is a pipe whose reader has gone (softcal ... | head)
+        _quiet_stdout()
+        return EXIT_PIPE
+
+
+def _main(argv: List[str]) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["calibrate"] + argv
     if argv[0] == "bench":
@@ -127,9 +136,12 @@ def _guard(command: str, fn: Callable[[], int], signals: bool = True) -> int:
     with ``signals``, SIGTERM and SIGHUP stop it as Ctrl-C does (outputs cleaned up)."""
     try:
         if not signals:
-            return fn()
-        with signals_raise():
-            return fn()
+            rc = fn()
+        else:
+            with signals_raise():
+                rc = fn()
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return rc
     except InputError as e:
         print(f"softcal {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,7 +21,7 @@ _ROWS = [
 def metric_lines(columns: List[Tuple[str, Dict[str, float]]], nb: int) -> List[str]:
     """One line per metric, one column per (name, metrics) pair."""
     def f(kind: str, v: float) -> str:
-        return f"{100 * v:.2f}%" if kind == "pct" else f"{v:.4f}"
+        return f"{100 * v:.2f}%" if kind == "pct" else f"{v:.4f}" if abs(v) < 1e6 else f"{v:.4g}"
 
     w = max([10] + [len(name) + 2 for name, _ in columns])
     lines = [f"  {'metric':<16}" + "".join(f"{name:>{w}}" for name, _ in columns),

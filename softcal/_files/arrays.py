@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .check import check_memory, tensor_to_numpy
-from .common import NPY, NPZ, PICKLE, PT, InputError, pickle_refused, unreadable
+from .common import NPY, NPZ, PT, InputError, pickle_refused, unreadable
 from .source import ArraySource, ScoreSource
 from .tabular import Columns
 
