@@ -12,7 +12,7 @@ by all three in the same way:
   ``TemperatureScaler.fit``); with ``--probs`` every score in [0, 1];
 * :func:`check_memory` / :func:`tensor_to_numpy`: what a file would take in memory is compared
   with the memory available before it is allocated, and a tensor whose elements would take more
-  bytes than its file stores (an expanded, stride-0 view) is refused.
+  bytes than its file stores (an expanded, stride-0 view) is refused before it is materialised.
 """
 
 from __future__ import annotations
@@ -198,7 +198,6 @@ def tensor_to_numpy(path: Path, name: str, x: Any) -> np.ndarray:
         raise InputError(f"{what} of shape {tuple(x.shape)} (strides {x.stride()}) would take "
                          f"{_gb(size)} in memory from {stored} bytes of the file (an expanded "
                          "view); save x.contiguous() if that is meant")
-    check_memory(path, name, size)
     x = x.detach().cpu()
     if x.dtype in (torch.bfloat16, torch.float16):
         x = x.float()  # numpy has no bfloat16; float16 is widened too (exact)

@@ -78,6 +78,10 @@ class ScoreSource:
             raise InputError(f"{self.path}: {done} rows read, but the file announced {self.rows} "
                              "(a truncated or changed file?)")
 
+    def _materialises(self) -> bool:
+        """Whether read_all allocates the whole file (not when it is in memory already)."""
+        return True
+
     def nbytes(self) -> int:
         """Bytes that the whole file takes in memory once read (scores and labels)."""
         return self.rows * (self.classes * self.dtype.itemsize + (8 if self.has_labels else 0))
@@ -86,7 +90,8 @@ class ScoreSource:
                  block: int = 1 << 16) -> Split:
         """The whole file, checked: (scores (N, C) ``dtype``, labels (N,) int64 or None).
         Refused before reading when it would not fit in the memory available."""
-        check_memory(self.path, f"its {self.rows} x {self.classes} scores", self.nbytes())
+        if self._materialises():
+            check_memory(self.path, f"its {self.rows} x {self.classes} scores", self.nbytes())
         parts = []
         for part in self.chunks(block):
             parts.append(part)
@@ -120,6 +125,9 @@ class ArraySource(ScoreSource):
         for i in range(0, self.rows, rows):
             yield (np.asarray(self.scores[i:i + rows]),
                    None if self.labels is None else np.asarray(self.labels[i:i + rows]))
+
+    def _materialises(self) -> bool:
+        return isinstance(self.scores, np.memmap)
 
     def read_all(self, progress=None, block: int = 1 << 16) -> Split:
         # in memory already (or memory-mapped): checked as one block, not copied when usable as is
