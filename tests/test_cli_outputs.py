@@ -175,13 +175,21 @@ def test_item3_a_successful_apply_replaces_the_out_and_keeps_its_mode(tmp_path, 
 
 
 # ---------------------------------------------------------------------- item 4
+def _default_signals():
+    # as from a terminal, whatever this test runs under (nohup ignores SIGHUP, and so would the
+    # child: softcal leaves an ignored signal ignored)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _start_apply(tmp_path: Path, out: Path):
     x = np.random.default_rng(0).standard_normal((60000, 100)).astype(np.float32)
     np.save(tmp_path / "big.npy", x)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, "-m", "softcal", "apply", str(tmp_path / "big.npy"), "-t", "2",
                           "--chunk-rows", "500", "--out", str(out)], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_default_signals)
     # wait until the output is being written: a file other than the input and the old output
     # has grown (a temporary file here; on a writer without one, the output itself)
     deadline = time.monotonic() + 240

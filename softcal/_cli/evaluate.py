@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         lines = [f"softcal evaluate: {args.file}"
                  + (" (its test split)" if "test" in data else ""),
                  f"  {x.shape[0]} rows x {x.shape[1]} classes"
-                 + ("" if t is None else f"; temperature T = {t:.4f} from {t_from}"), ""]
+                 + ("" if t is None else f"; temperature T = {t:.6g} from {t_from}"), ""]
         lines += metric_lines([(n, m.to_dict()) for n, m in cols], args.bins)
         lines += ["", f"  diagram: {png}", f"  report: {js}"]
         C.say(args, "\n".join(lines))
