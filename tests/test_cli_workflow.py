@@ -131,8 +131,11 @@ def test_apply_npy_streams_and_writes_npy_or_logits(files, capsys, monkeypatch):
     monkeypatch.setattr(np.lib.format, "open_memmap", spy)
     rc, _, err = run(["apply", d / "new.npy", "-t", "2.88", "--chunk-rows", "100", "-o", d / "p.npy"], capsys)
     assert rc == 0, err
-    # the input .npy is read memory-mapped, the output written memory-mapped
-    assert seen == [("new.npy", "r", np.memmap), ("p.npy", "w+", np.memmap)], seen
+    # the input .npy is read memory-mapped, the output written memory-mapped (to a temporary
+    # file beside p.npy, renamed onto it when complete)
+    assert [(n if i == 0 else re.sub(r"^\.p\.\w+\.softcal-partial\.npy$", "p.npy", n), m, t)
+            for i, (n, m, t) in enumerate(seen)] == [("new.npy", "r", np.memmap), ("p.npy", "w+", np.memmap)], seen
+    assert sorted(f.name for f in d.iterdir() if "partial" in f.name) == []
     p = np.load(d / "p.npy")
     ref = torch.softmax(torch.from_numpy(xt).double() / 2.88, 1).numpy()
     np.testing.assert_allclose(p, ref, rtol=3e-6, atol=1e-7)
@@ -200,7 +203,7 @@ def test_apply_csv_keeps_columns_and_labels(tmp_path, capsys):
     rc, _, err = run(["apply", tmp_path / "s.csv", "-t", "1.5", "--chunk-rows", "7"], capsys)
     assert rc == 0, err
     lines = (tmp_path / "s-calibrated.csv").read_text().splitlines()
-    assert lines[0] == "target,a,b,c,d,e" and len(lines) == 51
+    assert lines[0] == "target,probs_a,probs_b,probs_c,probs_d,probs_e" and len(lines) == 51
     arr = np.array([[float(v) for v in ln.split(",")] for ln in lines[1:]])
     assert np.array_equal(arr[:, 0], y)
     ref = torch.softmax(torch.from_numpy(x).double() / 1.5, 1).numpy()
