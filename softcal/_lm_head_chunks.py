@@ -1,0 +1,303 @@
+"""The LM head's chunk loop: linear + cross-entropy without the N x V logits.
+
+The rows of the hidden states are taken in chunks sized to a workspace budget. For each chunk:
+
+1. one GEMM writes the chunk's logits z = x_c W^T + b into the workspace (the input's dtype);
+2. the loss terms of its rows are computed, and the workspace is overwritten by dL/dz of those rows
+   (the in-place fused kernel ``cross_entropy_fused_`` when the options allow it, else
+   :func:`_chunk_terms_torch`, exact PyTorch operations on the chunk);
+3. GEMMs: dX rows = G W, dW += G^T x_c (float32 accumulator when the weight is bfloat16/float16),
+   db += the column sums of G.
+
+The maths (docs/lm_head.md): with s = z' / T, z' = c tanh(z / c) when softcap = c (else z),
+lse = log sum_c exp(s_c), a row's loss is
+
+    ce_i = (1 - eps) w_y (lse - s_y) + (eps / C) (W lse - sum_c w_c s_c)    (W = sum_c w_c)
+    z_i  = z_loss lse^2,
+
+both 0 for ignored rows; "mean" divides the sum of ce by sum_i w_y (non-ignored rows) and the sum
+of z by the number of non-ignored rows. With a_i, b_i the derivatives of the reduced loss with
+respect to ce_i and z_i, and l_i the upstream gradient of a returned lse_i,
+
+    dL/ds_c = (a_i ((1 - eps) w_y + eps W / C) + 2 z_loss b_i lse_i + l_i) p_c
+              - a_i (eps / C) w_c - a_i (1 - eps) w_y [c == y],
+    dL/dz_c = dL/ds_c / T  (times 1 - tanh^2(z_c / c) with a softcap),
+    dL/dT   = -(1 / T) sum_ic dL/ds_ic s_ic.
+
+Nothing here is differentiable: softcal.lm_head wraps it in custom ops with an autograd formula.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _ops
+
+__all__ = ["DEFAULT_WORKSPACE_BYTES", "Problem", "chunk_rows", "lm_head_loop", "target_range_check"]
+
+# 128 MiB: the logits chunk of (8192, 256) x 32000 float32 is 1048 rows (0.125 x the logits).
+DEFAULT_WORKSPACE_BYTES = 128 * 2**20
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def use_kernel(device: torch.device, softcap: float, z_loss: float, want_lse: bool) -> bool:
+    """Whether a chunk goes through the compiled in-place kernel (phase 1: none of the LLM
+    extras; those take the exact PyTorch path)."""
+    return (softcap == 0.0 and z_loss == 0.0 and not want_lse
+            and _ops.has_kernel(device.type, "cross_entropy_fused_")
+            and _ops.has_kernel(device.type, "scale_rows_"))
+
+
+def _upcast_for_dw(dtype: torch.dtype, device: torch.device) -> bool:
+    """bfloat16/float16 weights accumulate dW in float32. CUDA: the GEMM writes float32 itself
+    (addmm out_dtype); elsewhere G and x_c are upcast to float32 buffers first."""
+    return dtype in (torch.float16, torch.bfloat16) and device.type != "cuda"
+
+
+def bytes_per_logit(dtype: torch.dtype, device: torch.device, kernel: bool, softcap: bool,
+                    need_weight_grad: bool) -> int:
+    """Workspace bytes per element of a logits chunk (every chunk-sized buffer counted)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    n = item
+    if not kernel:
+        n += acc * (3 if softcap else 2)
+    if need_weight_grad and _upcast_for_dw(dtype, device):
+        n += 4
+    return n
+
+
+def chunk_rows(rows: int, n_classes: int, bytes_per_element: int, workspace_bytes: int) -> int:
+    """Rows per chunk: as many as the budget holds, at least 1, at most all."""
+    per_row = max(1, n_classes * bytes_per_element)
+    return max(1, min(max(rows, 1), workspace_bytes // per_row))
+
+
+def target_range_check(fn: str, target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """ValueError naming the first target outside [0, C) that is not ignore_index (on the CPU;
+    on CUDA the kernels assert on the device, as PyTorch's)."""
+    if target.device.type != "cpu" or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{fn}: target[{i}] = {int(target[i])} is out of range for {n_classes} "
+                         f"classes (ignore_index = {ignore_index})")
+
+
+def _accumulate_dw(gw: torch.Tensor, g: torch.Tensor, xc: torch.Tensor,
+                   g_buf: Optional[torch.Tensor], x_buf: Optional[torch.Tensor]) -> None:
+    """gw += g^T xc, gw in float32 when g and xc are half types (g^T xc never rounded to them)."""
+    if g.dtype == gw.dtype:
+        gw.addmm_(g.t(), xc)
+    elif gw.device.type == "cuda":
+        torch.addmm(gw, g.t(), xc, out_dtype=gw.dtype, out=gw)
+    else:
+        rows = g.shape[0]
+        g32 = g_buf[:rows].copy_(g) if g_buf is not None else g.to(gw.dtype)
+        x32 = x_buf[:rows].copy_(xc) if x_buf is not None else xc.to(gw.dtype)
+        gw.addmm_(g32.t(), x32)
+
+
+class Problem:
+    """The arguments of one call, checked and flattened: input (N, H), linear_weight (V, H)."""
+
+    __slots__ = ("input", "linear_weight", "linear_bias", "target", "weight", "temperature_t",
+                 "temperature", "eps", "ignore_index", "z_loss", "softcap", "workspace_bytes")
+
+    def __init__(self, input, linear_weight, linear_bias, target, weight, temperature_t,
+                 temperature, eps, ignore_index, z_loss, softcap, workspace_bytes):
+        self.input, self.linear_weight, self.linear_bias = input, linear_weight, linear_bias
+        self.target, self.weight = target, weight
+        self.temperature_t, self.temperature = temperature_t, temperature
+        self.eps, self.ignore_index = eps, ignore_index
+        self.z_loss, self.softcap, self.workspace_bytes = z_loss, softcap, workspace_bytes
+
+
+def _row_stats(p: Problem, acc: torch.dtype):
+    """valid (N,) bool, w_y (N,) acc (0 for ignored rows), W = sum of the class weights."""
+    t = p.target
+    valid = t != p.ignore_index
+    safe = torch.where(valid, t, torch.zeros_like(t))
+    n_classes = p.linear_weight.shape[0]
+    if p.weight is not None:
+        w = p.weight.to(acc)
+        wy = torch.where(valid, w[safe], torch.zeros((), dtype=acc, device=t.device))
+        big_w = w.sum()
+    else:
+        wy = valid.to(acc)
+        big_w = torch.tensor(float(n_classes), dtype=acc, device=t.device)
+    return valid, safe, wy, big_w
+
+
+def _beta(p: Problem, acc: torch.dtype):
+    if p.temperature_t is not None:
+        return 1.0 / p.temperature_t.detach().to(acc)
+    return 1.0 / p.temperature
+
+
+def _chunk_terms_torch(z: torch.Tensor, p: Problem, sl: slice, valid, safe, wy, big_w, beta,
+                       a, b, l, want_grad: bool, need_t: bool):
+    """Loss terms of a chunk's rows and, when want_grad, dL/dz written over z (exact PyTorch).
+
+    z: (rows, V) logits in the input's dtype. a, b: (rows,) acc derivatives of the reduced loss
+    with respect to ce_i and z_i (0 at ignored rows); l: (rows,) acc upstream gradient of lse_i or
+    None. Returns (ce (rows,), zl (rows,), lse (rows,), dT (0-dim) or None), all acc.
+    """
+    acc = _acc(z.dtype)
+    eps, n_classes, cap, zl = p.eps, z.shape[1], p.softcap, p.z_loss
+    v, t, w_y = valid[sl], safe[sl], wy[sl]
+    w = p.weight.to(acc) if p.weight is not None else None
+    za = z.to(acc)  # z itself when z is already acc (then overwritten: its values are not needed again)
+    if cap:
+        th = za.div_(cap).tanh_()
+        s = th * (cap * beta)
+    else:
+        th = None
+        s = za.mul_(beta)
+    m = s.amax(1, keepdim=True)
+    e = torch.sub(s, m).exp_()
+    sum_e = e.sum(1, keepdim=True)
+    lse = (m + sum_e.log()).squeeze(1)
+    s_y = s.gather(1, t[:, None]).squeeze(1)
+    zero = torch.zeros((), dtype=acc, device=z.device)
+    ce = (1.0 - eps) * w_y * (lse - s_y)
+    sum_ws = None
+    if eps > 0:
+        sum_ws = torch.mv(s, w) if w is not None else s.sum(1)
+        ce = ce + (eps / n_classes) * (big_w * lse - sum_ws)
+    ce = torch.where(v, ce, zero)
+    zrow = torch.where(v, zl * lse * lse, zero) if zl else torch.zeros_like(lse)
+    if not want_grad:
+        return ce, zrow, lse, None
+    coef_p = a * ((1.0 - eps) * w_y + (eps / n_classes) * big_w)
+    if zl:
+        coef_p = coef_p + 2.0 * zl * b * lse
+    if l is not None:
+        coef_p = coef_p + l
+    g = e.div_(sum_e).mul_(coef_p[:, None])  # p_c times the row's coefficient
+    dt = None
+    if need_t:
+        # sum_c dL/ds_c s_c = coef_p E_p[s] - a (eps / C) sum_c w_c s_c - a (1 - eps) w_y s_y
+        ep_s = torch.bmm(g.unsqueeze(1), s.unsqueeze(2)).reshape(-1)  # coef_p * E_p[s]
+        part = ep_s - a * (1.0 - eps) * w_y * s_y
+        if eps > 0:
+            part = part - a * (eps / n_classes) * sum_ws
+        dt = -beta * part.sum()
+    if eps > 0:
+        if w is not None:
+            g.addr_(a * (eps / n_classes), w, alpha=-1.0)
+        else:
+            g.sub_((a * (eps / n_classes))[:, None])
+    g.scatter_add_(1, t[:, None], (-(a * (1.0 - eps) * w_y))[:, None])
+    g.mul_(beta)
+    if cap:
+        g.mul_(th.square_().neg_().add_(1.0))
+    z.copy_(g)
+    return ce, zrow, lse, dt
+
+
+def _chunk_terms_kernel(z: torch.Tensor, p: Problem, sl: slice, a, a_scale,
+                        want_grad: bool, need_t: bool):
+    """As :func:`_chunk_terms_torch` through the compiled kernels (no softcap, z-loss or lse):
+    forward only: cross_entropy_fwd; with the gradient: the in-place cross_entropy_fused_,
+    then the rows scaled by a_scale (a 0-dim unit, or a: (rows,))."""
+    acc = _acc(z.dtype)
+    t = p.target[sl]
+    ops = torch.ops.softcal
+    if not want_grad:
+        loss, _, _ = ops.cross_entropy_fwd(z, t, p.weight, p.temperature_t, p.temperature, p.eps,
+                                           p.ignore_index, 0)
+        return loss.to(acc), None
+    loss, grad_t = ops.cross_entropy_fused_(z, t, p.weight, p.temperature_t, p.temperature,
+                                            p.eps, p.ignore_index, 0, need_t)
+    ops.scale_rows_(z, a_scale)
+    dt = (grad_t.to(acc) * a).sum() if need_t else None
+    return loss.to(acc), dt
+
+
+def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optional[torch.Tensor],
+                 want_lse: bool, need_input_grad: bool, need_weight_grad: bool,
+                 need_bias_grad: bool, need_temperature_grad: bool):
+    """One pass over the rows in chunks.
+
+    a_unit, b_unit: the derivatives of the reduced loss with respect to each row's ce_i and z_i:
+    0-dim or (N,) acc tensors (ignored rows are masked here), or None when not want_grad.
+    grad_lse: (N,) upstream gradient of the returned lse, or None.
+
+    Returns (ce (N,), zrow (N,), lse (N,) or None, grad_input, grad_weight (acc for half
+    weights: the caller rounds), grad_bias (acc), grad_t (acc 0-dim)); the gradients are None
+    when not wanted.
+    """
+    x, wt, bias = p.input, p.linear_weight, p.linear_bias
+    n_rows, _ = x.shape
+    n_classes = wt.shape[0]
+    dtype, device = x.dtype, x.device
+    acc = _acc(dtype)
+    kernel = use_kernel(device, p.softcap, p.z_loss, want_lse or grad_lse is not None)
+    need_w = want_grad and need_weight_grad
+    per = bytes_per_logit(dtype, device, kernel, bool(p.softcap), need_w)
+    step = chunk_rows(n_rows, n_classes, per, p.workspace_bytes)
+    valid, safe, wy, big_w = _row_stats(p, acc)
+    beta = _beta(p, acc)
+    need_t = want_grad and need_temperature_grad and p.temperature_t is not None
+
+    ce = torch.empty(n_rows, dtype=acc, device=device)
+    zrow = torch.zeros(n_rows, dtype=acc, device=device)
+    lse = torch.empty(n_rows, dtype=acc, device=device) if want_lse else None
+    gx = gw = gb = gt = a_all = b_all = None
+    if want_grad:
+        zero = torch.zeros((), dtype=acc, device=device)
+        a_all = torch.where(valid, a_unit.to(acc).expand(n_rows), zero)
+        b_all = torch.where(valid, b_unit.to(acc).expand(n_rows), zero) if p.z_loss else None
+        if need_input_grad:
+            gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if need_w:
+            gw = torch.zeros(wt.shape, dtype=acc if dtype in (torch.float16, torch.bfloat16)
+                             else dtype, device=device)
+        if need_bias_grad and bias is not None:
+            gb = torch.zeros(n_classes, dtype=acc, device=device)
+        if need_t:
+            gt = torch.zeros((), dtype=acc, device=device)
+    ws = torch.empty((min(step, max(n_rows, 1)), n_classes), dtype=dtype, device=device)
+    g_buf = x_buf = None
+    if need_w and _upcast_for_dw(dtype, device):
+        g_buf = torch.empty(ws.shape, dtype=torch.float32, device=device)
+        x_buf = torch.empty((ws.shape[0], x.shape[1]), dtype=torch.float32, device=device)
+    wt_t = wt.t()
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        sl = slice(r0, r1)
+        xc = x[sl]
+        z = ws[: r1 - r0]
+        if bias is not None:
+            torch.addmm(bias, xc, wt_t, out=z)
+        else:
+            torch.mm(xc, wt_t, out=z)
+        a = a_all[sl] if want_grad else None
+        if kernel:
+            a_scale = a_unit if want_grad and a_unit.dim() == 0 else a
+            ce[sl], dt = _chunk_terms_kernel(z, p, sl, a, a_scale, want_grad, need_t)
+        else:
+            ce[sl], zrow[sl], lse_c, dt = _chunk_terms_torch(
+                z, p, sl, valid, safe, wy, big_w, beta, a,
+                b_all[sl] if b_all is not None else None,
+                grad_lse[sl].to(acc) if grad_lse is not None else None, want_grad, need_t)
+            if lse is not None:
+                lse[sl] = lse_c
+        if not want_grad:
+            continue
+        if gx is not None:
+            torch.mm(z, wt, out=gx[sl])
+        if gw is not None:
+            _accumulate_dw(gw, z, xc, g_buf, x_buf)
+        if gb is not None:
+            gb.add_(z.sum(0, dtype=acc))
+        if gt is not None and dt is not None:
+            gt.add_(dt)
+    return ce, zrow, lse, gx, gw, gb, gt
