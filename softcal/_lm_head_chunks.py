@@ -66,7 +66,7 @@ def bytes_per_logit(dtype: torch.dtype, device: torch.device, kernel: bool, soft
     acc = 8 if dtype == torch.float64 else 4
     n = item
     if not kernel:
-        n += acc * (3 if softcap else 2)
+        n += acc * 4  # za (or z itself), s, x then exp(x) then dL/ds, one product
     if need_weight_grad and _upcast_for_dw(dtype, device):
         n += 4
     return n
@@ -91,17 +91,19 @@ def target_range_check(fn: str, target: torch.Tensor, n_classes: int, ignore_ind
 
 
 def _accumulate_dw(gw: torch.Tensor, g: torch.Tensor, xc: torch.Tensor,
-                   g_buf: Optional[torch.Tensor], x_buf: Optional[torch.Tensor]) -> None:
-    """gw += g^T xc, gw in float32 when g and xc are half types (g^T xc never rounded to them)."""
+                   g_buf: Optional[torch.Tensor], x_buf: Optional[torch.Tensor],
+                   alpha: float, beta: float) -> None:
+    """gw = beta gw + alpha g^T xc (beta 0: gw's old values, even NaN, are ignored), gw in
+    float32 when g and xc are half types (g^T xc is never rounded to them)."""
     if g.dtype == gw.dtype:
-        gw.addmm_(g.t(), xc)
+        gw.addmm_(g.t(), xc, beta=beta, alpha=alpha)
     elif gw.device.type == "cuda":
-        torch.addmm(gw, g.t(), xc, out_dtype=gw.dtype, out=gw)
+        torch.addmm(gw, g.t(), xc, out_dtype=gw.dtype, beta=beta, alpha=alpha, out=gw)
     else:
         rows = g.shape[0]
         g32 = g_buf[:rows].copy_(g) if g_buf is not None else g.to(gw.dtype)
         x32 = x_buf[:rows].copy_(xc) if x_buf is not None else xc.to(gw.dtype)
-        gw.addmm_(g32.t(), x32)
+        gw.addmm_(g32.t(), x32, beta=beta, alpha=alpha)
 
 
 class Problem:
@@ -135,13 +137,16 @@ def _row_stats(p: Problem, acc: torch.dtype):
     return valid, safe, wy, big_w
 
 
-def _beta(p: Problem, acc: torch.dtype):
+def _temperature(p: Problem, acc: torch.dtype):
+    """T as a float or a 0-dim acc tensor. The PyTorch path divides by T element by element, as
+    the composition does: a product with a rounded 1/T would scale every s by the same
+    (1 + delta), an error that does not average out of the temperature's gradient."""
     if p.temperature_t is not None:
-        return 1.0 / p.temperature_t.detach().to(acc)
-    return 1.0 / p.temperature
+        return p.temperature_t.detach().to(acc)
+    return p.temperature
 
 
-def _chunk_terms_torch(z: torch.Tensor, p: Problem, sl: slice, valid, safe, wy, big_w, beta,
+def _chunk_terms_torch(z: torch.Tensor, p: Problem, sl: slice, valid, safe, wy, big_w, temp,
                        a, b, l, want_grad: bool, need_t: bool):
     """Loss terms of a chunk's rows and, when want_grad, dL/dz written over z (exact PyTorch).
 
@@ -153,24 +158,32 @@ def _chunk_terms_torch(z: torch.Tensor, p: Problem, sl: slice, valid, safe, wy, 
     eps, n_classes, cap, zl = p.eps, z.shape[1], p.softcap, p.z_loss
     v, t, w_y = valid[sl], safe[sl], wy[sl]
     w = p.weight.to(acc) if p.weight is not None else None
-    za = z.to(acc)  # z itself when z is already acc (then overwritten: its values are not needed again)
+    # za: the logits in acc (z itself when z is acc); zc = c tanh(za / c) or za; s = zc / T and
+    # x = s - m (m the row max) in two more buffers. The loss is formed in x, free of the row's
+    # offset (which would cancel in float32), the temperature's gradient from zc, as autograd
+    # forms both from the composition.
+    za = z.to(acc)
     if cap:
         th = za.div_(cap).tanh_()
-        s = th * (cap * beta)
+        s = (th * cap).div_(temp)
     else:
         th = None
-        s = za.mul_(beta)
+        s = za / temp
     m = s.amax(1, keepdim=True)
-    e = torch.sub(s, m).exp_()
-    sum_e = e.sum(1, keepdim=True)
-    lse = (m + sum_e.log()).squeeze(1)
-    s_y = s.gather(1, t[:, None]).squeeze(1)
-    zero = torch.zeros((), dtype=acc, device=z.device)
-    ce = (1.0 - eps) * w_y * (lse - s_y)
-    sum_ws = None
+    x = torch.sub(s, m)
+    m = m.squeeze(1)
+    x_y = x.gather(1, t[:, None]).squeeze(1)
+    sum_wx = None
     if eps > 0:
-        sum_ws = torch.mv(s, w) if w is not None else s.sum(1)
-        ce = ce + (eps / n_classes) * (big_w * lse - sum_ws)
+        sum_wx = torch.mv(x, w) if w is not None else x.sum(1)
+    e = x.exp_()
+    sum_e = e.sum(1, keepdim=True)
+    log_se = sum_e.log().squeeze(1)  # lse - m
+    lse = m + log_se
+    zero = torch.zeros((), dtype=acc, device=z.device)
+    ce = (1.0 - eps) * w_y * (log_se - x_y)
+    if eps > 0:
+        ce = ce + (eps / n_classes) * (big_w * log_se - sum_wx)
     ce = torch.where(v, ce, zero)
     zrow = torch.where(v, zl * lse * lse, zero) if zl else torch.zeros_like(lse)
     if not want_grad:
@@ -181,21 +194,19 @@ def _chunk_terms_torch(z: torch.Tensor, p: Problem, sl: slice, valid, safe, wy, 
     if l is not None:
         coef_p = coef_p + l
     g = e.div_(sum_e).mul_(coef_p[:, None])  # p_c times the row's coefficient
-    dt = None
-    if need_t:
-        # sum_c dL/ds_c s_c = coef_p E_p[s] - a (eps / C) sum_c w_c s_c - a (1 - eps) w_y s_y
-        ep_s = torch.bmm(g.unsqueeze(1), s.unsqueeze(2)).reshape(-1)  # coef_p * E_p[s]
-        part = ep_s - a * (1.0 - eps) * w_y * s_y
-        if eps > 0:
-            part = part - a * (eps / n_classes) * sum_ws
-        dt = -beta * part.sum()
     if eps > 0:
         if w is not None:
             g.addr_(a * (eps / n_classes), w, alpha=-1.0)
         else:
             g.sub_((a * (eps / n_classes))[:, None])
     g.scatter_add_(1, t[:, None], (-(a * (1.0 - eps) * w_y))[:, None])
-    g.mul_(beta)
+    dt = None
+    if need_t:
+        # dL/dT = -(1/T^2) sum_ic dL/ds_ic zc_ic, over the finished dL/ds
+        zc = th if cap else za
+        dt = -(g * zc).sum() * (cap if cap else 1.0)
+        dt = dt / (temp * temp)
+    g.div_(temp)
     if cap:
         g.mul_(th.square_().neg_().add_(1.0))
     z.copy_(g)
@@ -206,7 +217,7 @@ def _chunk_terms_kernel(z: torch.Tensor, p: Problem, sl: slice, a, a_scale,
                         want_grad: bool, need_t: bool):
     """As :func:`_chunk_terms_torch` through the compiled kernels (no softcap, z-loss or lse):
     forward only: cross_entropy_fwd; with the gradient: the in-place cross_entropy_fused_,
-    then the rows scaled by a_scale (a 0-dim unit, or a: (rows,))."""
+    then the rows scaled by a_scale (a 0-dim unit, or a: (rows,); None: left to the GEMMs)."""
     acc = _acc(z.dtype)
     t = p.target[sl]
     ops = torch.ops.softcal
@@ -216,7 +227,8 @@ def _chunk_terms_kernel(z: torch.Tensor, p: Problem, sl: slice, a, a_scale,
         return loss.to(acc), None
     loss, grad_t = ops.cross_entropy_fused_(z, t, p.weight, p.temperature_t, p.temperature,
                                             p.eps, p.ignore_index, 0, need_t)
-    ops.scale_rows_(z, a_scale)
+    if a_scale is not None:
+        ops.scale_rows_(z, a_scale)
     dt = (grad_t.to(acc) * a).sum() if need_t else None
     return loss.to(acc), dt
 
@@ -244,7 +256,7 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
     per = bytes_per_logit(dtype, device, kernel, bool(p.softcap), need_w)
     step = chunk_rows(n_rows, n_classes, per, p.workspace_bytes)
     valid, safe, wy, big_w = _row_stats(p, acc)
-    beta = _beta(p, acc)
+    temp = _temperature(p, acc)
     need_t = want_grad and need_temperature_grad and p.temperature_t is not None
 
     ce = torch.empty(n_rows, dtype=acc, device=device)
@@ -257,9 +269,12 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
         b_all = torch.where(valid, b_unit.to(acc).expand(n_rows), zero) if p.z_loss else None
         if need_input_grad:
             gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        # dW and db: written by the first chunk (beta = 0), accumulated by the others
         if need_w:
-            gw = torch.zeros(wt.shape, dtype=acc if dtype in (torch.float16, torch.bfloat16)
+            gw = torch.empty(wt.shape, dtype=acc if dtype in (torch.float16, torch.bfloat16)
                              else dtype, device=device)
+            if n_rows == 0:
+                gw.zero_()
         if need_bias_grad and bias is not None:
             gb = torch.zeros(n_classes, dtype=acc, device=device)
         if need_t:
@@ -270,6 +285,9 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
         g_buf = torch.empty(ws.shape, dtype=torch.float32, device=device)
         x_buf = torch.empty((ws.shape[0], x.shape[1]), dtype=torch.float32, device=device)
     wt_t = wt.t()
+    alpha = 1.0
+    if kernel and want_grad and a_unit.dim() == 0 and device.type == "cpu":
+        alpha = float(a_unit)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         sl = slice(r0, r1)
@@ -281,11 +299,13 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
             torch.mm(xc, wt_t, out=z)
         a = a_all[sl] if want_grad else None
         if kernel:
-            a_scale = a_unit if want_grad and a_unit.dim() == 0 else a
+            # A uniform unit on the CPU goes into the GEMMs' alpha (no pass over the chunk);
+            # per-row units (and CUDA, where reading the unit would synchronise) scale the rows.
+            a_scale = None if alpha != 1.0 else (a_unit if a_unit.dim() == 0 else a)
             ce[sl], dt = _chunk_terms_kernel(z, p, sl, a, a_scale, want_grad, need_t)
         else:
             ce[sl], zrow[sl], lse_c, dt = _chunk_terms_torch(
-                z, p, sl, valid, safe, wy, big_w, beta, a,
+                z, p, sl, valid, safe, wy, big_w, temp, a,
                 b_all[sl] if b_all is not None else None,
                 grad_lse[sl].to(acc) if grad_lse is not None else None, want_grad, need_t)
             if lse is not None:
@@ -293,11 +313,14 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
         if not want_grad:
             continue
         if gx is not None:
-            torch.mm(z, wt, out=gx[sl])
+            if alpha == 1.0:
+                torch.mm(z, wt, out=gx[sl])
+            else:
+                torch.addmm(gx[sl], z, wt, beta=0.0, alpha=alpha, out=gx[sl])
         if gw is not None:
-            _accumulate_dw(gw, z, xc, g_buf, x_buf)
+            _accumulate_dw(gw, z, xc, g_buf, x_buf, alpha, 0.0 if r0 == 0 else 1.0)
         if gb is not None:
-            gb.add_(z.sum(0, dtype=acc))
+            gb.add_(z.sum(0, dtype=acc), alpha=alpha)
         if gt is not None and dt is not None:
             gt.add_(dt)
     return ce, zrow, lse, gx, gw, gb, gt

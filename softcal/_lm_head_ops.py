@@ -32,24 +32,34 @@ def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty((0,), dtype=dtype if dtype is not None else like.dtype)
 
 
+def _denominators(target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                  acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """("mean"'s divisor of the cross-entropy: sum_i w_y over the non-ignored rows, their number,
+    the z-loss's divisor)."""
+    valid = target != ignore_index
+    count = valid.sum().to(acc)
+    if weight is None:
+        return count, count
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    zero = torch.zeros((), dtype=acc, device=target.device)
+    return torch.where(valid, weight.to(acc)[safe], zero).sum(), count
+
+
 def _units(target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: int,
            grad: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(a, b): d(reduced loss)/d(ce_i) and d(reduced loss)/d(z-loss_i) times the upstream grad.
 
     "mean" divides ce by sum_i w_y over the non-ignored rows and the z-loss by their number.
+    With every row ignored the units are 0 (PyTorch's gradient is 0 there, its loss NaN); with
+    rows whose weights sum to 0 they are inf (PyTorch's gradient is NaN there).
     """
     g = grad.to(acc)
     if reduction != 1:
         return g, g
-    valid = target != ignore_index
-    if weight is not None:
-        safe = torch.where(valid, target, torch.zeros_like(target))
-        denom = torch.where(valid, weight.to(acc)[safe], torch.zeros((), dtype=acc,
-                                                                      device=target.device)).sum()
-    else:
-        denom = valid.sum().to(acc)
-    count = valid.sum().to(acc)
-    return g / denom, g / count
+    denom, count = _denominators(target, weight, ignore_index, acc)
+    some = count > 0
+    zero = torch.zeros((), dtype=acc, device=target.device)
+    return torch.where(some, g / denom, zero), torch.where(some, g / count, zero)
 
 
 def _problem(input, linear_weight, linear_bias, target, weight, temperature_t, temperature,
@@ -93,11 +103,13 @@ def linear_cross_entropy_op(
         need_bias_grad=need_b, need_temperature_grad=need_t)
     if reduction == 0:
         loss = ce + zrow if z_loss else ce
+    elif reduction == 2:
+        loss = ce.sum() + zrow.sum() if z_loss else ce.sum()
     else:
-        # a = 1 / sum w_y for "mean", 1 for "sum" (likewise b with the row count)
-        loss = ce.sum() * a
+        denom, count = _denominators(target, weight, ignore_index, acc)
+        loss = ce.sum() / denom
         if z_loss:
-            loss = loss + zrow.sum() * b
+            loss = loss + zrow.sum() / count
     gw, gb, gt = _cast_grads(gw, gb, gt, linear_weight, linear_bias, temperature_t)
     return (loss.to(input.dtype), lse if lse is not None else _empty(input, acc),
             gx if gx is not None else _empty(input), gw, gb, gt)
