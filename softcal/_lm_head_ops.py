@@ -211,8 +211,9 @@ def _setup_context(ctx, inputs, output):
 def _scaled(saved: Tensor, grad: Tensor) -> Tensor:
     """saved * grad (0-dim), the saved tensor itself for an upstream gradient of exactly 1 on
     the CPU (autograd then takes it as the .grad without a copy when the graph is freed)."""
-    if (saved.device.type == "cpu" and grad.device.type == "cpu"
-            and not torch.compiler.is_compiling() and float(grad) == 1.0):
+    if (type(grad) is torch.Tensor and grad.device.type == "cpu"  # eager: no fake or traced tensor
+            and not torch.compiler.is_compiling() and not torch._is_functional_tensor(grad)
+            and float(grad) == 1.0):
         return saved
     return saved * grad.to(saved.dtype)
 
