@@ -66,9 +66,12 @@ def check_workspace(fn: str, workspace_bytes: int) -> int:
 
 
 def check_head(fn: str, input: Tensor, linear_weight: Tensor, target: Tensor,
-               linear_bias: Optional[Tensor], weight: Optional[Tensor], weight_name: str = "weight"):
-    """The LM head's tensors: input (..., H), linear_weight (V, H), target (...) class indices,
-    linear_bias (V,), weight (V,). Returns target as int64."""
+               linear_bias: Optional[Tensor], weight: Optional[Tensor],
+               allow_empty: bool = False):
+    """The LM head's tensors: input (..., H), linear_weight (V, H) (V = 0 only with
+    allow_empty: a rank's empty slice), target (...) class indices, linear_bias (V,), weight
+    (V,). Returns target as int64."""
+    weight_name = "weight"
     if not isinstance(input, Tensor):
         raise TypeError(f"{fn}: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dtype not in _FLOATS:
@@ -81,7 +84,7 @@ def check_head(fn: str, input: Tensor, linear_weight: Tensor, target: Tensor,
         raise ValueError(f"{fn}: linear_weight must be (V, H) with H = input.shape[-1] = "
                          f"{input.shape[-1]}, got shape {tuple(linear_weight.shape)}")
     n_classes = linear_weight.shape[0]
-    if n_classes == 0:
+    if n_classes == 0 and not allow_empty:
         raise ValueError(f"{fn}: linear_weight has 0 rows (no classes)")
     if not isinstance(target, Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
