@@ -53,22 +53,13 @@ def use_kernel(device: torch.device, softcap: float, z_loss: float, want_lse: bo
             and _ops.has_kernel(device.type, "scale_rows_"))
 
 
-def _upcast_for_dw(dtype: torch.dtype, device: torch.device) -> bool:
-    """bfloat16/float16 weights accumulate dW in float32. CUDA: the GEMM writes float32 itself
-    (addmm out_dtype); elsewhere G and x_c are upcast to float32 buffers first."""
-    return dtype in (torch.float16, torch.bfloat16) and device.type != "cuda"
-
-
-def bytes_per_logit(dtype: torch.dtype, device: torch.device, kernel: bool, softcap: bool,
-                    need_weight_grad: bool) -> int:
+def bytes_per_logit(dtype: torch.dtype, kernel: bool) -> int:
     """Workspace bytes per element of a logits chunk (every chunk-sized buffer counted)."""
     item = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     n = item
     if not kernel:
         n += acc * 4  # za (or z itself), s, x then exp(x) then dL/ds, one product
-    if need_weight_grad and _upcast_for_dw(dtype, device):
-        n += 4
     return n
 
 
@@ -90,20 +81,41 @@ def target_range_check(fn: str, target: torch.Tensor, n_classes: int, ignore_ind
                          f"classes (ignore_index = {ignore_index})")
 
 
-def _accumulate_dw(gw: torch.Tensor, g: torch.Tensor, xc: torch.Tensor,
-                   g_buf: Optional[torch.Tensor], x_buf: Optional[torch.Tensor],
-                   alpha: float, beta: float) -> None:
-    """gw = beta gw + alpha g^T xc (beta 0: gw's old values, even NaN, are ignored), gw in
-    float32 when g and xc are half types (g^T xc is never rounded to them)."""
+# Whether torch.addmm(..., out_dtype=torch.float32) runs on a device type (CUDA: cuBLAS writes
+# the half-type GEMM's float32 result itself); found on the first call.
+_OUT_DTYPE_GEMM = {}
+
+
+def _accumulate_dw(gw: torch.Tensor, g: torch.Tensor, xc: torch.Tensor, alpha: float,
+                   beta: float, block_bytes: int) -> None:
+    """gw = beta gw + alpha g^T xc (beta 0: gw's old values, even NaN, are ignored).
+
+    gw is float32 when g and xc are half types: the sum over the chunks is never rounded to
+    them. Each chunk's product is either written in float32 by the GEMM (CUDA) or computed in
+    the half type with float32 accumulation inside the GEMM, rounded once, and added to gw in
+    float32, by blocks of rows of gw of at most block_bytes (the CPU: no float32 GEMM of half
+    types there, and a float32 GEMM of upcast copies costs twice the time).
+    """
     if g.dtype == gw.dtype:
         gw.addmm_(g.t(), xc, beta=beta, alpha=alpha)
-    elif gw.device.type == "cuda":
-        torch.addmm(gw, g.t(), xc, out_dtype=gw.dtype, beta=beta, alpha=alpha, out=gw)
-    else:
-        rows = g.shape[0]
-        g32 = g_buf[:rows].copy_(g) if g_buf is not None else g.to(gw.dtype)
-        x32 = x_buf[:rows].copy_(xc) if x_buf is not None else xc.to(gw.dtype)
-        gw.addmm_(g32.t(), x32, beta=beta, alpha=alpha)
+        return
+    dev = gw.device.type
+    if _OUT_DTYPE_GEMM.get(dev, dev == "cuda"):
+        try:
+            torch.addmm(gw, g.t(), xc, out_dtype=gw.dtype, beta=beta, alpha=alpha, out=gw)
+            _OUT_DTYPE_GEMM[dev] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_GEMM[dev] = False
+    n_classes, hidden = gw.shape
+    step = max(1, min(n_classes, block_bytes // max(1, hidden * g.element_size())))
+    for v0 in range(0, n_classes, step):
+        v1 = min(n_classes, v0 + step)
+        part = torch.mm(g[:, v0:v1].t(), xc)
+        if beta == 0.0:
+            gw[v0:v1].copy_(part).mul_(alpha)
+        else:
+            gw[v0:v1].add_(part, alpha=alpha)
 
 
 class Problem:
@@ -253,7 +265,7 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
     acc = _acc(dtype)
     kernel = use_kernel(device, p.softcap, p.z_loss, want_lse or grad_lse is not None)
     need_w = want_grad and need_weight_grad
-    per = bytes_per_logit(dtype, device, kernel, bool(p.softcap), need_w)
+    per = bytes_per_logit(dtype, kernel)
     step = chunk_rows(n_rows, n_classes, per, p.workspace_bytes)
     valid, safe, wy, big_w = _row_stats(p, acc)
     temp = _temperature(p, acc)
@@ -280,10 +292,6 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
         if need_t:
             gt = torch.zeros((), dtype=acc, device=device)
     ws = torch.empty((min(step, max(n_rows, 1)), n_classes), dtype=dtype, device=device)
-    g_buf = x_buf = None
-    if need_w and _upcast_for_dw(dtype, device):
-        g_buf = torch.empty(ws.shape, dtype=torch.float32, device=device)
-        x_buf = torch.empty((ws.shape[0], x.shape[1]), dtype=torch.float32, device=device)
     wt_t = wt.t()
     alpha = 1.0
     if kernel and want_grad and a_unit.dim() == 0 and device.type == "cpu":
@@ -318,7 +326,7 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
             else:
                 torch.addmm(gx[sl], z, wt, beta=0.0, alpha=alpha, out=gx[sl])
         if gw is not None:
-            _accumulate_dw(gw, z, xc, g_buf, x_buf, alpha, 0.0 if r0 == 0 else 1.0)
+            _accumulate_dw(gw, z, xc, alpha, 0.0 if r0 == 0 else 1.0, p.workspace_bytes)
         if gb is not None:
             gb.add_(z.sum(0, dtype=acc), alpha=alpha)
         if gt is not None and dt is not None:
