@@ -118,7 +118,8 @@ def machine(args):
                 loadavg_start=_loadavg(), liger=_liger_version() or "not installed")
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info["machine"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+        info["machine"] = (f"{props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                           f"CUDA {torch.version.cuda}")
     else:
         info["machine"] = f"{_cpu_model()}, {os.cpu_count()} cores"
     return info
@@ -326,7 +327,6 @@ def run_case(N, H, V, dtype, args, meter, info_rows):
     info_rows.extend(rows)
     for r in rows:
         print("   " + _line(r), flush=True)
-    del x, W, x0, W0
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -399,7 +399,8 @@ def write(rows, info, args, command):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = "python benchmarks/bench_lm_head.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = "python benchmarks/bench_lm_head.py " + " ".join(given)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ Nothing here is differentiable: softcal.lm_head wraps it in custom ops with an a
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 

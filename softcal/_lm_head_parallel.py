@@ -309,7 +309,8 @@ def _units(red, setup, grad):
         return grad, grad
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
     some = setup.count > 0
-    return (torch.where(some, grad / setup.denom, zero), torch.where(some, grad / setup.count, zero))
+    return (torch.where(some, grad / setup.denom, zero),
+            torch.where(some, grad / setup.count, zero))
 
 
 def _finish(gx, gw, gb, tsum, x, wt, bias, temp_t, t, ii, zl, lse2, b_unit, setup, group,

@@ -110,7 +110,8 @@ def check_head(fn: str, input: Tensor, linear_weight: Tensor, target: Tensor,
                              f"({n_classes},), got {tuple(weight.shape)}")
         if weight.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError(f"{fn}: the gradient with respect to {weight_name} (the "
-                                      f"class weights) is not supported; pass {weight_name}.detach()")
+                                      "class weights) is not supported; pass "
+                                      f"{weight_name}.detach()")
     return target if target.dtype == torch.int64 else target.long()
 
 
@@ -252,7 +253,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             raise ValueError(f"{fn}: options (PyTorch's chunking options) must be None: softcal "
                              f"always chunks, sized by workspace_bytes; got {options!r}")
         if weight is not None and not isinstance(weight, Tensor):
-            raise TypeError(f"{fn}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+            raise TypeError(f"{fn}: weight must be a torch.Tensor or None, got "
+                            f"{type(weight).__name__}")
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"{fn}: weight (class weights) must have shape ({num_classes},), got "
                              f"{tuple(weight.shape)}")

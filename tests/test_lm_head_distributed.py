@@ -95,7 +95,9 @@ def _one(rank, world, case, dtype, tol, *, class_offset=False, ignore_all=False)
         xl = x.clone().requires_grad_()
         Wl = Wm.clone().requires_grad_()
         bl = bm.clone().requires_grad_() if case["bias"] else None
-        Tl = torch.tensor(1.4, dtype=tdt, requires_grad=True) if case["T"] == "tensor" else case["T"]
+        Tl = case["T"]
+        if Tl == "tensor":
+            Tl = torch.tensor(1.4, dtype=tdt, requires_grad=True)
         return xl, Wl, bl, Tl
 
     def backward(loss):

@@ -22,8 +22,10 @@ def _op_args(prob, dtype, reduction, *, return_lse=False, need=(True, True, True
     b = prob["b"].to(dtype).clone().requires_grad_(need[2]) if prob["b"] is not None else None
     w = prob["w"].to(dtype) if prob["w"] is not None else None
     T = prob["T"]
-    temp_t = T.to(torch.float64 if dtype == torch.float64 else torch.float32).clone().requires_grad_(
-        need[3]) if isinstance(T, torch.Tensor) else None
+    temp_t = None
+    if isinstance(T, torch.Tensor):
+        temp_t = T.to(torch.float64 if dtype == torch.float64 else torch.float32).clone()
+        temp_t.requires_grad_(need[3])
     temp_f = 1.0 if temp_t is not None else float(T)
     red = {"none": 0, "mean": 1, "sum": 2}[reduction]
     V = W.shape[0]
@@ -42,7 +44,8 @@ def test_opcheck_forward(case, reduction):
                               _op_args(prob, torch.float64, reduction, return_lse=return_lse))
     # frozen weight, no gradients at all
     torch.library.opcheck(ops.linear_cross_entropy.default,
-                          _op_args(prob, torch.float32, reduction, need=(True, False, False, False)))
+                          _op_args(prob, torch.float32, reduction,
+                                   need=(True, False, False, False)))
     torch.library.opcheck(ops.linear_cross_entropy.default,
                           _op_args(prob, torch.float32, reduction,
                                    need=(False, False, False, False)))
