@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="file name suffix (default: the device)")
     p.add_argument("--note", default="", help="a line for the header (e.g. 'measured under load')")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", default=None, metavar="CSV",
+                   help="only write the markdown table of a CSV written by this script")
     return p.parse_args(argv)
 
 
@@ -353,6 +355,61 @@ COLUMNS = ["device", "dtype", "N", "H", "V", "impl", "status", "rounds", "wall_m
            "peak_extra_MB", "beyond_grads_MB", "beyond_grads_x_logits"]
 
 
+def _num(v):
+    if v in (None, ""):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def markdown(rows, header):
+    """The table: per shape and dtype, each implementation's wall and CPU times and their ratios
+    to eager's, torch-chunked's and torch.compile's, the fraction of the GEMM bound, the memory."""
+    md = ["# LM head: forward + backward", ""] + [f"- {h}" for h in header] + [
+        "- time: minimum (median) wall time over the rounds, one call of each implementation per "
+        "round in a rotated order, and the minimum process CPU time (CPU only: on a machine "
+        "shared with other jobs the wall time swings with their load, the CPU time much less); "
+        "ratios: this implementation's time over the other's (wall / CPU); peak: extra memory of "
+        "one call beyond the gradients of x and W, in MB and as a fraction of the logits' size; "
+        "GEMM bound: 6 N H V flops at the measured rate of the forward GEMM", "",
+        "| shape | dtype | impl | wall ms | CPU ms | x eager | x torch-chunked | x compile | "
+        "% of GEMM bound | peak beyond grads (x logits) |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [{k: _num(v) for k, v in r.items()} for r in rows]
+
+    def find(r, impl):
+        for o in rows:
+            if (o["impl"] == impl and o.get("wall_min_ms") is not None
+                    and all(o[k] == r[k] for k in ("dtype", "N", "H", "V"))):
+                return o
+        return None
+
+    def ratio(r, o):
+        if o is None:
+            return "-"
+        w = r["wall_min_ms"] / o["wall_min_ms"]
+        if r.get("cpu_min_ms") and o.get("cpu_min_ms"):
+            return f"{w:.2f} / {r['cpu_min_ms'] / o['cpu_min_ms']:.2f}"
+        return f"{w:.2f}"
+
+    for r in rows:
+        shape = f"({r['N']:.0f}, {r['H']:.0f}) x {r['V']:.0f}"
+        if r.get("wall_min_ms") is None:
+            md.append(f"| {shape} | {r['dtype']} | {r['impl']} | {r['status']} | | | | | | |")
+            continue
+        mem = "-"
+        if r.get("beyond_grads_MB") is not None:
+            mem = f"{r['beyond_grads_MB']:.0f} MB ({r['beyond_grads_x_logits']:.3f})"
+        md.append(f"| {shape} | {r['dtype']} | {r['impl']} | {r['wall_min_ms']:.0f} "
+                  f"({r['wall_median_ms']:.0f}) | {_fmt(r.get('cpu_min_ms'), '.0f')} | "
+                  f"{ratio(r, find(r, 'eager'))} | {ratio(r, find(r, 'torch-chunked'))} | "
+                  f"{ratio(r, find(r, 'compile'))} | {_fmt(r.get('pct_of_gemm_bound'), '.0f')} "
+                  f"| {mem} |")
+    return "\n".join(md) + "\n"
+
+
 def write(rows, info, args, command):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,33 +429,25 @@ def write(rows, info, args, command):
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
-    md = ["# LM head: forward + backward", ""] + [f"- {h}" for h in header] + [
-        "- time: minimum (median) wall time over the rounds, one call of each implementation per "
-        "round in a rotated order; peak: extra memory of one call beyond the gradients of x and W, "
-        "as a fraction of the logits' size; GEMM bound: 6 N H V flops at the measured rate of the "
-        "forward GEMM", "",
-        "| shape | dtype | impl | time ms | x eager | vs torch-chunked | vs compile | "
-        "% of GEMM bound | peak beyond grads (x logits) |",
-        "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        shape = f"({r['N']}, {r['H']}) x {r['V']}"
-        if "wall_min_ms" not in r:
-            md.append(f"| {shape} | {r['dtype']} | {r['impl']} | {r['status']} | | | | | |")
-            continue
-        mem = "-"
-        if r.get("beyond_grads_MB") is not None:
-            mem = f"{r['beyond_grads_MB']:.0f} MB ({r['beyond_grads_x_logits']:.3f})"
-        md.append(f"| {shape} | {r['dtype']} | {r['impl']} | {r['wall_min_ms']:.0f} "
-                  f"({r['wall_median_ms']:.0f}) | {_fmt(r.get('x_eager_time'), '.2f')} | "
-                  f"{_fmt(r.get('speedup_vs_torch_chunked'), '.2f')}x | "
-                  f"{_fmt(r.get('speedup_vs_compile'), '.2f')}x | "
-                  f"{_fmt(r.get('pct_of_gemm_bound'), '.0f')} | {mem} |")
-    (out / f"lm_head_{tag}.md").write_text("\n".join(md) + "\n")
+    (out / f"lm_head_{tag}.md").write_text(markdown(rows, header))
     print(f"\nwrote {out / f'lm_head_{tag}.csv'} and .md")
+
+
+def render(path):
+    """--render CSV: the markdown table of a CSV this script wrote, next to it."""
+    lines = Path(path).read_text().splitlines()
+    header = [ln[2:] for ln in lines if ln.startswith("# ")]
+    rows = list(csv.DictReader([ln for ln in lines if not ln.startswith("#")]))
+    out = Path(path).with_suffix(".md")
+    out.write_text(markdown(rows, header))
+    print(f"wrote {out}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        render(args.render)
+        return 0
     given = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/bench_lm_head.py " + " ".join(given)
     if args.device == "cuda" and not torch.cuda.is_available():
