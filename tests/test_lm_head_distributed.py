@@ -160,6 +160,37 @@ def check_against_composition(rank, world):
     assert _rel(out, ref) <= 1e-10 and _rel(xp.grad, xs.grad) <= 1e-10
 
 
+def check_never_the_logits(rank, world):
+    """No tensor as large as this rank's (N, V_r) logits is made, forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from softcal.distributed import vocab_parallel_linear_cross_entropy
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    Largest.largest = max(Largest.largest, o.numel())
+            return out
+
+    x, W, b, w, t, up = _problem(torch.float64, n=(40,), h=6)
+    widths = WIDTHS[world]
+    off, vr = sum(widths[:rank]), widths[rank]
+    for red in ("mean", "none"):
+        xp = x.clone().requires_grad_()
+        Wp = W[off:off + vr].clone().requires_grad_()
+        with Largest():
+            out = vocab_parallel_linear_cross_entropy(
+                xp, Wp, t, weight=w[off:off + vr], label_smoothing=0.1, z_loss=1e-3,
+                reduction=red, workspace_bytes=4 * max(widths) * 8)
+            out.sum().backward()
+        if vr:
+            assert Largest.largest < 40 * vr, (Largest.largest, 40 * vr)
+
+
 def check_low_precision(rank, world):
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2)):
         for case in CASES[:3]:
@@ -191,13 +222,13 @@ def check_errors(rank, world):
 
 
 def test_two_ranks():
-    run_ranks(2, "check_float64", "check_against_composition", "check_low_precision",
-              "check_errors")
+    run_ranks(2, "check_float64", "check_against_composition", "check_never_the_logits",
+              "check_low_precision", "check_errors")
 
 
 def test_four_ranks():
-    run_ranks(4, "check_float64", "check_against_composition", "check_low_precision",
-              "check_errors")
+    run_ranks(4, "check_float64", "check_against_composition", "check_never_the_logits",
+              "check_low_precision", "check_errors")
 
 
 def test_needs_an_initialised_group():
