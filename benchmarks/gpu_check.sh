@@ -85,7 +85,7 @@ write_summary() {  # summary.txt and logs.tar.gz as they stand (called after eve
     grep -A14 -E '^op +dtype' "$LOGS/kernels.log" 2>/dev/null | head -1
     grep -E '^tsce_(fwd|bwd|fused) +bfloat16 +(1000000 +10|4096 +128256|4096 +32000) ' "$LOGS/kernels.log" 2>/dev/null
     grep -m1 -E '^copy bandwidth' "$LOGS/kernels.log" 2>/dev/null
-    grep -E '^== |^ +(eager|torch|torch-chunked|compile|softcal|liger) +(min|failed)' "$LOGS/lm_head_bench.log" 2>/dev/null
+    grep -E '^== |^ +(eager|torch|torch-chunked|compile|softcal|softcal@[0-9]+|liger) +(min|failed)' "$LOGS/lm_head_bench.log" 2>/dev/null
     grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" 2>/dev/null | head -8
     printf '%-14s %5s %6s  %s\n' step rc sec note
     for i in "${!NAMES[@]}"; do
@@ -152,7 +152,10 @@ if [ "${LM_HEAD:-0}" = "1" ]; then
   fi
   step lm_head_test 120 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_lm_head_ops.py -k cuda
   note "$(grep -E '[0-9]+ (passed|failed|skipped)' "$LOGS/lm_head_test.log" | tail -1)"
+  # softcal@1024: a 1 GiB workspace (2-4 chunks at these shapes), since each chunk reads and
+  # writes the float32 dW accumulator (V x H x 8 bytes) once
   step lm_head_bench ${LM_HEAD_TIMEOUT:-300} $PY benchmarks/bench_lm_head.py --device cuda \
+    --impls eager,torch,torch-chunked,compile,softcal,softcal@1024,liger \
     --out "$LOGS/lm_head" --note "gpu_check.sh"
   [ -f "$LOGS/lm_head/lm_head_cuda.csv" ] && cp "$LOGS/lm_head/lm_head_cuda.csv" "$OUT/"
   note "$(grep -cE '^cuda,' "$LOGS/lm_head/lm_head_cuda.csv" 2>/dev/null || echo 0) rows"
