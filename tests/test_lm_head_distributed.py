@@ -161,7 +161,8 @@ def check_against_composition(rank, world):
 
 
 def check_never_the_logits(rank, world):
-    """No tensor as large as this rank's (N, V_r) logits is made, forward or backward."""
+    """The largest tensor made, forward or backward, is the input's gradient (N, H), the slice's
+    (V_r, H) or a chunk (4 rows here): never the (N, V_r) logits of this rank."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from softcal.distributed import vocab_parallel_linear_cross_entropy
@@ -187,8 +188,9 @@ def check_never_the_logits(rank, world):
                 xp, Wp, t, weight=w[off:off + vr], label_smoothing=0.1, z_loss=1e-3,
                 reduction=red, workspace_bytes=4 * max(widths) * 8)
             out.sum().backward()
-        if vr:
-            assert Largest.largest < 40 * vr, (Largest.largest, 40 * vr)
+        assert Largest.largest <= max(40 * 6, vr * 6, 4 * max(widths)), Largest.largest
+    if world == 2:  # slices of 9 and 14 classes: their logits are larger than all of those
+        assert Largest.largest < 40 * vr
 
 
 def check_low_precision(rank, world):
