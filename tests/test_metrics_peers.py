@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import EMULATE_CUDA
+import softcal
 from softcal import metrics as M
 
 # The metrics run no kernel of softcal's: comparing them with their peers once (the CPU pass of
@@ -34,7 +35,7 @@ def _peer(name):
 def _files():
     """(name, scores, labels, probs, probabilities float64 as the peers see them)."""
     out = []
-    d = np.load(ROOT / "softcal/data/densenet40_c10_logits.npz")
+    d = np.load(Path(softcal.__file__).resolve().parent / "data" / "densenet40_c10_logits.npz")
     for split in ("val", "test"):
         x, y = d[f"logits_{split}"], d[f"labels_{split}"]
         p = torch.softmax(torch.from_numpy(x).double(), 1).numpy()
