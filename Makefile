@@ -80,7 +80,7 @@ test-wheel: $(VENV)/.ready
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --no-index $(WHEEL_DIR)/softcal-*.whl
 	$(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
 		> "$$($(WHEEL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_softcal_test_deps.pth"
-	mkdir -p $(WHEEL_TEST) && cp -r tests csrc benchmarks README.md pyproject.toml $(WHEEL_TEST)/
+	mkdir -p $(WHEEL_TEST) && cp -r tests csrc benchmarks docs examples README.md pyproject.toml $(WHEEL_TEST)/
 	cd $(WHEEL_TEST) && ../wheel-venv/bin/python -c "import os, softcal; p = os.path.realpath(softcal.__file__); \
 		assert '/wheel-venv/' in p, p; assert softcal.backend('cpu') == 'extension'; \
 		assert os.path.isfile(os.path.join(os.path.dirname(p), 'data', 'densenet40_c10_logits.npz')); \
@@ -102,7 +102,7 @@ $(CUDA_VENV)/.ready:
 
 cuda-check: $(CUDA_VENV)/.ready
 	rm -rf build/cuda-check && mkdir -p build/cuda-check
-	cp -r setup.py pyproject.toml README.md csrc softcal tests benchmarks build/cuda-check/
+	cp -r setup.py pyproject.toml README.md csrc softcal tests benchmarks docs examples build/cuda-check/
 	rm -f build/cuda-check/softcal/_C*.so
 	cd build/cuda-check && (CUDA_HOME=$(CUDA_HOME) SOFTCAL_FORCE_CUDA=1 SOFTCAL_PTXAS_VERBOSE=1 \
 		MAX_JOBS=$(MAX_JOBS) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
