@@ -20,6 +20,7 @@ import torch  # noqa: F401  (the extension links against torch: load it first)
 from . import _ops
 from ._ops import HAVE_EXTENSION
 from .functional import cross_entropy, log_softmax, softmax, temperature_stats
+from .lm_head import linear_cross_entropy
 from . import nn  # noqa: E402
 from . import metrics  # noqa: E402
 from .nn import CrossEntropyLoss, LabelSmoothingLoss, TemperatureScaler  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "TemperatureScaler",
     "backend",
     "cross_entropy",
+    "linear_cross_entropy",
     "log_softmax",
     "metrics",
     "nn",

@@ -11,8 +11,9 @@ import torch
 from . import functional as F
 from ._validation import check_ignore_index, check_label_smoothing, check_reduction, check_temperature
 from .calibration import TemperatureScaler
+from .lm_head import LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "TemperatureScaler"]
+__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "LinearCrossEntropyLoss", "TemperatureScaler"]
 
 def _legacy_reduction(fn: str, size_average: Optional[bool], reduce: Optional[bool]) -> str:
     """nn.CrossEntropyLoss's size_average/reduce (deprecated) -> reduction, with PyTorch's warning
