@@ -226,6 +226,21 @@ inline void cross_entropy(Backend backend, Op op, const at::Tensor& logits,
   if (op == Op::kCrossEntropyFusedInplace) inplace_logits(op, logits);
 }
 
+// The LLM terms of the cross-entropy ops (schemas.h): z_loss a finite number >= 0, softcap a
+// finite number >= 0 (0: none), lse_out (the fused ops) (rows, 2) acc contiguous on the logits'
+// device.
+inline void llm_terms(Op op, const at::Tensor& logits, double z_loss, double softcap,
+                      const std::optional<at::Tensor>& lse_out = std::nullopt) {
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0, op_name(op),
+              ": z_loss must be a finite number >= 0, got ", z_loss);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op_name(op),
+              ": softcap must be a finite number > 0 (0: none), got ", softcap);
+  if (!lse_out.has_value()) return;
+  saved_rows(op, *lse_out, logits, 2, "lse_out");
+  TORCH_CHECK(lse_out->is_contiguous(), op_name(op), ": lse_out must be contiguous, got strides ",
+              lse_out->strides());
+}
+
 inline void cross_entropy_bwd(Backend backend, const at::Tensor& grad_loss,
                               const at::Tensor& logits, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, const at::Tensor& lse,

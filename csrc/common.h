@@ -22,14 +22,22 @@ enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 //   Smoothing::kOn    eps > 0: (eps / C) sum_c w_c (lse - z_c) in the loss, -(eps / C) w_c and
 //                     eps W / C in dL/dz
 //   ClassWeights      without / with per-class weights w_c (1 without)
-// A new row term (issue 19: z-loss, logit soft-capping) is a new enum here and one term in
-// cpu/ce_row.h and cuda/ce_row.cuh.
+//   ZLoss::kOn        z_loss > 0: + z lse^2 on the row's loss, + 2 z lse on the softmax
+//                     coefficient A (a row term)
+//   Softcap::kOn      softcap c > 0: each logit x -> c tanh(x / c) as it is read, the element's
+//                     gradient times 1 - (x' / c)^2 (an element map; switched once per call, the
+//                     kOff kernels are the ones without it)
+// A new row term is a new enum here and one term in cpu/ce_row.h and cuda/ce_row.cuh.
 enum class Smoothing : int { kOff = 0, kOn = 1 };
 enum class ClassWeights : int { kNone = 0, kPerClass = 1 };
+enum class ZLoss : int { kOff = 0, kOn = 1 };
+enum class Softcap : int { kOff = 0, kOn = 1 };
 
 inline Smoothing smoothing_of(double label_smoothing) {
   return label_smoothing > 0 ? Smoothing::kOn : Smoothing::kOff;
 }
+inline ZLoss zloss_of(double z_loss) { return z_loss > 0 ? ZLoss::kOn : ZLoss::kOff; }
+inline Softcap softcap_of(double softcap) { return softcap > 0 ? Softcap::kOn : Softcap::kOff; }
 
 // The pass a cross-entropy kernel makes (docs/design.md §4: what each reads, writes and saves):
 //   kForward   loss and the per-row [m, ls]                   (cross_entropy_fwd)

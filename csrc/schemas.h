@@ -33,9 +33,17 @@ inline void define_ops(torch::Library& m) {
   //   loss:  (rows,) for reduction none, () otherwise; acc.
   //   lse:   (rows, 2) acc; [m, ls] per row (see above; saved for backward).
   //   denom: () acc; sum over non-ignored rows of weight[target] (the count without weights).
+  // The LLM terms (issue 19; docs/design.md §1), defaults off so that older callers are unchanged:
+  //   softcap c > 0: each logit x -> c tanh(x / c) before the temperature (0: none); [m, ls] are
+  //     those of the capped logits.
+  //   z_loss z >= 0: + z lse^2 per non-ignored row (lse = beta m + ls); mean divides these terms
+  //     by the number of non-ignored rows (the cross-entropy's terms by denom).
+  //   lse_all_rows: ignored rows get their [m, ls] too (else [0, 0]); their loss stays 0.
+  // Every op below that takes z_loss and softcap means the same.
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
-      "float temperature, float label_smoothing, int ignore_index, int reduction) "
+      "float temperature, float label_smoothing, int ignore_index, int reduction, "
+      "float z_loss=0., float softcap=0., bool lse_all_rows=False) "
       "-> (Tensor loss, Tensor lse, Tensor denom)");
   // Backward: one read of the logits, one write of the gradient. lse: (rows, 2), as cross_entropy_fwd's.
   //   grad_loss: (rows,) (any stride, stride 0 allowed) for none, () otherwise.
@@ -45,19 +53,23 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor denom, Tensor? temperature_t, float temperature, float label_smoothing, "
-      "int ignore_index, int reduction, bool need_logits_grad, bool need_temperature_grad) "
-      "-> (Tensor grad_logits, Tensor grad_temperature)");
+      "int ignore_index, int reduction, bool need_logits_grad, bool need_temperature_grad, "
+      "float z_loss=0., float softcap=0.) -> (Tensor grad_logits, Tensor grad_temperature)");
   // Fused forward: loss and the gradient for an upstream gradient of 1, in one call.
   //   grad_temperature: () for mean/sum; (rows,) per-row dL_i/dT for none.
+  //   lse_out: when given, (rows, 2) acc contiguous, written with every row's [m, ls] (ignored
+  //   rows' too), as cross_entropy_fwd's with lse_all_rows.
   m.def(
       "cross_entropy_fused(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction, "
-      "bool need_temperature_grad) -> (Tensor loss, Tensor grad_logits, Tensor grad_temperature)");
+      "bool need_temperature_grad, float z_loss=0., float softcap=0., Tensor(b!)? lse_out=None) "
+      "-> (Tensor loss, Tensor grad_logits, Tensor grad_temperature)");
   // The same, writing the gradient into the logits' own buffer (logits must be contiguous).
   m.def(
       "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction, "
-      "bool need_temperature_grad) -> (Tensor loss, Tensor grad_temperature)");
+      "bool need_temperature_grad, float z_loss=0., float softcap=0., Tensor(b!)? lse_out=None) "
+      "-> (Tensor loss, Tensor grad_temperature)");
   // grad[i, :] *= scale (scale 0-dim) or scale[i] (scale (rows,), any stride). A 0-dim scale
   // equal to 1 leaves grad untouched (checked on the device, no host synchronisation).
   m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> ()");

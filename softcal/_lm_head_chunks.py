@@ -4,8 +4,9 @@ The rows of the hidden states are taken in chunks sized to a workspace budget. F
 
 1. one GEMM writes the chunk's logits z = x_c W^T + b into the workspace (the input's dtype);
 2. the loss terms of its rows are computed, and the workspace is overwritten by dL/dz of those rows
-   (the in-place fused kernel ``cross_entropy_fused_`` when the options allow it, else
-   :func:`_chunk_terms_torch`, exact PyTorch operations on the chunk);
+   (the in-place fused kernel ``cross_entropy_fused_``, z-loss, soft-cap and lse included, else
+   :func:`_chunk_terms_torch`, exact PyTorch operations on the chunk: without the compiled
+   kernels, and when a gradient reaches the returned lse);
 3. GEMMs: dX rows = G W, dW += G^T x_c (float32 accumulator when the weight is bfloat16/float16),
    db += the column sums of G.
 
@@ -45,12 +46,35 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def use_kernel(device: torch.device, softcap: float, z_loss: float, want_lse: bool) -> bool:
-    """Whether a chunk goes through the compiled in-place kernel (phase 1: none of the LLM
-    extras; those take the exact PyTorch path)."""
-    return (softcap == 0.0 and z_loss == 0.0 and not want_lse
-            and _ops.has_kernel(device.type, "cross_entropy_fused_")
-            and _ops.has_kernel(device.type, "scale_rows_"))
+# Whether the kernels of a device type have the LLM terms (z_loss, softcap, the lse of every row):
+# found once per device type by a call on a tiny input (the CUDA kernels raise
+# NotImplementedError until they have them).
+_LLM_TERMS = {}
+
+
+def kernels_have_llm_terms(device: torch.device) -> bool:
+    dev = device.type
+    if dev not in _LLM_TERMS:
+        x = torch.zeros((1, 2), device=device)
+        t = torch.zeros((1,), dtype=torch.long, device=device)
+        try:
+            torch.ops.softcal.cross_entropy_fwd(x, t, None, None, 1.0, 0.0, -100, 0, 0.5, 1.0, True)
+            _LLM_TERMS[dev] = True
+        except NotImplementedError:
+            _LLM_TERMS[dev] = False
+    return _LLM_TERMS[dev]
+
+
+def use_kernel(device: torch.device, softcap: float, z_loss: float, want_lse: bool,
+               grad_lse: bool = False) -> bool:
+    """Whether a chunk goes through the compiled in-place kernel: always where the device has
+    the kernels (the LLM terms included where its kernels have them), except when a gradient
+    reaches the returned lse (the kernels' lse is not differentiable: the exact PyTorch path)."""
+    if grad_lse or not (_ops.has_kernel(device.type, "cross_entropy_fused_")
+                        and _ops.has_kernel(device.type, "scale_rows_")):
+        return False
+    extras = softcap != 0.0 or z_loss != 0.0 or want_lse
+    return not extras or kernels_have_llm_terms(device)
 
 
 def bytes_per_logit(dtype: torch.dtype, kernel: bool) -> int:
@@ -225,24 +249,39 @@ def _chunk_terms_torch(z: torch.Tensor, p: Problem, sl: slice, valid, safe, wy, 
     return ce, zrow, lse, dt
 
 
-def _chunk_terms_kernel(z: torch.Tensor, p: Problem, sl: slice, a, a_scale,
-                        want_grad: bool, need_t: bool):
-    """As :func:`_chunk_terms_torch` through the compiled kernels (no softcap, z-loss or lse):
-    forward only: cross_entropy_fwd; with the gradient: the in-place cross_entropy_fused_,
-    then the rows scaled by a_scale (a 0-dim unit, or a: (rows,); None: left to the GEMMs)."""
+def _lse_rows(lse2: torch.Tensor, p: Problem) -> torch.Tensor:
+    """lse = m / T + ls from the kernels' per-row [m, ls]."""
+    t = p.temperature_t.detach().to(lse2.dtype) if p.temperature_t is not None else p.temperature
+    return lse2[:, 0] / t + lse2[:, 1]
+
+
+def _chunk_terms_kernel(z: torch.Tensor, p: Problem, sl: slice, valid, a, a_scale, zl_grad: float,
+                        want_grad: bool, need_t: bool, want_lse: bool):
+    """As :func:`_chunk_terms_torch` through the compiled kernels. Forward only:
+    cross_entropy_fwd, the z-loss formed from its lse; with the gradient: the in-place
+    cross_entropy_fused_ with the z-loss coefficient zl_grad (z_loss times the ratio of the
+    z-loss's unit to the cross-entropy's: the row's loss term is then ce_i + zl_grad lse_i^2, whose
+    sum times a is the reduced loss), then the rows scaled by a_scale (a 0-dim unit, or a:
+    (rows,); None: left to the GEMMs). Returns (ce, zrow, lse, dT), as _chunk_terms_torch."""
     acc = _acc(z.dtype)
     t = p.target[sl]
     ops = torch.ops.softcal
+    cap = p.softcap
     if not want_grad:
-        loss, _, _ = ops.cross_entropy_fwd(z, t, p.weight, p.temperature_t, p.temperature, p.eps,
-                                           p.ignore_index, 0)
-        return loss.to(acc), None
+        loss, lse2, _ = ops.cross_entropy_fwd(z, t, p.weight, p.temperature_t, p.temperature, p.eps,
+                                              p.ignore_index, 0, 0.0, cap, want_lse or p.z_loss != 0)
+        lse = _lse_rows(lse2, p) if want_lse or p.z_loss else None
+        zrow = torch.where(valid[sl], p.z_loss * lse * lse, torch.zeros((), dtype=acc,
+                                                                          device=z.device)) \
+            if p.z_loss else None
+        return loss.to(acc), zrow, lse, None
+    lse2 = z.new_empty((z.shape[0], 2), dtype=acc) if want_lse else None
     loss, grad_t = ops.cross_entropy_fused_(z, t, p.weight, p.temperature_t, p.temperature,
-                                            p.eps, p.ignore_index, 0, need_t)
+                                            p.eps, p.ignore_index, 0, need_t, zl_grad, cap, lse2)
     if a_scale is not None:
         ops.scale_rows_(z, a_scale)
     dt = (grad_t.to(acc) * a).sum() if need_t else None
-    return loss.to(acc), dt
+    return loss.to(acc), None, _lse_rows(lse2, p) if want_lse else None, dt
 
 
 def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optional[torch.Tensor],
@@ -263,7 +302,7 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
     n_classes = wt.shape[0]
     dtype, device = x.dtype, x.device
     acc = _acc(dtype)
-    kernel = use_kernel(device, p.softcap, p.z_loss, want_lse or grad_lse is not None)
+    kernel = use_kernel(device, p.softcap, p.z_loss, want_lse, grad_lse is not None)
     need_w = want_grad and need_weight_grad
     per = bytes_per_logit(dtype, kernel)
     step = chunk_rows(n_rows, n_classes, per, p.workspace_bytes)
@@ -296,6 +335,12 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
     alpha = 1.0
     if kernel and want_grad and a_unit.dim() == 0 and device.type == "cpu":
         alpha = float(a_unit)
+    # The kernel's z-loss coefficient when it writes the gradient: z_loss b / a ("mean" with
+    # class weights: z_loss denom / count; else z_loss), see _chunk_terms_kernel.
+    zl_grad = p.z_loss
+    if kernel and want_grad and p.z_loss and a_unit.dim() == 0:
+        ratio = float(b_unit) / float(a_unit) if float(a_unit) != 0 else 1.0
+        zl_grad = p.z_loss * ratio
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         sl = slice(r0, r1)
@@ -310,7 +355,12 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
             # A uniform unit on the CPU goes into the GEMMs' alpha (no pass over the chunk);
             # per-row units (and CUDA, where reading the unit would synchronise) scale the rows.
             a_scale = None if alpha != 1.0 else (a_unit if a_unit.dim() == 0 else a)
-            ce[sl], dt = _chunk_terms_kernel(z, p, sl, a, a_scale, want_grad, need_t)
+            ce[sl], zrow_c, lse_c, dt = _chunk_terms_kernel(z, p, sl, valid, a, a_scale, zl_grad,
+                                                            want_grad, need_t, want_lse)
+            if zrow_c is not None:
+                zrow[sl] = zrow_c
+            if lse is not None:
+                lse[sl] = lse_c
         else:
             ce[sl], zrow[sl], lse_c, dt = _chunk_terms_torch(
                 z, p, sl, valid, safe, wy, big_w, temp, a,

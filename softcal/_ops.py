@@ -78,7 +78,7 @@ if HAVE_EXTENSION:
     # ------------------------------------------------------------------ fake kernels
     @torch.library.register_fake("softcal::cross_entropy_fwd")
     def _tsce_fwd_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
-                       ignore_index, reduction):
+                       ignore_index, reduction, z_loss=0.0, softcap=0.0, lse_all_rows=False):
         rows = logits.shape[0]
         loss = logits.new_empty((rows,) if reduction == 0 else (), dtype=_acc(logits.dtype))
         lse = logits.new_empty((rows, 2), dtype=_acc(logits.dtype))  # [row max, log sum exp]
@@ -91,7 +91,7 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("softcal::cross_entropy_bwd")
     def _tsce_bwd_fake(grad_loss, logits, target, weight, lse, denom, temperature_t, temperature,
                        label_smoothing, ignore_index, reduction, need_logits_grad,
-                       need_temperature_grad):
+                       need_temperature_grad, z_loss=0.0, softcap=0.0):
         if need_logits_grad:
             grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         else:
@@ -104,14 +104,16 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("softcal::cross_entropy_fused")
     def _tsce_fused_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
-                         ignore_index, reduction, need_temperature_grad):
+                         ignore_index, reduction, need_temperature_grad, z_loss=0.0, softcap=0.0,
+                         lse_out=None):
         loss = logits.new_empty((logits.shape[0],) if reduction == 0 else (), dtype=_acc(logits.dtype))
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         return loss, grad, _fused_grad_t_fake(logits, temperature_t, reduction)
 
     @torch.library.register_fake("softcal::cross_entropy_fused_")
     def _tsce_fused_inplace_fake(logits, target, weight, temperature_t, temperature,
-                                 label_smoothing, ignore_index, reduction, need_temperature_grad):
+                                 label_smoothing, ignore_index, reduction, need_temperature_grad,
+                                 z_loss=0.0, softcap=0.0, lse_out=None):
         loss = logits.new_empty((logits.shape[0],) if reduction == 0 else (), dtype=_acc(logits.dtype))
         return loss, _fused_grad_t_fake(logits, temperature_t, reduction)
 
@@ -155,10 +157,12 @@ if HAVE_EXTENSION:
 
     # ------------------------------------------------------------------ autograd
     def _tsce_setup_context(ctx, inputs, output):
-        logits, target, weight, temperature_t, temperature, eps, ignore_index, reduction = inputs
+        logits, target, weight, temperature_t, temperature, eps, ignore_index, reduction = inputs[:8]
+        z_loss, softcap = (tuple(inputs[8:10]) + (0.0, 0.0))[:2]  # schema defaults
         _, lse, denom = output
         ctx.save_for_backward(logits, target, weight, temperature_t, lse, denom)
-        ctx.scalars = (temperature, eps, ignore_index, reduction)
+        ctx.scalars = (temperature, eps, ignore_index, reduction, z_loss, softcap)
+        ctx.n_inputs = len(inputs)
         ctx.mark_non_differentiable(lse, denom)
         # lse and denom never get a gradient: do not let autograd fill (rows, 2) zeros for them
         # (a fresh lse-sized buffer per backward: ~10 % of the (1e6, 10) backward, and its memory)
@@ -167,7 +171,8 @@ if HAVE_EXTENSION:
     _REDUCTION_NAMES = ("none", "mean", "sum")
 
     def _tsce_backward_differentiable(grad_loss, logits, target, weight, temperature_t,
-                                      temperature, eps, ignore_index, reduction, need_x, need_t):
+                                      temperature, eps, ignore_index, reduction, need_x, need_t,
+                                      z_loss=0.0, softcap=0.0):
         """The backward as a graph of PyTorch operations (create_graph=True).
 
         The loss is recomputed by softcal.reference (the same maths as the kernels, the oracle
@@ -187,7 +192,7 @@ if HAVE_EXTENSION:
             loss = reference.cross_entropy(
                 logits, target, temperature=temperature_t if temperature_t is not None else temperature,
                 label_smoothing=eps, weight=weight, ignore_index=ignore_index,
-                reduction=_REDUCTION_NAMES[reduction])
+                reduction=_REDUCTION_NAMES[reduction], z_loss=z_loss, softcap=softcap or None)
             grads = torch.autograd.grad(loss, inputs, grad_loss, create_graph=True,
                                         allow_unused=True)
         grads = list(grads)
@@ -201,21 +206,21 @@ if HAVE_EXTENSION:
 
     def _tsce_backward(ctx, grad_loss, grad_lse, grad_denom):
         logits, target, weight, temperature_t, lse, denom = ctx.saved_tensors
+        rest = (None,) * (ctx.n_inputs - 4)
         if grad_loss is None:  # only reachable without materialized gradients
-            return (None,) * 8
-        temperature, eps, ignore_index, reduction = ctx.scalars
+            return (None,) * 4 + rest
+        temperature, eps, ignore_index, reduction, z_loss, softcap = ctx.scalars
         need_x = ctx.needs_input_grad[0]
         need_t = temperature_t is not None and ctx.needs_input_grad[3]
         if torch.is_grad_enabled():  # backward(create_graph=True): the graph of the backward is wanted
             grad_x, grad_t = _tsce_backward_differentiable(
                 grad_loss, logits, target, weight, temperature_t, temperature, eps, ignore_index,
-                reduction, need_x, need_t)
+                reduction, need_x, need_t, z_loss, softcap)
         else:
             grad_x, grad_t = ops.cross_entropy_bwd(grad_loss, logits, target, weight, lse, denom,
-                                          temperature_t, temperature, eps, ignore_index,
-                                          reduction, need_x, need_t)
-        return (grad_x if need_x else None, None, None, grad_t if need_t else None,
-                None, None, None, None)
+                                                   temperature_t, temperature, eps, ignore_index,
+                                                   reduction, need_x, need_t, z_loss, softcap)
+        return (grad_x if need_x else None, None, None, grad_t if need_t else None) + rest
 
     torch.library.register_autograd("softcal::cross_entropy_fwd", _tsce_backward,
                                     setup_context=_tsce_setup_context)

@@ -8,7 +8,8 @@ which), and the pure-PyTorch reference otherwise.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Union
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -57,12 +58,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, temperature_t, target, weight, temperature, eps, ignore_index, reduction,
-                inplace):
+                inplace, z_loss=0.0, softcap=0.0, lse_out=None):
         need_t = temperature_t is not None and temperature_t.requires_grad
         if inplace:
             loss, grad_t = torch.ops.softcal.cross_entropy_fused_(x, target, weight, temperature_t,
                                                          temperature, eps, ignore_index,
-                                                         reduction, need_t)
+                                                         reduction, need_t, z_loss, softcap,
+                                                         lse_out)
             # Declare the mutation: the logits' version counter (shared with the tensor they
             # are a view of) moves, so that autograd raises "modified by an inplace operation"
             # at backward for any op that saved them (exp, tanh, sigmoid, softmax, ...) instead
@@ -72,7 +74,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         else:
             loss, grad, grad_t = torch.ops.softcal.cross_entropy_fused(x, target, weight, temperature_t,
                                                               temperature, eps, ignore_index,
-                                                              reduction, need_t)
+                                                              reduction, need_t, z_loss, softcap,
+                                                              lse_out)
         ctx.save_for_backward(grad, grad_t)
         ctx.reduction = reduction
         ctx.used = False
@@ -101,7 +104,31 @@ class _FusedCrossEntropy(torch.autograd.Function):
             gx = grad
         if ctx.needs_input_grad[1]:
             gt = (grad_t * grad_loss).sum() if ctx.reduction == 0 else grad_t * grad_loss
-        return gx, gt, None, None, None, None, None, None, None
+        return gx, gt, None, None, None, None, None, None, None, None, None, None
+
+
+def _check_llm_options(fn: str, z_loss, softcap, return_lse) -> Tuple[float, float]:
+    """(z_loss, softcap as the kernels take it: 0.0 for none), or a clear error."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"{fn}: z_loss must be a float, got {type(z_loss).__name__}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"{fn}: softcap must be a float or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"{fn}: softcap must be a finite number > 0 or None, got {softcap}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"{fn}: return_lse must be a bool, got {type(return_lse).__name__}")
+    return float(z_loss), float(softcap) if softcap is not None else 0.0
+
+
+def _lse_of(lse2: torch.Tensor, temp_t: Optional[torch.Tensor], temp_f: float) -> torch.Tensor:
+    """lse = m / T + ls from the kernels' per-row [m, ls] (acc dtype, detached)."""
+    m, ls = lse2[:, 0], lse2[:, 1]
+    if temp_t is not None:
+        return m / temp_t.detach().to(lse2.dtype) + ls
+    return m / temp_f + ls
 
 
 def cross_entropy(
@@ -115,11 +142,16 @@ def cross_entropy(
     reduction: str = "mean",
     fused: bool = False,
     inplace: bool = False,
-) -> torch.Tensor:
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Temperature-scaled, label-smoothed cross-entropy.
 
     Equals ``F.cross_entropy(logits / temperature, target, weight=weight,
-    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)``.
+    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)``; with the
+    LLM options (docs/loss.md), ``F.cross_entropy(s, ...) + z_loss * lse(s)**2`` with
+    ``s = softcap * tanh(logits / softcap) / temperature``.
 
     Args:
         logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64; any
@@ -144,15 +176,26 @@ def cross_entropy(
             the logits' version counter, so an op that saved them for its backward (exp, tanh,
             softmax, ...) raises at backward instead of reading the gradient. Nothing is written
             when no gradient is needed, nor into logits whose layout needs a copy.
+        z_loss: z >= 0: adds z lse(s)^2 per non-ignored row (PaLM's z-loss), summed for "sum",
+            divided by the number of non-ignored rows for "mean" (not by the class weights' sum),
+            per row (0 at ignored rows) for "none".
+        softcap: c > 0 or None: each logit becomes c tanh(logit / c) before the temperature
+            (Gemma 2's logit soft-capping; a -inf logit becomes -c).
+        return_lse: also return lse(s) = log sum_c exp(s_c) of every row (ignored rows' too),
+            in the accumulation dtype (float32 for float16/bfloat16), the batch shape, detached
+            (no gradient flows through it); NaN for a row with a NaN or +inf logit or, without
+            a softcap, every logit -inf.
 
     Second derivatives: with fused=False, backward(create_graph=True) returns gradients that
     are differentiable (with respect to the logits and a tensor temperature); fused=True raises.
 
     Returns:
         The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".
-        float16/bfloat16 are computed in float32 inside the kernel.
+        float16/bfloat16 are computed in float32 inside the kernel. With return_lse,
+        (loss, lse).
     """
     fn = "softcal.cross_entropy"
+    zl, cap = _check_llm_options(fn, z_loss, softcap, return_lse)
     check_logits(fn, logits)
     target = check_target(fn, logits, target, probabilities=True)
     weight = check_weight(fn, logits, weight)
@@ -163,6 +206,11 @@ def cross_entropy(
     if inplace and not fused:
         raise ValueError(f"{fn}: inplace=True needs fused=True, got fused={fused!r}")
     if target.dtype.is_floating_point:  # class probabilities of the logits' shape: softcal._soft
+        for name, on in (("z_loss", zl != 0), ("softcap", cap != 0), ("return_lse", return_lse)):
+            if on:
+                raise NotImplementedError(
+                    f"{fn}: {name} is not supported with class-probability targets (floating "
+                    f"target of the logits' shape); use class-index targets")
         return _soft.soft_cross_entropy(
             fn, logits, target, temperature=temperature, label_smoothing=eps, weight=weight,
             ignore_index=ignore_index, reduction=reduction, fused=fused, inplace=inplace,
@@ -170,7 +218,8 @@ def cross_entropy(
     if not _use_kernel(logits.device):
         return reference.cross_entropy(logits, target, temperature=temperature,
                                        label_smoothing=eps, weight=weight,
-                                       ignore_index=ignore_index, reduction=reduction)
+                                       ignore_index=ignore_index, reduction=reduction,
+                                       z_loss=zl, softcap=softcap, return_lse=return_lse)
     x, t, batch_shape = flatten_classes(logits, target)
     temp_t, temp_f = _split_temperature(temperature)
     if fused and torch.is_grad_enabled() and (
@@ -178,15 +227,18 @@ def cross_entropy(
     ):
         if inplace and not x.is_contiguous():
             x = x.contiguous()
+        lse2 = x.new_empty((x.shape[0], 2), dtype=_ops._acc(x.dtype)) if return_lse else None
         loss = _FusedCrossEntropy.apply(x, temp_t, t, weight, temp_f, eps, ignore_index, red,
-                                        inplace)
+                                        inplace, zl, cap, lse2)
     else:
-        loss, _, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps, ignore_index,
-                                                red)
+        loss, lse2, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps,
+                                                           ignore_index, red, zl, cap, return_lse)
     loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
-    return loss
+    if not return_lse:
+        return loss
+    return loss, _lse_of(lse2, temp_t, temp_f).reshape(batch_shape)
 
 
 def _softmax(fn: str, x: torch.Tensor, temperature: Temperature, dim: int, log: bool):

@@ -4,7 +4,7 @@ same with smoothing 0.1 by default) and TemperatureScaler (calibration)."""
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -43,7 +43,8 @@ class CrossEntropyLoss(torch.nn.Module):
 
         CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
                          reduction="mean", label_smoothing=0.0, *, temperature=1.0,
-                         fused=False, inplace=False)
+                         fused=False, inplace=False, z_loss=0.0, softcap=None,
+                         return_lse=False)
 
     ``loss(input, target)`` equals ``torch.nn.CrossEntropyLoss(...)(input / temperature,
     target)``, gradients included (see :func:`softcal.cross_entropy`).
@@ -61,6 +62,8 @@ class CrossEntropyLoss(torch.nn.Module):
         fused: compute the gradient in the forward (see softcal.cross_entropy).
         inplace: with fused=True, overwrite the logits with their gradient (declared to
             autograd: an op that saved the logits raises at backward instead of going wrong).
+        z_loss, softcap, return_lse: the LLM options of :func:`softcal.cross_entropy` (z-loss
+            z lse^2 per row, logit soft-capping c tanh(x / c), and returning (loss, lse)).
 
     Shapes: input (C,), (N, C) or (N, C, d1, ...), float16/bfloat16/float32/float64, any
     strides; target (), (N,) or (N, d1, ...) class indices, passed unchanged to
@@ -81,9 +84,16 @@ class CrossEntropyLoss(torch.nn.Module):
         temperature: float = 1.0,
         fused: bool = False,
         inplace: bool = False,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        return_lse: bool = False,
     ) -> None:
         super().__init__()
         fn = self._fn
+        F._check_llm_options(fn, z_loss, softcap, return_lse)
+        self.z_loss = float(z_loss)
+        self.softcap = float(softcap) if softcap is not None else None
+        self.return_lse = return_lse
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise TypeError(f"{fn}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
         if size_average is not None or reduce is not None:
@@ -102,7 +112,8 @@ class CrossEntropyLoss(torch.nn.Module):
         self.inplace = bool(inplace)
         self.register_buffer("weight", weight)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor,
+                target: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         return F.cross_entropy(
             input,
             target,
@@ -113,6 +124,9 @@ class CrossEntropyLoss(torch.nn.Module):
             reduction=self.reduction,
             fused=self.fused,
             inplace=self.inplace,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            return_lse=self.return_lse,
         )
 
     def extra_repr(self) -> str:
@@ -123,6 +137,12 @@ class CrossEntropyLoss(torch.nn.Module):
             s += f", ignore_index={self.ignore_index}"
         if self.fused:
             s += f", fused=True, inplace={self.inplace}"
+        if self.z_loss:
+            s += f", z_loss={self.z_loss}"
+        if self.softcap is not None:
+            s += f", softcap={self.softcap}"
+        if self.return_lse:
+            s += ", return_lse=True"
         return s
 
 

@@ -67,15 +67,27 @@ def cross_entropy(
     weight: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-) -> torch.Tensor:
-    """F.cross_entropy(logits / T, ...) computed explicitly in the accumulation dtype."""
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """F.cross_entropy(logits / T, ...) computed explicitly in the accumulation dtype.
+
+    With softcap c the logits are first capped, x -> c tanh(x / c); z_loss adds z lse^2 per
+    non-ignored row (summed for "sum", divided by the number of non-ignored rows for "mean");
+    return_lse also returns lse = log sum exp(x / T) of every row (acc dtype, batch shape).
+    """
     x, t, batch_shape = flatten_classes(logits, target.long())
     rows, n_classes = x.shape
     acc = _acc_dtype(x.dtype)
     eps = float(label_smoothing)
     valid = _check_targets(t, n_classes, ignore_index)
+    xa = x.to(acc)
+    if softcap:
+        xa = softcap * torch.tanh(xa / softcap)
     # Ignored rows contribute nothing; zero them so that a fully masked ignored row stays finite.
-    xa = torch.where(valid[:, None], x.to(acc), torch.zeros((), dtype=acc, device=x.device))
+    xa_all = xa
+    xa = torch.where(valid[:, None], xa, torch.zeros((), dtype=acc, device=x.device))
     z = _scale(xa, temperature)
     m = z.amax(dim=1, keepdim=True) if n_classes > 0 else z.sum(1, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m).detach()
@@ -91,14 +103,27 @@ def cross_entropy(
         smooth = -(logp * w).sum(1) if w is not None else -logp.sum(1)
         loss = loss + (eps / n_classes) * smooth
     loss = torch.where(valid, loss, zero)
+    zrow = torch.where(valid, z_loss * lse.squeeze(1).square(), zero) if z_loss else None
     denom = torch.where(valid, w_y, zero).sum()
     if reduction == "none":
-        out = loss.reshape(batch_shape)
+        out = (loss if zrow is None else loss + zrow).reshape(batch_shape)
     elif reduction == "sum":
-        out = loss.sum()
+        out = loss.sum() if zrow is None else loss.sum() + zrow.sum()
     else:
         out = loss.sum() / denom
-    return out.to(logits.dtype)
+        if zrow is not None:
+            out = out + zrow.sum() / valid.sum().to(acc)
+    out = out.to(logits.dtype)
+    if not return_lse:
+        return out
+    za = _scale(xa_all, temperature)
+    if n_classes > 0:
+        ma = za.amax(dim=1, keepdim=True)
+        ma = torch.where(torch.isfinite(ma), ma, torch.zeros_like(ma)).detach()
+        lse_all = (ma + torch.log(torch.exp(za - ma).sum(dim=1, keepdim=True))).squeeze(1)
+    else:
+        lse_all = torch.full((rows,), float("-inf"), dtype=acc, device=x.device)
+    return out, lse_all.reshape(batch_shape)
 
 
 def _softmax_impl(x: torch.Tensor, temperature: Temperature, dim: int, log: bool) -> torch.Tensor:

@@ -2,7 +2,10 @@
 //
 // The row terms (row_coef, row_loss, true_class_dz, t_row_sum) are the one CPU place of the
 // cross-entropy's maths: the row path below and the tile path (cpu/ce_tile.h) both call them, with
-// one row (acc_t) or a vector of rows (Vec<float>). A new loss term goes here (docs/design.md §0).
+// one row (acc_t) or a vector of rows (Vec<float>). A new loss term goes here (docs/design.md §0):
+// the z-loss is a row term (row_loss, row_coef); the soft-cap is an element map (softcap_row,
+// softcap_grad_row) applied by the capped row path (ce_row_capped), the one path of a call with
+// a softcap, so that the kernels without one are unchanged.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,7 +38,17 @@ struct CEParams {
   Smoothing smoothing;  // kOff for eps == 0: the smoothing terms are absent, not times 0
   const acc_t* w;       // class weights in acc, or nullptr
   const int64_t* target;
+  // the LLM terms (common.h): zl, the z-loss's coefficient of a row's lse^2 (for mean, z_loss
+  // denom / count: the loss's sum is divided by denom, the z-loss's by the count of rows); cap,
+  // the soft-cap c; lse_all: ignored rows' [m, ls] are written too
+  acc_t zl = 0;
+  acc_t cap = 0;
+  ZLoss zloss = ZLoss::kOff;
+  Softcap softcap = Softcap::kOff;
+  bool lse_all = false;
   inline acc_t weight_of(int64_t c) const { return w == nullptr ? acc_t(1) : w[c]; }
+  // whether the true class's gradient needs p_y beside p_y - 1 (true_class_dz)
+  inline bool needs_p_y() const { return smoothing == Smoothing::kOn || zloss == ZLoss::kOn; }
   // The weights of the smoothing terms (eps / C) w_c: none without smoothing, so that a weight
   // of inf (1 / bincount of a class absent from the batch) never meets a 0 (§1).
   inline const acc_t* smoothing_weights() const {
@@ -47,8 +60,13 @@ struct CEParams {
 template <typename acc_t>
 CEParams<acc_t> make_params(int64_t C, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, std::vector<acc_t>& wbuf,
-                            double temperature, double eps, int64_t ignore_index) {
+                            double temperature, double eps, int64_t ignore_index,
+                            double z_loss = 0.0, double softcap = 0.0) {
   CEParams<acc_t> p;
+  p.zl = static_cast<acc_t>(z_loss);
+  p.zloss = zloss_of(z_loss);
+  p.cap = static_cast<acc_t>(softcap);
+  p.softcap = softcap_of(softcap);
   p.C = C;
   p.ignore_index = ignore_index;
   p.beta = static_cast<acc_t>(1.0 / temperature);
@@ -72,39 +90,76 @@ CEParams<acc_t> make_params(int64_t C, const at::Tensor& target,
 // ------------------------------------------------------------------------------------------
 
 // The coefficients of dL/dz_c = A p_c - cw w_c - ty [c == y] for a row whose target has weight
-// w_y: ty = (1 - eps) w_y, a_smooth = eps W / C, A = ty + a_smooth, cw = eps / C; without
-// smoothing A = ty = w_y and the other two are absent (W may be inf: §1).
+// w_y and whose log-sum-exp is lse: ty = (1 - eps) w_y, a_rest = eps W / C + 2 zl lse (the
+// smoothing's and the z-loss's shares of A), A = ty + a_rest, cw = eps / C; without smoothing
+// and z-loss A = ty = w_y and the other two are absent (W may be inf: §1).
 template <typename acc_t>
 struct RowCoef {
-  acc_t A, ty, a_smooth, cw;
+  acc_t A, ty, a_rest, cw;
 };
 
 template <typename acc_t>
-inline RowCoef<acc_t> row_coef(const CEParams<acc_t>& p, acc_t w_y) {
-  if (p.smoothing == Smoothing::kOff) return {w_y, w_y, acc_t(0), acc_t(0)};
+inline RowCoef<acc_t> row_coef(const CEParams<acc_t>& p, acc_t w_y, acc_t lse) {
+  const acc_t a_z = p.zloss == ZLoss::kOn ? acc_t(2) * p.zl * lse : acc_t(0);
+  if (p.smoothing == Smoothing::kOff) {
+    if (p.zloss == ZLoss::kOff) return {w_y, w_y, acc_t(0), acc_t(0)};
+    return {w_y + a_z, w_y, a_z, acc_t(0)};
+  }
   const acc_t ty = (acc_t(1) - p.eps) * w_y;
-  const acc_t a_smooth = p.eps * p.W / static_cast<acc_t>(p.C);
-  return {ty + a_smooth, ty, a_smooth, p.eps_c};
+  const acc_t a_rest = p.eps * p.W / static_cast<acc_t>(p.C) + a_z;
+  return {ty + a_rest, ty, a_rest, p.eps_c};
 }
 
 // The loss of a row that has a softmax, from nll = lse - z_y = beta (m - x_y) + ls, the
-// smoothing sum D = sum_c w_c (m - x_c) >= 0 and ls (§2: sums of terms of one sign):
-//   loss = (1 - eps) w_y nll + (eps / C) (beta D + W ls)
+// smoothing sum D = sum_c w_c (m - x_c) >= 0, ls and lse = beta m + ls (§2: sums of terms of one
+// sign):
+//   loss = (1 - eps) w_y nll + (eps / C) (beta D + W ls) + zl lse^2
 template <typename T, typename acc_t>
-inline T row_loss(const CEParams<acc_t>& p, const T& w_y, const T& nll, const T& D, const T& ls) {
-  const T loss = T(acc_t(1) - p.eps) * w_y * nll;
-  if (p.smoothing == Smoothing::kOff) return loss;
-  return loss + T(p.eps_c) * (T(p.beta) * D + T(p.W) * ls);
+inline T row_loss(const CEParams<acc_t>& p, const T& w_y, const T& nll, const T& D, const T& ls,
+                  const T& lse) {
+  T loss = T(acc_t(1) - p.eps) * w_y * nll;
+  if (p.smoothing == Smoothing::kOn) loss = loss + T(p.eps_c) * (T(p.beta) * D + T(p.W) * ls);
+  if (p.zloss == ZLoss::kOn) loss = loss + T(p.zl) * (lse * lse);
+  return loss;
 }
 
-// The true class's dL/dz_y = ty (p_y - 1) + a_smooth p_y - cw w_y, from em1 = p_y - 1 =
+// The true class's dL/dz_y = ty (p_y - 1) + a_rest p_y - cw w_y, from em1 = p_y - 1 =
 // expm1(log p_y) and e = p_y (§2: p_y - 1 keeps its digits), in acc before one rounding.
 template <typename T, typename acc_t>
-inline T true_class_dz(const CEParams<acc_t>& p, const T& ty, const T& a_smooth, const T& cw_wy,
+inline T true_class_dz(const CEParams<acc_t>& p, const T& ty, const T& a_rest, const T& cw_wy,
                        const T& em1, const T& e) {
   const T dz = ty * em1;
-  if (p.smoothing == Smoothing::kOff) return dz;
-  return dz + (a_smooth * e - cw_wy);
+  if (!p.needs_p_y()) return dz;
+  return dz + (a_rest * e - cw_wy);
+}
+
+// The soft-cap (an element map, Softcap::kOn): the row x[0:n] as the loss sees it, c tanh(x / c),
+// into out (acc). -inf becomes -c (as the composition: the capped row has a softmax), NaN stays.
+template <typename scalar_t, typename acc_t>
+inline void softcap_row(const scalar_t* x, int64_t n, acc_t cap, acc_t* out) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) std::copy(x, x + n, out);
+  else at::vec::convert(x, out, n);
+  const Vec<acc_t> vc(cap);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) (vc * (Vec<acc_t>::loadu(out + i) / vc).tanh()).store(out + i);
+  if (i < n) (vc * (Vec<acc_t>::loadu(out + i, n - i) / vc).tanh()).store(out + i, n - i);
+}
+
+// Its derivative on the gradient: out_c = g_c (1 - (x'_c / c)^2), x' the capped logits (the
+// derivative of c tanh(x / c) from its value), rounded once to the logits' dtype.
+template <typename scalar_t, typename acc_t>
+inline void softcap_grad_row(const acc_t* xc, acc_t* g, int64_t n, acc_t cap, scalar_t* out) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  const Vec<acc_t> vc(cap), one(1);
+  auto step = [&](int64_t i, int64_t k) {
+    const Vec<acc_t> t = Vec<acc_t>::loadu(xc + i, k) / vc;
+    (Vec<acc_t>::loadu(g + i, k) * (one - t * t)).store(g + i, k);
+  };
+  int64_t i = 0;
+  for (; i + V <= n; i += V) step(i, V);
+  if (i < n) step(i, n - i);
+  store_from_acc(g, out, n);
 }
 
 // The row's sum for dL/dT = -(g / T) S, S = sum_c dz_c z_c shifted by beta m (§2), from the
@@ -172,15 +227,23 @@ inline acc_t row_loss_of_stats(const CEParams<acc_t>& p, const scalar_t* x, cons
   lse_out[0] = st.m;
   lse_out[1] = ls;
   const acc_t nll = p.beta * (st.m - static_cast<acc_t>(x[y])) + ls;
-  return row_loss<acc_t>(p, p.weight_of(y), nll, st.D, ls);
+  return row_loss<acc_t>(p, p.weight_of(y), nll, st.D, ls, p.beta * st.m + ls);
+}
+
+// [m, ls] of a row from its statistics (NaN without a softmax).
+template <typename acc_t>
+inline void row_lse_of_stats(const RowStats<acc_t>& st, acc_t ls, acc_t* lse_out) {
+  const bool ok = st.has_softmax();
+  lse_out[0] = ok ? st.m : kNaN<acc_t>;
+  lse_out[1] = ok ? ls : kNaN<acc_t>;
 }
 
 // The true-class elements of a group of n rows (kGroup): grad[j][y[j]] = gb[j] * dL/dz_y from
-// lp[j] = log p_y (rows with grad[j] == nullptr skipped), the group's expm1 and exp as vector
-// code. lp is overwritten.
+// lp[j] = log p_y and the row's lse[j] (rows with grad[j] == nullptr skipped), the group's expm1
+// and exp as vector code. lp is overwritten.
 template <typename scalar_t, typename acc_t>
 inline void write_true_class(const CEParams<acc_t>& p, scalar_t* const* grad, const int64_t* y,
-                             const acc_t* gb, acc_t* lp, int64_t n) {
+                             const acc_t* gb, acc_t* lp, const acc_t* lse, int64_t n) {
   constexpr int64_t V = Vec<acc_t>::size();
   alignas(64) acc_t em1[kGroup], e[kGroup];
   for (int64_t j = 0; j < n; ++j)
@@ -189,13 +252,13 @@ inline void write_true_class(const CEParams<acc_t>& p, scalar_t* const* grad, co
     const int64_t k = std::min(V, n - j);
     const Vec<acc_t> v = Vec<acc_t>::loadu(lp + j, k);
     v.expm1().store(em1 + j, k);
-    if (p.smoothing == Smoothing::kOn) v.exp().store(e + j, k);
+    if (p.needs_p_y()) v.exp().store(e + j, k);
   }
   for (int64_t j = 0; j < n; ++j) {
     if (grad[j] == nullptr) continue;
     const acc_t w_y = p.weight_of(y[j]);
-    const RowCoef<acc_t> k = row_coef(p, w_y);
-    const acc_t dz = true_class_dz<acc_t>(p, k.ty, k.a_smooth, k.cw * w_y, em1[j], e[j]);
+    const RowCoef<acc_t> k = row_coef(p, w_y, lse[j]);
+    const acc_t dz = true_class_dz<acc_t>(p, k.ty, k.a_rest, k.cw * w_y, em1[j], e[j]);
     grad[j][y[j]] = static_cast<scalar_t>(gb[j] * dz);
   }
 }
@@ -211,7 +274,7 @@ inline double row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gr
                        acc_t* lp_y) {
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t C = p.C;
-  const RowCoef<acc_t> k = row_coef(p, p.weight_of(y));
+  const RowCoef<acc_t> k = row_coef(p, p.weight_of(y), p.beta * m + ls);
   const acc_t gb = g * p.beta;
   if (!(std::isfinite(m) && std::isfinite(ls))) {  // no softmax: NaN gradient
     if (grad != nullptr) std::fill(grad, grad + C, static_cast<scalar_t>(kNaN<acc_t>));
@@ -272,7 +335,8 @@ struct CEIo {
   const acc_t* lse_in = nullptr;  // backward: the forward's [m, ls] per row
   UpstreamGrad<acc_t> g;          // backward, fused: dL/dloss_i (1 / denom included for mean)
   bool need_t = false;            // backward, fused: dL/dT wanted
-  acc_t* lse_out = nullptr;       // forward: [m, ls] per row ([0, 0] for ignored rows)
+  acc_t* lse_out = nullptr;       // forward, fused: [m, ls] per row ([0, 0] for ignored rows
+                                  // unless p.lse_all), or nullptr (fused: not wanted)
   acc_t* loss_rows = nullptr;     // reduction none: the row losses (else summed per block)
   acc_t* grad_t_rows = nullptr;   // fused, reduction none: the rows' dL/dT (else summed)
   scalar_t* grad = nullptr;       // backward, fused: (rows, C) contiguous, may alias x (in place)
@@ -297,7 +361,7 @@ template <typename scalar_t, typename acc_t>
 struct RowScratch {
   std::vector<acc_t> xbuf, gbuf;  // a chunk of logits in acc, a chunk of gradient (bf16/half)
   RowStats<acc_t> st[kGroup];
-  alignas(64) acc_t ls[kGroup], gb[kGroup], lp[kGroup];
+  alignas(64) acc_t ls[kGroup], gb[kGroup], lp[kGroup], lse[kGroup];
   scalar_t* grad_row[kGroup];
   int64_t y[kGroup];
   NextMax carry;
@@ -328,7 +392,7 @@ inline void ce_row_group(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& 
     for (int64_t j = 0; j < ng; ++j) {
       const int64_t i = i0 + j;
       s.ls[j] = 0;
-      if (p.target[i] == p.ignore_index) continue;
+      if (p.target[i] == p.ignore_index && !(p.lse_all && io.lse_out != nullptr)) continue;
       const scalar_t* xr = io.x + i * io.row_stride;
       s.st[j] = row_stats(xr, C, p.beta, p.w, p.smoothing == Smoothing::kOn, s.xbuf.data(),
                           i + 1 < end ? xr + io.row_stride : nullptr, &s.carry);
@@ -343,7 +407,12 @@ inline void ce_row_group(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& 
     s.y[j] = 0;
     if (y == p.ignore_index) {
       if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
-      if constexpr (kPass == Pass::kForward) io.lse_out[2 * i] = io.lse_out[2 * i + 1] = 0;
+      if constexpr (kStats) {
+        if (io.lse_out != nullptr) {
+          if (p.lse_all) row_lse_of_stats(s.st[j], s.ls[j], io.lse_out + 2 * i);
+          else io.lse_out[2 * i] = io.lse_out[2 * i + 1] = 0;
+        }
+      }
       io.template emit<kPass>(i, 0, 0, sums);
       continue;
     }
@@ -355,7 +424,7 @@ inline void ce_row_group(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& 
     acc_t lse[2] = {0, 0}, loss = 0;
     if constexpr (kStats) {
       loss = row_loss_of_stats(p, xr, s.st[j], s.ls[j], y, lse);
-      if constexpr (kPass == Pass::kForward) {
+      if (io.lse_out != nullptr) {
         io.lse_out[2 * i] = lse[0];
         io.lse_out[2 * i + 1] = lse[1];
       }
@@ -372,12 +441,89 @@ inline void ce_row_group(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& 
       if (gr != nullptr && !std::isnan(s.lp[j])) s.grad_row[j] = gr;
       s.y[j] = y;
       s.gb[j] = g * p.beta;
+      s.lse[j] = p.beta * lse[0] + lse[1];
     }
     io.template emit<kPass>(i, loss, grad_t, sums);
   }
   if constexpr (kGrad) {
-    if (io.grad != nullptr) write_true_class(p, s.grad_row, s.y, s.gb, s.lp, ng);
+    if (io.grad != nullptr) write_true_class(p, s.grad_row, s.y, s.gb, s.lp, s.lse, ng);
   }
+}
+
+// ------------------------------------------------------------------------------------------
+// The capped row path (Softcap::kOn): one row at a time, its logits capped into an acc row
+// buffer (softcap_row), then the row path's statistics and gradient over that buffer, its
+// gradient in acc times the cap's derivative (softcap_grad_row), rounded once into grad (which
+// may alias the logits: the row was read whole before).
+// ------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct CapScratch {
+  std::vector<acc_t> xc, g;  // the row's capped logits and its gradient, in acc
+  explicit CapScratch(int64_t C) : xc(C), g(C) {}
+};
+
+template <Pass kPass, typename scalar_t, typename acc_t>
+inline void ce_row_capped(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& io, int64_t i,
+                          CapScratch<acc_t>& s, BlockSums& sums) {
+  constexpr bool kStats = kPass != Pass::kBackward;
+  constexpr bool kGrad = kPass != Pass::kForward;
+  const int64_t C = p.C, y = p.target[i];
+  const bool ignored = y == p.ignore_index;
+  scalar_t* gr = kGrad && io.grad != nullptr ? io.grad + i * C : nullptr;
+  const bool lse_of_ignored = kStats && p.lse_all && io.lse_out != nullptr;
+  if (ignored && !lse_of_ignored) {
+    if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
+    if constexpr (kStats) {
+      if (io.lse_out != nullptr) io.lse_out[2 * i] = io.lse_out[2 * i + 1] = 0;
+    }
+    io.template emit<kPass>(i, 0, 0, sums);
+    return;
+  }
+  if constexpr (kPass == Pass::kBackward) {
+    TORCH_CHECK(y >= 0 && y < C, io.op, ": target[", i, "] = ", y, " is out of range for ", C,
+                " classes");
+  }
+  acc_t* xc = s.xc.data();
+  softcap_row(io.x + i * io.row_stride, C, p.cap, xc);
+  acc_t lse[2] = {0, 0}, loss = 0;
+  if constexpr (kStats) {
+    const RowStats<acc_t> st = row_stats(static_cast<const acc_t*>(xc), C, p.beta, p.w,
+                                         p.smoothing == Smoothing::kOn, static_cast<acc_t*>(nullptr));
+    const acc_t ls = std::log1p(st.arg());
+    if (ignored) {
+      row_lse_of_stats(st, ls, io.lse_out + 2 * i);
+      if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
+      io.template emit<kPass>(i, 0, 0, sums);
+      return;
+    }
+    loss = row_loss_of_stats(p, static_cast<const acc_t*>(xc), st, ls, y, lse);
+    if (io.lse_out != nullptr) {
+      io.lse_out[2 * i] = lse[0];
+      io.lse_out[2 * i + 1] = lse[1];
+    }
+  } else {
+    lse[0] = io.lse_in[2 * i];
+    lse[1] = io.lse_in[2 * i + 1];
+  }
+  double grad_t = 0;
+  if constexpr (kGrad) {
+    const acc_t g = io.g.of(i);
+    acc_t* ga = gr != nullptr ? s.g.data() : nullptr;
+    alignas(64) acc_t lp[kGroup] = {}, gb[kGroup] = {g * p.beta},
+                      lser[kGroup] = {p.beta * lse[0] + lse[1]};
+    const int64_t ys[1] = {y};
+    const double S = row_grad(p, static_cast<const acc_t*>(xc), ga, lse[0], lse[1], y, g,
+                              io.need_t, static_cast<acc_t*>(nullptr),
+                              static_cast<acc_t*>(nullptr), &lp[0]);
+    if (io.need_t) grad_t = -static_cast<double>(g) * S * static_cast<double>(p.beta);
+    if (ga != nullptr) {
+      acc_t* rows[1] = {std::isnan(lp[0]) ? nullptr : ga};
+      write_true_class(p, rows, ys, gb, lp, lser, 1);
+      softcap_grad_row(static_cast<const acc_t*>(xc), ga, C, p.cap, gr);
+    }
+  }
+  io.template emit<kPass>(i, loss, grad_t, sums);
 }
 
 }  // namespace cpu

@@ -155,7 +155,7 @@ __attribute__((noinline)) void tile_forward(const TileShape& ts, const CEParams<
     for (int64_t l = 0; l < R; ++l) wyl[l] = p.w[t.y[l]];
     wy = V::loadu(wyl);
   }
-  const V loss = row_loss<V>(p, wy, vb * (vm - xy) + ls, D, ls);
+  const V loss = row_loss<V>(p, wy, vb * (vm - xy) + ls, D, ls, vb * vm + ls);
   vm.store(t.m);
   ls.store(t.ls);
   xy.store(t.xy);
@@ -177,12 +177,12 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   constexpr int64_t R = TileShape::R;
   using V = Vec<float>;
   const int64_t C = ts.C;
-  alignas(64) float ml[R], lsl[R], coefl[R], cwl[R], Al[R], tyl[R], wyl[R];
-  float a_smooth = 0, cw = 0;
+  alignas(64) float ml[R], lsl[R], coefl[R], cwl[R], Al[R], tyl[R], wyl[R], arl[R];
+  float cw = 0;
   for (int64_t l = 0; l < R; ++l) {
     const bool live = t.valid[l] && t.ok[l];
     const float w_y = p.weight_of(t.y[l]);
-    const RowCoef<float> k = row_coef(p, w_y);
+    const RowCoef<float> k = row_coef(p, w_y, live ? p.beta * t.m[l] + t.ls[l] : 0.0f);
     const float gb = live ? t.g[l] * p.beta : 0.0f;
     ml[l] = live ? t.m[l] : 0.0f;
     lsl[l] = live ? t.ls[l] : 0.0f;
@@ -191,7 +191,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
     Al[l] = k.A;
     tyl[l] = k.ty;
     wyl[l] = w_y;
-    a_smooth = k.a_smooth;  // the same for every row
+    arl[l] = k.a_rest;  // per row with a z-loss (2 zl lse)
     cw = k.cw;
   }
   const V vm = V::loadu(ml), vnls = V(0) - V::loadu(lsl), vcoef = V::loadu(coefl),
@@ -216,8 +216,8 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   }
   // the true class (true_class_dz), for the 16 rows at once
   const V lp = vb * (V::loadu(t.xy) - vm) + vnls;
-  const V e_y = p.smoothing == Smoothing::kOn ? lp.exp() : zero;
-  const V dzy = true_class_dz<V>(p, V::loadu(tyl), V(a_smooth), vk_cw * V::loadu(wyl),
+  const V e_y = p.needs_p_y() ? lp.exp() : zero;
+  const V dzy = true_class_dz<V>(p, V::loadu(tyl), V::loadu(arl), vk_cw * V::loadu(wyl),
                                  lp.expm1(), e_y);
   alignas(64) float dzyl[R];
   alignas(64) double Sl[R], Ml[R];
@@ -250,6 +250,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
 // Whether the tile path takes this call.
 template <typename scalar_t>
 inline bool use_tiles(int64_t C) {
+  // (a call with a soft-cap takes the capped row path: run_pass)
   return std::is_same_v<at::opmath_type<scalar_t>, float> && C >= 1 && C <= kTileMaxC;
 }
 
@@ -291,9 +292,12 @@ void ce_tile_blocks(const CEParams<float>& p, const CEIo<scalar_t, float>& io, i
     for (int64_t l = 0; l < nr; ++l) {
       const int64_t i = i0 + l;
       const bool v = t.valid[l];
-      if constexpr (kPass == Pass::kForward) {
-        io.lse_out[2 * i] = v ? t.m[l] : 0.0f;  // ignored rows: [0, 0], loss 0
-        io.lse_out[2 * i + 1] = v ? t.ls[l] : 0.0f;
+      if constexpr (kStats) {
+        if (io.lse_out != nullptr) {  // ignored rows: [0, 0] (unless p.lse_all), loss 0
+          const bool w = v || p.lse_all;
+          io.lse_out[2 * i] = w ? t.m[l] : 0.0f;
+          io.lse_out[2 * i + 1] = w ? t.ls[l] : 0.0f;
+        }
       }
       if constexpr (kStats) {
         const float loss = v ? t.loss[l] : 0.0f;

@@ -5,6 +5,8 @@
 //   forward   loss_i = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c)       (§1)
 //   backward  dL/dx_c = beta g (A p_c - (eps / C) w_c - (1 - eps) w_y [c == y]), and dL/dT
 //   fused     both in one read of the logits, the gradient for g = 1 (1 / denom for mean)
+// with the LLM terms (schemas.h): + zl lse^2 on the loss and 2 zl lse on A (z-loss, a row term),
+// the logits capped c tanh(x / c) as they are read (soft-cap: the capped row path).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -38,6 +40,16 @@ std::vector<BlockSums> run_pass(const CEParams<at::opmath_type<scalar_t>>& p,
   const int64_t blocks = (io.rows + bs - 1) / bs;
   std::vector<BlockSums> parts(blocks);
   const int64_t grain = std::max<int64_t>(1, row_grain(p.C) / bs);
+  if (p.softcap == Softcap::kOn) {  // switched once: the kernels without a cap are unchanged
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      CapScratch<acc_t> scratch(p.C);
+      for_block_groups(io.rows, bs, b0, b1, 1, parts.data(),
+                       [&](int64_t i0, int64_t, int64_t, BlockSums& sums) {
+                         ce_row_capped<kPass>(p, io, i0, scratch, sums);
+                       });
+    });
+    return parts;
+  }
   // the backward of dL/dT alone (no logits gradient) takes the row path
   const bool tiles = use_tiles<scalar_t>(p.C) && (kPass != Pass::kBackward || io.grad != nullptr);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
@@ -56,22 +68,48 @@ std::vector<BlockSums> run_pass(const CEParams<at::opmath_type<scalar_t>>& p,
   return parts;
 }
 
+// The LLM terms of a call (schemas.h).
+struct LlmTerms {
+  double z_loss = 0;
+  double softcap = 0;
+  bool lse_all = false;
+  int64_t reduction = kNone;
+};
+
+// The number of non-ignored rows (the z-loss's divisor for mean).
+inline double count_rows(const int64_t* target, int64_t rows, int64_t ignore_index) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < rows; ++i) n += target[i] != ignore_index;
+  return static_cast<double>(n);
+}
+
 // Dispatches on the logits' dtype and runs pass kPass: the call's constants (the class weights
 // converted once), for the forward and fused passes the targets checked and denom summed (into
-// *denom), then set_io(io, denom) sets the pass's inputs and outputs (a generic lambda: io is a
+// *denom; the backward reads it), the z-loss's coefficient (for mean: z_loss denom / count, so
+// that the loss's division by denom leaves the z-loss divided by the count of rows), then
+// set_io(io, denom) sets the pass's inputs and outputs (a generic lambda: io is a
 // CEIo<scalar_t, acc_t>). Returns the blocks' sums.
 template <Pass kPass, typename SetIo>
 std::vector<BlockSums> dispatch_pass(Op op, const at::Tensor& logits, const at::Tensor& target,
                                      const std::optional<at::Tensor>& weight, double T, double eps,
-                                     int64_t ignore_index, double* denom, SetIo&& set_io) {
+                                     int64_t ignore_index, double* denom, SetIo&& set_io,
+                                     const LlmTerms& llm = {}) {
   const at::Tensor tgt = target.contiguous();
   std::vector<BlockSums> parts;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softcal_cross_entropy_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> wbuf;
-    const auto p = make_params<acc_t>(logits.size(1), tgt, weight, wbuf, T, eps, ignore_index);
+    auto p = make_params<acc_t>(logits.size(1), tgt, weight, wbuf, T, eps, ignore_index,
+                                llm.z_loss, llm.softcap);
+    p.lse_all = llm.lse_all;
     if constexpr (kPass != Pass::kBackward) {
       *denom = check_targets_and_denom(p, logits.size(0), op_name(op));
+    }
+    if (p.zloss == ZLoss::kOn && llm.reduction == kMean && p.w != nullptr) {
+      // (without weights denom is the count itself)
+      const double count = count_rows(p.target, logits.size(0), ignore_index);
+      const double den = static_cast<double>(static_cast<acc_t>(*denom));  // as the loss divides
+      p.zl = count > 0 ? static_cast<acc_t>(llm.z_loss * den / count) : acc_t(0);
     }
     CEIo<scalar_t, acc_t> io;
     io.x = logits.const_data_ptr<scalar_t>();
@@ -113,10 +151,11 @@ at::Tensor grad_t_output(const std::vector<BlockSums>& parts, bool need_t,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction) {
+    int64_t ignore_index, int64_t reduction, double z_loss, double softcap, bool lse_all_rows) {
   constexpr Op op = Op::kCrossEntropy;
   checks::cross_entropy(Backend::kCpu, op, logits, target, weight, temperature_t, temperature,
                         label_smoothing, reduction);
+  checks::llm_terms(op, logits, z_loss, softcap);
   const double T = checks::host_temperature(op, temperature_t, temperature);
   const int64_t rows = logits.size(0);
   const auto acc_options = logits.options().dtype(acc_type(logits.scalar_type()));
@@ -128,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
         using acc_t = io_acc_t<decltype(io)>;
         io.lse_out = lse.data_ptr<acc_t>();
         io.loss_rows = reduction == kNone ? loss_rows.data_ptr<acc_t>() : nullptr;
-      });
+      }, LlmTerms{z_loss, softcap, lse_all_rows, reduction});
   // mean divides by denom in acc, the value the backward reads back
   const at::Tensor denom_t = at::scalar_tensor(denom, acc_options);
   return {loss_output(loss_rows, parts, reduction, denom_t.item<double>()), lse, denom_t};
@@ -138,10 +177,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& denom,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_logits_grad, bool need_temperature_grad) {
+    int64_t ignore_index, int64_t reduction, bool need_logits_grad, bool need_temperature_grad,
+    double z_loss, double softcap) {
   constexpr Op op = Op::kCrossEntropyBwd;
   checks::cross_entropy_bwd(Backend::kCpu, grad_loss, logits, target, weight, lse, denom,
                             temperature_t, temperature, label_smoothing, reduction);
+  checks::llm_terms(op, logits, z_loss, softcap);
   const double T = checks::host_temperature(op, temperature_t, temperature);
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
@@ -154,9 +195,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(
     if (reduction == kMean) g_scalar /= denom.item<double>();
   }
   const at::Tensor lse_c = lse.contiguous();
-  double unused = 0;
+  double denom_v = denom.item<double>();  // the z-loss's coefficient for mean (dispatch_pass)
   const auto parts = dispatch_pass<Pass::kBackward>(
-      op, logits, target, weight, T, label_smoothing, ignore_index, &unused, [&](auto& io, double) {
+      op, logits, target, weight, T, label_smoothing, ignore_index, &denom_v, [&](auto& io, double) {
         using acc_t = io_acc_t<decltype(io)>;
         using scalar_t = io_scalar_t<decltype(io)>;
         io.lse_in = lse_c.const_data_ptr<acc_t>();
@@ -168,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(
         }
         io.need_t = need_t;
         io.grad = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
-      });
+      }, LlmTerms{z_loss, softcap, false, reduction});
   const auto t_dtype = temp_grad_type(temperature_t, logits.scalar_type());
   return {grad, grad_t_output(parts, need_t, logits.options().dtype(t_dtype))};
 }
@@ -182,7 +223,10 @@ std::tuple<at::Tensor, at::Tensor> fused_pass(Op op, const at::Tensor& logits, c
                                               const std::optional<at::Tensor>& temperature_t,
                                               double temperature, double label_smoothing,
                                               int64_t ignore_index, int64_t reduction,
-                                              bool need_temperature_grad) {
+                                              bool need_temperature_grad, double z_loss,
+                                              double softcap,
+                                              const std::optional<at::Tensor>& lse_out) {
+  checks::llm_terms(op, logits, z_loss, softcap, lse_out);
   const double T = checks::host_temperature(op, temperature_t, temperature);
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   const int64_t rows = logits.size(0);
@@ -202,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor> fused_pass(Op op, const at::Tensor& logits, c
         io.grad = const_cast<scalar_t*>(grad.const_data_ptr<scalar_t>());
         io.loss_rows = per_row ? loss_rows.data_ptr<acc_t>() : nullptr;
         io.grad_t_rows = per_row && need_t ? grad_t_rows.data_ptr<acc_t>() : nullptr;
-      });
+        io.lse_out = lse_out.has_value() ? lse_out->data_ptr<acc_t>() : nullptr;
+      }, LlmTerms{z_loss, softcap, lse_out.has_value(), reduction});
   if (per_row) {
     return {loss_rows, need_t ? grad_t_rows.to(t_options.dtype()) : at::zeros({rows}, t_options)};
   }
@@ -212,25 +257,29 @@ std::tuple<at::Tensor, at::Tensor> fused_pass(Op op, const at::Tensor& logits, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
+    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss,
+    double softcap, const std::optional<at::Tensor>& lse_out) {
   constexpr Op op = Op::kCrossEntropyFused;
   checks::cross_entropy(Backend::kCpu, op, logits, target, weight, temperature_t, temperature,
                         label_smoothing, reduction);
   at::Tensor grad = new_grad_buffer(logits);
   auto [loss, grad_t] = fused_pass(op, logits, grad, target, weight, temperature_t, temperature,
-                                   label_smoothing, ignore_index, reduction, need_temperature_grad);
+                                   label_smoothing, ignore_index, reduction, need_temperature_grad,
+                                   z_loss, softcap, lse_out);
   return {loss, grad, grad_t};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_inplace_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
+    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss,
+    double softcap, const std::optional<at::Tensor>& lse_out) {
   constexpr Op op = Op::kCrossEntropyFusedInplace;
   checks::cross_entropy(Backend::kCpu, op, logits, target, weight, temperature_t, temperature,
                         label_smoothing, reduction);
   return fused_pass(op, logits, logits, target, weight, temperature_t, temperature,
-                    label_smoothing, ignore_index, reduction, need_temperature_grad);
+                    label_smoothing, ignore_index, reduction, need_temperature_grad, z_loss,
+                    softcap, lse_out);
 }
 
 }  // namespace

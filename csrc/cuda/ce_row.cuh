@@ -9,8 +9,9 @@
 //    derivative): ce_logit, read by phase 1, phase 2 and the tile path, and the element's dz in
 //    CEGrad::element;
 //  * the per-row lse returned: ce_row_loss computes it.
-// The variants are common.h's enums (Smoothing, ClassWeights), template parameters switched once
-// on the host by ce_switch.
+// The variants are common.h's enums (Smoothing, ClassWeights, Softcap), template parameters
+// switched once on the host by ce_switch (ce_switch_cap with the soft-cap); the z-loss is a row
+// term (its coefficient zl, 0 without), never read per element.
 #pragma once
 
 #include "cuda/reduce.cuh"
@@ -37,10 +38,34 @@ inline void ce_switch(double eps, bool weighted, F&& f) {
 template <Smoothing S, ClassWeights W>
 constexpr bool kPerElementWeights = S == Smoothing::kOn && W == ClassWeights::kPerClass;
 
-// A logit as the loss sees it (the place of a per-element map such as soft-capping).
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t ce_logit(T x) {
-  return static_cast<acc_t>(x);
+// f(Smoothing, ClassWeights, Softcap constants): ce_switch's variants, each with and without the
+// soft-cap (the kernels without it are unchanged).
+template <typename F>
+inline void ce_switch_cap(double eps, bool weighted, double softcap, F&& f) {
+  ce_switch(eps, weighted, [&](auto sc, auto wc) {
+    if (softcap_of(softcap) == Softcap::kOn)
+      f(sc, wc, std::integral_constant<Softcap, Softcap::kOn>{});
+    else
+      f(sc, wc, std::integral_constant<Softcap, Softcap::kOff>{});
+  });
+}
+
+// A logit as the loss sees it: x, or c tanh(x / c) with the soft-cap (-inf becomes -c).
+template <typename acc_t, Softcap P = Softcap::kOff, typename T>
+__device__ __forceinline__ acc_t ce_logit(T x, acc_t cap = acc_t(0)) {
+  const acc_t v = static_cast<acc_t>(x);
+  if constexpr (P == Softcap::kOn) return cap * ::tanh(v / cap);
+  return v;
+}
+
+// The soft-cap's derivative at a capped logit xc: 1 - (xc / c)^2 (1 without the cap).
+template <typename acc_t, Softcap P>
+__device__ __forceinline__ acc_t ce_logit_grad(acc_t xc, acc_t cap) {
+  if constexpr (P == Softcap::kOn) {
+    const acc_t t = xc / cap;
+    return acc_t(1) - t * t;
+  }
+  return acc_t(1);
 }
 
 // A kernel's constants: beta = 1/T, beta log2(e) and eps / C (0 without smoothing).
@@ -89,18 +114,19 @@ struct CEMerge {
 
 // Consumes a thread's elements of a row into its state: the max is updated once per vector, one
 // exp2 per element.
-template <typename T, typename acc_t, Smoothing S, ClassWeights W>
+template <typename T, typename acc_t, Smoothing S, ClassWeights W, Softcap P = Softcap::kOff>
 struct CEAccum {
   CEState<acc_t> st;
   acc_t beta_log2e;
   const acc_t* w;  // class weights (read per element: kPerElementWeights)
   int y;           // target (-1: none)
+  acc_t cap = 0;   // the soft-cap c (Softcap::kOn)
 
   __device__ __forceinline__ void operator()(int idx, const Vec16<T>& v, int count) {
     constexpr int V = vec_size<T>();
     acc_t x[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) x[k] = k < count ? ce_logit<acc_t>(v.v[k]) : neg_inf<acc_t>();
+    for (int k = 0; k < V; ++k) x[k] = k < count ? ce_logit<acc_t, P>(v.v[k], cap) : neg_inf<acc_t>();
     const acc_t vm = vec_max<T, acc_t>(v, x, count);
     if (vm > st.m) {
       if (st.m > neg_inf<acc_t>()) {
@@ -139,10 +165,11 @@ struct CEAccum {
 
 // The loss of a non-ignored row from its merged state, and ls = log sum exp(beta (x - m)), lse =
 // beta m + ls. No result is the difference of two large numbers: lse - z_y = beta (m - x_y) + ls
-// and sum_c w_c (lse - z_c) = beta d + W ls.
+// and sum_c w_c (lse - z_c) = beta d + W ls. The z-loss (zl != 0): + zl lse^2.
 template <typename acc_t, Smoothing S>
 __device__ __forceinline__ acc_t ce_row_loss(const CEState<acc_t>& st, acc_t beta, acc_t eps,
-                                             acc_t smooth_coef, acc_t w_y, acc_t& lse, acc_t& ls) {
+                                             acc_t smooth_coef, acc_t w_y, acc_t& lse, acc_t& ls,
+                                             acc_t zl = acc_t(0)) {
   if (!(st.m > neg_inf<acc_t>())) {  // fully masked row (or NaN logits)
     lse = ls = std::numeric_limits<acc_t>::quiet_NaN();
     return lse;
@@ -151,26 +178,40 @@ __device__ __forceinline__ acc_t ce_row_loss(const CEState<acc_t>& st, acc_t bet
   lse = beta * st.m + ls;
   acc_t loss = (acc_t(1) - eps) * w_y * (beta * (st.m - st.xy) + ls);
   if (S == Smoothing::kOn) loss += smooth_coef * (beta * st.d + st.wc * ls);
+  if (zl != acc_t(0)) loss += zl * (lse * lse);
   return loss;
+}
+
+// [m, ls] of a row from its merged state (NaN without a softmax): the lse of an ignored row.
+template <typename acc_t>
+__device__ __forceinline__ void ce_row_lse(const CEState<acc_t>& st, acc_t& m, acc_t& ls) {
+  if (!(st.m > neg_inf<acc_t>())) {
+    m = ls = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  ls = flog_sum(st.s);
+  m = ls == ls ? st.m : ls;
 }
 
 // ------------------------------------------------------------------ phase 2: the gradient
 // The coefficients of dL/dz_c = p_coef p_c - smooth_coef w_c - target_coef [c == y]:
 template <typename acc_t>
 struct CECoef {
-  acc_t p_coef;       // A = (1 - eps) w_y + eps W / C
+  acc_t p_coef;       // A = (1 - eps) w_y + eps W / C + 2 zl lse
   acc_t target_coef;  // (1 - eps) w_y
-  acc_t smooth_mass;  // eps W / C = A - (1 - eps) w_y
+  acc_t smooth_mass;  // eps W / C + 2 zl lse = A - (1 - eps) w_y
   acc_t smooth_coef;  // eps / C
   acc_t grad_scale;   // beta g: dL/dx_c = beta g dL/dz_c
 };
 
-// weight_total = W (sum of the class weights; C without them); g = the row's upstream gradient.
+// weight_total = W (sum of the class weights; C without them); g = the row's upstream gradient;
+// zl2_lse = 2 zl lse, the z-loss's share of A (0 without).
 template <typename acc_t, Smoothing S>
 __device__ __forceinline__ CECoef<acc_t> ce_coef(acc_t beta, acc_t eps, acc_t smooth_coef,
-                                                 acc_t weight_total, acc_t classes, acc_t w_y, acc_t g) {
+                                                 acc_t weight_total, acc_t classes, acc_t w_y, acc_t g,
+                                                 acc_t zl2_lse = acc_t(0)) {
   const acc_t target_coef = (acc_t(1) - eps) * w_y;
-  const acc_t smooth_mass = S == Smoothing::kOn ? eps * weight_total / classes : acc_t(0);
+  const acc_t smooth_mass = (S == Smoothing::kOn ? eps * weight_total / classes : acc_t(0)) + zl2_lse;
   return CECoef<acc_t>{target_coef + smooth_mass, target_coef, smooth_mass, smooth_coef, beta * g};
 }
 
@@ -187,7 +228,7 @@ __device__ __forceinline__ acc_t ce_target_dz(acc_t log_p, const CECoef<acc_t>& 
 // or the forward's saved [m, ls] (backward): exact at the row maximum whatever the logits'
 // magnitude. The T-gradient sums dz_c (beta (x_c - row_max) - t_shift) over unmasked classes
 // (t1) and dz_c over masked ones (t0), in double (docs/design.md: precision policy).
-template <typename T, typename acc_t, Smoothing S, ClassWeights W>
+template <typename T, typename acc_t, Smoothing S, ClassWeights W, Softcap P = Softcap::kOff>
 struct CEGrad {
   acc_t beta, beta_log2e;
   acc_t row_max;    // m
@@ -204,6 +245,8 @@ struct CEGrad {
   double t1 = 0, t0 = 0;
   acc_t xy = 0;  // x_y, in the thread whose elements hold the target
   bool have_y = false;
+  acc_t cap = 0;  // the soft-cap c (Softcap::kOn): logits capped as read, the gradient times
+                  // the cap's derivative
 
   // The row's coefficients and where its gradient goes (out: the gradient row or nullptr; vec_ok:
   // out is aligned like the logits' row x).
@@ -244,7 +287,7 @@ struct CEGrad {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         if (k < count) {
-          const acc_t p = p_of(ce_logit<acc_t>(v.v[k]));
+          const acc_t p = p_of(ce_logit<acc_t, P>(v.v[k], cap));
           if (S == Smoothing::kOff) g[k] = p * scaled_p_coef;
           else if (!kPerElementWeights<S, W>) g[k] = p * scaled_p_coef - scaled_smooth;
           else g[k] = p * scaled_p_coef - scaled_smooth * w[idx + k];
@@ -254,7 +297,7 @@ struct CEGrad {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         if (k < count) {
-          const acc_t x = ce_logit<acc_t>(v.v[k]);
+          const acc_t x = ce_logit<acc_t, P>(v.v[k], cap);
           const acc_t dz = element(x, kPerElementWeights<S, W> ? w[idx + k] : acc_t(1));
           g[k] = c.grad_scale * dz;
           sum_t(dz, x);
@@ -265,12 +308,17 @@ struct CEGrad {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         if (idx + k == y) {  // the generic form of the target's element: finish() refines it
-          xy = ce_logit<acc_t>(v.v[k]);
+          xy = ce_logit<acc_t, P>(v.v[k], cap);
           have_y = true;
           g[k] -= c.grad_scale * c.target_coef;
           if (need_t) sum_t(-c.target_coef, xy);
         }
       }
+    }
+    if constexpr (P == Softcap::kOn) {
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        if (k < count) g[k] *= ce_logit_grad<acc_t, P>(ce_logit<acc_t, P>(v.v[k], cap), cap);
     }
     if (out) store_vals<T, V>(out, idx, g, count, vec_ok);
   }
@@ -290,7 +338,7 @@ struct CEGrad {
     const acc_t w_y = kPerElementWeights<S, W> ? w[y] : acc_t(1);
     const acc_t generic = element(xy, w_y) - c.target_coef;
     const acc_t dz = ce_target_dz((xy - row_max) * beta - ls, c, w_y);
-    if (out) out[y] = static_cast<T>(c.grad_scale * dz);
+    if (out) out[y] = static_cast<T>(c.grad_scale * dz * ce_logit_grad<acc_t, P>(xy, cap));
     if (need_t) sum_t(dz - generic, xy);
   }
 

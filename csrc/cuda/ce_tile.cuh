@@ -56,29 +56,32 @@ __device__ __forceinline__ void tile_copy_out(const T* tile, int E, T* out, bool
 // One thread's row of the tile, xs[0..C): its loss (forward, fused) and its gradient written over
 // it (backward, fused); returns dL/dT of the row in double (0 unless asked for). The row is visited from a
 // thread-dependent column c0, which spreads the shared-memory banks.
-template <typename T, Pass P, Smoothing S, ClassWeights W, typename acc_t = at::opmath_type<T>>
+// y = -1: an ignored row whose [m, ls] only are wanted (lse_all; forward and fused passes).
+template <typename T, Pass P, Smoothing S, ClassWeights W, Softcap Q, typename acc_t = at::opmath_type<T>>
 __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t row, int y, const CEConsts<acc_t, S>& k,
-                                          acc_t g, acc_t& loss) {
+                                          acc_t g, acc_t zl, acc_t& loss) {
   const int C = a.C;
   const int c0 = static_cast<int>(threadIdx.x % C);
   auto each = [&](auto&& f) {
     for (int i = 0, c = c0; i < C; ++i, c = (c + 1 == C) ? 0 : c + 1) f(c);
   };
-  const acc_t w_y = a.weight ? a.weight[y] : acc_t(1);
+  const acc_t cap = a.cap;
+  const acc_t w_y = a.weight && y >= 0 ? a.weight[y] : acc_t(1);
   acc_t weight_total = (P == Pass::kBackward && a.weight_total) ? *a.weight_total : static_cast<acc_t>(C);
-  acc_t row_max = 0, ls;
+  acc_t row_max = 0, ls, lse = 0;
   if (P == Pass::kBackward) {
     row_max = a.lse_in[2 * row];
     ls = a.lse_in[2 * row + 1];
+    lse = k.beta * row_max + ls;
   } else {  // two passes over the row in shared memory: its max, then the sums
     CEState<acc_t> st = ce_init<acc_t>();
     each([&](int c) {
-      const acc_t x = ce_logit<acc_t>(xs[c]);
+      const acc_t x = ce_logit<acc_t, Q>(xs[c], cap);
       st.m = x > st.m ? x : st.m;
     });
     const acc_t mref = st.m > neg_inf<acc_t>() ? st.m : acc_t(0);
     each([&](int c) {
-      const acc_t dx = ce_logit<acc_t>(xs[c]) - mref;
+      const acc_t dx = ce_logit<acc_t, Q>(xs[c], cap) - mref;
       st.s += fexp2(dx * k.beta_log2e);
       if (S == Smoothing::kOn && !kPerElementWeights<S, W>) st.d -= dx;
       if (kPerElementWeights<S, W>) {
@@ -87,30 +90,37 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
       }
     });
     if (S == Smoothing::kOn && !kPerElementWeights<S, W>) st.wc = static_cast<acc_t>(C);
-    st.xy = ce_logit<acc_t>(xs[y]);
-    acc_t lse;
-    loss = ce_row_loss<acc_t, S>(st, k.beta, a.eps, k.smooth_coef, w_y, lse, ls);
-    if (P == Pass::kForward) {
-      a.lse[2 * row] = ls == ls ? st.m : ls;  // NaN for rows without a softmax
+    if (y < 0) {  // an ignored row: its [m, ls] only
+      acc_t m;
+      ce_row_lse(st, m, ls);
+      a.lse[2 * row] = m;
       a.lse[2 * row + 1] = ls;
       return 0.0;
     }
+    st.xy = ce_logit<acc_t, Q>(xs[y], cap);
+    loss = ce_row_loss<acc_t, S>(st, k.beta, a.eps, k.smooth_coef, w_y, lse, ls, zl);
+    if (a.lse) {  // (the fused pass writes it only when asked)
+      a.lse[2 * row] = ls == ls ? st.m : ls;  // NaN for rows without a softmax
+      a.lse[2 * row + 1] = ls;
+    }
+    if (P == Pass::kForward) return 0.0;
     weight_total = st.wc;
     row_max = st.m;
   }
   // the gradient, written over the row
-  const CECoef<acc_t> cf =
-      ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total, static_cast<acc_t>(C), w_y, g);
-  CEGrad<T, acc_t, S, W> f;
+  const CECoef<acc_t> cf = ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total,
+                                             static_cast<acc_t>(C), w_y, g, acc_t(2) * zl * lse);
+  CEGrad<T, acc_t, S, W, Q> f;
+  f.cap = cap;
   f.setup(k.beta, row_max, ls, cf, a.weight, y, xs, xs);  // finish() writes the target's element in xs
   f.need_t = a.need_t;
-  const acc_t x_y = ce_logit<acc_t>(xs[y]);  // read before the row is overwritten
+  const acc_t x_y = ce_logit<acc_t, Q>(xs[y], cap);  // read before the row is overwritten
   each([&](int c) {
-    const acc_t x = ce_logit<acc_t>(xs[c]);
+    const acc_t x = ce_logit<acc_t, Q>(xs[c], cap);
     const acc_t w_c = kPerElementWeights<S, W> ? a.weight[c] : acc_t(1);
     const acc_t dz = f.element(x, w_c) - (c == y ? cf.target_coef : acc_t(0));
     if (a.need_t) f.sum_t(dz, x);
-    xs[c] = static_cast<T>(cf.grad_scale * dz);
+    xs[c] = static_cast<T>(cf.grad_scale * dz * ce_logit_grad<acc_t, Q>(x, cap));
   });
   f.xy = x_y;  // the target's element in acc precision
   f.have_y = true;
@@ -118,7 +128,7 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
   return a.need_t ? f.temperature_grad(Pair<double>{f.t1, f.t0}) : 0.0;
 }
 
-template <typename T, Pass P, Smoothing S, ClassWeights W>
+template <typename T, Pass P, Smoothing S, ClassWeights W, Softcap Q>
 __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -128,6 +138,7 @@ __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a
   acc_t g0 = 1;
   if (P == Pass::kBackward && a.reduction != kNone) g0 = ce_grad_loss(a, 0);
   if (P == Pass::kFused && a.reduction == kMean) g0 = acc_t(1) / *a.denom;
+  const acc_t zl = ce_zl(a);
   double loss_sum = 0.0, w_sum = 0.0, t_sum = 0.0;
   const int64_t ntiles = (a.rows + kTileRows - 1) / kTileRows;
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
@@ -148,9 +159,12 @@ __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a
     double t_grad = 0;
     if (valid) {
       const acc_t g = (P == Pass::kBackward && a.reduction == kNone) ? ce_grad_loss(a, row) : g0;
-      t_grad = tile_row<T, P, S, W>(a, xs, row, y, k, g, loss);
+      t_grad = tile_row<T, P, S, W, Q>(a, xs, row, y, k, g, zl, loss);
     } else if (active) {
-      if (P == Pass::kForward) a.lse[2 * row] = a.lse[2 * row + 1] = acc_t(0);
+      if (P != Pass::kBackward && a.lse) {
+        if (a.lse_all && a.target[row] == a.ignore_index) tile_row<T, P, S, W, Q>(a, xs, row, -1, k, g0, zl, loss);
+        else a.lse[2 * row] = a.lse[2 * row + 1] = acc_t(0);
+      }
       if (P != Pass::kForward)
         for (int c = 0; c < C; ++c) xs[c] = T(0);
     }
@@ -191,9 +205,10 @@ inline Launch tile_launch(int64_t rows, int64_t C) {
 
 // Launches the tile kernel of pass P for the logits' loss variant.
 template <typename T, Pass P>
-inline void launch_tile(const CEArgs<T>& a, const Launch& l, double eps, cudaStream_t stream) {
-  ce_switch(eps, a.weight != nullptr, [&](auto sc, auto wc) {
-    launch(KernelRef<&ce_tile_kernel<T, P, decltype(sc)::value, decltype(wc)::value>>{}, l, stream, a);
+inline void launch_tile(const CEArgs<T>& a, const Launch& l, double eps, double softcap, cudaStream_t stream) {
+  ce_switch_cap(eps, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
+    launch(KernelRef<&ce_tile_kernel<T, P, decltype(sc)::value, decltype(wc)::value, decltype(pc)::value>>{}, l,
+           stream, a);
   });
 }
 

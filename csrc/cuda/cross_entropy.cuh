@@ -42,7 +42,25 @@ struct CEArgs : CERows<T> {
   T* grad;       // (rows, C) contiguous, or nullptr
   bool need_t;
   AnyOut t_rows;  // fused, reduction none: per-row dL_i/dT
+  // the LLM terms (schemas.h): zl the z-loss (0: none), for mean with class weights scaled by
+  // *zl_den / *zl_cnt on the device (denom / the count of rows: ce_zl); cap the soft-cap (the
+  // kernels' Softcap variant); lse_all: ignored rows' [m, ls] written too (into lse, which the
+  // fused kernels write only when it is given)
+  acc_t zl;
+  const acc_t* zl_den;
+  const acc_t* zl_cnt;
+  acc_t cap;
+  bool lse_all;
 };
+
+// The z-loss's coefficient of a row's lse^2 (docs/design.md §1; the CPU's dispatch_pass).
+template <typename T>
+__device__ __forceinline__ at::opmath_type<T> ce_zl(const CEArgs<T>& a) {
+  using acc_t = at::opmath_type<T>;
+  if (a.zl == acc_t(0) || a.zl_cnt == nullptr) return a.zl;
+  const acc_t cnt = *a.zl_cnt;
+  return cnt > acc_t(0) ? a.zl * *a.zl_den / cnt : acc_t(0);
+}
 
 // The row's upstream gradient, 1/denom included for mean (backward), or 1 (fused).
 template <typename T>
@@ -103,6 +121,15 @@ __global__ void __launch_bounds__(1024) weight_total_kernel(const acc_t* __restr
 }
 
 // ------------------------------------------------------------------ host side
+// The LLM terms (z_loss, softcap, the lse of every row) are not in the CUDA kernels yet: an op
+// given any of them raises (NotImplementedError) rather than computing without them.
+[[maybe_unused]] inline void llm_terms_unsupported(Op op, double z_loss, double softcap, bool lse_all_rows) {
+  TORCH_CHECK_NOT_IMPLEMENTED(z_loss == 0 && softcap == 0 && !lse_all_rows, op_name(op),
+                              ": z_loss, softcap and the lse of ignored rows are not implemented "
+                              "in the CUDA kernels yet (z_loss = ", z_loss, ", softcap = ", softcap,
+                              ", lse of every row = ", lse_all_rows, ")");
+}
+
 // The inputs as the kernels read them: the target contiguous, the class weights contiguous in
 // the accumulation dtype (converted once here, whatever their dtype).
 struct CEInputs {
@@ -154,17 +181,39 @@ inline at::Tensor ce_loss_tensor(const at::Tensor& logits, int64_t reduction) {
   return loss;
 }
 
-// denom (acc, 0-dim) computed on the device from the target alone.
+// denom (acc, 0-dim) computed on the device from the target alone (counted without weights
+// when `counted`: the number of non-ignored rows).
 template <typename T>
-inline at::Tensor ce_denom(const at::Tensor& logits, const CEArgs<T>& a, cudaStream_t stream) {
+inline at::Tensor ce_denom(const at::Tensor& logits, const CEArgs<T>& a, cudaStream_t stream,
+                           bool counted = false) {
   using acc_t = at::opmath_type<T>;
   at::Tensor denom = at::empty({}, logits.options().dtype(acc_type(logits.scalar_type())));
   const Launch l = plan(Walk::kCount, a.rows);
   at::Tensor parts = at::empty({l.grid}, logits.options().dtype(at::kDouble));
-  launch(KernelRef<&denom_parts_kernel<acc_t>>{}, l, stream, a.target, a.weight, a.rows, a.C,
-         a.ignore_index, parts.data_ptr<double>());
+  launch(KernelRef<&denom_parts_kernel<acc_t>>{}, l, stream, a.target,
+         counted ? static_cast<const acc_t*>(nullptr) : a.weight, a.rows, a.C, a.ignore_index,
+         parts.data_ptr<double>());
   launch_sum(parts, l.grid, denom, 1.0, stream);
   return denom;
+}
+
+// The LLM terms into a kernel's arguments; for the z-loss with mean and class weights, denom
+// (given, else computed here) and the count of rows, kept alive in `keep`.
+template <typename T>
+inline void set_llm_terms(CEArgs<T>& a, const at::Tensor& logits, double z_loss, double softcap,
+                          bool lse_all, int64_t reduction, const at::Tensor* denom,
+                          std::vector<at::Tensor>& keep, cudaStream_t stream) {
+  using acc_t = at::opmath_type<T>;
+  a.zl = static_cast<acc_t>(z_loss);
+  a.cap = static_cast<acc_t>(softcap);
+  a.lse_all = lse_all;
+  a.zl_den = a.zl_cnt = nullptr;
+  if (z_loss > 0 && reduction == kMean && a.weight != nullptr) {
+    keep.push_back(denom != nullptr ? *denom : ce_denom<T>(logits, a, stream));
+    keep.push_back(ce_denom<T>(logits, a, stream, true));
+    a.zl_den = keep[keep.size() - 2].data_ptr<acc_t>();
+    a.zl_cnt = keep.back().data_ptr<acc_t>();
+  }
 }
 
 // W = sum_c w_c (acc, 0-dim), when smoothing needs it.

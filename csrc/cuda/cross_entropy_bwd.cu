@@ -12,11 +12,12 @@ namespace {
 
 // Per row dL/dx_c = beta g (A p_c - (eps / C) w_c - (1 - eps) w_y [c == y]) from the saved [m, ls]; per
 // block the sum of dL/dT = -beta g sum_c dL/dz_c z_c.
-template <typename T, int TPR, Smoothing S, ClassWeights W>
+template <typename T, int TPR, Smoothing S, ClassWeights W, Softcap P>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_bwd_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ Pair<double> sred[kWarps<TPR>];
   const CEConsts<acc_t, S> k(a.temp, a.eps, a.C);
+  const acc_t zl = ce_zl(a);
   const acc_t weight_total = a.weight_total ? *a.weight_total : static_cast<acc_t>(a.C);
   const acc_t g0 = a.reduction != kNone ? ce_grad_loss(a, 0) : acc_t(0);
   double t_sum = 0.0;
@@ -25,7 +26,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_bw
     const bool valid = y >= 0;
     const T* xr = a.logits + row * a.row_stride;
     T* gr = a.grad ? a.grad + row * static_cast<int64_t>(a.C) : nullptr;
-    CEGrad<T, acc_t, S, W> f;
+    CEGrad<T, acc_t, S, W, P> f;
+    f.cap = a.cap;
     f.need_t = a.need_t;
     f.row_max = 0;
     f.t_shift = 0;
@@ -33,8 +35,10 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_bw
     if (valid) {
       const acc_t g = a.reduction == kNone ? ce_grad_loss(a, row) : g0;
       const acc_t w_y = a.weight ? a.weight[y] : acc_t(1);
-      f.setup(k.beta, a.lse_in[2 * row], a.lse_in[2 * row + 1],
-              ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total, static_cast<acc_t>(a.C), w_y, g),
+      const acc_t m = a.lse_in[2 * row], ls = a.lse_in[2 * row + 1];
+      f.setup(k.beta, m, ls,
+              ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total, static_cast<acc_t>(a.C), w_y, g,
+                                acc_t(2) * zl * (k.beta * m + ls)),
               a.weight, y, xr, gr);
       f.template walk<TPR>(xr, a.C, tid);
     } else if (active && gr) {
@@ -52,9 +56,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& denom,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_logits_grad, bool need_temperature_grad) {
+    int64_t ignore_index, int64_t reduction, bool need_logits_grad, bool need_temperature_grad,
+    double z_loss, double softcap) {
   checks::cross_entropy_bwd(Backend::kCuda, grad_loss, logits, target, weight, lse, denom, temperature_t,
                             temperature, label_smoothing, reduction);
+  checks::llm_terms(Op::kCrossEntropyBwd, logits, z_loss, softcap);
   const int64_t rows = logits.size(0);
   c10::cuda::CUDAGuard guard(logits.device());
   const CEInputs in = ce_inputs(logits, target, weight);
@@ -73,6 +79,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = ce_args<scalar_t>(logits, in, temperature_t, temperature, label_smoothing, ignore_index, reduction);
+    std::vector<at::Tensor> keep;
+    set_llm_terms(a, logits, z_loss, softcap, false, reduction, &denom_c, keep, stream);
     const bool tile = use_tile<scalar_t>(logits);
     const Launch l = tile ? tile_launch<scalar_t>(rows, a.C) : plan(Walk::kStream, rows, a.C, vec_size<scalar_t>());
     at::Tensor parts = need_t ? at::empty({3 * l.grid}, logits.options().dtype(at::kDouble)) : at::Tensor();
@@ -88,12 +96,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cuda(
     a.need_t = need_t;
     a.parts = need_t ? parts.data_ptr<double>() : nullptr;
     if (tile) {
-      launch_tile<scalar_t, Pass::kBackward>(a, l, label_smoothing, stream);
+      launch_tile<scalar_t, Pass::kBackward>(a, l, label_smoothing, softcap, stream);
     } else {
-      ce_switch(label_smoothing, a.weight != nullptr, [&](auto sc, auto wc) {
+      ce_switch_cap(label_smoothing, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
         launch_rows(l, stream, [](auto tpr) {
           constexpr int TPR = decltype(tpr)::value;
-          return KernelRef<&cross_entropy_bwd_kernel<scalar_t, TPR, decltype(sc)::value, decltype(wc)::value>>{};
+          return KernelRef<&cross_entropy_bwd_kernel<scalar_t, TPR, decltype(sc)::value, decltype(wc)::value,
+                                                     decltype(pc)::value>>{};
         }, a);
       });
     }

@@ -21,7 +21,7 @@ struct NoRegs {
 
 // Per row phase 1 (the loss, as cross_entropy_fwd_kernel) then phase 2 (the gradient, as
 // cross_entropy_bwd_kernel with g = 1, or 1 / denom for mean, and the row's own [m, ls]).
-template <typename T, int TPR, int MAXV, bool RESIDENT, Smoothing S, ClassWeights W>
+template <typename T, int TPR, int MAXV, bool RESIDENT, Smoothing S, ClassWeights W, Softcap P>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fused_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   using Regs = std::conditional_t<RESIDENT, RowRegs<T, TPR, MAXV>, NoRegs<T>>;
@@ -29,11 +29,13 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
   __shared__ Pair<double> sred2[kWarps<TPR>];
   const CEConsts<acc_t, S> k(a.temp, a.eps, a.C);
   const acc_t g = a.reduction == kMean ? acc_t(1) / *a.denom : acc_t(1);
+  const acc_t zl = ce_zl(a);
   double loss_sum = 0.0, w_sum = 0.0, t_sum = 0.0;
   for_each_row<TPR>(a.rows, [&](int64_t row, bool active, int tid) {
     const int y = active ? load_target(a.target, row, a.ignore_index, a.C) : -1;
     const bool valid = y >= 0;
-    const int n = valid ? a.C : 0;
+    const bool read = valid || (a.lse_all && active && a.target[row] == a.ignore_index);
+    const int n = read ? a.C : 0;
     const T* xr = a.logits + row * a.row_stride;
     T* gr = a.grad + row * static_cast<int64_t>(a.C);
     const Regs regs(xr, n, tid);
@@ -42,10 +44,11 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
       else for_each_vec<TPR, kUnroll>(xr, n, tid, f);  // two-read path: 4 loads in flight
     };
     // phase 1: the row's state, merged over the group
-    CEAccum<T, acc_t, S, W> acc{ce_init<acc_t>(), k.beta_log2e, a.weight, y};
+    CEAccum<T, acc_t, S, W, P> acc{ce_init<acc_t>(), k.beta_log2e, a.weight, y, a.cap};
     pass(acc);
     const CEState<acc_t> st = group_allreduce<TPR>(acc.st, CEMerge<acc_t>{k.beta_log2e}, sred);
-    CEGrad<T, acc_t, S, W> f;
+    CEGrad<T, acc_t, S, W, P> f;
+    f.cap = a.cap;
     f.row_max = 0;
     f.t_shift = 0;
     f.c.grad_scale = 0;
@@ -53,21 +56,32 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
     if (valid) {
       const acc_t w_y = a.weight ? a.weight[y] : acc_t(1);
       acc_t lse, ls;
-      const acc_t loss = ce_row_loss<acc_t, S>(st, k.beta, a.eps, k.smooth_coef, w_y, lse, ls);
+      const acc_t loss = ce_row_loss<acc_t, S>(st, k.beta, a.eps, k.smooth_coef, w_y, lse, ls, zl);
       if (tid == 0) {  // the row's loss is done: book it before phase 2 (fewer live registers)
         loss_sum += static_cast<double>(loss);
         w_sum += static_cast<double>(w_y);
         if (a.loss_rows) a.loss_rows[row] = static_cast<loss_t<T>>(loss);
+        if (a.lse) {
+          a.lse[2 * row] = ls == ls ? st.m : ls;
+          a.lse[2 * row + 1] = ls;
+        }
       }
       // phase 2: the gradient (z - lse = beta (x - m) - ls)
       f.setup(k.beta, st.m, ls,
-              ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, st.wc, static_cast<acc_t>(a.C), w_y, g), a.weight,
-              y, xr, gr);
+              ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, st.wc, static_cast<acc_t>(a.C), w_y, g,
+                                acc_t(2) * zl * lse),
+              a.weight, y, xr, gr);
       pass(f);
       f.finish();
     } else if (active) {
       fill_row<TPR>(gr, a.C, tid, T(0));
       if (tid == 0 && a.loss_rows) a.loss_rows[row] = loss_t<T>(0);
+      if (tid == 0 && a.lse) {  // an ignored row: its [m, ls] (read: lse_all), else [0, 0]
+        acc_t m = 0, ls = 0;
+        if (read) ce_row_lse(st, m, ls);
+        a.lse[2 * row] = m;
+        a.lse[2 * row + 1] = ls;
+      }
     }
     double t_grad = 0;  // the row's dL/dT, in double up to the block sums
     if (a.need_t) {
@@ -88,7 +102,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
 template <typename scalar_t>
 void fused(const at::Tensor& logits, const CEInputs& in, const std::optional<at::Tensor>& temperature_t,
            double temperature, double eps, int64_t ignore_index, int64_t reduction, bool need_t,
-           at::Tensor& loss, at::Tensor& grad, at::Tensor& grad_t) {
+           at::Tensor& loss, at::Tensor& grad, at::Tensor& grad_t, double z_loss, double softcap,
+           const std::optional<at::Tensor>& lse_out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = vec_size<scalar_t>();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -99,6 +114,10 @@ void fused(const at::Tensor& logits, const CEInputs& in, const std::optional<at:
     denom = ce_denom<scalar_t>(logits, a, stream);
     a.denom = denom.data_ptr<acc_t>();
   }
+  std::vector<at::Tensor> keep;
+  set_llm_terms(a, logits, z_loss, softcap, lse_out.has_value(), reduction,
+                denom.defined() ? &denom : nullptr, keep, stream);
+  a.lse = lse_out.has_value() ? lse_out->data_ptr<acc_t>() : nullptr;
   const int64_t nv = ceil_div(a.C, V);
   const bool tile = use_tile<scalar_t>(logits);
   const Launch resident = plan(Walk::kResident, rows, a.C, V);
@@ -111,19 +130,20 @@ void fused(const at::Tensor& logits, const CEInputs& in, const std::optional<at:
   a.parts = parts.data_ptr<double>();
   if (need_t && reduction == kNone) a.t_rows = any_out(grad_t);
   if (tile) {
-    launch_tile<scalar_t, Pass::kFused>(a, l, eps, stream);
+    launch_tile<scalar_t, Pass::kFused>(a, l, eps, softcap, stream);
   } else {
-    ce_switch(eps, a.weight != nullptr, [&](auto sc, auto wc) {
+    ce_switch_cap(eps, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
       constexpr Smoothing S = decltype(sc)::value;
       constexpr ClassWeights W = decltype(wc)::value;
+      constexpr Softcap P = decltype(pc)::value;
       if (holds) {
         launch_rows(l, stream, [](auto tpr) {
           constexpr int TPR = decltype(tpr)::value;
           return KernelRef<&cross_entropy_fused_kernel<scalar_t, TPR, 4, true, decltype(sc)::value,
-                                                       decltype(wc)::value>>{};
+                                                       decltype(wc)::value, decltype(pc)::value>>{};
         }, a);
       } else {
-        launch(KernelRef<&cross_entropy_fused_kernel<scalar_t, 512, 1, false, S, W>>{}, l, stream, a);
+        launch(KernelRef<&cross_entropy_fused_kernel<scalar_t, 512, 1, false, S, W, P>>{}, l, stream, a);
       }
     });
   }
@@ -148,9 +168,11 @@ at::Tensor fused_grad_t(const at::Tensor& logits, const std::optional<at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_op(
     Op op, const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
+    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss, double softcap,
+    const std::optional<at::Tensor>& lse_out) {
   checks::cross_entropy(Backend::kCuda, op, logits, target, weight, temperature_t, temperature, label_smoothing,
                         reduction);
+  checks::llm_terms(op, logits, z_loss, softcap, lse_out);
   c10::cuda::CUDAGuard guard(logits.device());
   const CEInputs in = ce_inputs(logits, target, weight);
   at::Tensor loss = ce_loss_tensor(logits, reduction);
@@ -162,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_op(
   if (logits.size(0) == 0) return {loss, grad, grad_t};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fused_cuda", [&] {
     fused<scalar_t>(logits, in, temperature_t, temperature, label_smoothing, ignore_index, reduction, need_t,
-                    loss, grad, grad_t);
+                    loss, grad, grad_t, z_loss, softcap, lse_out);
   });
   return {loss, grad, grad_t};
 }
@@ -170,17 +192,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_op(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
+    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss, double softcap,
+    const std::optional<at::Tensor>& lse_out) {
   return fused_op(Op::kCrossEntropyFused, logits, target, weight, temperature_t, temperature, label_smoothing,
-                  ignore_index, reduction, need_temperature_grad);
+                  ignore_index, reduction, need_temperature_grad, z_loss, softcap, lse_out);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_inplace_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad) {
+    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss, double softcap,
+    const std::optional<at::Tensor>& lse_out) {
   auto [loss, grad, grad_t] = fused_op(Op::kCrossEntropyFusedInplace, logits, target, weight, temperature_t,
-                                       temperature, label_smoothing, ignore_index, reduction, need_temperature_grad);
+                                       temperature, label_smoothing, ignore_index, reduction, need_temperature_grad,
+                                       z_loss, softcap, lse_out);
   return {loss, grad_t};
 }
 
