@@ -96,18 +96,19 @@ CEParams<acc_t> make_params(int64_t C, const at::Tensor& target,
 template <typename acc_t>
 struct RowCoef {
   acc_t A, ty, a_rest, cw;
+  acc_t a_z;  // the z-loss's share of A, 2 zl lse (= sum_c dL/dz_c; 0 without)
 };
 
 template <typename acc_t>
 inline RowCoef<acc_t> row_coef(const CEParams<acc_t>& p, acc_t w_y, acc_t lse) {
   const acc_t a_z = p.zloss == ZLoss::kOn ? acc_t(2) * p.zl * lse : acc_t(0);
   if (p.smoothing == Smoothing::kOff) {
-    if (p.zloss == ZLoss::kOff) return {w_y, w_y, acc_t(0), acc_t(0)};
-    return {w_y + a_z, w_y, a_z, acc_t(0)};
+    if (p.zloss == ZLoss::kOff) return {w_y, w_y, acc_t(0), acc_t(0), acc_t(0)};
+    return {w_y + a_z, w_y, a_z, acc_t(0), a_z};
   }
   const acc_t ty = (acc_t(1) - p.eps) * w_y;
   const acc_t a_rest = p.eps * p.W / static_cast<acc_t>(p.C) + a_z;
-  return {ty + a_rest, ty, a_rest, p.eps_c};
+  return {ty + a_rest, ty, a_rest, p.eps_c, a_z};
 }
 
 // The loss of a row that has a softmax, from nll = lse - z_y = beta (m - x_y) + ls, the
@@ -165,12 +166,15 @@ inline void softcap_grad_row(const acc_t* xc, acc_t* g, int64_t n, acc_t cap, sc
 // The row's sum for dL/dT = -(g / T) S, S = sum_c dz_c z_c shifted by beta m (§2), from the
 // element loops' sums (in double) over the live classes (s_live = sum dz_c beta (x_c - m), the
 // true class taken as A p_y - cw w_y) and over the masked ones (s_masked = sum dz_c): the true
-// class's -ty term is added here.
+// class's -ty term is added here. The shift uses sum_c dz_c = a_z, the z-loss's 2 zl lse (0
+// without it): S = s_live + beta m (sum over the live classes of dz_c) = s_live - beta m
+// (s_masked - a_z).
 template <typename acc_t>
 inline double t_row_sum(double s_live, double s_masked, double ty, acc_t beta, acc_t x_y,
-                        acc_t m) {
+                        acc_t m, acc_t a_z = acc_t(0)) {
   if (x_y > kNegInf<acc_t>) s_live -= ty * static_cast<double>(beta * (x_y - m));
   else s_masked -= ty;
+  s_masked -= static_cast<double>(a_z);
   if (s_masked != 0) s_live -= static_cast<double>(beta) * static_cast<double>(m) * s_masked;
   return s_live;
 }
@@ -321,7 +325,7 @@ inline double row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gr
     if (grad != nullptr) store_from_acc(out, grad + c0, n);
   }
   if (!need_t) return 0;
-  return t_row_sum(s_live.sum(), s_masked.sum(), static_cast<double>(k.ty), p.beta, x_y, m);
+  return t_row_sum(s_live.sum(), s_masked.sum(), static_cast<double>(k.ty), p.beta, x_y, m, k.a_z);
 }
 
 // What a pass of the cross-entropy reads and writes (docs/design.md §4: what each pass saves).

@@ -177,7 +177,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   constexpr int64_t R = TileShape::R;
   using V = Vec<float>;
   const int64_t C = ts.C;
-  alignas(64) float ml[R], lsl[R], coefl[R], cwl[R], Al[R], tyl[R], wyl[R], arl[R];
+  alignas(64) float ml[R], lsl[R], coefl[R], cwl[R], Al[R], tyl[R], wyl[R], arl[R], azl[R];
   float cw = 0;
   for (int64_t l = 0; l < R; ++l) {
     const bool live = t.valid[l] && t.ok[l];
@@ -192,6 +192,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
     tyl[l] = k.ty;
     wyl[l] = w_y;
     arl[l] = k.a_rest;  // per row with a z-loss (2 zl lse)
+    azl[l] = k.a_z;
     cw = k.cw;
   }
   const V vm = V::loadu(ml), vnls = V(0) - V::loadu(lsl), vcoef = V::loadu(coefl),
@@ -238,7 +239,8 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
       continue;
     }
     b.gT[t.y[l] * R + l] = t.g[l] * p.beta * dzyl[l];
-    if (need_t) t.S[l] = t_row_sum(Sl[l], Ml[l], static_cast<double>(tyl[l]), p.beta, t.xy[l], t.m[l]);
+    if (need_t)
+      t.S[l] = t_row_sum(Sl[l], Ml[l], static_cast<double>(tyl[l]), p.beta, t.xy[l], t.m[l], azl[l]);
   }
   // back to row-major: flat vector k of the tile gathers its elements from gT
   float* o = std::is_same_v<scalar_t, float> && nr == R ? reinterpret_cast<float*>(out) : b.ob;

@@ -202,6 +202,7 @@ struct CECoef {
   acc_t smooth_mass;  // eps W / C + 2 zl lse = A - (1 - eps) w_y
   acc_t smooth_coef;  // eps / C
   acc_t grad_scale;   // beta g: dL/dx_c = beta g dL/dz_c
+  acc_t dz_total;     // sum_c dL/dz_c: the z-loss's 2 zl lse (0 without; temperature_grad's shift)
 };
 
 // weight_total = W (sum of the class weights; C without them); g = the row's upstream gradient;
@@ -211,8 +212,9 @@ __device__ __forceinline__ CECoef<acc_t> ce_coef(acc_t beta, acc_t eps, acc_t sm
                                                  acc_t weight_total, acc_t classes, acc_t w_y, acc_t g,
                                                  acc_t zl2_lse = acc_t(0)) {
   const acc_t target_coef = (acc_t(1) - eps) * w_y;
-  const acc_t smooth_mass = (S == Smoothing::kOn ? eps * weight_total / classes : acc_t(0)) + zl2_lse;
-  return CECoef<acc_t>{target_coef + smooth_mass, target_coef, smooth_mass, smooth_coef, beta * g};
+  acc_t smooth_mass = S == Smoothing::kOn ? eps * weight_total / classes : acc_t(0);
+  if (zl2_lse != acc_t(0)) smooth_mass += zl2_lse;
+  return CECoef<acc_t>{target_coef + smooth_mass, target_coef, smooth_mass, smooth_coef, beta * g, zl2_lse};
 }
 
 // The target's dL/dz in acc precision: target_coef expm1(log p_y) + smooth_mass p_y - smooth w_y,
@@ -343,9 +345,11 @@ struct CEGrad {
   }
 
   // dL/dT of the row from the group-reduced sums (t1, t0), valid for a non-ignored row:
-  // -beta g (sum dz (z - lse) + ...) as docs/design.md, shifted by beta m + t_shift.
+  // -beta g (sum dz (z - lse) + ...) as docs/design.md, shifted by beta m + t_shift (the live
+  // classes' sum of dz is c.dz_total - t.b).
   __device__ __forceinline__ double temperature_grad(const Pair<double>& t) const {
-    return -static_cast<double>(c.grad_scale) * (t.a - static_cast<double>(beta * row_max + t_shift) * t.b);
+    return -static_cast<double>(c.grad_scale) *
+           (t.a - static_cast<double>(beta * row_max + t_shift) * (t.b - static_cast<double>(c.dz_total)));
   }
 };
 

@@ -109,7 +109,8 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
   }
   // the gradient, written over the row
   const CECoef<acc_t> cf = ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total,
-                                             static_cast<acc_t>(C), w_y, g, acc_t(2) * zl * lse);
+                                             static_cast<acc_t>(C), w_y, g,
+                                             zl != acc_t(0) ? acc_t(2) * zl * lse : acc_t(0));
   CEGrad<T, acc_t, S, W, Q> f;
   f.cap = cap;
   f.setup(k.beta, row_max, ls, cf, a.weight, y, xs, xs);  // finish() writes the target's element in xs

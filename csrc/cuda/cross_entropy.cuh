@@ -121,15 +121,6 @@ __global__ void __launch_bounds__(1024) weight_total_kernel(const acc_t* __restr
 }
 
 // ------------------------------------------------------------------ host side
-// The LLM terms (z_loss, softcap, the lse of every row) are not in the CUDA kernels yet: an op
-// given any of them raises (NotImplementedError) rather than computing without them.
-[[maybe_unused]] inline void llm_terms_unsupported(Op op, double z_loss, double softcap, bool lse_all_rows) {
-  TORCH_CHECK_NOT_IMPLEMENTED(z_loss == 0 && softcap == 0 && !lse_all_rows, op_name(op),
-                              ": z_loss, softcap and the lse of ignored rows are not implemented "
-                              "in the CUDA kernels yet (z_loss = ", z_loss, ", softcap = ", softcap,
-                              ", lse of every row = ", lse_all_rows, ")");
-}
-
 // The inputs as the kernels read them: the target contiguous, the class weights contiguous in
 // the accumulation dtype (converted once here, whatever their dtype).
 struct CEInputs {

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_bw
       const acc_t m = a.lse_in[2 * row], ls = a.lse_in[2 * row + 1];
       f.setup(k.beta, m, ls,
               ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total, static_cast<acc_t>(a.C), w_y, g,
-                                acc_t(2) * zl * (k.beta * m + ls)),
+                                zl != acc_t(0) ? acc_t(2) * zl * (k.beta * m + ls) : acc_t(0)),
               a.weight, y, xr, gr);
       f.template walk<TPR>(xr, a.C, tid);
     } else if (active && gr) {

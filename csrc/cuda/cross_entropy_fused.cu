@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
       // phase 2: the gradient (z - lse = beta (x - m) - ls)
       f.setup(k.beta, st.m, ls,
               ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, st.wc, static_cast<acc_t>(a.C), w_y, g,
-                                acc_t(2) * zl * lse),
+                                zl != acc_t(0) ? acc_t(2) * zl * lse : acc_t(0)),
               a.weight, y, xr, gr);
       pass(f);
       f.finish();
