@@ -183,6 +183,7 @@ def cross_entropy(
     else:
         loss, _, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps, ignore_index,
                                                 red)
+    loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
     return loss
