@@ -9,6 +9,11 @@ Implementations (--impls, in this order by default):
   softcal       softcal.linear_cross_entropy (chunks of 128 MiB by default)
   softcal@MIB   the same with workspace_bytes = MIB MiB (not run unless named)
   liger         Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA, when installed)
+  The LLM options (z_loss=1e-4, softcap=30, return_lse=True; not run unless named):
+  eager-llm     the eager composition with them (tanh, logsumexp, F.cross_entropy)
+  softcal-llm   softcal.linear_cross_entropy with them (phase 2: the terms in the kernels)
+  softcal-llm-exact  the same through phase 1's exact PyTorch path per chunk (the kernels told
+                to refuse the LLM terms for the call)
 
   python benchmarks/bench_lm_head.py                   # CPU: the issue's shapes, float32 + bfloat16
   python benchmarks/bench_lm_head.py --device cuda     # GPU: (8192, 4096) x 128256 and
@@ -187,6 +192,9 @@ class CudaMeter:
 
 
 # ---------------------------------------------------------------------- implementations
+LLM = dict(z_loss=1e-4, softcap=30.0)  # the *-llm implementations' options
+
+
 def make_impls(names, device, workspace_bytes):
     impls = {}
 
@@ -213,6 +221,31 @@ def make_impls(names, device, workspace_bytes):
         elif name.startswith("softcal@"):  # softcal@MIB: another workspace size
             kw = dict(workspace_bytes=int(float(name[8:]) * 2**20))
             impls[name] = lambda x, W, t, kw=kw: softcal.linear_cross_entropy(x, W, t, **kw)
+        elif name == "eager-llm":
+            def eager_llm(x, W, t):
+                z = F.linear(x, W)
+                z = LLM["softcap"] * torch.tanh(z / LLM["softcap"])
+                lse = torch.logsumexp(z.float(), -1)
+                return F.cross_entropy(z, t) + LLM["z_loss"] * lse.square().mean()
+            impls[name] = eager_llm
+        elif name in ("softcal-llm", "softcal-llm-exact"):
+            kw = dict(LLM, return_lse=True)
+            if workspace_bytes is not None:
+                kw["workspace_bytes"] = workspace_bytes
+            exact = name.endswith("-exact")
+
+            def softcal_llm(x, W, t, kw=kw, exact=exact):
+                from softcal import _lm_head_chunks as chunks
+
+                saved = dict(chunks._LLM_TERMS)
+                if exact:
+                    chunks._LLM_TERMS[x.device.type] = False
+                try:
+                    return softcal.linear_cross_entropy(x, W, t, **kw)[0]
+                finally:
+                    chunks._LLM_TERMS.clear()
+                    chunks._LLM_TERMS.update(saved)
+            impls[name] = softcal_llm
         elif name == "liger" and device == "cuda":
             try:
                 from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss

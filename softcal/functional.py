@@ -58,8 +58,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, temperature_t, target, weight, temperature, eps, ignore_index, reduction,
-                inplace, z_loss=0.0, softcap=0.0, lse_out=None):
+                inplace, z_loss=0.0, softcap=0.0, want_lse=False):
+        # returns (loss, the rows' [m, ls] (rows, 2) acc, or an empty (0,) tensor unless want_lse)
         need_t = temperature_t is not None and temperature_t.requires_grad
+        lse_out = x.new_empty((x.shape[0], 2), dtype=_ops._acc(x.dtype)) if want_lse else None
         if inplace:
             loss, grad_t = torch.ops.softcal.cross_entropy_fused_(x, target, weight, temperature_t,
                                                          temperature, eps, ignore_index,
@@ -79,11 +81,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad, grad_t)
         ctx.reduction = reduction
         ctx.used = False
-        ctx.mark_non_differentiable(grad_t)
-        return loss
+        lse2 = lse_out if want_lse else x.new_empty((0,), dtype=_ops._acc(x.dtype))
+        ctx.mark_non_differentiable(grad_t, lse2)
+        return loss, lse2
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_lse2):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "softcal.cross_entropy(fused=True): double backward (backward with "
@@ -227,9 +230,8 @@ def cross_entropy(
     ):
         if inplace and not x.is_contiguous():
             x = x.contiguous()
-        lse2 = x.new_empty((x.shape[0], 2), dtype=_ops._acc(x.dtype)) if return_lse else None
-        loss = _FusedCrossEntropy.apply(x, temp_t, t, weight, temp_f, eps, ignore_index, red,
-                                        inplace, zl, cap, lse2)
+        loss, lse2 = _FusedCrossEntropy.apply(x, temp_t, t, weight, temp_f, eps, ignore_index,
+                                              red, inplace, zl, cap, return_lse)
     else:
         loss, lse2, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps,
                                                            ignore_index, red, zl, cap, return_lse)
