@@ -276,11 +276,15 @@ def _chunk_terms_kernel(z: torch.Tensor, p: Problem, sl: slice, valid, a, a_scal
             if p.z_loss else None
         return loss.to(acc), zrow, lse, None
     lse2 = z.new_empty((z.shape[0], 2), dtype=acc) if want_lse else None
-    loss, grad_t = ops.cross_entropy_fused_(z, t, p.weight, p.temperature_t, p.temperature,
+    # a float64 temperature tensor (the same value) makes the kernel return the rows' dL/dT in
+    # float64 (grad_temperature has the temperature's dtype): no rounding before their sum
+    temp_t = p.temperature_t.to(torch.float64) if need_t else p.temperature_t
+    loss, grad_t = ops.cross_entropy_fused_(z, t, p.weight, temp_t, p.temperature,
                                             p.eps, p.ignore_index, 0, need_t, zl_grad, cap, lse2)
     if a_scale is not None:
         ops.scale_rows_(z, a_scale)
-    dt = (grad_t.to(acc) * a).sum() if need_t else None
+    # the rows' dL/dT summed in float64 (the kernels' precision policy for the T-gradient)
+    dt = (grad_t.to(torch.float64) * a.to(torch.float64)).sum() if need_t else None
     return loss.to(acc), None, _lse_rows(lse2, p) if want_lse else None, dt
 
 
@@ -302,13 +306,17 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
     n_classes = wt.shape[0]
     dtype, device = x.dtype, x.device
     acc = _acc(dtype)
-    kernel = use_kernel(device, p.softcap, p.z_loss, want_lse, grad_lse is not None)
+    need_t = want_grad and need_temperature_grad and p.temperature_t is not None
+    # A tensor temperature's gradient with a soft-cap below float64 keeps the exact path: through
+    # the kernel (x' scaled by a rounded 1/T, the same relative error for every element: it does
+    # not average out of dL/dT) it measured up to 1.4 x eager's error (tests/test_lm_head.py).
+    exact_t = need_t and p.softcap != 0.0 and dtype != torch.float64
+    kernel = use_kernel(device, p.softcap, p.z_loss, want_lse, grad_lse is not None or exact_t)
     need_w = want_grad and need_weight_grad
     per = bytes_per_logit(dtype, kernel)
     step = chunk_rows(n_rows, n_classes, per, p.workspace_bytes)
     valid, safe, wy, big_w = _row_stats(p, acc)
     temp = _temperature(p, acc)
-    need_t = want_grad and need_temperature_grad and p.temperature_t is not None
 
     ce = torch.empty(n_rows, dtype=acc, device=device)
     zrow = torch.zeros(n_rows, dtype=acc, device=device)
@@ -329,7 +337,7 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
         if need_bias_grad and bias is not None:
             gb = torch.zeros(n_classes, dtype=acc, device=device)
         if need_t:
-            gt = torch.zeros((), dtype=acc, device=device)
+            gt = torch.zeros((), dtype=torch.float64, device=device)  # (the caller rounds)
     ws = torch.empty((min(step, max(n_rows, 1)), n_classes), dtype=dtype, device=device)
     wt_t = wt.t()
     alpha = 1.0

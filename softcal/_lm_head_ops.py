@@ -101,15 +101,17 @@ def linear_cross_entropy_op(
         p, want_grad=want_grad, a_unit=a, b_unit=b, grad_lse=None, want_lse=return_lse,
         need_input_grad=need_input_grad, need_weight_grad=need_weight_grad,
         need_bias_grad=need_b, need_temperature_grad=need_t)
+    # the rows' sums in float64 (the precision policy of the kernels' own reductions)
     if reduction == 0:
         loss = ce + zrow if z_loss else ce
     elif reduction == 2:
-        loss = ce.sum() + zrow.sum() if z_loss else ce.sum()
+        loss = ce.sum(dtype=torch.float64) + zrow.sum(dtype=torch.float64) if z_loss \
+            else ce.sum(dtype=torch.float64)
     else:
         denom, count = _denominators(target, weight, ignore_index, acc)
-        loss = ce.sum() / denom
+        loss = ce.sum(dtype=torch.float64) / denom.double()
         if z_loss:
-            loss = loss + zrow.sum() / count
+            loss = loss + zrow.sum(dtype=torch.float64) / count.double()
     gw, gb, gt = _cast_grads(gw, gb, gt, linear_weight, linear_bias, temperature_t)
     return (loss.to(input.dtype), lse if lse is not None else _empty(input, acc),
             gx if gx is not None else _empty(input), gw, gb, gt)
