@@ -312,3 +312,45 @@ def test_double_backward_uses_the_composition():
     (gr,) = torch.autograd.grad(ref, xd, create_graph=True)
     (hr,) = torch.autograd.grad(gr.sum(), xd)
     assert rel(g, gr) < 1e-9 and rel(hv, hr) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["fused", "inplace"])
+def test_long_rows(mode):
+    """Rows too long to be held in registers (the CUDA fused kernel's two-read path)."""
+    x, y = make_case(3, 20000, torch.float64, ignore=False, seed=11)
+    y[1] = -100
+    T = torch.tensor(1.1, dtype=torch.float64)
+    kw = dict(temperature=T, reduction="sum", z_loss=1e-3, softcap=6.0)
+    loss, lse, gx, gt = run(x, y, mode, label_smoothing=0.05, **kw)
+    rl, rlse, rgx, rgt = oracle(x, y, eps=0.05, **kw)
+    for a, b in ((loss, rl), (lse, rlse), (gx, rgx), (gt, rgt)):
+        assert rel(a, b) < 1e-9
+
+
+@pytest.mark.skipif(not EMULATE_CUDA, reason="the thread schedule is the CUDA emulator's")
+@pytest.mark.parametrize("C", [10, 300, 20000])
+def test_emulated_results_do_not_depend_on_the_schedule(C):
+    """The CUDA kernels with the LLM terms (tile, row and long-row paths) give bitwise the same
+    outputs whatever the order of the threads between barriers."""
+    from conftest import EMU_OPS
+    import emulator as emu_build
+
+    x, y = make_case(40 if C < 1000 else 3, C, torch.float32, seed=C)
+    w = torch.rand(C, generator=torch.Generator().manual_seed(1)) + 0.5
+    T = torch.tensor(1.3)
+    ops = torch.ops.softcal
+    outs = []
+    try:
+        for sched, seed in (("forward", 0), ("reverse", 0), ("random", 1)):
+            EMU_OPS.emu_set_schedule(sched, seed)
+            lse_out = torch.empty(x.shape[0], 2)
+            fwd = ops.cross_entropy_fwd(x, y, w, T, 1.0, 0.1, -100, 1, 0.01, 4.0, True)
+            fused = ops.cross_entropy_fused(x, y, w, T, 1.0, 0.1, -100, 1, True, 0.01, 4.0, lse_out)
+            bwd = ops.cross_entropy_bwd(torch.tensor(1.0), x, y, w, fwd[1], fwd[2], T, 1.0, 0.1,
+                                        -100, 1, True, True, 0.01, 4.0)
+            outs.append([*fwd, *fused, lse_out, *bwd])
+    finally:
+        emu_build.configure(EMU_OPS)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
