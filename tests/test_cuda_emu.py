@@ -142,6 +142,7 @@ def test_softcal_ops_run_the_emulated_kernels(emu):
 
 # the loss variant of the cases below: smoothing without class weights (common.h's enums)
 UNIFORM = "softcal::Smoothing::kOn, softcal::ClassWeights::kNone"
+NOCAP = "softcal::Softcap::kOff"  # the cross-entropy kernels' soft-cap variant
 PASS = "softcal::Pass::"
 
 
@@ -153,16 +154,24 @@ def _path_cases():
     # thread, at most 256 threads per row unless the rows are too few to fill the device (3 rows
     # on the 3 emulated SMs: up to 512); and the tile path (C*b <= 128 B)
     for c, tpr in ((40, 4), (400, 8), (1000, 16), (2000, 32), (3000, 128), (6000, 256), (20000, 512)):
-        cases.append(("fwd", f32, 3, c, rf"cross_entropy_fwd_kernel<float, {tpr}, {UNIFORM}>"))
-    cases.append(("fwd", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kForward, {UNIFORM}>"))
-    cases.append(("bwd", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kBackward, {UNIFORM}>"))
-    cases.append(("fused", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kFused, {UNIFORM}>"))
-    cases.append(("bwd", bf16, 4, 5000, rf"cross_entropy_bwd_kernel<c10::BFloat16, \d+, {UNIFORM}>"))
+        cases.append(("fwd", f32, 3, c, rf"cross_entropy_fwd_kernel<float, {tpr}, {UNIFORM}, {NOCAP}>"))
+    cases.append(("fwd", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kForward, {UNIFORM}, {NOCAP}>"))
+    cases.append(("bwd", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kBackward, {UNIFORM}, {NOCAP}>"))
+    cases.append(("fused", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kFused, {UNIFORM}, {NOCAP}>"))
+    cases.append(("bwd", bf16, 4, 5000, rf"cross_entropy_bwd_kernel<c10::BFloat16, \d+, {UNIFORM}, {NOCAP}>"))
     # fused: the row in registers up to 512 threads x 4 vectors, two reads beyond
-    cases.append(("fused", bf16, 3, 16384, rf"cross_entropy_fused_kernel<c10::BFloat16, 512, 4, true, {UNIFORM}>"))
-    cases.append(("fused", bf16, 3, 16385, rf"cross_entropy_fused_kernel<c10::BFloat16, 512, 1, false, {UNIFORM}>"))
-    cases.append(("fused", f32, 3, 8192, rf"cross_entropy_fused_kernel<float, 512, 4, true, {UNIFORM}>"))
-    cases.append(("fused", f64, 3, 4097, rf"cross_entropy_fused_kernel<double, 512, 1, false, {UNIFORM}>"))
+    cases.append(("fused", bf16, 3, 16384, rf"cross_entropy_fused_kernel<c10::BFloat16, 512, 4, true, {UNIFORM}, {NOCAP}>"))
+    cases.append(("fused", bf16, 3, 16385, rf"cross_entropy_fused_kernel<c10::BFloat16, 512, 1, false, {UNIFORM}, {NOCAP}>"))
+    cases.append(("fused", f32, 3, 8192, rf"cross_entropy_fused_kernel<float, 512, 4, true, {UNIFORM}, {NOCAP}>"))
+    cases.append(("fused", f64, 3, 4097, rf"cross_entropy_fused_kernel<double, 512, 1, false, {UNIFORM}, {NOCAP}>"))
+    # the LLM terms (z-loss, soft-cap, lse of every row): the soft-cap variants of each path
+    cap = "softcal::Softcap::kOn"
+    cases.append(("fwd_llm", f32, 3, 400, rf"cross_entropy_fwd_kernel<float, 8, {UNIFORM}, {cap}>"))
+    cases.append(("fwd_llm", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kForward, {UNIFORM}, {cap}>"))
+    cases.append(("fused_llm", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kFused, {UNIFORM}, {cap}>"))
+    cases.append(("bwd_llm", bf16, 4, 5000, rf"cross_entropy_bwd_kernel<c10::BFloat16, \d+, {UNIFORM}, {cap}>"))
+    cases.append(("fused_llm", bf16, 3, 16384, rf"cross_entropy_fused_kernel<c10::BFloat16, 512, 4, true, {UNIFORM}, {cap}>"))
+    cases.append(("fused_llm", bf16, 3, 16385, rf"cross_entropy_fused_kernel<c10::BFloat16, 512, 1, false, {UNIFORM}, {cap}>"))
     # the vocabulary-parallel pieces
     cases.append(("shard_stats", f32, 5, 300, rf"shard_stats_kernel<float, \d+, {UNIFORM}>"))
     cases.append(("shard_grad", bf16, 5, 3000, rf"shard_grad_kernel<c10::BFloat16, \d+, {UNIFORM}>"))
@@ -196,6 +205,15 @@ def _run_path(kind, dtype, n, c):
                             True, False)
     if kind == "fused":
         return ops.cross_entropy_fused(x, t, None, None, 1.3, 0.1, -100, 2, False)
+    if kind == "fwd_llm":
+        return ops.cross_entropy_fwd(x, t, None, None, 1.3, 0.1, -100, 1, 0.01, 4.0, True)
+    if kind == "bwd_llm":
+        loss, lse, den = ops.cross_entropy_fwd(x, t, None, None, 1.3, 0.1, -100, 1, 0.01, 4.0)
+        return ops.cross_entropy_bwd(torch.tensor(1.0, dtype=dtype), x, t, None, lse, den, None, 1.3, 0.1, -100, 1,
+                                     True, False, 0.01, 4.0)
+    if kind == "fused_llm":
+        lse = torch.empty(n, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        return ops.cross_entropy_fused(x, t, None, None, 1.3, 0.1, -100, 2, False, 0.01, 4.0, lse) + (lse,)
     if kind == "fused_mean":
         return ops.cross_entropy_fused(x, t, None, None, 1.3, 0.1, -100, 1, False)
     if kind == "scale":
