@@ -6,32 +6,38 @@ Passes. ``_Stats.full(beta)`` is one pass over every row: [sum NLL, f', f'', N] 
 shapes, classes, label range) and keeps a sample of the rows; the values themselves (NaN, +inf,
 a label's logit of -inf) are checked by reading the logits again only when the sums come out
 non-finite (to name the first bad row). ``_Stats.sample(beta)`` evaluates the same sums on the
-sample only.
+sample only (``sub=True``: on 1/8 of it).
 
 The sample. Row i (its index in the order the rows are read, on each rank) is in the sample
-when the top k bits of (i * 2654435769) mod 2^32 are 0 (a Weyl sequence: every 2^k-th row on
-average, evenly spread whatever the order of the data, and the same rows for a tensor and for
-the same rows in chunks). k >= 4 is the smallest that keeps the sample within
-``SAMPLE_ELEMENTS`` logits; the sample is used when it has at least ``MIN_SAMPLE_ROWS`` rows
-(else the fit works on the full data only, as small data are cheap). A stream's first pass keeps
-the rows of a smaller k while N is unknown and thins them (at most 2 x SAMPLE_ELEMENTS logits).
+when the top k bits of (i * 2654435769) mod 2^32 are 0: a Weyl sequence, every 2^k-th row on
+average, evenly spread whatever the order of the data (rows sorted by class included), and the
+same rows for a tensor and for the same rows in chunks. k >= 2 is the largest that leaves at
+least ``TARGET_SAMPLE_ROWS`` rows (3,125 of 50,000; 3,906 of 10^6), or larger to keep the sample
+within ``SAMPLE_ELEMENTS`` logits; there is a sample phase for at least 4 x TARGET_SAMPLE_ROWS
+rows (smaller data are cheap: all rows from the start). A stream whose length is unknown keeps
+the rows of k = 2 in its first pass and thins them as they pass 2 x SAMPLE_ELEMENTS logits.
 
 The iteration (``fit_temperature``):
 
 1. a full pass at the starting T (the NLL before; the checks; the sample);
-2. Newton on the sample, from the full data's Newton step, to |dbeta| < 1e-4 beta, and the
-   sample's third derivative f''' (a finite difference of f'' over 0.2 %);
+2. when Newton's step from there is longer than 5 %: Newton on the sample (Halley's step once
+   two iterates give f'''), first on its 1/8 sub-sample while the steps are longer than 3 %,
+   until the step is below 1e-2; f''' per row there from the last two sample passes (or one
+   more at 0.2 % when they are further apart than 5 %);
 3. full passes from the sample's optimum: Halley's step (f' + f'' s + f''' s^2 / 2 = 0), with
    f''' from the sample for the first and from the last two full passes after (when they are
    within 5 % of each other), else Newton's step, a cubic Hermite root in a closed bracket, or
    a factor of 4 towards the open side (the safeguards of the full-data method). It stops when
    the Newton step is below ``tol`` (relative), or when the error left after the Halley step,
    estimated as |Halley - Newton| x (the relative error of f''') + |Newton|^3 K^2 / beta^2
-   (K = |f'''| beta / f''), is below tol^2 beta: about today's exactness (the Newton rule leaves
-   about K tol^2) in fewer passes.
+   (K = |f'''| beta / f''), is below tol^2 beta (the Newton rule leaves about K tol^2), or below
+   1.2e-8 beta for logits in float32 or lower, whose statistics are float32 per row: their
+   optimum is only defined to about 3e-8 (every method's T differs from the float64 optimum
+   by that much), so no pass below it is worth its time.
 
-Typically (50,000 x 1,000 rows; a 3,125-row sample): 3 full passes and about 5 sample passes of
-1/16 of the rows each, where Newton on the full data takes 6 to 7 full passes.
+Typically (50,000 x 1,000 float32 rows): 3 full passes and about 2.6 passes over the 3,125-row
+sample (0.16 of a full pass), where Newton on all rows takes 6 to 7 full passes; float64 logits
+take 3 or 4 (to tol^2).
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ from ._fit_data import Source, as_tensor, check_chunk, check_values, chunks, war
 
 #: Largest sample, in logits (32 MiB of float32).
 SAMPLE_ELEMENTS = 1 << 23
+#: Rows the sample aims at (between this and twice this, unless the memory cap binds): its
+#: optimum is then typically within 1e-2 of the data's, close enough for Halley's step.
+TARGET_SAMPLE_ROWS = 3072
 #: Smallest sample worth a phase of its own (rows, over every rank).
 MIN_SAMPLE_ROWS = 256
 #: The far steps run on a sub-sample: the sample rows with SUB_BITS more zero bits (1/8 of it).
@@ -57,17 +66,36 @@ _MASK = 0xFFFFFFFF
 
 
 def _sample_exponent(rows: int, classes: int) -> int:
-    """k: the sample keeps about rows / 2^k rows, k >= 4, at most SAMPLE_ELEMENTS logits."""
+    """k: the sample keeps about rows / 2^k rows: the largest k >= 2 that leaves at least
+    TARGET_SAMPLE_ROWS rows, or larger to stay within SAMPLE_ELEMENTS logits."""
     cap = max(1, SAMPLE_ELEMENTS // max(classes, 1))
-    k = 4
+    k = 2
+    while rows >> (k + 1) >= TARGET_SAMPLE_ROWS:
+        k += 1
     while rows > cap << k:
         k += 1
     return k
 
 
+def _use_sample(rows: int, k: int) -> bool:
+    """Whether a sample phase pays: at least 4 TARGET_SAMPLE_ROWS rows, and a sample of at least
+    MIN_SAMPLE_ROWS rows (fewer when the memory cap binds, for thousands of classes)."""
+    return rows >= 4 * TARGET_SAMPLE_ROWS and rows >> k >= MIN_SAMPLE_ROWS
+
+
 def _in_sample(idx: torch.Tensor, k: int) -> torch.Tensor:
     """Whether rows ``idx`` (int64) are in the sample of exponent k."""
     return ((idx * _HASH) & _MASK) < (1 << (32 - k))
+
+
+def _rows_of(source: Source) -> int:
+    """The rows of a list of chunks, from their shapes (0 when unknown)."""
+    if not isinstance(source, list):
+        return 0
+    try:
+        return sum(int(chunk[0].shape[0]) for chunk in source)
+    except (TypeError, AttributeError, IndexError):
+        return 0
 
 
 class _Stats:
@@ -88,11 +116,14 @@ class _Stats:
         self.sample_passes = 0.0           # a pass over the sub-sample counts 1/8
         self.sample_rows = 0               # every rank's sample rows (0: no sample phase)
         self.sub_rows = 0                  # every rank's sub-sample rows
-        self._k = 4                        # exponent of the rows kept so far (first pass)
+        self._k: Optional[int] = None      # exponent of the rows kept so far (first pass)
+        self._rows_hint = _rows_of(source)  # this rank's rows when known before reading
         self._kept: list = []              # (logits, labels, indices) of the kept rows
         self._sample: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._sub: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._single = isinstance(source, list) and len(source) == 1
+        self._low = False                  # this rank read logits in a dtype below float64
+        self.low_precision = False         # some rank did: the statistics are float32 per row
 
     # ------------------------------------------------------------------ reading
     def _where(self, i: int) -> str:
@@ -103,6 +134,7 @@ class _Stats:
             logits, labels = check_chunk(self.fn, i, chunk, self.classes, self._where(i))
             if self.classes is None:
                 self.classes = int(logits.shape[1])
+            self._low = self._low or logits.dtype != torch.float64
             if self.check_probabilities and self.rows == 0 and logits.shape[0]:
                 warn_if_probabilities(self.fn, logits[:4096], stacklevel=9)
             return logits, labels
@@ -118,6 +150,9 @@ class _Stats:
         """Keep the rows of this chunk that are in the sample of exponent self._k (first pass);
         thin the kept rows (k + 1) when they pass 2 x SAMPLE_ELEMENTS logits."""
         n = logits.shape[0]
+        if self._k is None:  # the final k if the rows are known (a list), else the smallest
+            c = int(logits.shape[1])
+            self._k = _sample_exponent(self._rows_hint, c) if self._rows_hint else 2
         idx = torch.arange(start, start + n, dtype=torch.int64, device=logits.device)
         idx = idx[_in_sample(idx, self._k)]
         if idx.numel():
@@ -192,9 +227,9 @@ class _Stats:
                                  f"{self.rows} on the first; they must be the same on every pass")
             changed = 1.0
         # the summed flags: rows changed; ranks that saw logits, sum of their C and of C^2
-        # (all equal iff k sum C^2 == (sum C)^2, exact in float64)
-        flags = torch.tensor([changed, 1.0 if self.classes is not None else 0.0, c, c * c],
-                             dtype=torch.float64)
+        # (all equal iff k sum C^2 == (sum C)^2, exact in float64); logits not in float64
+        flags = torch.tensor([changed, 1.0 if self.classes is not None else 0.0, c, c * c,
+                              1.0 if self._low else 0.0], dtype=torch.float64)
         packed = self._sum(torch.cat([sums, flags]), error)
         sums, flags = packed[:4], packed[4:]
         if flags[0] > 0:
@@ -209,6 +244,7 @@ class _Stats:
                 raise ValueError(f"{fn}: empty input (0 rows)" if self.group is None else
                                  f"{fn}: empty input (0 rows on every rank of the group)")
             self.total_rows = int(n)
+            self.low_precision = bool(flags[4] > 0)
             classes = int(round(float(flags[2] / flags[1])))
             if not all(math.isfinite(v) for v in (f, g, h)):
                 self._diagnose()
@@ -228,10 +264,10 @@ class _Stats:
 
     def _finish_sample(self, total_rows: int, classes: int) -> None:
         k = _sample_exponent(total_rows, classes)
-        if total_rows >> k < MIN_SAMPLE_ROWS:
+        if not _use_sample(total_rows, k):
             self._kept = []
             return
-        kept = self._thin(self._kept, k) if k > self._k else self._kept
+        kept = self._thin(self._kept, k) if k > (self._k or 0) else self._kept
         self._kept = []
         if kept:
             x, y, i = (torch.cat(v) if len(kept) > 1 else v[0] for v in zip(*kept))
@@ -450,6 +486,9 @@ def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
             f, g, h, _ = stats.full(beta)
             its += 1
             t_est, t_at, t_err = t_row * n, beta, 0.25
+    # Below the rounding of the statistics (float32 per row for float16/bfloat16/float32
+    # logits: the fitted T is only defined to about 1e-7 there) no step is worth a pass.
+    floor = 0.1 * torch.finfo(torch.float32).eps if stats.low_precision else 0.0
     prev: Optional[Tuple[float, float]] = None  # (beta, f'') of the previous full pass
     while True:
         if f / n < best_nll:
@@ -496,7 +535,7 @@ def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
         if s_h is not None:
             k2 = max(1.0, (abs(t_est) * beta / h) ** 2)
             left = abs(s_h - step) * t_err + abs(step) ** 3 * k2 / (beta * beta)
-            if left <= tol * tol * beta:
+            if left <= max(tol * tol, floor) * beta:
                 nll = (f + g * s_h + 0.5 * h * s_h * s_h + t_est * s_h ** 3 / 6.0) / n
                 return result(beta + s_h, nll, its, True, None)
             cand = beta + s_h

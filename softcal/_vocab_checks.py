@@ -134,8 +134,10 @@ def _check_call(sig, logits_local, target, weight, group, class_offset, num_clas
     sig.same("temperature", t_value, kind="float")
     sig.same("temperature's kind", "tensor" if isinstance(temperature, torch.Tensor) else
              "float", show=("float", "tensor"))
+    # (the backward all-reduces dL/dT only where the temperature needs a gradient)
     sig.same("temperature.requires_grad", bool(isinstance(temperature, torch.Tensor)
-                                               and temperature.requires_grad))
+                                               and temperature.requires_grad
+                                               and torch.is_grad_enabled()))
     sig.same("weight", "None" if weight is None else "a tensor", show=("None", "a tensor"))
     sig.same("class_offset", "None" if class_offset is None else "an int",
              show=("None", "an int"))
