@@ -216,7 +216,10 @@ def agree_on(fn: str, group: Any, checks: Callable[[Signature], T]
         out = checks(sig)
     except Exception as exc:  # published, then raised on every rank (below)
         error = exc
-    return out, agree(fn, group, sig, error, dist)
+    try:
+        return out, agree(fn, group, sig, error, dist)
+    finally:
+        del error  # (no frame <-> traceback cycle that keeps the group alive until a gc)
 
 
 def agree(fn: str, group: Any, sig: Signature, error: Optional[BaseException] = None,
@@ -270,9 +273,12 @@ def agree(fn: str, group: Any, sig: Signature, error: Optional[BaseException] = 
                  f"{_ranks(failed)} of the group of {world} failed their checks; this is rank "
                  f"{r0}'s error")
         common = cls(f"{text} [{where}; every rank raises this error]")
-        if error is not None:
-            raise common from error
-        raise common
+        try:
+            if error is not None:
+                raise common from error
+            raise common
+        finally:
+            del common, error  # (no frame <-> traceback cycle, as in agree_on)
     # 2. every rank in this same call
     bad = [r for r in range(world) if rows[r][0] != _MAGIC or rows[r][1] != call
            or rows[r][2] != len(sig.words)]

@@ -42,6 +42,7 @@ import torch
 
 from . import _ops, reference
 from ._agree import agree_on
+from ._teardown import import_before_groups
 from ._validation import (
     check_ignore_index,
     check_label_smoothing,
@@ -49,6 +50,10 @@ from ._validation import (
     check_temperature,
 )
 from ._vocab_checks import _FN, _agreed_layout, _check_call, _mesh_group
+
+# torch.distributed.nn.functional binds the world group into default arguments when imported;
+# imported now, before any group exists, it cannot keep one alive (softcal/_teardown.py)
+import_before_groups()
 
 __all__ = [
     "VocabParallelCrossEntropy",

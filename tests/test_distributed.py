@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 import softcal
 from softcal import metrics as M
+from softcal._teardown import release_group_references
 from softcal.distributed import (
     VocabParallelCrossEntropy,
     padding_mask,
@@ -63,32 +64,14 @@ def _entry(rank, world, names, init_file):
                 raise
             dist.barrier()
     finally:
+        release_group_references()  # (issue 18, item 15: see softcal/_teardown.py)
         dist.destroy_process_group()
-
-
-def _spawned(rank, world, names, init_file):
-    """The spawned process: the checks, then an exit that skips the interpreter's finalisation.
-
-    Constructing a DTensor (torch's Tensor._dtensor__new__, under distribute_tensor and
-    DTensor.from_local) takes references to the mesh's gloo process group that nothing
-    releases (10 of them, measured), so destroy_process_group cannot free the group: it was
-    destroyed during the interpreter's finalisation instead, where a gloo worker still dropping
-    its last collective's tensors (Python objects: the drop takes the GIL) is killed inside a
-    noexcept destructor, and the process aborted after a correct run ("terminate called without
-    an active exception", test_two_ranks_dtensor about one run in six). CalibrationMetrics had
-    the same failure from a strong reference of its own (fixed by a weak one, 4d92a2f); this one
-    is torch's, so the process ends here, after a clean teardown, without finalising. A failed
-    check still raises (mp.spawn reports it)."""
-    _entry(rank, world, names, init_file)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def run_ranks(world, *names):
     """Run the named check functions, in order, on every rank of a fresh gloo group."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_spawned, args=(world, names, os.path.join(tmp, "init")), nprocs=world,
+        mp.spawn(_entry, args=(world, names, os.path.join(tmp, "init")), nprocs=world,
                  join=True)
 
 
