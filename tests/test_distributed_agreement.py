@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from softcal import metrics as M
+from softcal._teardown import release_group_references
 from softcal.distributed import vocab_parallel_cross_entropy as vpce
 from softcal.nn import TemperatureScaler
 
@@ -311,6 +312,7 @@ def _entry(rank, world, init_file, names, out_dir):
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(report))
+        release_group_references()  # (no reference left to the group: softcal/_teardown.py)
         dist.destroy_process_group()
 
 
