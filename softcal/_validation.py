@@ -97,6 +97,21 @@ def check_ignore_index(fn: str, ignore_index: int) -> int:
     return ignore_index
 
 
+def check_inplace_leaf(fn: str, logits: torch.Tensor, inplace: bool, name: str = "logits") -> None:
+    """Refuse ``fused=True, inplace=True`` on a leaf that requires grad (an ``nn.Parameter``) or
+    a view of one, as PyTorch's own in-place ops do: the gradient would overwrite its values."""
+    if not (inplace and torch.is_grad_enabled() and logits.requires_grad):
+        return
+    base = logits._base if logits._base is not None else logits
+    if logits.is_leaf or (base.is_leaf and base.requires_grad):
+        what = "a leaf tensor" if logits.is_leaf else "a view of a leaf tensor"
+        raise RuntimeError(
+            f"{fn}: a leaf Variable that requires grad is being used in an in-place operation: "
+            f"{name} is {what} that requires grad (an nn.Parameter?), and fused=True, "
+            f"inplace=True would overwrite its values with the gradient; use inplace=False, or "
+            "pass logits computed from it (the output of a layer)")
+
+
 def check_target(fn: str, logits: torch.Tensor, target: torch.Tensor,
                  probabilities: bool = False) -> torch.Tensor:
     """Check the target's type, device and shape against the logits.

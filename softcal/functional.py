@@ -15,6 +15,7 @@ import torch
 from . import _ops, _soft, reference
 from ._validation import (
     check_ignore_index,
+    check_inplace_leaf,
     check_label_smoothing,
     check_logits,
     check_reduction,
@@ -162,6 +163,7 @@ def cross_entropy(
     ignore_index = check_ignore_index(fn, ignore_index)
     if inplace and not fused:
         raise ValueError(f"{fn}: inplace=True needs fused=True, got fused={fused!r}")
+    check_inplace_leaf(fn, logits, inplace)
     if target.dtype.is_floating_point:  # class probabilities of the logits' shape: softcal._soft
         return _soft.soft_cross_entropy(
             fn, logits, target, temperature=temperature, label_smoothing=eps, weight=weight,

@@ -68,7 +68,9 @@ def check_against_reference(x, t, w, temp, eps, reduction, *, fused=False, inpla
     dtype = x.dtype
     tol = TOL[dtype]
     xin = x.detach().clone().requires_grad_()
-    loss = softcal.cross_entropy(xin, t, temperature=temp, label_smoothing=eps, weight=w,
+    # in place needs a non-leaf (a leaf that requires grad is refused, as by PyTorch's own ops)
+    loss = softcal.cross_entropy(xin * 1 if inplace else xin, t, temperature=temp,
+                                 label_smoothing=eps, weight=w,
                                  reduction=reduction, fused=fused, inplace=inplace,
                                  ignore_index=ignore_index)
     assert loss.dtype == dtype, "the loss must come back in the logits' dtype"
