@@ -73,9 +73,10 @@ struct TileBuffers {
 // Loads rows [i0, i0 + nr) into the tile, reads the targets (checked: an error names the row)
 // and gathers the classes into tT. Returns the row-major tile (tb, or the logits themselves).
 template <typename scalar_t>
-SOFTCAL_ALWAYS_INLINE const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t row_stride,
-                              const int64_t* target, int64_t ignore_index, int64_t i0, int64_t nr,
-                              TileBuffers& b, TileRows& t, const char* op) {
+SOFTCAL_ALWAYS_INLINE
+const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t row_stride,
+                       const int64_t* target, int64_t ignore_index, int64_t i0, int64_t nr,
+                       TileBuffers& b, TileRows& t, const char* op) {
   constexpr int64_t R = TileShape::R;
   const int64_t C = ts.C;
   const float* tile;
@@ -121,8 +122,9 @@ SOFTCAL_ALWAYS_INLINE const float* tile_load(const TileShape& ts, const scalar_t
 
 // Forward of a loaded tile: per lane m, ls, x_y and the loss (RowStats; row_loss of ce_row.h).
 template <bool kDot>
-__attribute__((noinline)) void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* tile,
-                         TileBuffers& b, TileRows& t) {
+__attribute__((noinline))  // out of line, as before the split: the tile loop around it stays small
+void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* tile,
+                  TileBuffers& b, TileRows& t) {
   constexpr int64_t R = TileShape::R;
   using V = Vec<float>;
   const int64_t C = ts.C;
@@ -284,30 +286,37 @@ void ce_tile_blocks(const CEParams<float>& p, const CEIo<scalar_t, float>& io, i
       for (int64_t l = 0; l < R; ++l) t.g[l] = l < nr && t.valid[l] ? io.g.of(i0 + l) : 0.0f;
       tile_grad(ts, p, bufs, t, nr, io.need_t, io.grad + i0 * p.C);
     }
-    // the tile's outputs, per row or added to the block's sums in row order
-    float* const loss_rows = io.loss_rows;
-    const bool need_t = kGrad && io.need_t;
-    double sum_loss = sums.loss, sum_t = sums.grad_t;
-    for (int64_t l = 0; l < nr; ++l) {
-      const int64_t i = i0 + l;
-      const bool v = t.valid[l];
-      if constexpr (kPass == Pass::kForward) {
-        io.lse_out[2 * i] = v ? t.m[l] : 0.0f;  // ignored rows: [0, 0], loss 0
-        io.lse_out[2 * i + 1] = v ? t.ls[l] : 0.0f;
-      }
-      if constexpr (kStats) {
-        const float loss = v ? t.loss[l] : 0.0f;
-        if (loss_rows != nullptr) loss_rows[i] = loss;
-        else sum_loss += static_cast<double>(loss);
-      }
-      if (need_t) {  // dL/dT of row l: -(g / T) S
-        const double gt = v ? -static_cast<double>(t.g[l]) * t.S[l] * static_cast<double>(p.beta) : 0.0;
-        if (io.grad_t_rows != nullptr) io.grad_t_rows[i] = static_cast<float>(gt);
-        else sum_t += gt;
+    // the tile's outputs, per row or added to the block's sums in row order; one loop per
+    // output, so that each running sum stays in a register (interleaved with the stores of the
+    // other outputs GCC kept it on the stack: benchmarks/NOTES.md, issue 20)
+    if constexpr (kPass == Pass::kForward) {
+      for (int64_t l = 0; l < nr; ++l) {  // ignored rows: [0, 0], loss 0
+        io.lse_out[2 * (i0 + l)] = t.valid[l] ? t.m[l] : 0.0f;
+        io.lse_out[2 * (i0 + l) + 1] = t.valid[l] ? t.ls[l] : 0.0f;
       }
     }
-    sums.loss = sum_loss;
-    sums.grad_t = sum_t;
+    if constexpr (kStats) {
+      if (io.loss_rows != nullptr) {
+        for (int64_t l = 0; l < nr; ++l) io.loss_rows[i0 + l] = t.valid[l] ? t.loss[l] : 0.0f;
+      } else {
+        double sum = sums.loss;  // all R lanes: lanes l >= nr are not valid (a loop without exits)
+        for (int64_t l = 0; l < R; ++l) sum += t.valid[l] ? static_cast<double>(t.loss[l]) : 0.0;
+        sums.loss = sum;
+      }
+    }
+    if (kGrad && io.need_t) {  // dL/dT of row l: -(g / T) S
+      const double beta = p.beta;
+      const auto grad_t = [&](int64_t l) {
+        return t.valid[l] ? -static_cast<double>(t.g[l]) * t.S[l] * beta : 0.0;
+      };
+      if (io.grad_t_rows != nullptr) {
+        for (int64_t l = 0; l < nr; ++l) io.grad_t_rows[i0 + l] = static_cast<float>(grad_t(l));
+      } else {
+        double sum = sums.grad_t;
+        for (int64_t l = 0; l < R; ++l) sum += grad_t(l);
+        sums.grad_t = sum;
+      }
+    }
   });
 }
 

@@ -144,9 +144,10 @@ __attribute__((always_inline)) inline __m512 f32_step(const float* x, const floa
 // max of: pf, pf_bytes is the memory that the next conversion will read, prefetched into L1
 // instead (2 lines an iteration of a full chunk).
 template <bool kDot, bool kW, bool kSelf>
-SOFTCAL_ALWAYS_INLINE float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n, float beta,
-                                       RowStats<float>& st, float& Wseen, const float* nx,
-                                       int64_t nn, const char* pf, int64_t pf_bytes) {
+SOFTCAL_ALWAYS_INLINE
+float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n, float beta,
+                                RowStats<float>& st, float& Wseen, const float* nx,
+                                int64_t nn, const char* pf, int64_t pf_bytes) {
   const __m512 vm = _mm512_set1_ps(st.m);
   const __m512 vk = _mm512_set1_ps(static_cast<float>(beta * 1.4426950408889634));
   const __m512 zero = _mm512_setzero_ps();
@@ -190,9 +191,10 @@ SOFTCAL_ALWAYS_INLINE float chunk_accumulate_f32_impl(const float* x, const floa
 }
 
 template <bool kDot, bool kSelf = false>
-SOFTCAL_ALWAYS_INLINE float chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
-                                  RowStats<float>& st, float& Wseen, const float* nx = nullptr,
-                                  int64_t nn = 0, const char* pf = nullptr, int64_t pf_bytes = 0) {
+SOFTCAL_ALWAYS_INLINE
+float chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
+                           RowStats<float>& st, float& Wseen, const float* nx = nullptr,
+                           int64_t nn = 0, const char* pf = nullptr, int64_t pf_bytes = 0) {
   return w != nullptr ? chunk_accumulate_f32_impl<kDot, true, kSelf>(x, w, n, beta, st, Wseen, nx,
                                                                      nn, pf, pf_bytes)
                       : chunk_accumulate_f32_impl<kDot, false, kSelf>(x, w, n, beta, st, Wseen, nx,
@@ -219,9 +221,10 @@ struct NextMax {
 // the max of the next row's first chunk is taken inside the exp loop of this row's last chunk
 // and handed over through `carry`.
 template <typename scalar_t, typename acc_t>
-SOFTCAL_ALWAYS_INLINE RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
-                                 bool need_dot, acc_t* buf, const scalar_t* next_row = nullptr,
-                                 NextMax* carry = nullptr) {
+SOFTCAL_ALWAYS_INLINE
+RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
+                          bool need_dot, acc_t* buf, const scalar_t* next_row = nullptr,
+                          NextMax* carry = nullptr) {
 #if SOFTCAL_AVX512_EXP
   constexpr bool kPipe = std::is_same_v<scalar_t, float>;
 #else

@@ -193,7 +193,8 @@ inline acc_t chunk_dot(const acc_t* x, const acc_t* w, int64_t n) {
 // (the NaN-propagating chunk_max takes four instructions a vector). Its callers detect NaN
 // through the exps: a NaN logit makes the sum of exps NaN (chunk_accumulate_f32 adds every lane
 // that is not at the maximum, and NaN never compares equal to it).
-SOFTCAL_ALWAYS_INLINE float max_ignoring_nan_f32(const float* x, int64_t n) {
+SOFTCAL_ALWAYS_INLINE
+float max_ignoring_nan_f32(const float* x, int64_t n) {
   const __m512 ninf = _mm512_set1_ps(kNegInf<float>);
   __m512 m[4] = {ninf, ninf, ninf, ninf};
   int64_t i = 0;
