@@ -539,7 +539,7 @@ def test_reference_fallback_is_used_without_kernels(monkeypatch):
 
 
 # --------------------------------------------------------------------------- the CUDA kernels' code
-# (SOFTCAL_EMULATE_CUDA=1: csrc/cuda/tsce_soft.cu compiled for the CPU by tests/cuda_emu)
+# (SOFTCAL_EMULATE_CUDA=1: csrc/cuda/soft_target.cu compiled for the CPU by tests/cuda_emu)
 
 needs_emu = pytest.mark.skipif(
     not EMULATE_CUDA, reason="runs with SOFTCAL_EMULATE_CUDA=1 (the second half of `make test`)")
@@ -559,12 +559,12 @@ def _soft_paths():
     cases = []
     for c, tpr in ((40, 4), (100, 8), (200, 16), (400, 32), (1500, 128), (3000, 256), (7000, 512),
                    (20000, 512)):
-        cases.append(("fwd", f32, 3, c, 0, rf"tsce_soft_fwd_kernel<float, {tpr}, (false|0)>"))
-    cases.append(("bwd", f32, 3, 1500, 0, r"tsce_soft_bwd_kernel<float, 128, (false|0)>"))
-    cases.append(("bwd_w", bf16, 4, 5000, 0, r"tsce_soft_bwd_kernel<c10::BFloat16, \d+, (true|1)>"))
-    cases.append(("fwd_w", f64, 5, 300, 0, r"tsce_soft_fwd_kernel<double, \d+, (true|1)>"))
-    cases.append(("bwd", f32, 5, 301, 1, r"tsce_soft_bwd_kernel<float, \d+, (false|0)>"))
-    cases.append(("fwd", bf16, 5, 301, 3, r"tsce_soft_fwd_kernel<c10::BFloat16, \d+, (false|0)>"))
+        cases.append(("fwd", f32, 3, c, 0, rf"soft_target_fwd_kernel<float, float, {tpr}, softcal::ClassWeights::kNone>"))
+    cases.append(("bwd", f32, 3, 1500, 0, r"soft_target_bwd_kernel<float, float, 128, softcal::ClassWeights::kNone>"))
+    cases.append(("bwd_w", bf16, 4, 5000, 0, r"soft_target_bwd_kernel<c10::BFloat16, [\w:]+, \d+, softcal::ClassWeights::kPerClass>"))
+    cases.append(("fwd_w", f64, 5, 300, 0, r"soft_target_fwd_kernel<double, double, \d+, softcal::ClassWeights::kPerClass>"))
+    cases.append(("bwd", f32, 5, 301, 1, r"soft_target_bwd_kernel<float, float, \d+, softcal::ClassWeights::kNone>"))
+    cases.append(("fwd", bf16, 5, 301, 3, r"soft_target_fwd_kernel<c10::BFloat16, [\w:]+, \d+, softcal::ClassWeights::kNone>"))
     return cases
 
 
