@@ -65,7 +65,9 @@ def check_temperature(fn: str, temperature: Temperature, device: torch.device) -
             f"{fn}: temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}"
         )
     value = float(temperature)
-    if not (math.isfinite(value) and value > 0):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is a
+    # SymFloat, which the comparisons guard on (NaN fails both)
+    if not (0.0 < value < math.inf):
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
     return value
 
