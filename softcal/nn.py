@@ -3,39 +3,23 @@ same with smoothing 0.1 by default) and TemperatureScaler (calibration)."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
 from . import functional as F
+from .functional import _legacy_reduction
 from ._validation import check_ignore_index, check_label_smoothing, check_reduction, check_temperature
 from .calibration import TemperatureScaler
 
 __all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "TemperatureScaler"]
 
-def _legacy_reduction(fn: str, size_average: Optional[bool], reduce: Optional[bool]) -> str:
-    """nn.CrossEntropyLoss's size_average/reduce (deprecated) -> reduction, with PyTorch's warning
-    (the same text, so that filters written for PyTorch's apply)."""
-    size_average = True if size_average is None else size_average
-    reduce = True if reduce is None else reduce
-    if size_average and reduce:
-        reduction = "mean"
-    elif reduce:
-        reduction = "sum"
-    else:
-        reduction = "none"
-    warnings.warn(
-        f"size_average and reduce args will be deprecated, please use reduction='{reduction}' "
-        "instead.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return reduction
-
-
-class CrossEntropyLoss(torch.nn.Module):
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """Drop-in replacement for ``torch.nn.CrossEntropyLoss``, with a temperature and a fused kernel.
+
+    A subclass of ``torch.nn.CrossEntropyLoss`` (``isinstance`` checks of training frameworks
+    hold), with the same attributes (``weight``, ``ignore_index``, ``reduction``,
+    ``label_smoothing``); its forward is softcal's.
 
     The constructor and the call take the same arguments as PyTorch's, in the same order, with
     the same defaults; softcal adds ``temperature``, ``fused`` and ``inplace``, keyword-only::
@@ -81,25 +65,26 @@ class CrossEntropyLoss(torch.nn.Module):
         fused: bool = False,
         inplace: bool = False,
     ) -> None:
-        super().__init__()
         fn = self._fn
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise TypeError(f"{fn}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
         if size_average is not None or reduce is not None:
-            reduction = _legacy_reduction(fn, size_average, reduce)
+            reduction = _legacy_reduction(size_average, reduce)
         check_reduction(fn, reduction)
-        self.reduction = reduction
-        self.ignore_index = check_ignore_index(fn, ignore_index)
-        self.label_smoothing = check_label_smoothing(fn, label_smoothing)
+        ignore_index = check_ignore_index(fn, ignore_index)
+        label_smoothing = check_label_smoothing(fn, label_smoothing)
         if isinstance(temperature, torch.Tensor):
             raise TypeError(f"{fn}: temperature must be a float here (use TemperatureScaler to "
                             "learn one, or softcal.cross_entropy for a tensor), got a tensor")
-        self.temperature = check_temperature(fn, temperature, torch.device("cpu"))
+        temperature = check_temperature(fn, temperature, torch.device("cpu"))
         if inplace and not fused:
             raise ValueError(f"{fn}: inplace=True needs fused=True, got fused={fused!r}")
+        # torch.nn.CrossEntropyLoss's own attributes (weight a buffer: it follows .to() and the
+        # state_dict), from the validated values; size_average/reduce are resolved above.
+        super().__init__(weight, None, ignore_index, None, reduction, label_smoothing)
+        self.temperature = temperature
         self.fused = bool(fused)
         self.inplace = bool(inplace)
-        self.register_buffer("weight", weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
