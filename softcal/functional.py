@@ -102,6 +102,7 @@ def cross_entropy(
     temperature: Temperature = 1.0,
     fused: bool = False,
     inplace: bool = False,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Temperature-scaled, label-smoothed cross-entropy.
 
@@ -115,10 +116,12 @@ def cross_entropy(
             float64; any strides (views are read in place when the classes have a unit stride,
             else copied once into (rows, C)).
         target: class indices of shape (), (N,) or (N, d1, ...); any integer dtype. Or class
-            probabilities: a floating tensor of the logits' shape, dtype and device (mixup,
-            distillation); then "mean" divides by the number of rows and the target gets its
-            gradient too (see softcal._soft).
-        weight: (C,) class weights, the logits' dtype and device (not differentiable).
+            probabilities: a floating tensor of the logits' shape and device, in the logits'
+            dtype or float32 for float16/bfloat16 logits (mixup, distillation); then "mean"
+            divides by the number of rows and the target gets its gradient too (see
+            softcal._soft).
+        weight: (C,) class weights on the logits' device, any floating dtype (read in the
+            accumulation precision: float32 for float16/bfloat16 logits); not differentiable.
         size_average, reduce: deprecated (as in PyTorch); when either is given, ``reduction``
             is derived from them as PyTorch does, with PyTorch's deprecation warning.
         ignore_index: rows with this target contribute 0 and are not counted by "mean".
@@ -135,26 +138,75 @@ def cross_entropy(
             the logits' version counter, so an op that saved them for its backward (exp, tanh,
             softmax, ...) raises at backward instead of reading the gradient. Nothing is written
             when no gradient is needed, nor into logits whose layout needs a copy.
+        loss_dtype: the dtype of the returned loss (None: the logits' dtype, or float32 for
+            float16/bfloat16 logits under torch.autocast, as PyTorch). The kernels accumulate
+            in float32 for half types, so ``loss_dtype=torch.float32`` gives the loss to
+            float32 precision (for loops that sum many losses) at no cost.
+
+    Autocast: under ``torch.autocast`` the loss is float32 for float16/bfloat16 logits, and
+    float32 class weights and probability targets are accepted with them, as PyTorch does;
+    the logits are read in their own dtype, never copied to float32 (a probability target of
+    another dtype is cast to float32).
 
     Second derivatives: with fused=False, backward(create_graph=True) returns gradients that
     are differentiable (with respect to the logits and a tensor temperature); fused=True raises.
 
     Returns:
-        The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".
-        float16/bfloat16 are computed in float32 inside the kernel.
+        The loss in ``loss_dtype`` (by default the logits' dtype; float32 under autocast for
+        half types): 0-dim for "mean"/"sum", the batch shape for "none". float16/bfloat16
+        are computed in float32 inside the kernel.
     """
     logits = input
     fn = "softcal.cross_entropy"
     check_logits(fn, logits)
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
-    return _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
+    autocast = _autocast_enabled(logits.device)
+    out_dtype = _loss_dtype(fn, logits, loss_dtype, autocast)
+    if autocast and isinstance(target, torch.Tensor):
+        target = _autocast_target(logits, target)
+    loss = _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                           temperature, fused, inplace)
+    return loss if loss.dtype == out_dtype else loss.to(out_dtype)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def _check_loss_dtype(fn: str, loss_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    if loss_dtype is not None and loss_dtype not in _LOSS_DTYPES:
+        raise TypeError(f"{fn}: loss_dtype must be None or one of torch.float16, torch.bfloat16, "
+                        f"torch.float32, torch.float64, got {loss_dtype!r}")
+    return loss_dtype
+
+
+def _loss_dtype(fn: str, logits: torch.Tensor, loss_dtype: Optional[torch.dtype],
+                autocast: bool) -> torch.dtype:
+    """loss_dtype if given; else float32 for half logits under autocast (PyTorch's autocast
+    runs cross_entropy in float32), else the logits' dtype."""
+    if _check_loss_dtype(fn, loss_dtype) is not None:
+        return loss_dtype
+    return torch.float32 if autocast and logits.dtype in _HALF else logits.dtype
+
+
+def _autocast_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Under autocast, a probability target in a floating dtype that the kernels do not read
+    beside these logits (they read the logits' own, and float32 beside half logits) is cast
+    to float32 (to the logits' dtype for float64 logits), as autocast casts it."""
+    if (not target.dtype.is_floating_point or target.dtype == logits.dtype
+            or (target.dtype == torch.float32 and logits.dtype in _HALF)):
+        return target
+    return target.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
 
 def _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                    temperature, fused, inplace):
-    """softcal.cross_entropy after the legacy arguments: the loss as the kernel (or the
+    """softcal.cross_entropy after the choice of the loss dtype: the loss as the kernel (or the
     reference) returns it."""
     target = check_target(fn, logits, target, probabilities=True)
     weight = check_weight(fn, logits, weight)

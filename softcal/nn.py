@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import functional as F
-from .functional import _legacy_reduction
+from .functional import _check_loss_dtype, _legacy_reduction
 from ._validation import check_ignore_index, check_label_smoothing, check_reduction, check_temperature
 from .calibration import TemperatureScaler
 
@@ -22,18 +22,20 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     ``label_smoothing``); its forward is softcal's.
 
     The constructor and the call take the same arguments as PyTorch's, in the same order, with
-    the same defaults; softcal adds ``temperature``, ``fused`` and ``inplace``, keyword-only::
+    the same defaults; softcal adds ``temperature``, ``fused``, ``inplace`` and ``loss_dtype``,
+    keyword-only::
 
         CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
                          reduction="mean", label_smoothing=0.0, *, temperature=1.0,
-                         fused=False, inplace=False)
+                         fused=False, inplace=False, loss_dtype=None)
 
     ``loss(input, target)`` equals ``torch.nn.CrossEntropyLoss(...)(input / temperature,
     target)``, gradients included (see :func:`softcal.cross_entropy`).
 
     Args:
-        weight: optional (C,) class weights, the logits' dtype (a buffer: it follows .to() and
-            the state_dict, as in PyTorch).
+        weight: optional (C,) class weights, any floating dtype (float32 weights with
+            bfloat16 logits are read in float32); a buffer: it follows .to() and the
+            state_dict, as in PyTorch.
         size_average, reduce: deprecated (as in PyTorch); when either is given, ``reduction``
             is derived from them as PyTorch does, with PyTorch's deprecation warning.
         ignore_index: target value whose rows are ignored (contribute 0, not counted by mean).
@@ -44,6 +46,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         fused: compute the gradient in the forward (see softcal.cross_entropy).
         inplace: with fused=True, overwrite the logits with their gradient (declared to
             autograd: an op that saved the logits raises at backward instead of going wrong).
+        loss_dtype: the dtype of the loss (None: the logits' dtype, float32 for half logits
+            under autocast); ``torch.float32`` gives a float32 loss for half logits.
 
     Shapes: input (C,), (N, C) or (N, C, d1, ...), float16/bfloat16/float32/float64, any
     strides; target (), (N,) or (N, d1, ...) class indices, passed unchanged to
@@ -64,6 +68,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         temperature: float = 1.0,
         fused: bool = False,
         inplace: bool = False,
+        loss_dtype: Optional[torch.dtype] = None,
     ) -> None:
         fn = self._fn
         if weight is not None and not isinstance(weight, torch.Tensor):
@@ -85,6 +90,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.temperature = temperature
         self.fused = bool(fused)
         self.inplace = bool(inplace)
+        self.loss_dtype = _check_loss_dtype(fn, loss_dtype)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
@@ -97,6 +103,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             reduction=self.reduction,
             fused=self.fused,
             inplace=self.inplace,
+            loss_dtype=self.loss_dtype,
         )
 
     def extra_repr(self) -> str:
@@ -107,6 +114,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             s += f", ignore_index={self.ignore_index}"
         if self.fused:
             s += f", fused=True, inplace={self.inplace}"
+        if self.loss_dtype is not None:
+            s += f", loss_dtype={self.loss_dtype}"
         return s
 
 
@@ -122,7 +131,8 @@ class LabelSmoothingLoss(CrossEntropyLoss):
     Args:
         smoothing: label smoothing eps in [0, 1] (None: 0.1); ``label_smoothing`` is the
             same argument under PyTorch's name (give one of the two).
-        temperature, weight, ignore_index, reduction, fused, inplace: as CrossEntropyLoss.
+        temperature, weight, ignore_index, reduction, fused, inplace, loss_dtype: as
+            CrossEntropyLoss.
 
     Shapes: as CrossEntropyLoss.
     """
@@ -140,6 +150,7 @@ class LabelSmoothingLoss(CrossEntropyLoss):
         inplace: bool = False,
         *,
         label_smoothing: Optional[float] = None,
+        loss_dtype: Optional[torch.dtype] = None,
     ) -> None:
         fn = self._fn
         if isinstance(smoothing, torch.Tensor):
@@ -159,7 +170,7 @@ class LabelSmoothingLoss(CrossEntropyLoss):
         check_label_smoothing(fn, eps, name=name)
         super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=eps, temperature=temperature, fused=fused,
-                         inplace=inplace)
+                         inplace=inplace, loss_dtype=loss_dtype)
 
     @property
     def smoothing(self) -> float:
@@ -176,4 +187,6 @@ class LabelSmoothingLoss(CrossEntropyLoss):
             s += f", ignore_index={self.ignore_index}"
         if self.fused:
             s += f", fused=True, inplace={self.inplace}"
+        if self.loss_dtype is not None:
+            s += f", loss_dtype={self.loss_dtype}"
         return s
