@@ -113,14 +113,15 @@ def test_compiled_training_step_inductor(device, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_compiled_float_temperature_follows_its_value(device, mode):
-    """A float temperature argument under dynamic=True gives the loss at that temperature
-    (the first two values may compile once each; the value is never baked in wrongly)."""
+@pytest.mark.parametrize("dynamic", [None, False, True])
+def test_compiled_float_temperature_follows_its_value(device, mode, dynamic):
+    """A float temperature argument gives the loss at that temperature under every dynamic
+    setting (a value may compile once; it is never baked in wrongly)."""
     torch._dynamo.reset()
     x = torch.randn(6, C, dtype=torch.float64, device=device)
     t = torch.randint(0, C, (6,), device=device)
     f = torch.compile(lambda z, T: softcal.cross_entropy(z * 1.0, t, temperature=T, **MODES[mode]),
-                      fullgraph=True, dynamic=True, backend="aot_eager")
+                      fullgraph=True, dynamic=dynamic, backend="aot_eager")
     for T in (1.5, 2.5, 0.7):
         z = x.clone().requires_grad_()
         loss = f(z, T)
