@@ -199,7 +199,8 @@ def _autocast_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     beside these logits (they read the logits' own, and float32 beside half logits) is cast
     to float32 (to the logits' dtype for float64 logits), as autocast casts it."""
     if (not target.dtype.is_floating_point or target.dtype == logits.dtype
-            or (target.dtype == torch.float32 and logits.dtype in _HALF)):
+            or (target.dtype == torch.float32 and logits.dtype in _HALF)
+            or target.shape != logits.shape):  # not probabilities: check_target says why
         return target
     return target.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
