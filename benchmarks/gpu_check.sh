@@ -78,7 +78,7 @@ write_summary() {  # summary.txt and logs.tar.gz as they stand (called after eve
     echo
     echo "softcal gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - T_START)) s so far, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
     grep -A14 -E '^op +dtype' "$LOGS/kernels.log" 2>/dev/null | head -1
-    grep -E '^tsce_(fwd|bwd|fused) +bfloat16 +(1000000 +10|4096 +128256|4096 +32000) ' "$LOGS/kernels.log" 2>/dev/null
+    grep -E '^cross_entropy_(fwd|bwd|fused) +bfloat16 +(1000000 +10|4096 +128256|4096 +32000) ' "$LOGS/kernels.log" 2>/dev/null
     grep -m1 -E '^copy bandwidth' "$LOGS/kernels.log" 2>/dev/null
     grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" 2>/dev/null | head -8
     printf '%-14s %5s %6s  %s\n' step rc sec note
@@ -112,7 +112,7 @@ PTXAS_PID=
        || $PY -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths(cuda=True)))')
   PYI=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   STD=$($PY -c 'import torch; print("c++20" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 14) else "c++17")')
-  for f in cross_entropy_fwd cross_entropy_bwd cross_entropy_fused softmax stats; do
+  for f in cross_entropy_fwd cross_entropy_bwd cross_entropy_fused soft_target shard softmax temperature_stats; do
     # shellcheck disable=SC2086
     nvcc -c "csrc/cuda/$f.cu" -o "/tmp/softcal_ptxas_$f.o" -Icsrc $TI -I"$PYI" -std=$STD -O3 --use_fast_math \
       -lineinfo --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
@@ -120,7 +120,7 @@ PTXAS_PID=
       -gencode=arch=compute_90,code=sm_90 -Xptxas -v >"/tmp/softcal_ptxas_$f.txt" 2>&1 &
   done
   wait
-  for f in cross_entropy_fwd cross_entropy_bwd cross_entropy_fused softmax stats; do
+  for f in cross_entropy_fwd cross_entropy_bwd cross_entropy_fused soft_target shard softmax temperature_stats; do
     echo "=== $f"
     grep -E 'error|Function properties|Used|spill' "/tmp/softcal_ptxas_$f.txt"
     echo "$f: LDG.E.128 in SASS: $(cuobjdump --dump-sass "/tmp/softcal_ptxas_$f.o" | grep -c 'LDG.E.128'), LDL/STL: $(cuobjdump --dump-sass "/tmp/softcal_ptxas_$f.o" | grep -cE '(LDL|STL)')"
@@ -220,7 +220,7 @@ rows = [dict(op="copy", dtype="uint8", N=n, C=1, path="", median_ms=med * 1e3, b
              GBps=bw, pct=100.0)]
 
 def path_of(c, dtype):
-    # the streaming launch shape of csrc/cuda/common.cuh (pick_stream_tpr), for N large enough
+    # the streaming launch shape of csrc/cuda/launch.cuh (kPolicy's kStream), for N large enough
     # to fill the device; "(fused: resident|2read)" says which fused path the row takes
     v = 16 // torch.empty(0, dtype=dtype).element_size()
     if c * (16 // v) <= 128:

@@ -1,169 +1,58 @@
-// softcal: shared argument checks and the maths every kernel implements.
-//
-// ============================ The maths ============================
-// One row: logits x_c (c = 0..C-1), target y, temperature T > 0, beta = 1/T, smoothing eps,
-// class weights w_c (all 1 without weights), W = sum_c w_c.
-//
-//   z_c   = beta * x_c
-//   m     = max_c z_c                       (the max trick: exp never overflows)
-//   lse   = m + log sum_c exp(z_c - m)
-//   p_c   = exp(z_c - lse)
-//   Sw    = sum_c w_c z_c
-//   loss  = (1 - eps) * w_y * (lse - z_y)  +  (eps / C) * (W * lse - Sw)
-//
-// This is PyTorch's (LossNLL.cpp, cross_entropy_loss_label_smoothing): the nll term is
-// w_y * (-log p_y), the smoothing term is -sum_c w_c log p_c, both are 0 for rows whose target is
-// ignore_index. Reduction "mean" divides the sum of the row losses by
-//   denom = sum over non-ignored rows of w_y      (the count of such rows without weights),
-// so a batch whose rows are all ignored gives 0/0 = NaN, as in PyTorch.
-//
-// Gradient with respect to z (g is the upstream gradient of the row, already divided by denom
-// for "mean"):
-//   A       = (1 - eps) * w_y + eps * W / C
-//   dL/dz_c = A * p_c - (eps / C) * w_c - (1 - eps) * w_y * [c == y]
-//   dL/dx_c = beta * g * dL/dz_c
-// The true-class term A * p_y - (eps/C) w_y - (1 - eps) w_y is formed in acc precision before
-// the result is rounded to the logits' dtype.
-//
-// Gradient with respect to T (dz_c/dT = -z_c / T):
-//   dL/dT = -(g / T) * sum_c dL/dz_c * z_c
-//         = -(g / T) * ( A * E_p[z] - (1 - eps) * w_y * z_y - (eps / C) * Sw )
-// with E_p[z] = sum_c p_c z_c, where a class with p_c == 0 contributes 0 (so a masked logit,
-// x_c = -inf, adds nothing; its limit is 0).
-//
-// softmax / log_softmax of x / T along a dim: y = softmax(z), o = log y. Backward, upstream g:
-//   softmax:      dL/dz = y * (g - sum(g * y))
-//   log_softmax:  dL/dz = g - y * sum(g)
-//   dL/dx = beta * dL/dz;  dL/dT = -(1/T) * sum dL/dz * z = -(1/T) * sum dL/dz * log y
-// (sum dL/dz = 0, so z may be replaced by log y = z - lse; a class with y == 0 has
-// dL/dz == 0 for softmax and contributes 0).
-//
-// Temperature fitting, at beta = 1/T, per row with target y (no smoothing, no weights):
-//   NLL(beta)    = lse(beta x) - beta x_y
-//   dNLL/dbeta   = E_p[x] - x_y
-//   d2NLL/dbeta2 = Var_p[x] >= 0            (convex in beta)
-//
-// ====================== Numerics and edge cases ======================
-// * Accumulation is in "acc": float for float16/bfloat16/float32, double for float64.
-// * Masked logits (-inf) get p = 0 and gradient beta*g*(-(eps/C) w_c). A row whose target
-//   logit is -inf has loss +inf (as PyTorch). With eps > 0 any -inf logit makes the smoothing
-//   term, hence the loss, +inf (as PyTorch).
-// * A row that is entirely -inf has no softmax: if its target is ignore_index its loss and
-//   gradient are 0; otherwise its loss, its gradient and lse are NaN (PyTorch gives NaN too).
-//   The max trick itself never makes a NaN: m = -inf is detected and handled.
-// * Logits of magnitude 1e4 at any T: exponents are <= 0 after subtracting the max.
-// * ignore_index rows: loss 0, gradient 0, not counted in denom.
-// * Targets outside [0, C) other than ignore_index are an error (CPU: TORCH_CHECK naming the
-//   row and the value; CUDA: a device-side assert, as PyTorch's own kernels).
-// * A temperature tensor is validated (finite, > 0) on the CPU; on CUDA its value is read by the
-//   kernel without a host synchronisation, and a value that is not finite and > 0 makes the
-//   outputs NaN.
+// softcal: what every backend shares besides the checks (csrc/checks.h): the variants of the
+// kernels as enums, the accumulation types, constants. The maths of every op, the numerics and
+// the kernel design are in docs/design.md; where a new loss term, launch shape or op goes is its
+// first section.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/util/Exception.h>
 
-#include <cmath>
+#include <cstdint>
 #include <optional>
 
 namespace softcal {
 
+// The schemas' `int reduction` (at::Reduction): none, mean, sum.
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-inline void check_reduction(int64_t reduction, const char* op) {
-  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, op,
-              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+// The variants of a cross-entropy row (docs/design.md §1), switched once at the top of a kernel:
+// a template parameter below that point, never a test inside an element loop.
+//   Smoothing::kOff   eps == 0: the smoothing terms are absent (not multiplied by 0: a class
+//                     weight of inf must never meet a 0)
+//   Smoothing::kOn    eps > 0: (eps / C) sum_c w_c (lse - z_c) in the loss, -(eps / C) w_c and
+//                     eps W / C in dL/dz
+//   ClassWeights      without / with per-class weights w_c (1 without)
+// A new row term (issue 19: z-loss, logit soft-capping) is a new enum here and one term in
+// cpu/ce_row.h and cuda/ce_row.cuh.
+enum class Smoothing : int { kOff = 0, kOn = 1 };
+enum class ClassWeights : int { kNone = 0, kPerClass = 1 };
+
+inline Smoothing smoothing_of(double label_smoothing) {
+  return label_smoothing > 0 ? Smoothing::kOn : Smoothing::kOff;
 }
 
-inline void check_float_scalars(double temperature, double label_smoothing, const char* op) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
-              ": temperature must be a finite number > 0, got ", temperature);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": label_smoothing must be in [0, 1], got ", label_smoothing);
-}
+// The pass a cross-entropy kernel makes (docs/design.md §4: what each reads, writes and saves):
+//   kForward   loss and the per-row [m, ls]                   (cross_entropy_fwd)
+//   kBackward  the gradient from the saved [m, ls]            (cross_entropy_bwd)
+//   kFused     loss and gradient in one read of the logits    (cross_entropy_fused, _fused_)
+enum class Pass : int { kForward = 0, kBackward = 1, kFused = 2 };
 
-inline void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op,
-              ": logits must be a floating tensor (float16, bfloat16, float32 or float64), got ",
-              logits.scalar_type());
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (rows, classes) here, got shape ",
-              logits.sizes());
-}
-
-// A 2-D (rows, classes) tensor read with the classes contiguous (the kernels' layout).
-inline void check_class_stride(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, op, ": ", name,
-              " must have unit stride along classes, got strides ", t.strides());
-}
-
-// The class weights (1-D, one per class, the logits' dtype and device), the temperature (a 0-dim
-// floating tensor on the logits' device, or a finite number > 0) and label_smoothing in [0, 1]:
-// checks shared by the cross-entropy ops (check_tsce_inputs) and the class-probability-target
-// ops (soft_target.h).
-inline void check_weight_and_temperature(const at::Tensor& logits,
-                                         const std::optional<at::Tensor>& weight,
-                                         const std::optional<at::Tensor>& temperature_t,
-                                         double temperature, double label_smoothing,
-                                         const char* op) {
-  if (weight.has_value()) {
-    const auto& w = *weight;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == logits.size(1), op, ": weight has shape ",
-                w.sizes(), " but logits has ", logits.size(1), " classes");
-    TORCH_CHECK(w.scalar_type() == logits.scalar_type(), op, ": weight has dtype ",
-                w.scalar_type(), " but logits has ", logits.scalar_type());
-    TORCH_CHECK(w.device() == logits.device(), op, ": weight is on ", w.device(),
-                " but logits is on ", logits.device());
-  }
-  if (temperature_t.has_value()) {
-    const auto& t = *temperature_t;
-    TORCH_CHECK(t.numel() == 1 && t.dim() == 0, op,
-                ": temperature tensor must be 0-dim, got shape ", t.sizes());
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op,
-                ": temperature tensor must be floating, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == logits.device(), op, ": temperature is on ", t.device(),
-                " but logits is on ", logits.device());
-    check_float_scalars(1.0, label_smoothing, op);
-  } else {
-    check_float_scalars(temperature, label_smoothing, op);
-  }
-}
-
-// Shape, dtype and device checks of the cross-entropy inputs, shared by every backend.
-inline void check_tsce_inputs(const at::Tensor& logits, const at::Tensor& target,
-                              const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& temperature_t, double temperature,
-                              double label_smoothing, int64_t reduction, const char* op) {
-  check_logits(logits, op);
-  check_reduction(reduction, op);
-  check_class_stride(logits, "logits", op);
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target has shape ",
-              target.sizes(), " but logits has ", logits.size(0), " rows");
-  TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(),
-              " but logits is on ", logits.device());
-  check_weight_and_temperature(logits, weight, temperature_t, temperature, label_smoothing, op);
-}
-
-// The value of the temperature on the host (CPU tensors only: no synchronisation).
-inline double host_temperature(const std::optional<at::Tensor>& temperature_t,
-                               double temperature, const char* op) {
-  if (!temperature_t.has_value()) return temperature;
-  const double t = temperature_t->item<double>();
-  TORCH_CHECK(std::isfinite(t) && t > 0, op, ": temperature must be a finite number > 0, got ",
-              t);
-  return t;
-}
-
+// The accumulation dtype: float for float16/bfloat16/float32, double for float64
+// (at::opmath_type<scalar_t> in kernels).
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Output dtype of grad_temperature.
+// The dtype of grad_temperature: the temperature tensor's, acc without one.
 inline at::ScalarType temp_grad_type(const std::optional<at::Tensor>& temperature_t,
                                      at::ScalarType logits_type) {
   return temperature_t.has_value() ? temperature_t->scalar_type() : acc_type(logits_type);
 }
 
+constexpr double kLog2e = 1.4426950408889634;  // log2(e): exp(x) = exp2(x log2 e)
+
 }  // namespace softcal
+
+// TRANSITIONAL: the argument checks as they were before csrc/checks.h, still called by csrc/cuda
+// (until it calls checks.h). Remove this include and the file with their last caller.
+#include "legacy_checks.h"

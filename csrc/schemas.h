@@ -11,7 +11,11 @@
 //     Reading the tensor never synchronises the host on CUDA (the kernel loads it).
 //   * reduction follows at::Reduction: 0 = none, 1 = mean, 2 = sum.
 //   * "acc" is the accumulation type: float for float16/bfloat16/float32, double for float64.
-//     lse and denom are returned in acc; the loss in the logits' dtype.
+//     Every loss, lse and denom are returned in acc (the Python layer rounds the loss to the
+//     logits' dtype, once); a backward takes grad_loss of any floating dtype.
+//   * weight (C,) may have any floating dtype, on the logits' device: the host converts it once
+//     to acc and the kernels read acc weights.
+//   * The argument checks of every op are in csrc/checks.h.
 //   * The per-row log-sum-exp is kept in two parts, lse: (rows, 2) acc, row i = [m_i, ls_i]:
 //       m_i  = max_c x_ic         (the raw logits, before any scaling)
 //       ls_i = log sum_c exp(beta (x_ic - m_i))
@@ -26,7 +30,7 @@ namespace softcal {
 
 inline void define_ops(torch::Library& m) {
   // Forward of the temperature-scaled, label-smoothed cross-entropy.
-  //   loss:  (rows,) for reduction none, () otherwise; logits' dtype.
+  //   loss:  (rows,) for reduction none, () otherwise; acc.
   //   lse:   (rows, 2) acc; [m, ls] per row (see above; saved for backward).
   //   denom: () acc; sum over non-ignored rows of weight[target] (the count without weights).
   m.def(
@@ -99,13 +103,14 @@ inline void define_ops(torch::Library& m) {
       "int ignore_index, bool need_temperature_grad) -> Tensor t_rows");
   // ---------------------------------------------------------------- class-probability targets
   // Cross-entropy against floating targets t of the logits' shape, as F.cross_entropy with
-  // class probabilities (csrc/cpu/soft_target_cpu.cpp has the maths). logits (rows, C) with a
-  // unit stride along C; target (rows, C) of the logits' dtype and device, unit stride along C
-  // (any row stride). Per row, q_c = (1 - eps) t_c + eps / C, u_c = w_c q_c, U = sum_c u_c:
+  // class probabilities (docs/design.md §1 has the maths). logits (rows, C) with a
+  // unit stride along C; target (rows, C) of the logits' dtype, or float32 with float16/bfloat16
+  // logits (read in its own dtype, accumulated in float), on the logits' device, unit stride
+  // along C (any row stride). Per row, q_c = (1 - eps) t_c + eps / C, u_c = w_c q_c, U = sum_c u_c:
   //   loss_i = sum_c u_c (lse_i - z_ic),   z = x / T,   a term with u_c == 0 is 0 (also at a
   //   masked logit, x = -inf: the limit of u log p, where PyTorch gives NaN).
   // No ignore_index. reduction mean divides by rows (as PyTorch for probability targets).
-  //   loss: (rows,) for none, () otherwise; logits' dtype.
+  //   loss: (rows,) for none, () otherwise; acc.
   //   lse:  (rows, 2) acc, [m, ls] as cross_entropy_fwd's (NaN for a row without a softmax).
   //   mass: (rows,) acc, U_i (saved for the backward, which needs it before the row's gradient).
   m.def(

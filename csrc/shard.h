@@ -1,6 +1,6 @@
-// softcal: argument checks of the vocabulary-parallel ops (shard_stats, shard_grad,
-// shard_grad_), shared by the CPU kernels (csrc/cpu/shard_cpu.cpp) and the CUDA kernels
-// (csrc/cuda/tsce_shard.cu); the contracts are in csrc/schemas.h.
+// softcal: TRANSITIONAL (see csrc/legacy_checks.h). The argument checks of the vocabulary-parallel ops as
+// they were before csrc/checks.h, still included by csrc/cuda; the CPU calls csrc/checks.h.
+// Delete with their last caller.
 #pragma once
 
 #include <ATen/ATen.h>

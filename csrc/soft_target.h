@@ -1,6 +1,6 @@
-// softcal: argument checks of the class-probability-target ops (soft_target_fwd, soft_target_bwd),
-// shared by the CPU kernels (csrc/cpu/soft_target_cpu.cpp, which has the maths at its top) and
-// the CUDA kernels (csrc/cuda/tsce_soft.cu).
+// softcal: TRANSITIONAL (see csrc/legacy_checks.h). The argument checks of the class-probability-target ops as
+// they were before csrc/checks.h, still included by csrc/cuda; the CPU calls csrc/checks.h.
+// Delete with their last caller.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -3,8 +3,8 @@
 // Every op is defined once, in csrc/schemas.h; each backend registers its kernels in its own file
 // (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(softcal, CPU, m), csrc/cuda/*.cu with
 // TORCH_LIBRARY_IMPL(softcal, CUDA, m)). Fake kernels and autograd live in softcal/_ops.py.
-// The maths of every op is written out in csrc/common.h; the conventions shared by all ops head
-// csrc/schemas.h.
+// The conventions shared by all ops head csrc/schemas.h; every op's argument checks are in
+// csrc/checks.h; the maths and the kernel design are in docs/design.md.
 #include <Python.h>
 #include <torch/library.h>
 

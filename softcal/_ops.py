@@ -80,7 +80,7 @@ if HAVE_EXTENSION:
     def _tsce_fwd_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
                        ignore_index, reduction):
         rows = logits.shape[0]
-        loss = logits.new_empty((rows,) if reduction == 0 else ())
+        loss = logits.new_empty((rows,) if reduction == 0 else (), dtype=_acc(logits.dtype))
         lse = logits.new_empty((rows, 2), dtype=_acc(logits.dtype))  # [row max, log sum exp]
         denom = logits.new_empty((), dtype=_acc(logits.dtype))
         return loss, lse, denom
@@ -105,14 +105,14 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("softcal::cross_entropy_fused")
     def _tsce_fused_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
                          ignore_index, reduction, need_temperature_grad):
-        loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
+        loss = logits.new_empty((logits.shape[0],) if reduction == 0 else (), dtype=_acc(logits.dtype))
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         return loss, grad, _fused_grad_t_fake(logits, temperature_t, reduction)
 
     @torch.library.register_fake("softcal::cross_entropy_fused_")
     def _tsce_fused_inplace_fake(logits, target, weight, temperature_t, temperature,
                                  label_smoothing, ignore_index, reduction, need_temperature_grad):
-        loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
+        loss = logits.new_empty((logits.shape[0],) if reduction == 0 else (), dtype=_acc(logits.dtype))
         return loss, _fused_grad_t_fake(logits, temperature_t, reduction)
 
     @torch.library.register_fake("softcal::scale_rows_")
@@ -395,7 +395,7 @@ if HAVE_EXTENSION:
     def _tsce_soft_fwd_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
                             reduction):
         rows = logits.shape[0]
-        loss = logits.new_empty((rows,) if reduction == 0 else ())
+        loss = logits.new_empty((rows,) if reduction == 0 else (), dtype=_acc(logits.dtype))
         lse = logits.new_empty((rows, 2), dtype=_acc(logits.dtype))  # [row max, log sum exp]
         mass = logits.new_empty((rows,), dtype=_acc(logits.dtype))   # sum_c w_c q_c
         return loss, lse, mass

@@ -86,6 +86,7 @@ def soft_cross_entropy(
         temp_t, temp_f = None, float(temperature)
     red = REDUCTIONS[reduction]
     loss, _, _ = torch.ops.softcal.soft_target_fwd(x, t, weight, temp_t, temp_f, label_smoothing, red)
+    loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
     return loss

@@ -234,6 +234,7 @@ def _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_sm
     else:
         loss, _, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps, ignore_index,
                                                 red)
+    loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
     return loss

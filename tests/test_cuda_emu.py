@@ -52,7 +52,8 @@ def test_rewrite_leaves_no_cuda_syntax():
         for k in total:
             total[k] += counts[k]
         assert "<<<" not in re.sub(r"//[^\n]*", "", out)
-    assert total["launch"] >= 20 and total["shared"] >= 15 and total["extern_shared"] == 1
+    # one launcher (launch.cuh) runs every kernel
+    assert total["launch"] == 1 and total["shared"] >= 15 and total["extern_shared"] == 1
     # every registration block of csrc/cuda, and only those, now registers the emulated kernels
     blocks = sum(len(re.findall(r"TORCH_LIBRARY_IMPL\(softcal,\s*CUDA,", re.sub(r"//[^\n]*", "", open(
         os.path.join(emu_build.CUDA_SRC, n)).read()))) for n in os.listdir(emu_build.CUDA_SRC))
@@ -139,33 +140,46 @@ def test_softcal_ops_run_the_emulated_kernels(emu):
     assert emu.emu_stats()[0] >= before + 5  # fwd + finalize, bwd, softmax, stats + finalize
 
 
+# the loss variant of the cases below: smoothing without class weights (common.h's enums)
+UNIFORM = "softcal::Smoothing::kOn, softcal::ClassWeights::kNone"
+PASS = "softcal::Pass::"
+
+
 def _path_cases():
     """One call per launch path of csrc/cuda; with the kernel instantiation each must reach."""
     f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
     cases = []
-    # forward (the streaming shape, common.cuh pick_stream_tpr): about 16 vectors of 16 B per
+    # forward (the streaming shape, launch.cuh kPolicy's kStream): about 16 vectors of 16 B per
     # thread, at most 256 threads per row unless the rows are too few to fill the device (3 rows
     # on the 3 emulated SMs: up to 512); and the tile path (C*b <= 128 B)
     for c, tpr in ((40, 4), (400, 8), (1000, 16), (2000, 32), (3000, 128), (6000, 256), (20000, 512)):
-        cases.append(("fwd", f32, 3, c, rf"tsce_fwd_kernel<float, {tpr}, 1>"))
-    cases.append(("fwd", f32, 300, 10, r"tsce_tile_kernel<float, 0, 1>"))
-    cases.append(("bwd", f32, 300, 10, r"tsce_tile_kernel<float, 1, 1>"))
-    cases.append(("fused", f32, 300, 10, r"tsce_tile_kernel<float, 2, 1>"))
-    cases.append(("bwd", bf16, 4, 5000, r"tsce_bwd_kernel<c10::BFloat16, \d+, 1>"))
+        cases.append(("fwd", f32, 3, c, rf"cross_entropy_fwd_kernel<float, {tpr}, {UNIFORM}>"))
+    cases.append(("fwd", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kForward, {UNIFORM}>"))
+    cases.append(("bwd", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kBackward, {UNIFORM}>"))
+    cases.append(("fused", f32, 300, 10, rf"ce_tile_kernel<float, {PASS}kFused, {UNIFORM}>"))
+    cases.append(("bwd", bf16, 4, 5000, rf"cross_entropy_bwd_kernel<c10::BFloat16, \d+, {UNIFORM}>"))
     # fused: the row in registers up to 512 threads x 4 vectors, two reads beyond
-    cases.append(("fused", bf16, 3, 16384, r"tsce_fused_kernel<c10::BFloat16, 512, 4, true, 1>"))
-    cases.append(("fused", bf16, 3, 16385, r"tsce_fused_kernel<c10::BFloat16, 512, 1, false, 1>"))
-    cases.append(("fused", f32, 3, 8192, r"tsce_fused_kernel<float, 512, 4, true, 1>"))
-    cases.append(("fused", f64, 3, 4097, r"tsce_fused_kernel<double, 512, 1, false, 1>"))
+    cases.append(("fused", bf16, 3, 16384, rf"cross_entropy_fused_kernel<c10::BFloat16, 512, 4, true, {UNIFORM}>"))
+    cases.append(("fused", bf16, 3, 16385, rf"cross_entropy_fused_kernel<c10::BFloat16, 512, 1, false, {UNIFORM}>"))
+    cases.append(("fused", f32, 3, 8192, rf"cross_entropy_fused_kernel<float, 512, 4, true, {UNIFORM}>"))
+    cases.append(("fused", f64, 3, 4097, rf"cross_entropy_fused_kernel<double, 512, 1, false, {UNIFORM}>"))
     # the vocabulary-parallel pieces
-    cases.append(("shard_stats", f32, 5, 300, r"shard_stats_kernel<float, \d+, 1>"))
-    cases.append(("shard_grad", bf16, 5, 3000, r"shard_grad_kernel<c10::BFloat16, \d+, 1>"))
+    cases.append(("shard_stats", f32, 5, 300, rf"shard_stats_kernel<float, \d+, {UNIFORM}>"))
+    cases.append(("shard_grad", bf16, 5, 3000, rf"shard_grad_kernel<c10::BFloat16, \d+, {UNIFORM}>"))
     cases.append(("fused_mean", f32, 40, 300, r"denom_parts_kernel<float>"))
     cases.append(("scale", f32, 7, 300, r"scale_rows_kernel<float>"))
-    cases.append(("softmax", f32, 5, 1000, r"softmax_fwd_rows_kernel<float"))
+    cases.append(("softmax", f32, 5, 1000, r"softmax_fwd_rows_kernel<float, \d+, 4, true>"))
+    cases.append(("softmax", f32, 3, 20000, r"softmax_fwd_rows_kernel<float, \d+, 1, false>"))
     cases.append(("softmax_dim0", f32, 5, 1000, r"softmax_fwd_strided_kernel<float>"))
-    cases.append(("softmax_bwd", f32, 5, 1000, r"softmax_bwd"))
-    cases.append(("stats", f32, 5, 1000, r"stats"))
+    cases.append(("softmax_bwd", f32, 5, 1000, r"softmax_bwd_rows_kernel<float, \d+, 4, true>"))
+    cases.append(("softmax_bwd", f32, 3, 20000, r"softmax_bwd_rows_kernel<float, \d+, 1, false>"))
+    cases.append(("stats", f32, 5, 1000, r"temperature_stats_kernel<float, \d+>"))
+    # class-probability targets: the target in the logits' dtype, or float32 beside bfloat16
+    cases.append(("soft_fwd", f32, 5, 300, r"soft_target_fwd_kernel<float, float, \d+, softcal::ClassWeights::kNone>"))
+    cases.append(("soft_bwd", bf16, 5, 3000,
+                  r"soft_target_bwd_kernel<c10::BFloat16, c10::BFloat16, \d+, softcal::ClassWeights::kNone>"))
+    cases.append(("soft_bwd_f32_target", bf16, 5, 3000,
+                  r"soft_target_bwd_kernel<c10::BFloat16, float, \d+, softcal::ClassWeights::kNone>"))
     return cases
 
 
@@ -198,6 +212,14 @@ def _run_path(kind, dtype, n, c):
         return ops.temperature_stats(x, t, 0.7)
     if kind == "shard_stats":
         return ops.shard_stats(x, t, None, None, 1.3, 0, -100, True)
+    if kind.startswith("soft_"):
+        q = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), 1)
+        q = q.float() if kind.endswith("f32_target") else q.to(dtype)
+        loss, lse, mass = ops.soft_target_fwd(x, q, None, torch.tensor(1.3), 1.0, 0.1, 1)
+        if kind == "soft_fwd":
+            return loss, lse, mass
+        return ops.soft_target_bwd(torch.tensor(1.0), x, q, None, lse, mass, torch.tensor(1.3), 1.0, 0.1, 1,
+                                   True, True, True)
     if kind == "shard_grad":
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         lse = torch.zeros(n, 2, dtype=acc)

@@ -3,6 +3,7 @@
 `make cuda-check` runs them on the real ptxas log and SASS; here they get small synthetic inputs
 with a known defect and must report it (and pass a clean one).
 """
+import csv
 import os
 import sys
 
@@ -63,3 +64,46 @@ def test_sass_gate_wants_16_byte_loads_in_the_hot_loop(capsys):
     assert "no loop with 16-byte global loads" in capsys.readouterr().out
     spill = sass_report.parse(_SASS.format(name=F32, load="LDG.E.128").replace("MUFU.EX2 R41, R38", "STL [R1], R38"))
     assert sass_report.report(spill, check=True) == 1
+
+
+# A soft-target kernel of float32 logits and a float32 target: both template arguments are
+# mangled as 'f' ("Iff"), which the dtype test once missed (the kernel then counted as "other" and
+# its spills passed the gate).
+SOFT_F32 = "_ZN7softcal4cuda12_GLOBAL__N_122soft_target_fwd_kernelIffLi4ELb0EEEvNS1_8SoftArgsIT_T0_EE"
+
+
+def test_ptxas_gate_reads_the_dtype_of_two_argument_kernels(tmp_path):
+    kernels = ptxas_report.parse(open(_log(tmp_path, [(SOFT_F32, 16, 8, 8, 64)])).read())
+    assert [k.dtype for k in kernels] == ["float32"]
+    assert ptxas_report.main([_log(tmp_path, [(SOFT_F32, 16, 8, 8, 64)]), "--fail-on-spill"]) == 1
+
+
+def test_static_compare_matches_kernels_across_the_renames(tmp_path, capsys):
+    """The baseline's kernel names (tsce_*, integer variants) and today's meet on one key, and a
+    kernel with more instructions per element after than before fails --check."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "static"))
+    import static_compare
+
+    old = "tsce_fwd_kernel<BFloat16, 256, 1>"
+    new = "cross_entropy_fwd_kernel<BFloat16, 256, softcal::Smoothing::kOn, softcal::ClassWeights::kNone>"
+    assert static_compare.canonical(old) == static_compare.canonical(new)
+    assert static_compare.canonical("tsce_soft_bwd_kernel<float, 4, true>") == \
+        static_compare.canonical("soft_target_bwd_kernel<float, float, 4, softcal::ClassWeights::kPerClass>")
+    assert static_compare.canonical("tsce_tile_kernel<Half, 2, 2>") == static_compare.canonical(
+        "ce_tile_kernel<Half, softcal::Pass::kFused, softcal::Smoothing::kOn, softcal::ClassWeights::kPerClass>")
+    assert static_compare.canonical("tsce_fused_kernel<float, 512, 4, true, 0>") == static_compare.canonical(
+        "cross_entropy_fused_kernel<float, 512, 4, true, softcal::Smoothing::kOff, softcal::ClassWeights::kNone>")
+    assert static_compare.canonical("shard_grad_kernel<double, 8, 1>") == static_compare.canonical(
+        "shard_grad_kernel<double, 8, softcal::Smoothing::kOn, softcal::ClassWeights::kNone>")
+
+    def sass_csv(path, name, ipe):
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["kernel", "key", "dtype", "loop", "ld128", "narrow", "ins_per_elem"])
+            w.writerow([name, static_compare.canonical(name), "bfloat16", 100, 8, 0, ipe])
+        return str(path)
+
+    before = sass_csv(tmp_path / "before.csv", old, "12.0")
+    assert static_compare.main(["--sass", before, sass_csv(tmp_path / "same.csv", new, "12.0"), "--check"]) == 0
+    assert static_compare.main(["--sass", before, sass_csv(tmp_path / "worse.csv", new, "12.5"), "--check"]) == 1
+    assert "MORE: cross_entropy_fwd_kernel<BFloat16, 256, 1, 0>: 12.00 -> 12.50" in capsys.readouterr().out

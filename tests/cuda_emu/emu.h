@@ -332,7 +332,8 @@ inline void run_block(int threads) {
   }
 }
 
-// "softcal::cuda::{anonymous}::tsce_fwd_kernel<float, 4, 0>" for K = that kernel (GCC's text).
+// "softcal::cuda::{anonymous}::cross_entropy_fwd_kernel<float, 4, softcal::cuda::Smoothing::kOff>" for
+// K = that kernel (GCC's text).
 template <auto K>
 inline std::string kernel_name() {
   std::string s = __PRETTY_FUNCTION__;

@@ -1,6 +1,6 @@
 // softcal CUDA emulator: the op schemas in the `softcal_emu` namespace (the same text as the
 // extension's, csrc/schemas.h) and the ops that set and read the emulator. The kernels are registered
-// for CPU tensors by the rewritten csrc/cuda/register.cu (tests/cuda_emu/emulator.py).
+// for CPU tensors by the rewritten registration blocks of csrc/cuda/*.cu (tests/cuda_emu/emulator.py).
 #include <torch/library.h>
 
 #include <cuda_runtime.h>

@@ -8,7 +8,8 @@ architecture that spills, and a summary. With --fail-on-spill it exits 1 when an
 bfloat16 or float16 kernel spills registers to local memory. float64 kernels may spill: they keep
 the same row state in twice the registers, their element loops are bound by the FP64 pipe rather
 than by memory, and nothing of the training path runs in float64 on a GPU; they are listed, not
-failed.
+failed. With --csv PATH it writes one row per (kernel, arch): the kernel, its canonical key
+(tests/static/static_compare.py), arch, dtype, registers and spill bytes.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class Kernel:
         # template arguments: d = double, f = float (Itanium mangling) after the kernel name
         if re.search(r"I(d|Nd)|Id[EL]|IdE", n) or "IdLi" in n:
             return "float64"
-        if re.search(r"If[EL]|IfLi", n):
+        if re.search(r"If[EfL]|IfLi", n):
             return "float32"
         return "other"
 
@@ -81,14 +82,39 @@ def demangle(name: str) -> str:
     return s.replace("c10::", "").replace("at::OpMathType<", "OpMath<")
 
 
+def demangle_all(names: List[str]) -> dict:
+    """Demangled names of many kernels in one c++filt call."""
+    uniq = sorted(set(names))
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(uniq), capture_output=True, text=True,
+                             check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        out = uniq
+    clean = [re.sub(r"softcal::cuda::\(anonymous namespace\)::", "", s).replace("c10::", "") for s in out]
+    return dict(zip(uniq, clean))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log")
     ap.add_argument("--fail-on-spill", action="store_true")
     ap.add_argument("--min-kernels", type=int, default=1,
                     help="fail when the log holds fewer kernels than this (a log that lost its -v lines)")
+    ap.add_argument("--csv", help="write one row per kernel and arch to this CSV file")
     args = ap.parse_args(argv)
     kernels = parse(open(args.log, encoding="utf-8", errors="replace").read())
+    if args.csv:
+        import csv
+
+        from static_compare import canonical
+
+        names = demangle_all([k.name for k in kernels])
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["kernel", "key", "arch", "dtype", "regs", "spill_stores", "spill_loads"])
+            for k in kernels:
+                dn = names.get(k.name, k.name)
+                w.writerow([dn, canonical(dn), k.arch, k.dtype, k.regs, k.spill_stores, k.spill_loads])
     spilling = [k for k in kernels if k.spills]
     bad = [k for k in spilling if k.dtype != "float64"]
     for k in spilling:

@@ -11,7 +11,9 @@ its narrower loads (class weights read per element), and the instructions per el
 instructions / elements loaded per iteration). The hot loop is the innermost loop with a 16-byte
 load. With --check it exits 1 when a streaming float32/bfloat16/float16 kernel has no loop of
 16-byte loads, when a register-resident kernel has no 16-byte load at all, or when a kernel uses
-local memory (LDL/STL: spills).
+local memory (LDL/STL: spills). With --csv PATH it also writes one row per kernel (the kernel, its
+canonical key of tests/static/static_compare.py, dtype, hot-loop instructions, 16-byte loads, other
+loads, instructions per element).
 """
 from __future__ import annotations
 
@@ -34,8 +36,16 @@ def _wide(load: str) -> bool:
     return ".128" in load
 
 
-STREAMING = ("tsce_fwd_kernel", "tsce_bwd_kernel", "softmax_fwd_rows_kernel", "softmax_bwd_rows_kernel",
-             "shard_stats_kernel", "shard_grad_kernel", "temperature_stats_kernel")
+# Streaming kernels must stream in a loop of 16-byte loads (their names before the CUDA refactor of
+# issue 20 too, so that the baseline's SASS can be read by the same script).
+STREAMING = ("cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel", "softmax_fwd_rows_kernel",
+             "softmax_bwd_rows_kernel", "shard_stats_kernel", "shard_grad_kernel", "temperature_stats_kernel",
+             "soft_target_fwd_kernel", "soft_target_bwd_kernel",
+             "tsce_fwd_kernel", "tsce_bwd_kernel", "tsce_soft_fwd_kernel", "tsce_soft_bwd_kernel")
+# Kernels that may hold the row in registers (no loop) or stage rows in shared memory.
+RESIDENT_OR_TILE = ("cross_entropy_fused_kernel", "ce_tile_kernel", "tsce_fused_kernel", "tsce_tile_kernel")
+# (T, TPR, MAXV, true): a fused or softmax kernel that holds the row in registers
+_RESIDENT = re.compile(r"<[^,<>]+, \d+, \d+, true")
 
 
 @dataclass
@@ -118,21 +128,21 @@ def elem_bytes(dt: str) -> int:
     return {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}.get(dt, 4)
 
 
-def report(funcs: List[Func], check: bool) -> int:
+def report(funcs: List[Func], check: bool, csv_path: Optional[str] = None) -> int:
     names = demangle([f.name for f in funcs])
     failures = []
     rows = []
     for f in funcs:
         dn = names[f.name]
         kname = dn.split("<")[0].replace("void ", "").strip()
-        if not any(k in dn for k in STREAMING + ("tsce_fused_kernel", "tsce_tile_kernel")):
+        if not any(k in dn for k in STREAMING + RESIDENT_OR_TILE):
             continue
         dt = dtype_of(dn)
         local = sum(bool(re.search(r"\b(LDL|STL)\b", t)) for _, t in f.ins)
         wide_any = sum(_wide(m) for _, t in f.ins for m in [(_LDG.search(t) or [""])[0]] if m)
         if local and dt != "float64":
             failures.append(f"{dn}: {local} local-memory instructions (spills)")
-        resident = ", true" in dn  # tsce_fused_kernel / softmax rows kernels holding the row in registers
+        resident = bool(_RESIDENT.search(dn))
         # the hot loop: the innermost loop that streams the row, i.e. the smallest loop with a
         # 16-byte load (the grid-stride loop over rows encloses it)
         loops = [lp for lp in f.loops() if any(_wide(l) for l in lp.loads())]
@@ -154,6 +164,16 @@ def report(funcs: List[Func], check: bool) -> int:
     for dn, dt, n, w, nw, ipe in rows:
         print(f"{dn[:100]:<100} {dt:<9} {n!s:>5} {w!s:>6} {nw!s:>6} {ipe:>8}")
     print(f"sass: {len(rows)} row kernels; {len(failures)} problems")
+    if csv_path:
+        import csv
+
+        from static_compare import canonical
+
+        with open(csv_path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["kernel", "key", "dtype", "loop", "ld128", "narrow", "ins_per_elem"])
+            for dn, dt, n, wd, nw, ipe in rows:
+                w.writerow([dn, canonical(dn), dt, n, wd, nw, ipe])
     for msg in failures:
         print("  " + msg)
     return 1 if (check and failures) else 0
@@ -164,13 +184,14 @@ def main(argv=None) -> int:
     ap.add_argument("so")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--csv", help="write one row per kernel to this CSV file")
     args = ap.parse_args(argv)
     if not os.path.exists(args.so):
         raise SystemExit(f"sass_report: {args.so} does not exist")
     funcs = parse(disassemble(args.so, args.arch))
     if not funcs:
         raise SystemExit("sass_report: no sm_90 function found in " + args.so)
-    return report(funcs, args.check)
+    return report(funcs, args.check, args.csv)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,25 @@
-// softcal CPU kernels: the vocabulary-parallel pieces, shard_stats and shard_grad(_).
-//
-// A rank holds the logits of a slice of the classes, [off, off + C_local). softcal.distributed
-// computes the loss of the whole vocabulary from per-row statistics of every slice (one
-// all-reduce of the row maxima, one of the packed per-row sums), then each rank writes its own
-// slice of the gradient from the global [M, LS]: O(rows) communication, never the logits. The
-// contracts are in csrc/schemas.h, the maths of the loss in csrc/common.h.
-//
-// Numerics, as the cross-entropy kernels: the row maximum is subtracted before any scaling
-// (exp(beta (x - m)), log p = beta (x - M) - LS, exact at the maximum), the smoothing sum is kept
-// as d = sum w_c (m - x_c) >= 0 (no difference of large numbers), and the target's element of
-// the gradient is formed with expm1 so that p_y - 1 keeps its relative accuracy.
-// Passes: stats reads a row twice (its max, then the sums; the second read from L1/L2, rows
-// being walked in chunks of kChunk elements); grad reads it once and writes it once.
+// softcal CPU: shard_stats, shard_grad and shard_grad_, the vocabulary-parallel pieces (schemas
+// and contracts in csrc/schemas.h, checks in csrc/checks.h). A rank holds the logits of the
+// classes [off, off + C_local); softcal.distributed merges the per-row statistics of every slice
+// into the loss (one all-reduce of the row maxima, one of the packed sums), then each rank writes
+// its slice of the gradient from the global [M, LS]: O(rows) communication (docs/design.md §1).
+//   stats  [m, ls, d, xy]: m = max x, ls = log sum exp(beta (x - m)), d = sum w_c (m - x_c)
+//   grad   beta g (A p_c - cw w_c - ty [c == y]),  p_c = exp(beta (x_c - M) - LS)
+// Numerics as the cross-entropy's (§2): the max before any scaling, d >= 0, expm1 at the target,
+// the T-gradient's sums in double. Passes: stats reads a row twice (its max, then the sums; the
+// second read from L1/L2, in chunks of kChunk); grad reads it once and writes it once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/cpu_common.h"
-#include "shard.h"
+#include "checks.h"
+#include "cpu/host.h"
+#include "cpu/vec.h"
 
 namespace softcal {
+namespace cpu {
 namespace {
-
-using namespace ::softcal::cpu;
 
 constexpr int64_t kIgnored = -2;  // local target of an ignored row
 constexpr int64_t kElsewhere = -1;  // the target is in another rank's slice
@@ -31,33 +30,22 @@ inline int64_t local_target(int64_t y, int64_t ignore_index, int64_t off, int64_
   return (l >= 0 && l < C) ? l : kElsewhere;
 }
 
-// Class weights of the slice in acc (empty without weights).
-template <typename acc_t>
-std::vector<acc_t> weights_acc(const std::optional<at::Tensor>& weight) {
-  std::vector<acc_t> w;
-  if (!weight.has_value()) return w;
-  const at::Tensor wc = weight->to(at::kDouble).contiguous();
-  const double* p = wc.const_data_ptr<double>();
-  w.assign(p, p + wc.numel());
-  return w;
-}
-
-at::Tensor tsce_shard_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
+at::Tensor shard_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& temperature_t, double temperature,
                                 int64_t class_offset, int64_t ignore_index, bool smoothing) {
-  const char* op = "softcal.shard_stats";
-  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
-  const double T = host_temperature(temperature_t, temperature, op);
+  checks::shard_stats(Backend::kCpu, logits, target, weight, temperature_t, temperature,
+                      class_offset);
+  const double T = checks::host_temperature(Op::kShardStats, temperature_t, temperature);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const at::ScalarType acc_st = acc_type(logits.scalar_type());
   at::Tensor stats = at::empty({rows, 4}, logits.options().dtype(acc_st));
   const at::Tensor tgt = target.contiguous();
   const int64_t* tp = tgt.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_shard_stats_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int64_t V = Vec<acc_t>::size();
-    const std::vector<acc_t> w = weights_acc<acc_t>(weight);
+    const std::vector<acc_t> w = weights_in_acc<acc_t>(weight);
     const acc_t* wp = w.empty() ? nullptr : w.data();
     const acc_t beta = static_cast<acc_t>(1.0 / T);
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
@@ -127,7 +115,7 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t rows = logits.size(0), C = logits.size(1);
-  const std::vector<acc_t> w = weights_acc<acc_t>(weight);
+  const std::vector<acc_t> w = weights_in_acc<acc_t>(weight);
   const acc_t* wp = w.empty() ? nullptr : w.data();
   const acc_t beta = static_cast<acc_t>(1.0 / T);
   const acc_t cw = static_cast<acc_t>(smooth_coef);
@@ -152,8 +140,8 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
       const acc_t x_y = y >= 0 ? static_cast<acc_t>(xr[y]) : acc_t(0);
       const Vec<acc_t> vM(M), vb(beta), vLS(LS), vA(A), vcw(cw), vbg(bg), vninf(kNegInf<acc_t>),
           vzero(0);
-      Vec<acc_t> va(0), vbm(0);
-      acc_t sa = 0, sb = 0;  // the scalar tails' T-gradient sums
+      DoubleSum<acc_t> va, vbm;  // the T-gradient's sums, in double
+      double sa = 0, sb = 0;      // and those of the scalar tails
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(kChunk, C - c0);
         const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
@@ -166,8 +154,8 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
           const Vec<acc_t> dz = wc ? vA * vexp(lp) - vcw * Vec<acc_t>::loadu(wc + k) : vA * vexp(lp) - vcw;
           (vbg * dz).store(ga + k);
           if (t_rows) {
-            va = va + Vec<acc_t>::blendv(vzero, dz * lp, xv > vninf);
-            vbm = vbm + Vec<acc_t>::blendv(vzero, dz, xv == vninf);
+            va.add(Vec<acc_t>::blendv(vzero, dz * lp, xv > vninf));
+            vbm.add(Vec<acc_t>::blendv(vzero, dz, xv == vninf));
           }
         }
         for (; k < n; ++k) {
@@ -179,10 +167,10 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
         }
         if (gr) store_from_acc(ga, gr + c0, n);
       }
-      acc_t ta = 0, tb = 0;
+      double ta = 0, tb = 0;
       if (t_rows) {
-        ta = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), va) + sa;
-        tb = at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), vbm) + sb;
+        ta = va.sum() + sa;
+        tb = vbm.sum() + sb;
       }
       if (y >= 0) {  // the target's element, in acc precision (replaces the generic one)
         const acc_t lp = (x_y - M) * beta - LS;
@@ -196,8 +184,8 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
         }
       }
       if (t_rows) {
-        t_rows[2 * i] = ta;
-        t_rows[2 * i + 1] = tb;
+        t_rows[2 * i] = static_cast<acc_t>(ta);
+        t_rows[2 * i + 1] = static_cast<acc_t>(tb);
       }
     }
   });
@@ -207,15 +195,16 @@ at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
                            const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                            const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
                            double temperature, double smooth_coef, int64_t class_offset,
-                           int64_t ignore_index, at::Tensor* grad, bool need_t, const char* op) {
-  const double T = host_temperature(temperature_t, temperature, op);
+                           int64_t ignore_index, at::Tensor* grad, bool need_t, Op op) {
+  checks::shard_grad(Backend::kCpu, op, logits, target, weight, lse, coef, temperature_t,
+                     temperature, smooth_coef, class_offset);
+  const double T = checks::host_temperature(op, temperature_t, temperature);
   const int64_t rows = logits.size(0);
   const at::ScalarType acc_st = acc_type(logits.scalar_type());
-  check_shard_grad_inputs(logits, lse, coef, smooth_coef, op);
   at::Tensor t_rows = at::zeros({rows, 2}, logits.options().dtype(acc_st));
   if (rows == 0 || logits.size(1) == 0 || (grad == nullptr && !need_t)) return t_rows;
   const at::Tensor tgt = target.contiguous(), lse_c = lse.contiguous(), coef_c = coef.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tsce_shard_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     shard_grad_rows<scalar_t>(logits, grad ? grad->data_ptr<scalar_t>() : nullptr, tgt.const_data_ptr<int64_t>(),
                               weight, lse_c, coef_c, T, smooth_coef, class_offset, ignore_index,
@@ -224,40 +213,38 @@ at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
   return t_rows;
 }
 
-std::tuple<at::Tensor, at::Tensor> tsce_shard_grad_cpu(
+std::tuple<at::Tensor, at::Tensor> shard_grad_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& lse, const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
     double temperature, double smooth_coef, int64_t class_offset, int64_t ignore_index,
     bool need_logits_grad, bool need_temperature_grad) {
-  const char* op = "softcal.shard_grad";
-  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
   at::Tensor t_rows = shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
                                       smooth_coef, class_offset, ignore_index,
-                                      need_logits_grad ? &grad : nullptr, need_temperature_grad, op);
+                                      need_logits_grad ? &grad : nullptr, need_temperature_grad,
+                                      Op::kShardGrad);
   return {grad, t_rows};
 }
 
-at::Tensor tsce_shard_grad_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+at::Tensor shard_grad_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                                        const at::Tensor& coef,
                                        const std::optional<at::Tensor>& temperature_t, double temperature,
                                        double smooth_coef, int64_t class_offset, int64_t ignore_index,
                                        bool need_temperature_grad) {
-  const char* op = "softcal.shard_grad_";
-  check_shard_inputs(logits, target, weight, temperature_t, temperature, class_offset, op);
-  check_shard_inplace(logits, op);
   at::Tensor grad = logits;
   return shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef,
-                         class_offset, ignore_index, &grad, need_temperature_grad, op);
+                         class_offset, ignore_index, &grad, need_temperature_grad,
+                         Op::kShardGradInplace);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softcal, CPU, m) {
-  m.impl("shard_stats", &tsce_shard_stats_cpu);
-  m.impl("shard_grad", &tsce_shard_grad_cpu);
-  m.impl("shard_grad_", &tsce_shard_grad_inplace_cpu);
+  m.impl("shard_stats", &shard_stats_cpu);
+  m.impl("shard_grad", &shard_grad_cpu);
+  m.impl("shard_grad_", &shard_grad_inplace_cpu);
 }
 
+}  // namespace cpu
 }  // namespace softcal
