@@ -287,7 +287,7 @@ struct CEIo {
     }
     if constexpr (kPass != Pass::kForward) {
       if (grad_t_rows != nullptr) grad_t_rows[i] = static_cast<acc_t>(grad_t);
-      else sums.grad_t += grad_t;
+      else if (need_t) sums.grad_t += grad_t;
     }
   }
 };

@@ -73,7 +73,7 @@ struct TileBuffers {
 // Loads rows [i0, i0 + nr) into the tile, reads the targets (checked: an error names the row)
 // and gathers the classes into tT. Returns the row-major tile (tb, or the logits themselves).
 template <typename scalar_t>
-inline const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t row_stride,
+SOFTCAL_ALWAYS_INLINE const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t row_stride,
                               const int64_t* target, int64_t ignore_index, int64_t i0, int64_t nr,
                               TileBuffers& b, TileRows& t, const char* op) {
   constexpr int64_t R = TileShape::R;
@@ -121,7 +121,7 @@ inline const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t ro
 
 // Forward of a loaded tile: per lane m, ls, x_y and the loss (RowStats; row_loss of ce_row.h).
 template <bool kDot>
-inline void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* tile,
+__attribute__((noinline)) void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* tile,
                          TileBuffers& b, TileRows& t) {
   constexpr int64_t R = TileShape::R;
   using V = Vec<float>;
@@ -284,6 +284,10 @@ void ce_tile_blocks(const CEParams<float>& p, const CEIo<scalar_t, float>& io, i
       for (int64_t l = 0; l < R; ++l) t.g[l] = l < nr && t.valid[l] ? io.g.of(i0 + l) : 0.0f;
       tile_grad(ts, p, bufs, t, nr, io.need_t, io.grad + i0 * p.C);
     }
+    // the tile's outputs, per row or added to the block's sums in row order
+    float* const loss_rows = io.loss_rows;
+    const bool need_t = kGrad && io.need_t;
+    double sum_loss = sums.loss, sum_t = sums.grad_t;
     for (int64_t l = 0; l < nr; ++l) {
       const int64_t i = i0 + l;
       const bool v = t.valid[l];
@@ -291,11 +295,19 @@ void ce_tile_blocks(const CEParams<float>& p, const CEIo<scalar_t, float>& io, i
         io.lse_out[2 * i] = v ? t.m[l] : 0.0f;  // ignored rows: [0, 0], loss 0
         io.lse_out[2 * i + 1] = v ? t.ls[l] : 0.0f;
       }
-      const double grad_t = kGrad && v && io.need_t
-                                ? -static_cast<double>(t.g[l]) * t.S[l] * static_cast<double>(p.beta)
-                                : 0.0;
-      io.template emit<kPass>(i, kStats && v ? t.loss[l] : 0.0f, grad_t, sums);
+      if constexpr (kStats) {
+        const float loss = v ? t.loss[l] : 0.0f;
+        if (loss_rows != nullptr) loss_rows[i] = loss;
+        else sum_loss += static_cast<double>(loss);
+      }
+      if (need_t) {  // dL/dT of row l: -(g / T) S
+        const double gt = v ? -static_cast<double>(t.g[l]) * t.S[l] * static_cast<double>(p.beta) : 0.0;
+        if (io.grad_t_rows != nullptr) io.grad_t_rows[i] = static_cast<float>(gt);
+        else sum_t += gt;
+      }
     }
+    sums.loss = sum_loss;
+    sums.grad_t = sum_t;
   });
 }
 

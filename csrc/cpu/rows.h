@@ -144,7 +144,7 @@ __attribute__((always_inline)) inline __m512 f32_step(const float* x, const floa
 // max of: pf, pf_bytes is the memory that the next conversion will read, prefetched into L1
 // instead (2 lines an iteration of a full chunk).
 template <bool kDot, bool kW, bool kSelf>
-inline float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n, float beta,
+SOFTCAL_ALWAYS_INLINE float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n, float beta,
                                        RowStats<float>& st, float& Wseen, const float* nx,
                                        int64_t nn, const char* pf, int64_t pf_bytes) {
   const __m512 vm = _mm512_set1_ps(st.m);
@@ -190,7 +190,7 @@ inline float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n
 }
 
 template <bool kDot, bool kSelf = false>
-inline float chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
+SOFTCAL_ALWAYS_INLINE float chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
                                   RowStats<float>& st, float& Wseen, const float* nx = nullptr,
                                   int64_t nn = 0, const char* pf = nullptr, int64_t pf_bytes = 0) {
   return w != nullptr ? chunk_accumulate_f32_impl<kDot, true, kSelf>(x, w, n, beta, st, Wseen, nx,
@@ -219,7 +219,7 @@ struct NextMax {
 // the max of the next row's first chunk is taken inside the exp loop of this row's last chunk
 // and handed over through `carry`.
 template <typename scalar_t, typename acc_t>
-inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
+SOFTCAL_ALWAYS_INLINE RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
                                  bool need_dot, acc_t* buf, const scalar_t* next_row = nullptr,
                                  NextMax* carry = nullptr) {
 #if SOFTCAL_AVX512_EXP

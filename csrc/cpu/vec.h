@@ -29,6 +29,11 @@ constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 template <typename acc_t>
 constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
 
+// A kernel's hot helper inlined into each caller (a row's statistics, a tile's load), as GCC
+// did when one translation unit held every kernel; left to itself it now calls them (2 ms of
+// the 13 ms bfloat16 forward at 1e6 x 10, benchmarks/NOTES.md).
+#define SOFTCAL_ALWAYS_INLINE inline __attribute__((always_inline))
+
 // The float32 AVX-512 routines below are used where the build targets AVX-512 (setup.py);
 // -DSOFTCAL_EXP_U20 forces ATen's exp_u20 instead (for comparisons).
 #if defined(CPU_CAPABILITY_AVX512) && !defined(SOFTCAL_EXP_U20)
@@ -188,7 +193,7 @@ inline acc_t chunk_dot(const acc_t* x, const acc_t* w, int64_t n) {
 // (the NaN-propagating chunk_max takes four instructions a vector). Its callers detect NaN
 // through the exps: a NaN logit makes the sum of exps NaN (chunk_accumulate_f32 adds every lane
 // that is not at the maximum, and NaN never compares equal to it).
-inline float max_ignoring_nan_f32(const float* x, int64_t n) {
+SOFTCAL_ALWAYS_INLINE float max_ignoring_nan_f32(const float* x, int64_t n) {
   const __m512 ninf = _mm512_set1_ps(kNegInf<float>);
   __m512 m[4] = {ninf, ninf, ninf, ninf};
   int64_t i = 0;
