@@ -209,7 +209,9 @@ if HAVE_EXTENSION:
                 logits, target, temperature=temperature_t if temperature_t is not None else temperature,
                 label_smoothing=eps, weight=weight, ignore_index=ignore_index,
                 reduction=_REDUCTION_NAMES[reduction])
-            grads = torch.autograd.grad(loss, inputs, grad_loss, create_graph=True,
+            # grad_loss comes in the op's loss dtype (the accumulation dtype), the reference's
+            # loss in the logits' dtype
+            grads = torch.autograd.grad(loss, inputs, grad_loss.to(loss.dtype), create_graph=True,
                                         allow_unused=True)
         grads = list(grads)
         grad_x = grads.pop(0) if need_x else None
@@ -429,7 +431,7 @@ if HAVE_EXTENSION:
             loss = soft_cross_entropy(
                 logits, target, temperature=temperature_t if temperature_t is not None else temperature,
                 label_smoothing=eps, weight=weight, reduction=_REDUCTION_NAMES[reduction])
-            grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True,
+            grads = iter(torch.autograd.grad(loss, inputs, grad_loss.to(loss.dtype), create_graph=True,
                                              allow_unused=True)) if inputs else iter(())
             out = [None] * 7
             for i, t, need in wanted:

@@ -59,7 +59,9 @@ def soft_cross_entropy(
         use_kernel: run the compiled ops (else the reference).
 
     Returns:
-        The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".
+        The loss in the accumulation dtype from the kernels (float32 for float16/bfloat16
+        logits; the caller rounds it to the loss dtype once), in the logits' dtype from the
+        reference: 0-dim for "mean"/"sum", the batch shape for "none".
         Differentiable in the logits, the target and a tensor temperature.
     """
     if ignore_index >= 0:
@@ -86,7 +88,6 @@ def soft_cross_entropy(
         temp_t, temp_f = None, float(temperature)
     red = REDUCTIONS[reduction]
     loss, _, _ = torch.ops.softcal.soft_target_fwd(x, t, weight, temp_t, temp_f, label_smoothing, red)
-    loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
     return loss

@@ -207,8 +207,8 @@ def _autocast_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 def _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                    temperature, fused, inplace):
-    """softcal.cross_entropy after the choice of the loss dtype: the loss as the kernel (or the
-    reference) returns it."""
+    """softcal.cross_entropy after the choice of the loss dtype: the loss as the kernel returns
+    it (the accumulation dtype: float32 for half types) or the reference (the logits' dtype)."""
     target = check_target(fn, logits, target, probabilities=True)
     weight = check_weight(fn, logits, weight)
     temperature = check_temperature(fn, temperature, logits.device)
@@ -234,7 +234,8 @@ def _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_sm
     else:
         loss, _, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps, ignore_index,
                                                 red)
-    loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
+    # the kernels return the loss in the accumulation dtype (float32 for half types):
+    # cross_entropy rounds it once, to the loss dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
     return loss
