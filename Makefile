@@ -15,6 +15,10 @@ VPY         := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 # pyarrow: an optional dependency of softcal (Parquet input); installed here so that its test runs
 DEPS        := numpy scipy matplotlib tqdm pytest ninja setuptools wheel pyarrow
+# the peers that tests/test_metrics_peers.py compares softcal.metrics with (test environment
+# only, never a dependency of softcal): relplot (smooth ECE), uncertainty-calibration (debiased
+# calibration error), netcal (MMCE, ECE, MCE; it brings pyro-ppl, gpytorch and tensorboard)
+ORACLES     := relplot==1.0.3 uncertainty-calibration==0.1.4 netcal==1.4.0
 CUDA_VENV   ?= .venv-cuda
 CUDA_TORCH  ?= torch==2.14.1
 CUDA_HOME   ?= /usr/local/cuda-13.0
@@ -25,6 +29,7 @@ MAX_JOBS    ?= 2
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q $(TORCH_SPEC) $(DEPS)
+	$(VPY) -m pip install -q $(TORCH_SPEC) $(ORACLES)
 	touch $@
 
 venv: $(VENV)/.ready
@@ -75,7 +80,7 @@ test-wheel: $(VENV)/.ready
 	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --no-index $(WHEEL_DIR)/softcal-*.whl
 	$(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
 		> "$$($(WHEEL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_softcal_test_deps.pth"
-	mkdir -p $(WHEEL_TEST) && cp -r tests csrc benchmarks README.md pyproject.toml $(WHEEL_TEST)/
+	mkdir -p $(WHEEL_TEST) && cp -r tests csrc benchmarks docs examples README.md pyproject.toml $(WHEEL_TEST)/
 	cd $(WHEEL_TEST) && ../wheel-venv/bin/python -c "import os, softcal; p = os.path.realpath(softcal.__file__); \
 		assert '/wheel-venv/' in p, p; assert softcal.backend('cpu') == 'extension'; \
 		assert os.path.isfile(os.path.join(os.path.dirname(p), 'data', 'densenet40_c10_logits.npz')); \
@@ -97,7 +102,7 @@ $(CUDA_VENV)/.ready:
 
 cuda-check: $(CUDA_VENV)/.ready
 	rm -rf build/cuda-check && mkdir -p build/cuda-check
-	cp -r setup.py pyproject.toml README.md csrc softcal tests benchmarks build/cuda-check/
+	cp -r setup.py pyproject.toml README.md csrc softcal tests benchmarks docs examples build/cuda-check/
 	rm -f build/cuda-check/softcal/_C*.so
 	cd build/cuda-check && (CUDA_HOME=$(CUDA_HOME) SOFTCAL_FORCE_CUDA=1 SOFTCAL_PTXAS_VERBOSE=1 \
 		MAX_JOBS=$(MAX_JOBS) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \

@@ -22,6 +22,10 @@
 #   DEADLINE_S   the benchmark steps stop this many seconds after the start (default TOTAL_S - 20)
 #   SKIP_BENCH=1 skip bench_loss.py;  SKIP_COMPILE=1 skip its torch.compile pass
 #   SAN_TIMEOUT, KERNELS_TIMEOUT  caps of the sanitizer and kernel-timing steps (default 150)
+#   LM_HEAD=1    also the LM head (section 3b, after the tests): its CUDA test and
+#                benchmarks/bench_lm_head.py at (8192, 4096) x 128256 and (4096, 2048) x 256000
+#                bfloat16 -> OUT_DIR/lm_head_cuda.csv (the markdown in logs.tar.gz); LM_HEAD_TIMEOUT
+#                caps it (default 300). To give it the time, combine with SKIP_BENCH=1 SKIP_RACECHECK=1.
 #   COPY_SO=1    copy the built softcal/_C*.so into OUT_DIR;  SKIP_BUILD=1 use the extension already built;
 #   PTXAS=1      also recompile the kernels with -Xptxas -v there (CI's `make cuda-check` already
 #                fails on any register spill, from the same sources);  SKIP_RACECHECK=1 skip racecheck
@@ -33,7 +37,8 @@
 # of the repo (echo /.so-cache/ >> .git/info/exclude), name it in the call's `carry`, and begin
 # the command with:  cat .so-cache/so.tgz.part-* | tar xz && SKIP_BUILD=1 bash benchmarks/gpu_check.sh "$OUT"
 # Files: summary.txt, logs.tar.gz, kernels.csv, cuda_bench.{csv,md,png}, cuda_compile.csv (the
-# compile table's markdown goes into logs.tar.gz), and with COPY_SO=1 the so.tgz parts (8 at most).
+# compile table's markdown goes into logs.tar.gz), with LM_HEAD=1 lm_head_cuda.csv, and with
+# COPY_SO=1 the so.tgz parts (8 at most).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -80,6 +85,7 @@ write_summary() {  # summary.txt and logs.tar.gz as they stand (called after eve
     grep -A14 -E '^op +dtype' "$LOGS/kernels.log" 2>/dev/null | head -1
     grep -E '^cross_entropy_(fwd|bwd|fused) +bfloat16 +(1000000 +10|4096 +128256|4096 +32000) ' "$LOGS/kernels.log" 2>/dev/null
     grep -m1 -E '^copy bandwidth' "$LOGS/kernels.log" 2>/dev/null
+    grep -E '^== |^ +(eager|torch|torch-chunked|compile|softcal|softcal@[0-9]+|liger) +(min|failed)' "$LOGS/lm_head_bench.log" 2>/dev/null
     grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" 2>/dev/null | head -8
     printf '%-14s %5s %6s  %s\n' step rc sec note
     for i in "${!NAMES[@]}"; do
@@ -132,6 +138,28 @@ PTXAS_PID=$!
 export SOFTCAL_EXPECT_CUDA=1
 step tests ${TEST_TIMEOUT:-150} $PY -m pytest -q -rfE --maxfail=25 -p no:cacheprovider tests/test_cuda.py tests/test_core.py -k "cuda or test_cuda"
 note "$(grep -E '[0-9]+ (passed|failed)' "$LOGS/tests.log" | tail -1)"
+
+# ------------------------------------------------------------------ 3b. the LM head (LM_HEAD=1)
+# softcal.linear_cross_entropy on the GPU: its CUDA test (errors against float64 within 1.25 x
+# eager's), then the benchmark at the issue's GPU shapes against eager F.linear + F.cross_entropy,
+# torch's linear_cross_entropy with and without options, torch.compile and Liger's fused linear
+# cross-entropy (when its wheel is in .whl/), with time, peak memory beyond the gradients (x the
+# logits) and the fraction of the GEMM bound (6 N H V flops at the bf16 GEMM rate measured there).
+if [ "${LM_HEAD:-0}" = "1" ]; then
+  if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$LOGS/liger_install.log" 2>&1 \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  step lm_head_test 120 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_lm_head_ops.py -k cuda
+  note "$(grep -E '[0-9]+ (passed|failed|skipped)' "$LOGS/lm_head_test.log" | tail -1)"
+  # softcal@1024: a 1 GiB workspace (2-4 chunks at these shapes), since each chunk reads and
+  # writes the float32 dW accumulator (V x H x 8 bytes) once
+  step lm_head_bench ${LM_HEAD_TIMEOUT:-300} $PY benchmarks/bench_lm_head.py --device cuda \
+    --impls eager,torch,torch-chunked,compile,softcal,softcal@1024,liger \
+    --out "$LOGS/lm_head" --note "gpu_check.sh"
+  [ -f "$LOGS/lm_head/lm_head_cuda.csv" ] && cp "$LOGS/lm_head/lm_head_cuda.csv" "$OUT/"
+  note "$(grep -cE '^cuda,' "$LOGS/lm_head/lm_head_cuda.csv" 2>/dev/null || echo 0) rows"
+fi
 
 # ------------------------------------------------------------------ 4. compute-sanitizer
 cat >"$LOGS/sanitize_ops.py" <<'PYEOF'

@@ -25,6 +25,7 @@ import torch as _torch  # the extension links against torch: load it first
 from . import _ops
 from ._ops import HAVE_EXTENSION
 from .functional import cross_entropy, log_softmax, softmax, temperature_stats
+from .lm_head import linear_cross_entropy
 from . import nn  # noqa: E402
 from . import metrics  # noqa: E402
 from .nn import CrossEntropyLoss, LabelSmoothingLoss, TemperatureScaler  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "backend",
     "cross_entropy",
     "distributed",
+    "linear_cross_entropy",
     "log_softmax",
     "metrics",
     "nn",

@@ -63,6 +63,7 @@ __all__ = [
     "shard_grad_",
     "shard_stats",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
 
 Temperature = Union[float, torch.Tensor]
@@ -546,3 +547,6 @@ class VocabParallelCrossEntropy(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"label_smoothing={self.label_smoothing}, temperature={self.temperature}, "
                 f"reduction={self.reduction!r}, fused={self.fused}, inplace={self.inplace}")
+
+
+from ._lm_head_parallel import vocab_parallel_linear_cross_entropy  # noqa: E402  (the LM head)

@@ -11,8 +11,9 @@ from . import functional as F
 from .functional import _check_loss_dtype, _legacy_reduction
 from ._validation import check_ignore_index, check_label_smoothing, check_reduction, check_temperature
 from .calibration import TemperatureScaler
+from .lm_head import LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "TemperatureScaler"]
+__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "LinearCrossEntropyLoss", "TemperatureScaler"]
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """Drop-in replacement for ``torch.nn.CrossEntropyLoss``, with a temperature and a fused kernel.

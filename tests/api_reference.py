@@ -1,10 +1,10 @@
-"""The README's API reference of softcal.metrics and softcal.plots, generated from the docstrings.
+"""docs/api.md: the API reference of softcal.metrics and softcal.plots, generated from the docstrings.
 
     python tests/api_reference.py           # print the section
-    python tests/api_reference.py --write   # replace it in README.md, between the markers
+    python tests/api_reference.py --write   # replace it in docs/api.md, between the markers
 
-tests/test_repo.py checks that README.md holds exactly what this script generates, so a changed
-docstring or signature fails the tests until the README is regenerated with --write.
+tests/test_readme.py checks that docs/api.md holds exactly what this script generates, so a changed
+docstring or signature fails the tests until the reference is regenerated with --write.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import List
 BEGIN = ("<!-- api-reference: generated from the docstrings by `python tests/api_reference.py "
          "--write`; do not edit by hand -->")
 END = "<!-- api-reference: end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
+TARGET = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 MODULES = ("softcal.metrics", "softcal.plots")
 
 
@@ -75,7 +75,7 @@ def generate() -> str:
 
 
 def current(readme: str) -> str:
-    """The section now in README.md, markers included ("" when absent)."""
+    """The section now in docs/api.md, markers included ("" when absent)."""
     if BEGIN not in readme or END not in readme:
         return ""
     start = readme.index(BEGIN)
@@ -84,15 +84,15 @@ def current(readme: str) -> str:
 
 
 def write() -> None:
-    text = README.read_text(encoding="utf-8")
+    text = TARGET.read_text(encoding="utf-8")
     section = generate()
     old = current(text)
     if old:
         text = text.replace(old, section)
     else:
-        raise SystemExit(f"{README}: the markers are missing; add the lines\n{BEGIN}\n{END}\n"
+        raise SystemExit(f"{TARGET}: the markers are missing; add the lines\n{BEGIN}\n{END}\n"
                          "where the section belongs")
-    README.write_text(text, encoding="utf-8")
+    TARGET.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -197,8 +197,8 @@ def test_parquet(tmp_path, capsys):
                       "-o", tmp_path / "c.parquet"], capsys)
     assert rc == 0, err
     t = pq.read_table(tmp_path / "c.parquet")
-    assert t.column_names == ["label"] + [f"logit_{j}" for j in range(5)]
-    got = np.stack([t.column(f"logit_{j}").to_numpy() for j in range(5)], 1)
+    assert t.column_names == ["label"] + [f"probs_{j}" for j in range(5)]  # named as what they hold
+    got = np.stack([t.column(f"probs_{j}").to_numpy() for j in range(5)], 1)
     ref = torch.softmax(torch.from_numpy(x).double() / 1.7, 1).numpy()
     np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-7)
     assert np.array_equal(t.column("label").to_numpy(), y)

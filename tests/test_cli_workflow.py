@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import softcal
-from softcal import bench, cli
+from softcal import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,8 +131,11 @@ def test_apply_npy_streams_and_writes_npy_or_logits(files, capsys, monkeypatch):
     monkeypatch.setattr(np.lib.format, "open_memmap", spy)
     rc, _, err = run(["apply", d / "new.npy", "-t", "2.88", "--chunk-rows", "100", "-o", d / "p.npy"], capsys)
     assert rc == 0, err
-    # the input .npy is read memory-mapped, the output written memory-mapped
-    assert seen == [("new.npy", "r", np.memmap), ("p.npy", "w+", np.memmap)], seen
+    # the input .npy is read memory-mapped, the output written memory-mapped (to a temporary
+    # file beside p.npy, renamed onto it when complete)
+    assert [(n if i == 0 else re.sub(r"^\.p\.\w+\.softcal-partial\.npy$", "p.npy", n), m, t)
+            for i, (n, m, t) in enumerate(seen)] == [("new.npy", "r", np.memmap), ("p.npy", "w+", np.memmap)], seen
+    assert sorted(f.name for f in d.iterdir() if "partial" in f.name) == []
     p = np.load(d / "p.npy")
     ref = torch.softmax(torch.from_numpy(xt).double() / 2.88, 1).numpy()
     np.testing.assert_allclose(p, ref, rtol=3e-6, atol=1e-7)
@@ -200,7 +203,7 @@ def test_apply_csv_keeps_columns_and_labels(tmp_path, capsys):
     rc, _, err = run(["apply", tmp_path / "s.csv", "-t", "1.5", "--chunk-rows", "7"], capsys)
     assert rc == 0, err
     lines = (tmp_path / "s-calibrated.csv").read_text().splitlines()
-    assert lines[0] == "target,a,b,c,d,e" and len(lines) == 51
+    assert lines[0] == "target,probs_a,probs_b,probs_c,probs_d,probs_e" and len(lines) == 51
     arr = np.array([[float(v) for v in ln.split(",")] for ln in lines[1:]])
     assert np.array_equal(arr[:, 0], y)
     ref = torch.softmax(torch.from_numpy(x).double() / 1.5, 1).numpy()
@@ -346,81 +349,8 @@ def test_progress_bars_only_on_a_terminal_and_quiet(files, capsys, monkeypatch):
     assert np.array_equal(np.load(d / "a.npz")["probs"], np.load(d / "b.npz")["probs"])
 
 
-# ---------------------------------------------------------------------- bench
 TINY = ["--shapes", "16x7", "--dtypes", "float32", "--impls", "softcal,eager", "--min-time", "0.02",
-        "--no-plot"]
-
-
-def test_bench_runs_tiny_and_says_where_its_outputs_went(tmp_path, capsys):
-    rc, out, err = run(["bench", *TINY, "--out", tmp_path / "b"], capsys)
-    assert rc == 0, err
-    csv_path = tmp_path / "b" / "cpu_quick.csv"
-    assert f"wrote {tmp_path / 'b' / 'cpu_quick'}.csv" in out and csv_path.is_file()
-    md = (tmp_path / "b" / "cpu_quick.md").read_text()
-    for text in (out, md):
-        assert not re.search(r"issue|target", text, re.I), "internal wording in the output"
-    assert "command: `softcal bench --shapes 16x7" in md
-    import csv
-    rows = list(csv.DictReader(ln for ln in csv_path.read_text().splitlines() if not ln.startswith("#")))
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert {(r["pass"], r["impl"]) for r in ok} == {("fwd", "softcal"), ("fwd", "eager"),
-                                                    ("fwd+bwd", "softcal"), ("fwd+bwd", "eager")}
-    for r in ok:  # repeated until the minimum measured time, spread reported
-        assert float(r["measured_s"]) >= 0.02 and int(r["reps"]) >= 5
-        assert r["stat"] == "min" and r["ms"] == r["min_ms"]  # the quick run reports the minimum
-        assert float(r["p25_ms"]) <= float(r["median_ms"]) <= float(r["p75_ms"])
-        assert float(r["spread_pct"]) >= 0
-
-
-def test_bench_timer_repeats_until_the_minimum_time():
-    calls = []
-
-    def fn():
-        calls.append(1)
-
-    t = bench.CpuTimer().time(fn, lambda: None, min_reps=5, min_time=0.01)
-    assert t.total >= 0.01 and t.reps >= 5 and t.reps > 100  # a ~µs call: many reps
-    t = bench.CpuTimer().time(lambda: __import__("time").sleep(0.002), lambda: None, min_reps=3, min_time=0.0)
-    assert t.reps == 3
-
-
-def test_bench_default_out_is_outside_the_source_tree(monkeypatch, tmp_path):
-    monkeypatch.delenv("SOFTCAL_BENCH_OUT", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert bench.default_out() == tmp_path / "softcal" / "bench"
-    assert bench.parse_args(["--quick"]).out == str(tmp_path / "softcal" / "bench")
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert ROOT not in bench.default_out().resolve().parents
-
-
-def test_bench_quick_is_the_default_of_softcal_bench_only():
-    a = bench.parse_args([], quick_default=True)
-    assert a.quick and a.tag == "quick" and a.shape_list == bench.QUICK_SHAPES and a.thp == "inherit"
-    assert (a.threads, a.clock, a.stat, a.no_compile) == (1, "cpu", "min", True)
-    b = bench.parse_args([])
-    assert not b.quick and b.tag == "bench" and b.thp == "both"
-    assert (b.threads, b.clock, b.stat, b.no_compile) == (None, "wall", "median", False)
-    assert not bench.parse_args(["--full"], quick_default=True).quick
-
-
-def test_bench_bad_options_exit_2(capsys):
-    for args in (["--shapes", "10by3"], ["--dtypes", "int8"], ["--impls", "nope"], ["--device", "tpu"]):
-        rc, _, err = run(["bench", *args], capsys)
-        assert rc == 2 and "error" in err, args
-
-
-def test_bench_script_is_the_same_benchmark(tmp_path):
-    # --thp both: the script runs the package's benchmark in two worker processes (python -m
-    # softcal.bench), as `make bench` does
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_loss.py"), "--quick", *TINY,
-                        "--thp", "both", "--out", str(tmp_path)], capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "command: `python benchmarks/bench_loss.py --quick --shapes 16x7" in p.stdout
-    md = (tmp_path / "cpu_quick.md").read_text()
-    assert "#### THP_MEM_ALLOC_ENABLE=unset" in md and "#### THP_MEM_ALLOC_ENABLE=1" in md
-    text = (ROOT / "benchmarks" / "bench_loss.py").read_text()
-    assert "softcal.bench" in text and "def run_benchmark" not in text  # one implementation
+        "--no-plot"]  # the README's bench command, on tiny shapes (tests/test_bench.py tests bench)
 
 
 # ---------------------------------------------------------------------- the README

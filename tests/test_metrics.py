@@ -199,7 +199,7 @@ def test_devices_and_dtypes(device, dtype):
     (lambda: M.ece(torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0])), ValueError, r"labels must be in \[0, 2\]"),
     (lambda: M.ece(torch.randn(5, 3), torch.tensor([0, 1])), ValueError, "labels has shape"),
     (lambda: M.ece(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)), ValueError, "empty"),
-    (lambda: M.ece(torch.randn(5), torch.zeros(5, dtype=torch.long)), ValueError, "2-D"),
+    (lambda: M.ece(torch.randn(5, 3, 2), torch.zeros(5, dtype=torch.long)), ValueError, "labels has shape"),
     (lambda: M.ece(torch.randn(5, 3), torch.zeros(5)), TypeError, "integer"),
     (lambda: M.ece(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), 0), ValueError, "n_bins"),
     (lambda: M.ece(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), temperature=-1.0), ValueError, "temperature"),

@@ -1,5 +1,6 @@
-"""README.md: its python examples run as written, and its API reference is in sync with the
-docstrings of softcal.metrics and softcal.plots (tests/api_reference.py)."""
+"""README.md and docs/: their python examples run as written, the README stays short, and
+docs/api.md is in sync with the docstrings of softcal.metrics and softcal.plots
+(tests/api_reference.py)."""
 
 import os
 import re
@@ -31,8 +32,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns = {"__name__": "__readme__"}
     for i, block in enumerate(blocks):
-        if "init_process_group" in block:
-            continue  # a script for torchrun: tests/test_distributed_readme.py runs it as written
         exec(compile(block, f"README.md python block {i + 1}", "exec"), ns)
     # what the examples claim
     import softcal
@@ -47,13 +46,43 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     plt.close("all")
 
 
-def test_readme_api_reference_is_in_sync():
+def test_api_reference_is_in_sync():
     """Regenerate with: python tests/api_reference.py --write"""
-    text = README.read_text(encoding="utf-8")
+    text = api_reference.TARGET.read_text(encoding="utf-8")
     section = api_reference.current(text)
-    assert section, "README.md has no API reference markers"
+    assert section, "docs/api.md has no API reference markers"
     assert section == api_reference.generate(), (
-        "README.md's API reference differs from the docstrings: run python tests/api_reference.py --write")
+        "docs/api.md differs from the docstrings: run python tests/api_reference.py --write")
+
+
+def test_readme_is_short_and_its_links_exist():
+    """A newcomer reads the README in ten minutes: at most 350 lines; every relative link in it
+    and in docs/ names a file of the repository."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 350, len(text.splitlines())
+    for page in [README, *sorted((README.parent / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text(encoding="utf-8")):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+DOC_PAGES = sorted(p.name for p in (README.parent / "docs").glob("*.md")
+                   if python_blocks(p.read_text(encoding="utf-8")))
+
+
+def test_docs_with_examples():
+    assert "loss.md" in DOC_PAGES, DOC_PAGES   # the class-probability targets' example
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_docs_python_examples_run(tmp_path, monkeypatch, page):
+    """Every ```python block of a docs/ page, in order, in one namespace."""
+    path = README.parent / "docs" / page
+    blocks = python_blocks(path.read_text(encoding="utf-8"))
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    ns = {"__name__": "__docs__"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/{page} python block {i + 1}", "exec"), ns)
 
 
 def test_api_reference_covers_every_public_name():

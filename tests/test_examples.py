@@ -1,5 +1,5 @@
-"""The README's "Distributed" section: its two scripts run, as written, under the torchrun
-commands it gives (2 gloo ranks on this CPU), and print what the section says."""
+"""examples/: the README's two torchrun commands run the example scripts as written (2 gloo ranks on
+this CPU), from the repository's root, and the scripts print what docs/distributed.md says."""
 
 from __future__ import annotations
 
@@ -17,42 +17,31 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
-def _section():
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    start = text.index("\n## Distributed\n")
-    end = text.index("\n## ", start + 5)
-    return text[start:end]
-
-
-def _scripts_and_commands():
-    sec = _section()
-    scripts = {}
-    for block in re.findall(r"```python\n(.*?)```", sec, flags=re.S):
-        name = re.match(r"# (\S+\.py)", block).group(1)
-        scripts[name] = block
+def _commands(page):
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", sec, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         commands += [line.split("#")[0].strip() for line in block.splitlines()
                      if line.startswith("torchrun ")]
-    return scripts, commands
+    return commands
 
 
-def test_readme_lists_both_commands():
-    scripts, commands = _scripts_and_commands()
-    assert sorted(scripts) == ["calibrate_sharded.py", "vocab_parallel.py"]
-    assert [c.split()[-1] for c in commands] == ["vocab_parallel.py", "calibrate_sharded.py"]
+@pytest.mark.parametrize("page", ["README.md", "docs/distributed.md"])
+def test_pages_list_both_examples(page):
+    commands = _commands(page)
+    assert [c.split()[-1] for c in commands] == ["examples/vocab_parallel.py", "examples/calibrate_sharded.py"]
     assert all("--nproc-per-node 2" in c for c in commands)
+    for c in commands:
+        assert os.path.isfile(os.path.join(ROOT, c.split()[-1])), c
 
 
 @pytest.mark.parametrize("name", ["vocab_parallel.py", "calibrate_sharded.py"])
-def test_readme_torchrun_commands_run(tmp_path, name):
-    scripts, commands = _scripts_and_commands()
-    (tmp_path / name).write_text(scripts[name])
-    cmd = next(c for c in commands if c.endswith(name)).split()
+def test_readme_torchrun_commands_run(name):
+    cmd = next(c for c in _commands("README.md") if c.endswith(name)).split()
     assert cmd[0] == "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("SOFTCAL_EMULATE_CUDA", None)  # the scripts use the installed build as a user would
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run"] + cmd[1:], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run"] + cmd[1:], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout  # the two ranks' lines may interleave

@@ -1,50 +1,17 @@
-"""Calibration metrics for classifiers: ECE (equal-width, adaptive, classwise), MCE, RMS
-calibration error, Brier score, NLL and accuracy.
-
-Every function takes ``scores`` of shape (N, C) and ``labels`` of shape (N,) (or (N, 1)):
-
-* by default ``scores`` are logits (float16/bfloat16/float32/float64, any device); an optional
-  ``temperature`` T > 0 divides them first;
-* with ``probs=True`` they are probabilities (rows in [0, 1] summing to 1); ``temperature`` is then
-  applied as softmax(log(p) / T).
-
-Computation is in float64 on the scores' device, vectorised with bincount/scatter_add (no Python
-loop over bins); each metric returns a Python float (one device synchronisation at the end).
-
-Binning (as in Guo et al. 2017 and gpleiss/temperature_scaling): with ``n_bins`` equal-width bins
-the k-th bin is (k/n, (k+1)/n]; a confidence of exactly 0 belongs to the first bin and exactly
-1.0 to the last.
-
-Definitions (acc_b, conf_b: accuracy and mean confidence of the rows in bin b; n_b its size):
-
-* ECE  = sum_b (n_b / N) |acc_b - conf_b|  (top label: confidence = max_k p_k)
-* MCE  = max over non-empty bins of |acc_b - conf_b|
-* RMSCE = sqrt(sum_b (n_b / N) (acc_b - conf_b)^2)
-* adaptive ECE: as ECE, but the bins hold equal numbers of rows (sorted by confidence)
-* classwise ECE (Kull et al. 2019): for each class k, ECE of p_k against 1[y = k] over all rows,
-  averaged over classes
-* Brier = mean_i sum_k (p_ik - 1[y_i = k])^2  (in [0, 2])
-* NLL = mean_i -log p_i,y_i (from log_softmax when given logits)
-
-Accumulating over batches and ranks (:class:`CalibrationMetrics` and one class per metric,
-``update`` / ``compute`` / ``reset`` like torchmetrics): each ``update`` adds the batch's bin
-statistics (per-bin counts, confidence sums and hit sums; per class and bin for classwise ECE;
-sums of NLL, Brier and hits), and ``compute`` (with ``group=``, after one all-reduce of them over
-the ranks) gives the same values as the functions above on the concatenation of every batch of
-every rank (equal up to float64 summation order, ~1e-15 relative). Adaptive ECE needs the global
-order of the confidences: each update keeps the batch's top-label confidences and hits (9 bytes
-per row, never the scores), and ``compute`` all-gathers them (rank 0's rows first, then rank 1's,
-...) and forms the bins exactly as :func:`adaptive_ece` does on the concatenated data (ties are
-broken by that order). ``adaptive=False`` keeps nothing per row and leaves adaptive ECE out (NaN).
+"""Binned calibration metrics (ECE, adaptive and classwise ECE, MCE, RMS calibration error),
+Brier score, NLL and accuracy, as functions and accumulated over batches and ranks
+(:class:`CalibrationMetrics`); the conventions are in the docstring of :mod:`softcal.metrics`.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional
 
 import torch
+
+from ._inputs import Temperature, _check_bins, _check_ignore_index, _prepare, _top_label
 
 __all__ = [
     "AdaptiveECE",
@@ -71,71 +38,12 @@ __all__ = [
     "rms_calibration_error",
 ]
 
-Temperature = Optional[Union[float, torch.Tensor]]
-
-
-# ---------------------------------------------------------------------- input handling
-def _prepare(fn: str, scores, labels, temperature: Temperature, probs: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (probabilities float64 (N, C), log-probabilities float64 (N, C), labels int64 (N,))."""
-    if not isinstance(scores, torch.Tensor):
-        scores = torch.as_tensor(scores)
-    if not isinstance(labels, torch.Tensor):
-        labels = torch.as_tensor(labels)
-    # Metrics are numbers about the values, never part of a graph: no gradient, no warning.
-    scores, labels = scores.detach(), labels.detach()
-    name = "probs" if probs else "logits"
-    if not scores.dtype.is_floating_point:
-        raise TypeError(f"{fn}: {name} must be floating point, got dtype {scores.dtype}")
-    if scores.dim() != 2:
-        raise ValueError(f"{fn}: {name} must be 2-D (N, C), got shape {tuple(scores.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
-        raise TypeError(f"{fn}: labels must be integer class indices, got dtype {labels.dtype}")
-    if labels.dim() == 2 and labels.shape[1] == 1:
-        labels = labels.reshape(-1)
-    if labels.dim() != 1 or labels.shape[0] != scores.shape[0]:
-        raise ValueError(f"{fn}: labels has shape {tuple(labels.shape)} but {name} has "
-                         f"{scores.shape[0]} rows (expected ({scores.shape[0]},))")
-    n, c = scores.shape
-    if n == 0:
-        raise ValueError(f"{fn}: empty input (0 rows)")
-    labels = labels.to(scores.device, torch.int64)
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= c:
-        raise ValueError(f"{fn}: labels must be in [0, {c - 1}] for {c} classes, got label "
-                         f"{lo if lo < 0 else hi}")
-    x = scores.to(torch.float64)
-    if temperature is not None:
-        t = temperature.detach().to(x.device, torch.float64) if isinstance(temperature, torch.Tensor) \
-            else float(temperature)
-        if not isinstance(t, torch.Tensor) and not (t > 0 and t < float("inf")):
-            raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
-    else:
-        t = None
-    if probs:
-        if t is None:
-            p = x
-            logp = torch.log(x.clamp_min(torch.finfo(torch.float64).tiny))
-            return p, logp, labels
-        x = torch.log(x)
-    if t is not None:
-        x = x / t
-    logp = torch.log_softmax(x, dim=1)
-    return logp.exp(), logp, labels
-
-
 def _bin_index(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
     """Bin of each confidence: bin k is (k/n, (k+1)/n]; 0 -> bin 0, 1.0 -> bin n-1."""
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=conf.device)[1:]
     edges[-1] = 1.0
     # bucketize(right=False): index i with edges[i-1] < conf <= edges[i].
     return torch.bucketize(conf, edges, right=False).clamp_(0, n_bins - 1)
-
-
-def _check_bins(fn: str, n_bins: int) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"{fn}: n_bins must be an int >= 1, got {n_bins!r}")
-    return n_bins
 
 
 @dataclass
@@ -152,11 +60,6 @@ class ReliabilityBins:
     accuracy: torch.Tensor
 
 
-def _top_label(p: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    conf, pred = p.max(dim=1)
-    return conf, (pred == labels).to(torch.float64)
-
-
 def _binned(conf: torch.Tensor, hit: torch.Tensor, idx: torch.Tensor, n_bins: int):
     count = torch.bincount(idx, minlength=n_bins).to(torch.float64)
     sum_conf = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).scatter_add_(0, idx, conf)
@@ -165,11 +68,11 @@ def _binned(conf: torch.Tensor, hit: torch.Tensor, idx: torch.Tensor, n_bins: in
 
 
 def reliability_bins(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
-                     probs: bool = False) -> ReliabilityBins:
+                     probs: bool = False, ignore_index: Optional[int] = -100) -> ReliabilityBins:
     """Equal-width reliability bins of top-label confidence (what a reliability diagram plots)."""
     fn = "softcal.metrics.reliability_bins"
     n_bins = _check_bins(fn, n_bins)
-    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
     conf, hit = _top_label(p, y)
     count, sc, sh = _binned(conf, hit, _bin_index(conf, n_bins), n_bins)
     safe = count.clamp_min(1)
@@ -195,45 +98,49 @@ def _ece_terms(p, y, n_bins):
 
 
 def expected_calibration_error(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
-                               probs: bool = False) -> float:
+                               probs: bool = False, ignore_index: Optional[int] = -100) -> float:
     """Top-label ECE with ``n_bins`` equal-width bins, in [0, 1] (multiply by 100 for %).
 
     scores: (N, C) logits (or probabilities with probs=True); labels: (N,) integers in [0, C).
     """
     fn = "softcal.metrics.ece"
     n_bins = _check_bins(fn, n_bins)
-    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
     (gap, w), _ = _ece_terms(p, y, n_bins)
     return float((gap * w).sum())
 
 
 def maximum_calibration_error(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
-                              probs: bool = False) -> float:
+                              probs: bool = False, ignore_index: Optional[int] = -100) -> float:
     """Largest |accuracy - confidence| over the non-empty equal-width bins, in [0, 1]."""
     fn = "softcal.metrics.mce"
     n_bins = _check_bins(fn, n_bins)
-    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
     (gap, _w), count = _ece_terms(p, y, n_bins)
     return float(torch.where(count > 0, gap, torch.zeros_like(gap)).max())
 
 
 def rms_calibration_error(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
-                          probs: bool = False) -> float:
+                          probs: bool = False, ignore_index: Optional[int] = -100) -> float:
     """Root-mean-square calibration error over equal-width bins, in [0, 1]."""
     fn = "softcal.metrics.rms_calibration_error"
     n_bins = _check_bins(fn, n_bins)
-    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
     (gap, w), _ = _ece_terms(p, y, n_bins)
     return float((w * gap * gap).sum().sqrt())
 
 
 def adaptive_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
-                 probs: bool = False) -> float:
+                 probs: bool = False, ignore_index: Optional[int] = -100) -> float:
     """Top-label ECE with equal-mass bins: rows sorted by confidence, split into ``n_bins``
     groups whose sizes differ by at most one (row r of N goes to bin floor(r * n_bins / N))."""
     fn = "softcal.metrics.adaptive_ece"
     n_bins = _check_bins(fn, n_bins)
-    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
+    return float(_adaptive(p, y, n_bins))
+
+
+def _adaptive(p, y, n_bins):
     conf, hit = _top_label(p, y)
     n = conf.shape[0]
     order = torch.argsort(conf, stable=True)
@@ -241,41 +148,47 @@ def adaptive_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature =
     idx[order] = torch.arange(n, device=conf.device) * n_bins // n
     count, sc, sh = _binned(conf, hit, idx, n_bins)
     gap, w = _gaps(count, sc, sh, n)
-    return float((gap * w).sum())
+    return (gap * w).sum()
 
 
 def classwise_ece(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
-                  probs: bool = False) -> float:
+                  probs: bool = False, ignore_index: Optional[int] = -100) -> float:
     """Classwise ECE (Kull et al. 2019): mean over classes k of the equal-width-binned ECE of
     p_k against 1[y = k], over all N rows."""
     fn = "softcal.metrics.classwise_ece"
     n_bins = _check_bins(fn, n_bins)
-    p, _, y = _prepare(fn, scores, labels, temperature, probs)
+    p, _, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
+    return float(_classwise(p, y, n_bins))
+
+
+def _classwise(p, y, n_bins):
     n, c = p.shape
     target = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
     flat = (_bin_index(p, n_bins) + n_bins * torch.arange(c, device=p.device)[None, :]).reshape(-1)
     count, sc, sh = _binned(p.reshape(-1), target.reshape(-1), flat, n_bins * c)
     gap = (sh - sc).abs()  # n_b |acc_b - conf_b|
-    return float(gap.sum() / (n * c))
+    return gap.sum() / (n * c)
 
 
-def brier_score(scores, labels, *, temperature: Temperature = None, probs: bool = False) -> float:
+def brier_score(scores, labels, *, temperature: Temperature = None, probs: bool = False,
+                ignore_index: Optional[int] = -100) -> float:
     """Multi-class Brier score: mean over rows of sum_k (p_k - 1[y = k])^2, in [0, 2]."""
-    p, _, y = _prepare("softcal.metrics.brier_score", scores, labels, temperature, probs)
+    p, _, y = _prepare("softcal.metrics.brier_score", scores, labels, temperature, probs, ignore_index)
     sq = (p * p).sum(1) - 2 * p.gather(1, y[:, None]).squeeze(1) + 1
     return float(sq.mean())
 
 
-def nll(scores, labels, *, temperature: Temperature = None, probs: bool = False) -> float:
+def nll(scores, labels, *, temperature: Temperature = None, probs: bool = False,
+        ignore_index: Optional[int] = -100) -> float:
     """Mean negative log-likelihood of the labels (natural log). With probs=True and no
     temperature, a probability of 0 is clamped to the smallest float64 (NLL about 708)."""
-    _, logp, y = _prepare("softcal.metrics.nll", scores, labels, temperature, probs)
+    _, logp, y = _prepare("softcal.metrics.nll", scores, labels, temperature, probs, ignore_index)
     return float(-logp.gather(1, y[:, None]).mean())
 
 
-def accuracy(scores, labels, *, probs: bool = False) -> float:
+def accuracy(scores, labels, *, probs: bool = False, ignore_index: Optional[int] = -100) -> float:
     """Fraction of rows whose arg-max class is the label (ties: the first maximum)."""
-    p, _, y = _prepare("softcal.metrics.accuracy", scores, labels, None, probs)
+    p, _, y = _prepare("softcal.metrics.accuracy", scores, labels, None, probs, ignore_index)
     return float((p.argmax(1) == y).to(torch.float64).mean())
 
 
@@ -304,13 +217,12 @@ class CalibrationReport:
 
 
 def calibration_report(scores, labels, n_bins: int = 15, *, temperature: Temperature = None,
-                       probs: bool = False) -> CalibrationReport:
+                       probs: bool = False, ignore_index: Optional[int] = -100) -> CalibrationReport:
     """Every metric in this module on (scores, labels), computing the probabilities once."""
     fn = "softcal.metrics.calibration_report"
     n_bins = _check_bins(fn, n_bins)
-    p, logp, y = _prepare(fn, scores, labels, temperature, probs)
+    p, logp, y = _prepare(fn, scores, labels, temperature, probs, ignore_index)
     n, c = p.shape
-    kw = dict(n_bins=n_bins, probs=True)
     (gap, w), count = _ece_terms(p, y, n_bins)
     nonempty = torch.where(count > 0, gap, torch.zeros_like(gap))
     sq = (p * p).sum(1) - 2 * p.gather(1, y[:, None]).squeeze(1) + 1
@@ -321,12 +233,14 @@ def calibration_report(scores, labels, n_bins: int = 15, *, temperature: Tempera
         nonempty.max(),
         (w * gap * gap).sum().sqrt(),
         sq.mean(),
+        _adaptive(p, y, n_bins),
+        _classwise(p, y, n_bins),
     ]).cpu().tolist()
     return CalibrationReport(
         n=n, classes=c, n_bins=n_bins,
         accuracy=vals[0], nll=vals[1], ece=vals[2],
-        adaptive_ece=adaptive_ece(p, y, **kw),
-        classwise_ece=classwise_ece(p, y, **kw),
+        adaptive_ece=vals[6],
+        classwise_ece=vals[7],
         mce=vals[3], rmsce=vals[4], brier=vals[5],
     )
 
@@ -349,15 +263,17 @@ class CalibrationMetrics:
             of all ranks. A rank may have no rows. None: this process only.
         adaptive: keep the per-row confidences that adaptive ECE needs (9 bytes per row;
             gathered by ``compute``); False leaves adaptive ECE as NaN.
+        ignore_index: rows whose label is this value are left out (None: none is).
 
     State (float64, on the device of the first batch): top-label bins 3 x n_bins, classwise
     bins 2 x C x n_bins, [rows, sum NLL, sum Brier, hits].
     """
 
     def __init__(self, n_bins: int = 15, *, probs: bool = False, group=None,
-                 adaptive: bool = True) -> None:
+                 adaptive: bool = True, ignore_index: Optional[int] = -100) -> None:
         self.n_bins = _check_bins("softcal.metrics.CalibrationMetrics", n_bins)
         self.probs = bool(probs)
+        self.ignore_index = _check_ignore_index("softcal.metrics.CalibrationMetrics", ignore_index)
         self.group = group
         self.adaptive = bool(adaptive)
         self.reset()
@@ -402,14 +318,15 @@ class CalibrationMetrics:
         self._hit: list = []
 
     def update(self, scores, labels, *, temperature: Temperature = None) -> None:
-        """Add a batch: scores (B, C), labels (B,). B = 0 is allowed (nothing is added)."""
+        """Add a batch: scores (B, C) or (B, C, d1, ...) or binary, labels (B,) or (B, d1, ...),
+        as in the functions. B = 0 (or every label ignored) is allowed (nothing is added)."""
         fn = f"softcal.metrics.{type(self).__name__}.update"
-        if isinstance(scores, torch.Tensor) and scores.dim() == 2 and scores.shape[0] == 0:
-            self._init_state(fn, scores.shape[1], scores.device)
-            return
-        p, logp, y = _prepare(fn, scores, labels, temperature, self.probs)
+        p, logp, y = _prepare(fn, scores, labels, temperature, self.probs, self.ignore_index,
+                              allow_empty=True)
         n, c = p.shape
         self._init_state(fn, c, p.device)
+        if n == 0:
+            return
         nb = self.n_bins
         conf, hit = _top_label(p, y)
         count, sc, sh = _binned(conf, hit, _bin_index(conf, nb), nb)
@@ -448,7 +365,7 @@ class CalibrationMetrics:
             conf = torch.cat(self._conf) if self._conf else None
             hit = torch.cat(self._hit) if self._hit else None
             return self._top, self._cls, self._sums, conf, hit
-        from .distributed import all_reduce, comm_device, _dist
+        from ..distributed import all_reduce, comm_device, _dist
 
         dist = _dist()
         # The number of classes: every rank that saw data must agree (ranks without data take it).
@@ -522,8 +439,10 @@ class CalibrationMetrics:
 class _OneMetric(CalibrationMetrics):
     _field = ""
 
-    def __init__(self, n_bins: int = 15, *, probs: bool = False, group=None) -> None:
-        super().__init__(n_bins, probs=probs, group=group, adaptive=self._field == "adaptive_ece")
+    def __init__(self, n_bins: int = 15, *, probs: bool = False, group=None,
+                 ignore_index: Optional[int] = -100) -> None:
+        super().__init__(n_bins, probs=probs, group=group, adaptive=self._field == "adaptive_ece",
+                         ignore_index=ignore_index)
 
     def compute(self) -> float:  # type: ignore[override]
         """The metric over every row added since the last reset (of every rank with group=)."""
