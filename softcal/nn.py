@@ -15,6 +15,7 @@ from .lm_head import LinearCrossEntropyLoss
 
 __all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "LinearCrossEntropyLoss", "TemperatureScaler"]
 
+
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """Drop-in replacement for ``torch.nn.CrossEntropyLoss``, with a temperature and a fused kernel.
 
