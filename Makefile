@@ -1,13 +1,19 @@
 # softcal: every target does its own set-up on a fresh machine.
-#   make test        CPU build (torch 2.13.0, CPU wheel) + the whole test suite, twice: on the CPU
-#                    kernels, then on the CUDA kernels run by the emulator in tests/cuda_emu
+#   make test        CPU build (torch 2.13.0, CPU wheel) + the test suite, twice: on the CPU kernels
+#                    (test-cpu), then on the CUDA kernels run by the emulator in tests/cuda_emu
+#                    (test-emu); the large shapes (marker `slow`) are left to test-slow
+#   make test-slow   the large-shape cases (C = 50257, 128256, ...) on both, as CI runs them
 #   make test-emu-asan  the CUDA-kernel tests under the emulator built with AddressSanitizer,
 #                    threads in a random (seeded) order between barriers
+#   make test-wheel  build a wheel, install it (not editable) into a fresh virtual environment and
+#                    run the packaging tests against the installed package
+#   make lint        ruff (pyproject.toml) and clang-format (.clang-format) on the tree
 #   make calibrate   the main job: `softcal calibrate` on the embedded DenseNet-40 / CIFAR-10 logits
 #   make bench       the CPU loss benchmark (both THP settings) -> benchmarks/results/
-#   make cuda-check  compile + link + import the CUDA extension without a GPU (torch 2.14.1, CUDA 13.0)
-#   make test-wheel  build a wheel, install it (not editable) into a fresh virtual environment and
-#                    run the CPU test suite against the installed package
+#   make cuda-check  compile + link + import the CUDA extension without a GPU (torch 2.14.1, CUDA
+#                    13.0) and its static gates (no spill, 16-byte loads); no test suite rerun
+# CI (.ci/run, .github/workflows/ci.yml) runs each suite once: lint, test, test-slow, test-emu-asan,
+# test-wheel, cuda-check.
 SHELL       := /bin/bash
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -23,8 +29,9 @@ CUDA_VENV   ?= .venv-cuda
 CUDA_TORCH  ?= torch==2.14.1
 CUDA_HOME   ?= /usr/local/cuda-13.0
 MAX_JOBS    ?= 2
+LINTERS     := ruff==0.17.6 clang-format==23.1.5
 
-.PHONY: venv build test test-emu-asan test-wheel calibrate bench cuda-check clean
+.PHONY: venv build test test-cpu test-emu test-slow test-emu-asan test-wheel lint calibrate bench cuda-check clean
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +57,24 @@ build: $(VENV)/.ready
 	$(VPY) -c "import torch, softcal; assert softcal.backend('cpu') == 'extension', 'extension did not load'; print('softcal', softcal.__version__, 'cpu backend:', softcal.backend('cpu'))"
 
 test: build
-	$(VPY) -m pytest -q tests
-	SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -m "not slow" tests
+	SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q -m "not slow" tests
+
+test-cpu: build
+	$(VPY) -m pytest -q -m "not slow" tests
+
+test-emu: build
+	SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q -m "not slow" tests
+
+test-slow: build
+	$(VPY) -m pytest -q -m slow tests
+	SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q -m slow tests
+
+# ruff and clang-format come from the test environment; the configurations are in the repository
+lint: $(VENV)/.ready
+	$(VPY) -m pip install -q $(LINTERS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
 
 # The CUDA kernels under the emulator with AddressSanitizer (the analogue of compute-sanitizer
 # memcheck for the kernels' global-memory accesses), threads run in a random order between
@@ -72,6 +95,10 @@ test-emu-asan: build
 WHEEL_DIR   := build/wheel-dist
 WHEEL_VENV  := build/wheel-venv
 WHEEL_TEST  := build/wheel-test
+# what the installed package can break (its data files, the entry point, the extension's ops built by
+# `pip wheel`, the examples and docs run against it); the whole CPU suite runs once, in `make test`
+WHEEL_TESTS := tests/test_repo.py tests/test_core.py tests/test_cli.py tests/test_cli_workflow.py \
+	tests/test_readme.py tests/test_examples.py tests/test_calibration.py tests/test_lm_head_ops.py
 
 test-wheel: $(VENV)/.ready
 	rm -rf $(WHEEL_DIR) $(WHEEL_VENV) $(WHEEL_TEST)
@@ -85,7 +112,7 @@ test-wheel: $(VENV)/.ready
 		assert '/wheel-venv/' in p, p; assert softcal.backend('cpu') == 'extension'; \
 		assert os.path.isfile(os.path.join(os.path.dirname(p), 'data', 'densenet40_c10_logits.npz')); \
 		print('testing the installed wheel:', p)"
-	cd $(WHEEL_TEST) && ../wheel-venv/bin/python -m pytest -q -x -p no:cacheprovider tests
+	cd $(WHEEL_TEST) && ../wheel-venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(WHEEL_TESTS)
 
 calibrate: build
 	$(VENV)/bin/softcal calibrate
@@ -94,7 +121,7 @@ bench: build
 	$(VPY) benchmarks/bench_loss.py --device cpu --thp both --out benchmarks/results
 
 # The CUDA build is made in a copy of the tree (build/cuda-check) so that it never replaces the
-# CPU build's softcal/_C*.so; the copy's tests check that every op has a CUDA kernel.
+# CPU build's softcal/_C*.so; a test of the copy checks that every op has a CUDA kernel.
 $(CUDA_VENV)/.ready:
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) $(DEPS) nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
@@ -113,7 +140,9 @@ cuda-check: $(CUDA_VENV)/.ready
 	$(CUDA_VENV)/bin/python tests/static/ptxas_report.py build/cuda-check/build.log --fail-on-spill --min-kernels 300
 	PATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "bin"))'):$$PATH" \
 		$(CUDA_VENV)/bin/python tests/static/sass_report.py $$(ls build/cuda-check/softcal/_C*.so) --check
-	cd build/cuda-check && SOFTCAL_EXPECT_CUDA=1 ../../$(CUDA_VENV)/bin/python -m pytest -q tests
+	# the build imports under torch 2.14.1 and every op has its CUDA kernel (the suites ran in `make test`)
+	cd build/cuda-check && SOFTCAL_EXPECT_CUDA=1 ../../$(CUDA_VENV)/bin/python -m pytest -q \
+		tests/test_cuda.py::test_cuda_kernels_registered tests/test_static_gates.py
 
 clean:
 	rm -rf build *.egg-info softcal/_C*.so

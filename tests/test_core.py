@@ -169,7 +169,8 @@ def test_parity_matrix(device, dtype, reduction, eps, weighted, temp):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("c", [1, 2, 3, 1000, 50257, 128256])
+@pytest.mark.parametrize("c", [1, 2, 3, 1000, pytest.param(50257, marks=pytest.mark.slow),
+                               pytest.param(128256, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("n", [0, 1, 5])
 def test_shapes(device, dtype, c, n):
     x, t, w = make_case(n, c, dtype, device, weighted=True, ignore_frac=0.2, seed=c + n)

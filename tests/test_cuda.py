@@ -125,6 +125,11 @@ def _run_ce(x, t, w, temp, eps, reduction, mode, grad_out):
 
 # (n, C): small C (several rows per block: TPR 4..32), a block per row (128..1024 threads),
 # the fused kernel held in registers (4 or 8 vectors per thread) and its two-read fallback.
+def slow_large(cases, key=lambda s: s):
+    """The cases with more than 40000 classes, marked slow (`make test-slow`, run by CI)."""
+    return [pytest.param(c, marks=pytest.mark.slow) if key(c)[-1] > 40000 else c for c in cases]
+
+
 SHAPES = [(64, 1), (33, 3), (257, 10), (40, 128), (16, 1000), (24, 4099), (6, 50257), (3, 128256)]
 CONFIGS = [  # reduction, eps, weighted, temperature
     ("mean", 0.1, False, "tensor"),
@@ -164,7 +169,7 @@ def _check_ce(x, t, w, kind, eps, reduction, mode, dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("mode", ["autograd", "fused", "inplace"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", slow_large(SHAPES), ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_ce_parity_paths(dtype, shape, mode):
     n, c = shape
@@ -233,7 +238,7 @@ SOFTMAX_SHAPES = [  # shape, dim
 
 @needs_kernels
 @pytest.mark.parametrize("log", [False, True])
-@pytest.mark.parametrize("case", SOFTMAX_SHAPES, ids=lambda c: f"{'x'.join(map(str, c[0]))}_d{c[1]}")
+@pytest.mark.parametrize("case", slow_large(SOFTMAX_SHAPES, key=lambda c: c[0]), ids=lambda c: f"{'x'.join(map(str, c[0]))}_d{c[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_softmax_paths(dtype, case, log):
     shape, dim = case
@@ -265,7 +270,7 @@ def test_cuda_softmax_paths(dtype, case, log):
 # --------------------------------------------------------------------------- temperature_stats
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [(500, 10), (64, 1000), (8, 50257), (3, 1)], ids=str)
+@pytest.mark.parametrize("shape", slow_large([(500, 10), (64, 1000), (8, 50257), (3, 1)]), ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_temperature_stats_paths(dtype, shape):
     g = torch.Generator().manual_seed(shape[1])

@@ -121,7 +121,7 @@ struct CEAccum {
         if (S == Smoothing::kOn && !kPerElementWeights<S, W>) dd[k] = dx;
         if (kPerElementWeights<S, W>) {
           const acc_t wk = w[idx + k];
-          dd[k] = wk * dx;
+          dd[k] = dx != acc_t(0) ? wk * dx : acc_t(0);  // not inf * 0 at the maximum (design.md §1)
           st.wc += wk;
         }
       }

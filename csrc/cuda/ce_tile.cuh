@@ -82,7 +82,7 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
       st.s += fexp2(dx * k.beta_log2e);
       if (S == Smoothing::kOn && !kPerElementWeights<S, W>) st.d -= dx;
       if (kPerElementWeights<S, W>) {
-        st.d -= a.weight[c] * dx;
+        if (dx != acc_t(0)) st.d -= a.weight[c] * dx;  // not inf * 0 at the maximum (design.md §1)
         st.wc += a.weight[c];
       }
     });
