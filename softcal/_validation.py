@@ -65,7 +65,9 @@ def check_temperature(fn: str, temperature: Temperature, device: torch.device) -
             f"{fn}: temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}"
         )
     value = float(temperature)
-    if not (math.isfinite(value) and value > 0):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is a
+    # SymFloat, which the comparisons guard on (NaN fails both)
+    if not (0.0 < value < math.inf):
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
     return value
 
@@ -118,7 +120,7 @@ def check_target(fn: str, logits: torch.Tensor, target: torch.Tensor,
 
     Returns class indices as int64. With ``probabilities=True`` a floating target of the
     logits' shape (class probabilities) is accepted too and returned as it is; it must have the
-    logits' dtype and device.
+    logits' device, and their dtype (or float32 beside float16/bfloat16 logits).
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
@@ -129,7 +131,8 @@ def check_target(fn: str, logits: torch.Tensor, target: torch.Tensor,
                 f"of the logits' shape {tuple(logits.shape)}; got dtype {target.dtype} and shape "
                 f"{tuple(target.shape)}"
             )
-        if target.dtype != logits.dtype:
+        half_logits = logits.dtype in (torch.float16, torch.bfloat16)
+        if target.dtype != logits.dtype and not (half_logits and target.dtype == torch.float32):
             raise TypeError(
                 f"{fn}: class-probability target has dtype {target.dtype} but logits has dtype "
                 f"{logits.dtype}"
@@ -171,8 +174,8 @@ def check_weight(fn: str, logits: torch.Tensor, weight: Optional[torch.Tensor]) 
             f"{fn}: weight has shape {tuple(weight.shape)} but logits has {n_classes} classes "
             f"(expected shape ({n_classes},))"
         )
-    if weight.dtype != logits.dtype:
-        raise TypeError(f"{fn}: weight has dtype {weight.dtype} but logits has dtype {logits.dtype}")
+    if not weight.dtype.is_floating_point:  # any floating dtype: read in the accumulation type
+        raise TypeError(f"{fn}: weight must be a floating tensor, got dtype {weight.dtype}")
     if weight.device != logits.device:
         raise ValueError(f"{fn}: weight is on {weight.device} but logits is on {logits.device}")
     if weight.requires_grad and torch.is_grad_enabled():

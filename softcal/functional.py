@@ -53,89 +53,83 @@ def _split_temperature(temperature):
     return None, float(temperature)
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """Loss and gradient in one kernel call; backward only rescales the stored gradient."""
-
-    @staticmethod
-    def forward(ctx, x, temperature_t, target, weight, temperature, eps, ignore_index, reduction,
-                inplace):
-        need_t = temperature_t is not None and temperature_t.requires_grad
-        if inplace:
-            loss, grad_t = torch.ops.softcal.cross_entropy_fused_(x, target, weight, temperature_t,
-                                                         temperature, eps, ignore_index,
-                                                         reduction, need_t)
-            # Declare the mutation: the logits' version counter (shared with the tensor they
-            # are a view of) moves, so that autograd raises "modified by an inplace operation"
-            # at backward for any op that saved them (exp, tanh, sigmoid, softmax, ...) instead
-            # of reading the gradient as if it were the logits. Saved below, after the bump.
-            torch.autograd.graph.increment_version(x)
-            grad = x
-        else:
-            loss, grad, grad_t = torch.ops.softcal.cross_entropy_fused(x, target, weight, temperature_t,
-                                                              temperature, eps, ignore_index,
-                                                              reduction, need_t)
-        ctx.save_for_backward(grad, grad_t)
-        ctx.reduction = reduction
-        ctx.used = False
-        ctx.mark_non_differentiable(grad_t)
+def _fused(x, t, weight, temp_t, temp_f, eps, ignore_index, red, need_t, inplace):
+    """The fused modes (custom ops; autograd registered in softcal._ops)."""
+    if not inplace:
+        loss, _, _ = torch.ops.softcal.cross_entropy_fused(x, t, weight, temp_t, temp_f, eps,
+                                                          ignore_index, red, need_t)
         return loss
+    if not x.is_contiguous():
+        x = x.contiguous()
+    # The gradient is written into the logits' buffer through a detached alias (the write is no
+    # operation of autograd's; it moves the version counter that the alias shares with x, so an
+    # op that saved x raises at backward). cross_entropy_inplace_loss then carries the autograd.
+    detached_t = temp_t.detach() if temp_t is not None else None
+    loss, grad_t = torch.ops.softcal.cross_entropy_fused_(x.detach(), t, weight, detached_t, temp_f,
+                                                          eps, ignore_index, red, need_t)
+    return torch.ops.softcal.cross_entropy_inplace_loss(x, loss, temp_t, grad_t)
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "softcal.cross_entropy(fused=True): double backward (backward with "
-                "create_graph=True) is not supported, because the gradient was computed in the "
-                "forward; use fused=False for second derivatives")
-        grad, grad_t = ctx.saved_tensors
-        gx = gt = None
-        if ctx.needs_input_grad[0]:
-            if ctx.used:
-                raise RuntimeError(
-                    "softcal.cross_entropy(fused=True): the backward scales the stored gradient in "
-                    "place and can run only once per forward; use fused=False to call backward "
-                    "twice (retain_graph=True, gradcheck)")
-            ctx.used = True
-            # In place: the gradient buffer is used once. A 0-dim grad_loss of 1 is detected on
-            # the device and costs no pass over the gradient.
-            torch.ops.softcal.scale_rows_(grad, grad_loss)
-            gx = grad
-        if ctx.needs_input_grad[1]:
-            gt = (grad_t * grad_loss).sum() if ctx.reduction == 0 else grad_t * grad_loss
-        return gx, gt, None, None, None, None, None, None, None
+
+def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:
+    """PyTorch's deprecated size_average/reduce -> reduction, with PyTorch's warning (the same
+    text, so that filters written for PyTorch's apply)."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        reduction = "mean"
+    elif reduce:
+        reduction = "sum"
+    else:
+        reduction = "none"
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{reduction}' "
+        "instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return reduction
 
 
 def cross_entropy(
-    logits: torch.Tensor,
+    input: torch.Tensor,
     target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
     *,
     temperature: Temperature = 1.0,
-    label_smoothing: float = 0.0,
-    weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     fused: bool = False,
     inplace: bool = False,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Temperature-scaled, label-smoothed cross-entropy.
 
-    Equals ``F.cross_entropy(logits / temperature, target, weight=weight,
-    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)``.
+    Equals ``F.cross_entropy(input / temperature, target, weight, ignore_index=ignore_index,
+    reduction=reduction, label_smoothing=label_smoothing)``, and takes PyTorch's arguments in
+    PyTorch's order (``cross_entropy(x, t, w)`` passes class weights); softcal's own arguments
+    are keyword-only after them.
 
     Args:
-        logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64; any
-            strides (views are read in place when the classes have a unit stride, else copied
-            once into (rows, C)).
+        input: the logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or
+            float64; any strides (views are read in place when the classes have a unit stride,
+            else copied once into (rows, C)).
         target: class indices of shape (), (N,) or (N, d1, ...); any integer dtype. Or class
-            probabilities: a floating tensor of the logits' shape, dtype and device (mixup,
-            distillation); then "mean" divides by the number of rows and the target gets its
-            gradient too (see softcal._soft).
-        temperature: a float > 0 or a 0-dim floating tensor on the logits' device; when the
-            tensor requires grad, autograd also returns dL/dT.
-        label_smoothing: eps in [0, 1]; the target distribution is (1 - eps) one-hot + eps / C.
-        weight: (C,) class weights, the logits' dtype and device (not differentiable).
+            probabilities: a floating tensor of the logits' shape and device, in the logits'
+            dtype or float32 for float16/bfloat16 logits (mixup, distillation); then "mean"
+            divides by the number of rows and the target gets its gradient too (see
+            softcal._soft).
+        weight: (C,) class weights on the logits' device, any floating dtype (read in the
+            accumulation precision: float32 for float16/bfloat16 logits); not differentiable.
+        size_average, reduce: deprecated (as in PyTorch); when either is given, ``reduction``
+            is derived from them as PyTorch does, with PyTorch's deprecation warning.
         ignore_index: rows with this target contribute 0 and are not counted by "mean".
         reduction: "mean", "sum" or "none".
+        label_smoothing: eps in [0, 1]; the target distribution is (1 - eps) one-hot + eps / C.
+        temperature: a float > 0 or a 0-dim floating tensor on the logits' device; when the
+            tensor requires grad, autograd also returns dL/dT.
         fused: compute the gradient during the forward (one read and one write of the logits
             in all); backward only rescales it by the upstream gradient. Saves the gradient
             (logits-sized) from forward to backward instead of the per-row log-sum-exp.
@@ -145,16 +139,77 @@ def cross_entropy(
             the logits' version counter, so an op that saved them for its backward (exp, tanh,
             softmax, ...) raises at backward instead of reading the gradient. Nothing is written
             when no gradient is needed, nor into logits whose layout needs a copy.
+        loss_dtype: the dtype of the returned loss (None: the logits' dtype, or float32 for
+            float16/bfloat16 logits under torch.autocast, as PyTorch). The kernels accumulate
+            in float32 for half types, so ``loss_dtype=torch.float32`` gives the loss to
+            float32 precision (for loops that sum many losses) at no cost.
+
+    Autocast: under ``torch.autocast`` the loss is float32 for float16/bfloat16 logits, and
+    float32 class weights and probability targets are accepted with them, as PyTorch does;
+    the logits are read in their own dtype, never copied to float32 (a probability target of
+    another dtype is cast to float32).
 
     Second derivatives: with fused=False, backward(create_graph=True) returns gradients that
     are differentiable (with respect to the logits and a tensor temperature); fused=True raises.
 
     Returns:
-        The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".
-        float16/bfloat16 are computed in float32 inside the kernel.
+        The loss in ``loss_dtype`` (by default the logits' dtype; float32 under autocast for
+        half types): 0-dim for "mean"/"sum", the batch shape for "none". float16/bfloat16
+        are computed in float32 inside the kernel.
     """
+    logits = input
     fn = "softcal.cross_entropy"
     check_logits(fn, logits)
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction(size_average, reduce)
+    autocast = _autocast_enabled(logits.device)
+    out_dtype = _loss_dtype(fn, logits, loss_dtype, autocast)
+    if autocast and isinstance(target, torch.Tensor):
+        target = _autocast_target(logits, target)
+    loss = _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
+                          temperature, fused, inplace)
+    return loss if loss.dtype == out_dtype else loss.to(out_dtype)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def _check_loss_dtype(fn: str, loss_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    if loss_dtype is not None and loss_dtype not in _LOSS_DTYPES:
+        raise TypeError(f"{fn}: loss_dtype must be None or one of torch.float16, torch.bfloat16, "
+                        f"torch.float32, torch.float64, got {loss_dtype!r}")
+    return loss_dtype
+
+
+def _loss_dtype(fn: str, logits: torch.Tensor, loss_dtype: Optional[torch.dtype],
+                autocast: bool) -> torch.dtype:
+    """loss_dtype if given; else float32 for half logits under autocast (PyTorch's autocast
+    runs cross_entropy in float32), else the logits' dtype."""
+    if _check_loss_dtype(fn, loss_dtype) is not None:
+        return loss_dtype
+    return torch.float32 if autocast and logits.dtype in _HALF else logits.dtype
+
+
+def _autocast_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Under autocast, a probability target in a floating dtype that the kernels do not read
+    beside these logits (they read the logits' own, and float32 beside half logits) is cast
+    to float32 (to the logits' dtype for float64 logits), as autocast casts it."""
+    if (not target.dtype.is_floating_point or target.dtype == logits.dtype
+            or (target.dtype == torch.float32 and logits.dtype in _HALF)
+            or target.shape != logits.shape):  # not probabilities: check_target says why
+        return target
+    return target.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
+def _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
+                   temperature, fused, inplace):
+    """softcal.cross_entropy after the choice of the loss dtype: the loss as the kernel returns
+    it (the accumulation dtype: float32 for half types) or the reference (the logits' dtype)."""
     target = check_target(fn, logits, target, probabilities=True)
     weight = check_weight(fn, logits, weight)
     temperature = check_temperature(fn, temperature, logits.device)
@@ -175,17 +230,14 @@ def cross_entropy(
                                        ignore_index=ignore_index, reduction=reduction)
     x, t, batch_shape = flatten_classes(logits, target)
     temp_t, temp_f = _split_temperature(temperature)
-    if fused and torch.is_grad_enabled() and (
-        logits.requires_grad or (temp_t is not None and temp_t.requires_grad)
-    ):
-        if inplace and not x.is_contiguous():
-            x = x.contiguous()
-        loss = _FusedCrossEntropy.apply(x, temp_t, t, weight, temp_f, eps, ignore_index, red,
-                                        inplace)
+    need_t = temp_t is not None and temp_t.requires_grad
+    if fused and torch.is_grad_enabled() and (logits.requires_grad or need_t):
+        loss = _fused(x, t, weight, temp_t, temp_f, eps, ignore_index, red, need_t, inplace)
     else:
         loss, _, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps, ignore_index,
                                                 red)
-    loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
+    # the kernels return the loss in the accumulation dtype (float32 for half types):
+    # cross_entropy rounds it once, to the loss dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
     return loss

@@ -3,54 +3,41 @@ same with smoothing 0.1 by default) and TemperatureScaler (calibration)."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
 from . import functional as F
+from .functional import _check_loss_dtype, _legacy_reduction
 from ._validation import check_ignore_index, check_label_smoothing, check_reduction, check_temperature
 from .calibration import TemperatureScaler
 from .lm_head import LinearCrossEntropyLoss
 
 __all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "LinearCrossEntropyLoss", "TemperatureScaler"]
 
-def _legacy_reduction(fn: str, size_average: Optional[bool], reduce: Optional[bool]) -> str:
-    """nn.CrossEntropyLoss's size_average/reduce (deprecated) -> reduction, with PyTorch's warning
-    (the same text, so that filters written for PyTorch's apply)."""
-    size_average = True if size_average is None else size_average
-    reduce = True if reduce is None else reduce
-    if size_average and reduce:
-        reduction = "mean"
-    elif reduce:
-        reduction = "sum"
-    else:
-        reduction = "none"
-    warnings.warn(
-        f"size_average and reduce args will be deprecated, please use reduction='{reduction}' "
-        "instead.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return reduction
 
-
-class CrossEntropyLoss(torch.nn.Module):
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """Drop-in replacement for ``torch.nn.CrossEntropyLoss``, with a temperature and a fused kernel.
 
+    A subclass of ``torch.nn.CrossEntropyLoss`` (``isinstance`` checks of training frameworks
+    hold), with the same attributes (``weight``, ``ignore_index``, ``reduction``,
+    ``label_smoothing``); its forward is softcal's.
+
     The constructor and the call take the same arguments as PyTorch's, in the same order, with
-    the same defaults; softcal adds ``temperature``, ``fused`` and ``inplace``, keyword-only::
+    the same defaults; softcal adds ``temperature``, ``fused``, ``inplace`` and ``loss_dtype``,
+    keyword-only::
 
         CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
                          reduction="mean", label_smoothing=0.0, *, temperature=1.0,
-                         fused=False, inplace=False)
+                         fused=False, inplace=False, loss_dtype=None)
 
     ``loss(input, target)`` equals ``torch.nn.CrossEntropyLoss(...)(input / temperature,
     target)``, gradients included (see :func:`softcal.cross_entropy`).
 
     Args:
-        weight: optional (C,) class weights, the logits' dtype (a buffer: it follows .to() and
-            the state_dict, as in PyTorch).
+        weight: optional (C,) class weights, any floating dtype (float32 weights with
+            bfloat16 logits are read in float32); a buffer: it follows .to() and the
+            state_dict, as in PyTorch.
         size_average, reduce: deprecated (as in PyTorch); when either is given, ``reduction``
             is derived from them as PyTorch does, with PyTorch's deprecation warning.
         ignore_index: target value whose rows are ignored (contribute 0, not counted by mean).
@@ -61,6 +48,8 @@ class CrossEntropyLoss(torch.nn.Module):
         fused: compute the gradient in the forward (see softcal.cross_entropy).
         inplace: with fused=True, overwrite the logits with their gradient (declared to
             autograd: an op that saved the logits raises at backward instead of going wrong).
+        loss_dtype: the dtype of the loss (None: the logits' dtype, float32 for half logits
+            under autocast); ``torch.float32`` gives a float32 loss for half logits.
 
     Shapes: input (C,), (N, C) or (N, C, d1, ...), float16/bfloat16/float32/float64, any
     strides; target (), (N,) or (N, d1, ...) class indices, passed unchanged to
@@ -81,26 +70,29 @@ class CrossEntropyLoss(torch.nn.Module):
         temperature: float = 1.0,
         fused: bool = False,
         inplace: bool = False,
+        loss_dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__()
         fn = self._fn
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise TypeError(f"{fn}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
         if size_average is not None or reduce is not None:
-            reduction = _legacy_reduction(fn, size_average, reduce)
+            reduction = _legacy_reduction(size_average, reduce)
         check_reduction(fn, reduction)
-        self.reduction = reduction
-        self.ignore_index = check_ignore_index(fn, ignore_index)
-        self.label_smoothing = check_label_smoothing(fn, label_smoothing)
+        ignore_index = check_ignore_index(fn, ignore_index)
+        label_smoothing = check_label_smoothing(fn, label_smoothing)
         if isinstance(temperature, torch.Tensor):
             raise TypeError(f"{fn}: temperature must be a float here (use TemperatureScaler to "
                             "learn one, or softcal.cross_entropy for a tensor), got a tensor")
-        self.temperature = check_temperature(fn, temperature, torch.device("cpu"))
+        temperature = check_temperature(fn, temperature, torch.device("cpu"))
         if inplace and not fused:
             raise ValueError(f"{fn}: inplace=True needs fused=True, got fused={fused!r}")
+        # torch.nn.CrossEntropyLoss's own attributes (weight a buffer: it follows .to() and the
+        # state_dict), from the validated values; size_average/reduce are resolved above.
+        super().__init__(weight, None, ignore_index, None, reduction, label_smoothing)
+        self.temperature = temperature
         self.fused = bool(fused)
         self.inplace = bool(inplace)
-        self.register_buffer("weight", weight)
+        self.loss_dtype = _check_loss_dtype(fn, loss_dtype)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
@@ -113,6 +105,7 @@ class CrossEntropyLoss(torch.nn.Module):
             reduction=self.reduction,
             fused=self.fused,
             inplace=self.inplace,
+            loss_dtype=self.loss_dtype,
         )
 
     def extra_repr(self) -> str:
@@ -123,6 +116,8 @@ class CrossEntropyLoss(torch.nn.Module):
             s += f", ignore_index={self.ignore_index}"
         if self.fused:
             s += f", fused=True, inplace={self.inplace}"
+        if self.loss_dtype is not None:
+            s += f", loss_dtype={self.loss_dtype}"
         return s
 
 
@@ -138,7 +133,8 @@ class LabelSmoothingLoss(CrossEntropyLoss):
     Args:
         smoothing: label smoothing eps in [0, 1] (None: 0.1); ``label_smoothing`` is the
             same argument under PyTorch's name (give one of the two).
-        temperature, weight, ignore_index, reduction, fused, inplace: as CrossEntropyLoss.
+        temperature, weight, ignore_index, reduction, fused, inplace, loss_dtype: as
+            CrossEntropyLoss.
 
     Shapes: as CrossEntropyLoss.
     """
@@ -156,6 +152,7 @@ class LabelSmoothingLoss(CrossEntropyLoss):
         inplace: bool = False,
         *,
         label_smoothing: Optional[float] = None,
+        loss_dtype: Optional[torch.dtype] = None,
     ) -> None:
         fn = self._fn
         if isinstance(smoothing, torch.Tensor):
@@ -175,7 +172,7 @@ class LabelSmoothingLoss(CrossEntropyLoss):
         check_label_smoothing(fn, eps, name=name)
         super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=eps, temperature=temperature, fused=fused,
-                         inplace=inplace)
+                         inplace=inplace, loss_dtype=loss_dtype)
 
     @property
     def smoothing(self) -> float:
@@ -192,4 +189,6 @@ class LabelSmoothingLoss(CrossEntropyLoss):
             s += f", ignore_index={self.ignore_index}"
         if self.fused:
             s += f", fused=True, inplace={self.inplace}"
+        if self.loss_dtype is not None:
+            s += f", loss_dtype={self.loss_dtype}"
         return s
