@@ -256,6 +256,10 @@ def _fit(xv: torch.Tensor, yv: torch.Tensor, progress: bool):
 def _calibrate(args: argparse.Namespace) -> int:
     from . import backend, metrics, plots
 
+    if args.method != "ts":  # the other calibrators: softcal/_compare.py
+        from ._compare import calibrate_method
+
+        return calibrate_method(args)
     t_start = time.perf_counter()
     if args.bins < 1:
         raise CLIError(f"--bins must be >= 1, got {args.bins}")
@@ -419,8 +423,11 @@ _IN_TO_OUT = {".npz": ".npz", ".npy": ".npy", ".pt": ".pt", ".pth": ".pt", ".csv
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from ._compare import read_calibrator
+
     device = _device(args.device)
-    t, t_from = read_temperature(args.temperature)
+    loaded = read_calibrator(args.temperature)  # a calibrator saved by calibrate --method M --save
+    t, t_from = read_temperature(args.temperature) if loaded is None else (math.nan, args.temperature)
     if args.chunk_rows < 1:
         raise CLIError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
     src_path = Path(args.file)
@@ -440,7 +447,7 @@ def _apply(args: argparse.Namespace) -> int:
     key = "logits" if args.logits else "probs"
     dtype = np.dtype(np.float64 if src.dtype == np.float64 else np.float32)
     tdtype = torch.float64 if dtype == np.float64 else torch.float32
-    scaler = _scaler(t, device, tdtype)
+    scaler = _scaler(t, device, tdtype) if loaded is None else loaded[0].to(device)
 
     def calibrated() -> Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]:
         with _bar(_progress_enabled(args), total=src.rows, desc="softcal: applying T",
@@ -467,7 +474,8 @@ def _apply(args: argparse.Namespace) -> int:
         if out.exists():
             out.unlink()  # no half-written output
         raise
-    _say(args, f"softcal apply: T = {t:.4f} (from {t_from}) applied to {src.rows} rows x "
+    what = f"T = {t:.4f}" if loaded is None else f"the {loaded[1]} calibrator"
+    _say(args, f"softcal apply: {what} (from {t_from}) applied to {src.rows} rows x "
                f"{src.classes} classes of {src_path}\n  wrote {key}"
                + (" and labels" if src.has_labels and out.suffix.lower() != ".npy" else "")
                + f" ({dtype.name}) to {out}")
@@ -500,6 +508,12 @@ def _common(p: argparse.ArgumentParser, probs: bool = True) -> None:
     o.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     o.add_argument("--quiet", "-q", action="store_true",
                    help="print nothing but warnings and errors (no table, no progress bars)")
+
+
+def _compare_methods() -> Tuple[str, ...]:
+    from ._compare import METHODS
+
+    return METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -540,6 +554,9 @@ def _parser() -> argparse.ArgumentParser:
                         "before/after, softcal version, date) for softcal apply")
     c.add_argument("--bins", type=int, default=15, help="equal-width bins for ECE/MCE (default: 15)")
     c.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    c.add_argument("--method", default="ts", choices=_compare_methods(),
+                   help="calibration method (default: ts, temperature scaling); the others are "
+                        "fitted as softcal.nn's calibrators with their default options")
     _common(c)
 
     e = sub.add_parser(
@@ -579,6 +596,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="rows per chunk (default: %(default)s)")
     _common(a)
 
+    from ._compare import add_compare_parser
+
+    add_compare_parser(sub, _common, f"{formats}\n{EXIT_CODES}.")
+
     sub.add_parser("bench", add_help=False,
                    help="the loss benchmark (quick by default; softcal bench --help for options)")
     return p
@@ -600,7 +621,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     args.argv = argv
-    run = {"calibrate": _calibrate, "evaluate": _evaluate, "apply": _apply}[args.command]
+    from ._compare import compare
+
+    run = {"calibrate": _calibrate, "evaluate": _evaluate, "apply": _apply, "compare": compare}[args.command]
     return _guard(args.command, lambda: run(args))
 
 

@@ -20,8 +20,8 @@ __all__ = ["VectorScaler", "MatrixScaler", "DirichletCalibrator", "DEFAULT_LAMBD
 
 #: ODIR grids searched by cross-validation when lam / mu are not given (the regulariser is
 #: lam / (C (C - 1)) sum_{i != j} W_ij^2 + mu / C sum_j b_j^2, added to the mean NLL).
-DEFAULT_LAMBDAS: Tuple[float, ...] = (1e-1, 1.0, 1e1, 1e2, 1e3, 1e4, 1e5)
-DEFAULT_MUS: Tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1)
+DEFAULT_LAMBDAS: Tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4, 1e5)
+DEFAULT_MUS: Tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 #: The most parameters C (C + 1) a matrix fit takes (C = 4095): beyond, the C x C map, its
 #: gradient and the solver's vectors (about 10 copies in float64) would need several GB.
@@ -126,7 +126,7 @@ class _LinearCalibrator(Calibrator):
         if lam is None or mu is None:
             lam, mu, cv_info = self._cross_validate(rows, lam, mu, t0, tol, max_iter)
         m = self._model(c, lam, mu)
-        res = newton(Problem(m, rows), m.identity(t0), tol, max_iter)
+        res = newton(Problem(m, rows), self._initial(rows, m, t0, tol, max_iter), tol, max_iter)
         if not res.converged:
             warnings.warn(f"{fn}: Newton's method stopped after {res.iterations} iterations with "
                           f"max |gradient| {res.grad_norm:.3g} > tol={tol:g}; the objective could "
@@ -143,6 +143,9 @@ class _LinearCalibrator(Calibrator):
 
     def _check_size(self, fn: str, c: int) -> None:
         pass
+
+    def _initial(self, rows: Rows, m: Model, t0: float, tol: float, max_iter: int) -> torch.Tensor:
+        return m.identity(t0)
 
     def _hp(self, lam: float, mu: float) -> Dict[str, Any]:
         return {"lam": lam, "mu": mu}
@@ -265,6 +268,16 @@ class MatrixScaler(_LinearCalibrator):
                 f"{fn}: {c} classes need a {c} x {c} map ({c * (c + 1)} parameters, about {gb:.1f} "
                 f"GB for the solver); at most {MAX_MATRIX_PARAMETERS} parameters (C <= 4095) are "
                 "fitted. Use VectorScaler (2 C parameters) or TemperatureScaler for this many classes.")
+
+    def _initial(self, rows, m, t0, tol, max_iter):
+        """Start from the vector scaling fit (same features, same bias penalty): the ODIR
+        optimum is near it, and its 2 C x 2 C Newton fit costs little."""
+        v = VectorModel(m.c, self.feature, 0.0, m.mu)
+        res = newton(Problem(v, rows), v.identity(t0), max(tol, 1e-8), max_iter)
+        theta = torch.zeros(m.c, m.c + 1, dtype=torch.float64)
+        theta[:, :-1] = torch.diag(res.theta[: m.c])
+        theta[:, -1] = res.theta[m.c:]
+        return theta.reshape(-1)
 
     def _set(self, m, theta):
         t = theta.view(m.c, m.c + 1)
