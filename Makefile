@@ -14,7 +14,8 @@ VENV        ?= .venv
 VPY         := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 # pyarrow: an optional dependency of softcal (Parquet input); installed here so that its test runs
-DEPS        := numpy scipy matplotlib tqdm pytest ninja setuptools wheel pyarrow
+# scikit-learn: the isotonic-regression oracle of tests/test_calibrators.py (tests only)
+DEPS        := numpy scipy matplotlib tqdm pytest ninja setuptools wheel pyarrow scikit-learn
 CUDA_VENV   ?= .venv-cuda
 CUDA_TORCH  ?= torch==2.14.1
 CUDA_HOME   ?= /usr/local/cuda-13.0

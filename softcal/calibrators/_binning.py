@@ -198,9 +198,11 @@ def _mean_nll(cal: Calibrator, rows: Rows) -> float:
 
 # ---------------------------------------------------------------------- isotonic
 def _pav(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Isotonic (non-decreasing) least-squares fit of y on x: the knots (x_j, v_j) with x_j the
-    distinct... block means of x (strictly increasing) and v_j the block values (strictly
-    increasing). Ties in x are pooled first. float64 1-D tensors on the CPU."""
+    """Isotonic (non-decreasing) least-squares fit of y on x by pool-adjacent-violators (ties
+    in x pooled first). Returns the knots (x, v): each block contributes its smallest and its
+    largest x (one knot when they are equal) with the block's mean y, so that interpolating
+    linearly between the knots gives every fit row its block's value (scikit-learn's
+    convention). float64 1-D tensors on the CPU; x strictly increasing."""
     order = torch.argsort(x, stable=True)
     xs, ys = x[order], y[order]
     ws = torch.ones_like(xs) if w is None else w[order]
@@ -208,23 +210,32 @@ def _pav(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None) -> 
     m = ux.shape[0]
     sw = torch.zeros(m, dtype=torch.float64).index_add_(0, inv, ws)
     sy = torch.zeros(m, dtype=torch.float64).index_add_(0, inv, ws * ys)
-    sx = torch.zeros(m, dtype=torch.float64).index_add_(0, inv, ws * xs)
-    # pool adjacent violators (a stack of blocks), in Python over the m distinct values
-    W, Y, X = sw.tolist(), sy.tolist(), sx.tolist()
+    W, Y, X = sw.tolist(), sy.tolist(), ux.tolist()
     bw: list = []
     by: list = []
-    bx: list = []
+    blo: list = []
+    bhi: list = []
     for i in range(m):
-        cw, cy, cx = W[i], Y[i], X[i]
+        cw, cy, lo, hi = W[i], Y[i], X[i], X[i]
         while bw and by[-1] / bw[-1] >= cy / cw:
             cw += bw.pop()
             cy += by.pop()
-            cx += bx.pop()
+            lo = blo.pop()
+            bhi.pop()
         bw.append(cw)
         by.append(cy)
-        bx.append(cx)
-    bw_t = torch.tensor(bw, dtype=torch.float64)
-    return torch.tensor(bx, dtype=torch.float64) / bw_t, torch.tensor(by, dtype=torch.float64) / bw_t
+        blo.append(lo)
+        bhi.append(hi)
+    kx: list = []
+    kv: list = []
+    for cw, cy, lo, hi in zip(bw, by, blo, bhi):
+        v = cy / cw
+        kx.append(lo)
+        kv.append(v)
+        if hi > lo:
+            kx.append(hi)
+            kv.append(v)
+    return torch.tensor(kx, dtype=torch.float64), torch.tensor(kv, dtype=torch.float64)
 
 
 def _interp(p: torch.Tensor, kx: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
@@ -244,10 +255,11 @@ class IsotonicCalibrator(_Elementwise):
       fit rows (Zadrozny and Elkan 2002), then normalised. It may change a row's argmax.
     * ``mode="shared"``: ONE map for every class, fitted on all (p_ik, 1[y_i = k]) pairs, made
       strictly increasing (plus 1e-9 p), then normalised: it keeps every row's order of classes,
-      so the argmax (accuracy-preserving; Zhang et al. 2020's IRM).
+      so the argmax (accuracy-preserving; Zhang et al. 2020's IRM), up to float64 rounding
+      (two probabilities within about 1e-7 of each other on a flat stretch of the map may tie).
 
-    The maps interpolate linearly between the pooled blocks' (mean p, frequency) knots and are
-    constant beyond them. Buffers: ``knots_x``, ``knots_v`` (float64 (K, M), padded with the last
+    The maps are scikit-learn's: each pooled block's frequency from its smallest to its largest
+    p, linear between blocks, constant beyond them. Buffers: ``knots_x``, ``knots_v`` (float64 (K, M), padded with the last
     knot), ``knots_n`` (K,) (K = C for "ovr", 1 for "shared").
     """
 

@@ -233,7 +233,10 @@ class VectorScaler(_LinearCalibrator):
     def _set(self, m, theta):
         c = m.c
         self.weight = theta[:c].clone().to(self.weight.device)
-        self.bias = theta[c:].clone().to(self.bias.device)
+        b = theta[c:].clone()
+        if m.mu == 0:  # b + const gives the same probabilities: keep the zero-mean one
+            b -= b.mean()
+        self.bias = b.to(self.bias.device)
 
     def _z(self, phi):
         return phi * self.weight.to(phi) + self.bias.to(phi)
@@ -280,7 +283,13 @@ class MatrixScaler(_LinearCalibrator):
         return theta.reshape(-1)
 
     def _set(self, m, theta):
-        t = theta.view(m.c, m.c + 1)
+        # [W | b] + 1 v^T gives the same probabilities; where the regulariser does not fix v
+        # (W when lam = 0, b when mu = 0), keep the representative with zero column means.
+        t = theta.view(m.c, m.c + 1).clone()
+        if m.lam == 0:
+            t[:, :-1] -= t[:, :-1].mean(0, keepdim=True)
+        if m.mu == 0:
+            t[:, -1] -= t[:, -1].mean()
         self.weight = t[:, :-1].clone().to(self.weight.device)
         self.bias = t[:, -1].clone().to(self.bias.device)
 
