@@ -265,6 +265,7 @@ def test_histogram_binning_matches_counts():
             m = b == j
             v = (yy[m] == k).mean() if m.any() else (j + 0.5) / 10
             q[bt == j, k] = v
+    q = np.maximum(q, 1e-6)  # min_prob
     q = q / q.sum(1, keepdims=True)
     with torch.no_grad():
         got = cal.predict_proba(xt.double()).numpy()

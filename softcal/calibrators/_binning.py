@@ -4,7 +4,9 @@ scaling-binning calibrator (Kumar, Liang and Ma 2019).
 
 Each maps a row's probabilities p = softmax(logits) class by class, q_k = g_k(p_k), then
 normalises, q / sum(q) (uniform where every q_k is 0); ``forward`` returns log q (log-
-probabilities, -inf where q_k = 0). Histogram binning's bins are equal-width, bin j =
+probabilities). Histogram binning and isotonic regression give q_k = 0 to a class never seen
+in a bin (an infinite NLL when it is the label): their ``min_prob`` (default 1e-6, 0 turns it
+off) floors q_k before the normalisation. Histogram binning's bins are equal-width, bin j =
 (j/B, (j+1)/B] as in :mod:`softcal.metrics` (0 in the first bin); its fit is a sum over rows
 (counts and hits per class and bin), so it streams and all-reduces over ``group``. Isotonic
 regression and scaling-binning need the rows sorted: they hold them in memory (float64) and
@@ -38,6 +40,12 @@ def _check_bins(fn: str, name: str, value: Any, allow_none: bool = True) -> Opti
     return value
 
 
+def _check_floor(fn: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= float(v) < 1):
+        raise ValueError(f"{fn}: min_prob must be a number in [0, 1), got {v!r}")
+    return float(v)
+
+
 def _normalise_log(q: torch.Tensor) -> torch.Tensor:
     s = q.sum(-1, keepdim=True)
     q = torch.where(s > 0, q / s.clamp_min(1e-300), torch.full_like(q, 1.0 / q.shape[-1]))
@@ -66,7 +74,8 @@ class _Elementwise(Calibrator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """log q (..., C): log of the normalised calibrated probabilities, the input's dtype."""
         p, shape, dtype = self._probs(x)
-        return _normalise_log(self._map(p)).to(dtype).reshape(shape)
+        q = self._map(p).clamp_min(float(self.hyperparameters.get("min_prob", 0.0)))
+        return _normalise_log(q).to(dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------- histogram binning
@@ -85,9 +94,11 @@ class HistogramBinning(_Elementwise):
     method = "histogram"
 
     def __init__(self, model: Optional[torch.nn.Module] = None, *, n_bins: Optional[int] = None,
-                 cv: int = 5, bin_grid: Sequence[int] = DEFAULT_BIN_GRID, seed: int = 0) -> None:
+                 cv: int = 5, bin_grid: Sequence[int] = DEFAULT_BIN_GRID, seed: int = 0,
+                 min_prob: float = 1e-6) -> None:
         super().__init__(model)
         fn = "softcal.nn.HistogramBinning"
+        self.min_prob = _check_floor(fn, min_prob)
         self.n_bins = _check_bins(fn, "n_bins", n_bins)
         self.cv = check_folds(fn, cv)
         self.bin_grid = tuple(_check_bins(fn, "bin_grid", int(b) if not isinstance(b, bool) else b, False)
@@ -173,13 +184,14 @@ class HistogramBinning(_Elementwise):
         cnt, hit = tables[best]
         self.values = self._values(cnt.sum(0), hit.sum(0)).to(self.values.device)
         nb = grid[best]
-        self.hyperparameters = {"classes": c, "n_bins": nb, "_fitted": True}
+        self.hyperparameters = {"classes": c, "n_bins": nb, "min_prob": self.min_prob, "_fitted": True}
         self.cv_results = cv_info
         nll_after = _mean_nll(self, rows)
         return CalibratorFitResult(
             method=self.method, nll_before=nll_before, nll_after=nll_after, objective=float("nan"),
             iterations=0, passes=3 + (1 if k > 1 else 0), converged=True, grad_norm=float("nan"),
-            rows=rows.total_rows, classes=c, time_s=elapsed(), hyperparameters={"n_bins": nb}, cv=cv_info)
+            rows=rows.total_rows, classes=c, time_s=elapsed(),
+            hyperparameters={"n_bins": nb, "min_prob": self.min_prob}, cv=cv_info)
 
 
 def _mean_nll(cal: Calibrator, rows: Rows) -> float:
@@ -265,8 +277,10 @@ class IsotonicCalibrator(_Elementwise):
 
     method = "isotonic"
 
-    def __init__(self, model: Optional[torch.nn.Module] = None, *, mode: str = "ovr") -> None:
+    def __init__(self, model: Optional[torch.nn.Module] = None, *, mode: str = "ovr",
+                 min_prob: float = 1e-6) -> None:
         super().__init__(model)
+        self.min_prob = _check_floor("softcal.nn.IsotonicCalibrator", min_prob)
         if mode not in ("ovr", "shared"):
             raise ValueError(f"softcal.nn.IsotonicCalibrator: mode must be 'ovr' or 'shared', got {mode!r}")
         self.mode = mode
@@ -276,7 +290,7 @@ class IsotonicCalibrator(_Elementwise):
 
     def _map(self, p):
         kx, kv, kn = (t.to(p.device) for t in (self.knots_x, self.knots_v, self.knots_n))
-        if self.hyperparameters.get("mode", self.mode) == "shared":
+        if self.hyperparameters.get("mode", getattr(self, "mode", "ovr")) == "shared":
             n = int(kn[0])
             return _interp(p.reshape(-1), kx[0, :n], kv[0, :n]).view_as(p) + 1e-9 * p
         out = torch.empty_like(p)
@@ -300,12 +314,12 @@ class IsotonicCalibrator(_Elementwise):
         x, y = x.cpu(), y.cpu()
         nll_before = float(torch.nn.functional.cross_entropy(x, y))
         self._fit_arrays(torch.softmax(x, dim=1), y)
-        self.hyperparameters = {"classes": c, "mode": self.mode, "_fitted": True}
+        self.hyperparameters = {"classes": c, "mode": self.mode, "min_prob": self.min_prob, "_fitted": True}
         nll_after = _mean_nll(self, rows)
         return CalibratorFitResult(
             method=self.method, nll_before=nll_before, nll_after=nll_after, objective=float("nan"),
             iterations=0, passes=2, converged=True, grad_norm=float("nan"), rows=rows.total_rows,
-            classes=c, time_s=elapsed(), hyperparameters={"mode": self.mode})
+            classes=c, time_s=elapsed(), hyperparameters={"mode": self.mode, "min_prob": self.min_prob})
 
     def _fit_arrays(self, p: torch.Tensor, y: torch.Tensor) -> None:
         onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
