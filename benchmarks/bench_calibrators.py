@@ -1,0 +1,298 @@
+"""Every softcal calibrator on every logit file in tests/data, beside netcal's and
+scikit-learn's fits of the same calibrators where they are installed; and the speed of the
+fits at C = 100 against the peers at an equal or lower objective.
+
+    python benchmarks/bench_calibrators.py [--out benchmarks/results] [--threads 1] [--quick]
+
+Run it with a Python that also has the peers (they are never softcal dependencies), e.g. the
+virtual environment made by
+
+    python3 -m venv build/peers-venv
+    echo "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \\
+        > "$(build/peers-venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_softcal.pth"
+    build/peers-venv/bin/python -m pip install netcal scikit-learn
+    build/peers-venv/bin/python benchmarks/bench_calibrators.py
+
+(dirichletcal does not install on Python 3.11: its releases 0.5.x need Python >= 3.12 and the
+0.3.dev sdists have a broken setup.py; the script uses it when it imports.)
+
+Splits: the DenseNet-40 file's own (5000 validation rows to fit, 10000 test rows to score);
+the netcal files (10000 test-set rows, probabilities: log p are the logits) are cut in two,
+the first 5000 rows to fit and the last 5000 to score. Metrics: softcal.metrics (NLL, ECE and
+classwise ECE with 15 bins, Brier, accuracy). Writes calibrators.csv / calibrators.md (the
+table) and calibrators_speed.csv (the speed comparison) into --out, with the command, the
+machine and the versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import softcal  # noqa: E402
+from softcal import _io, metrics  # noqa: E402
+from softcal._compare import METHODS, make_calibrator  # noqa: E402
+
+FILES = [
+    ("densenet40_c10 (markus93)", "embedded"),
+    ("lenet5_c10 (netcal)", "tests/data/logits/netcal/lenet-5-cifar-10.npz"),
+    ("wideresnet16-4_c10 (netcal)", "tests/data/logits/netcal/wideresnet-16-4-cifar-10.npz"),
+    ("densenet-bc-100_c100 (netcal)", "tests/data/logits/netcal/densenet-bc-100-cifar-100.npz"),
+]
+
+
+def load(path):
+    if path == "embedded":
+        d = _io.load_embedded()
+        (xv, yv), (xt, yt) = d["val"], d["test"]
+        split = "own split: fit on val (5000), score on test (10000)"
+        return (torch.from_numpy(xv).double(), torch.from_numpy(yv).reshape(-1),
+                torch.from_numpy(xt).double(), torch.from_numpy(yt).reshape(-1), split)
+    d = np.load(ROOT / path)
+    x = torch.log(torch.from_numpy(d["predictions"]).double().clamp_min(1e-300))
+    y = torch.from_numpy(d["ground_truth"]).long()
+    return x[:5000], y[:5000], x[5000:], y[5000:], "fit on rows 0-4999, score on rows 5000-9999"
+
+
+def version(mod):
+    try:
+        return importlib.import_module(mod).__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def scores(logp, y):
+    r = metrics.calibration_report(logp, y, 15)
+    return {"nll": r.nll, "ece": r.ece, "classwise_ece": r.classwise_ece, "brier": r.brier,
+            "accuracy": r.accuracy}
+
+
+def nll_of_probs(p, y):
+    p = np.asarray(p, dtype=np.float64)
+    return float(-np.log(np.maximum(p[np.arange(len(y)), y.numpy()], 1e-300)).mean())
+
+
+# ---------------------------------------------------------------------- peers
+def peer_fits(c):
+    """name -> (calibrator it implements, fit(xv, yv) -> predict(x) -> probabilities)."""
+    out = {}
+    if version("netcal"):
+        from netcal.binning import HistogramBinning, IsotonicRegression
+        from netcal.scaling import LogisticCalibration, TemperatureScaling
+
+        def nc(cls, **kw):
+            def fit(xv, yv):
+                m = cls(**kw)
+                m.fit(torch.softmax(xv, 1).numpy(), yv.numpy())
+                return lambda x: m.transform(torch.softmax(x, 1).numpy())
+            return fit
+
+        out["netcal TemperatureScaling"] = ("ts", nc(TemperatureScaling))
+        out["netcal LogisticCalibration"] = ("vector", nc(LogisticCalibration))
+        out["netcal HistogramBinning"] = ("histogram", nc(HistogramBinning))
+        out["netcal IsotonicRegression"] = ("isotonic", nc(IsotonicRegression))
+    if version("sklearn"):
+        from sklearn.isotonic import IsotonicRegression as SkIso
+        from sklearn.linear_model import LogisticRegression
+
+        def sk_lr(feature):
+            def fit(xv, yv):
+                f = (lambda x: torch.log_softmax(x, 1).clamp_min(np.log(np.finfo(float).eps)).numpy()) \
+                    if feature == "logprobs" else (lambda x: x.numpy())
+                m = LogisticRegression(C=1e6, max_iter=10000, tol=1e-10).fit(f(xv), yv.numpy())
+                return lambda x: m.predict_proba(f(x))
+            return fit
+
+        def sk_iso(xv, yv):
+            p = torch.softmax(xv, 1).numpy()
+            ms = [SkIso(out_of_bounds="clip").fit(p[:, k], (yv.numpy() == k).astype(float))
+                  for k in range(p.shape[1])]
+
+            def predict(x):
+                q = torch.softmax(x, 1).numpy()
+                r = np.stack([m.predict(q[:, k]) for k, m in enumerate(ms)], 1)
+                r = np.maximum(r, 1e-6)
+                return r / r.sum(1, keepdims=True)
+            return predict
+
+        out["sklearn LogisticRegression (logits, C=1e6)"] = ("matrix", sk_lr("logits"))
+        out["sklearn LogisticRegression (log-probs, C=1e6)"] = ("dirichlet", sk_lr("logprobs"))
+        out["sklearn IsotonicRegression (one-vs-rest)"] = ("isotonic", sk_iso)
+    if version("dirichletcal"):  # pragma: no cover (not installable on Python 3.11)
+        from dirichletcal import DirichletCalibrator as DC
+
+        def dc(xv, yv):
+            m = DC(matrix_type="full", l2=0.0).fit(torch.softmax(xv, 1).numpy(), yv.numpy())
+            return lambda x: m.predict_proba(torch.softmax(x, 1).numpy())
+
+        out["dirichletcal DirichletCalibrator (full, l2=0)"] = ("dirichlet", dc)
+    return out
+
+
+def table(args):
+    rows = []
+    for fname, path in FILES:
+        xv, yv, xt, yt, split = load(path)
+        c = xv.shape[1]
+        rows.append({"file": fname, "split": split, "library": "-", "method": "uncalibrated",
+                     "fit_s": 0.0, "hyperparameters": "", **scores(xt, yt)})
+        methods = METHODS if not args.quick else ("ts", "vector", "ets", "histogram", "isotonic")
+        for m in methods:
+            if args.quick and c > 10 and m in ("matrix", "dirichlet"):
+                continue
+            cal = make_calibrator(m)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                res = cal.fit(xv, yv, progress=False)
+                dt = time.perf_counter() - t0
+            with torch.no_grad():
+                z = cal(xt)
+            hp = res.to_dict().get("hyperparameters") or {"temperature": getattr(res, "temperature", None)}
+            rows.append({"file": fname, "split": split, "library": f"softcal {softcal.__version__}",
+                         "method": m, "fit_s": dt, "hyperparameters": json.dumps(hp), **scores(z, yt)})
+            print(f"{fname:32s} softcal {m:16s} {dt:8.3f} s  NLL {rows[-1]['nll']:.4f}", flush=True)
+        for name, (m, fit) in peer_fits(c).items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    t0 = time.perf_counter()
+                    predict = fit(xv, yv)
+                    dt = time.perf_counter() - t0
+                    p = np.asarray(predict(xt), dtype=np.float64)
+                logp = torch.log(torch.from_numpy(p).clamp_min(1e-300))
+                rows.append({"file": fname, "split": split, "library": name, "method": m,
+                             "fit_s": dt, "hyperparameters": "", **scores(logp, yt)})
+                print(f"{fname:32s} {name:45s} {dt:8.3f} s  NLL {rows[-1]['nll']:.4f}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"{fname}: {name} failed: {type(e).__name__}: {e}", flush=True)
+    return rows
+
+
+def speed(args):
+    """C = 100 (the CIFAR-100 file, first 5000 rows): each fit's time and its objective (mean
+    NLL on the fit rows) beside the peers' fits of the same calibrator."""
+    xv, yv, _, _, _ = load(FILES[3][1])
+    out = []
+
+    def ours(m, **kw):
+        from softcal.calibrators import CALIBRATORS
+
+        cal = softcal.nn.TemperatureScaler() if m == "ts" else CALIBRATORS[m](**kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            cal.fit(xv, yv, progress=False)
+            dt = time.perf_counter() - t0
+        with torch.no_grad():
+            obj = metrics.nll(cal(xv), yv)
+        return dt, obj
+
+    peers = peer_fits(100)
+    cases = [("ts", {}, "netcal TemperatureScaling"),
+             ("vector", {}, "netcal LogisticCalibration"),
+             ("matrix", dict(lam=0.0, mu=0.0), "sklearn LogisticRegression (logits, C=1e6)"),
+             ("dirichlet", dict(lam=0.0, mu=0.0), "sklearn LogisticRegression (log-probs, C=1e6)"),
+             ("histogram", dict(n_bins=15), "netcal HistogramBinning"),
+             ("isotonic", {}, "netcal IsotonicRegression"),
+             ("isotonic", {}, "sklearn IsotonicRegression (one-vs-rest)")]
+    for m, kw, peer in cases:
+        dt, obj = ours(m, **kw)
+        row = {"calibrator": m, "options": json.dumps(kw), "softcal_s": dt, "softcal_nll": obj,
+               "peer": peer, "peer_s": None, "peer_nll": None, "speedup": None}
+        if peer in peers:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                predict = peers[peer][1](xv, yv)
+                row["peer_s"] = time.perf_counter() - t0
+                row["peer_nll"] = nll_of_probs(predict(xv), yv)
+            row["speedup"] = row["peer_s"] / dt
+        out.append(row)
+        print(f"speed C=100 {m:10s} softcal {dt:8.3f} s NLL {obj:.6f} | {peer}: "
+              f"{row['peer_s'] if row['peer_s'] is None else round(row['peer_s'], 3)} s "
+              f"NLL {row['peer_nll']}", flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="skip the C = 100 matrix/Dirichlet CV fits")
+    p.add_argument("--no-speed", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    head = {
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "threads": args.threads,
+        "versions": {k: version(k) for k in ("softcal", "torch", "numpy", "sklearn", "netcal", "dirichletcal")},
+        "python": platform.python_version(),
+    }
+    rows = table(args)
+    keys = ["file", "split", "library", "method", "nll", "ece", "classwise_ece", "brier", "accuracy",
+            "fit_s", "hyperparameters"]
+    with open(out / "calibrators.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"# {json.dumps(head)}"])
+        w.writerow(keys)
+        for r in rows:
+            w.writerow([r[k] for k in keys])
+    lines = [f"# Calibrators on the logit files of tests/data", "",
+             f"Command: `{head['command']}`; {head['date']}; {head['machine']}; torch threads "
+             f"{args.threads}; versions {json.dumps(head['versions'])}, Python {head['python']}.",
+             "Measured on a shared machine under load (other jobs running): the times are upper "
+             "bounds. Metrics on the scoring rows; ECE and classwise ECE with 15 equal-width bins.", ""]
+    lines += ["| file | library | method | NLL | ECE | cw-ECE | Brier | accuracy | fit (s) | hyper-parameters |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    last = None
+    for r in rows:
+        if r["file"] != last:
+            lines.append(f"| **{r['file']}** ({r['split']}) | | | | | | | | | |")
+            last = r["file"]
+        lines.append(f"| | {r['library']} | {r['method']} | {r['nll']:.4f} | {100 * r['ece']:.2f}% | "
+                     f"{100 * r['classwise_ece']:.2f}% | {r['brier']:.4f} | {100 * r['accuracy']:.2f}% | "
+                     f"{r['fit_s']:.3f} | {r['hyperparameters'].replace('|', '/')} |")
+    if not args.no_speed:
+        sp = speed(args)
+        with open(out / "calibrators_speed.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([f"# {json.dumps(head)}"])
+            ks = list(sp[0])
+            w.writerow(ks)
+            for r in sp:
+                w.writerow([r[k] for k in ks])
+        lines += ["", "## Speed at C = 100 (densenet-bc-100_c100, rows 0-4999), objective = mean NLL on the fit rows", "",
+                  "| calibrator | options | softcal (s) | softcal NLL | peer | peer (s) | peer NLL | peer time / softcal time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sp:
+            ps = "-" if r["peer_s"] is None else f"{r['peer_s']:.3f}"
+            pn = "-" if r["peer_nll"] is None else f"{r['peer_nll']:.6f}"
+            su = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
+            lines.append(f"| {r['calibrator']} | {r['options']} | {r['softcal_s']:.3f} | {r['softcal_nll']:.6f} | "
+                         f"{r['peer'] if r['peer_s'] is not None else r['peer'] + ' (not installed)'} | {ps} | {pn} | {su} |")
+    (out / "calibrators.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
