@@ -351,3 +351,20 @@ def test_matrix_scaler_refuses_c_by_c_too_large():
     for cls in (MatrixScaler, DirichletCalibrator):
         with pytest.raises(ValueError, match=r"5000 classes need a 5000 x 5000 map .* Use VectorScaler"):
             cls(lam=1.0, mu=1.0).fit(x, y, progress=False)
+
+
+def test_cross_validation_coordinate_search_for_large_c():
+    """C >= 38 (truncated-Newton fits): lam is searched at the middle mu, then mu at the best
+    lam; the scores of every evaluated pair are reported."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 40, (600,), generator=g)
+    x = torch.randn(600, 40, generator=g, dtype=torch.float64)
+    x[torch.arange(600), y] += 3.0
+    cal = MatrixScaler(lambdas=(1.0, 100.0), mus=(0.01, 0.1, 1.0), cv=2)
+    res = cal.fit(x, y, progress=False)
+    cv = res.cv
+    assert cv["search"] == "coordinate"
+    assert [g["mu"] for g in cv["grid"][:2]] == [0.1, 0.1]
+    best_lam = cv["grid"][min(range(2), key=lambda i: cv["scores"][i])]["lam"]
+    assert [(g["lam"], g["mu"]) for g in cv["grid"][2:]] == [(best_lam, 1.0), (best_lam, 0.01)]
+    assert cv["chosen"] == cv["grid"][min(range(4), key=lambda i: cv["scores"][i])]

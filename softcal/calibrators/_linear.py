@@ -13,7 +13,7 @@ import torch
 
 from ._base import (ArrayLike, Calibrator, CalibratorFitResult, Rows, check_folds,
                     check_max_iter, check_tol, fold_ids, mean_nll_of_logits, timer)
-from ._newton import LOG_EPS, MatrixModel, Model, Problem, VectorModel, features, newton
+from ._newton import DENSE_MAX, LOG_EPS, MatrixModel, Model, Problem, VectorModel, features, newton
 
 __all__ = ["VectorScaler", "MatrixScaler", "DirichletCalibrator", "DEFAULT_LAMBDAS", "DEFAULT_MUS",
            "MAX_MATRIX_PARAMETERS"]
@@ -166,15 +166,38 @@ class _LinearCalibrator(Calibrator):
 
     def _cross_validate(self, rows: Rows, lam: Optional[float], mu: Optional[float], t0: float,
                         tol: float, max_iter: int):
+        """k-fold CV over lambdas x mus (most regularised first, each fit warm-started from the
+        previous one). With more parameters than the dense Newton path takes (C >= 38: every
+        fit is a truncated-Newton fit) and both free, the grid is searched coordinate-wise:
+        lam over ``lambdas`` at the middle mu, then mu over ``mus`` at the best lam."""
         c = rows.classes
         k = self.cv
         folds = fold_ids(rows.rows, k, self.seed)
-        lams = [lam] if lam is not None else list(self.lambdas)
-        mus = [mu] if mu is not None else list(self.mus)
-        # most regularised first: each fit starts from the previous one's solution
-        lams.sort(reverse=True)
-        mus.sort(reverse=True)
-        grid = [(a, b) for a in lams for b in mus]
+        lams = sorted([lam] if lam is not None else list(self.lambdas), reverse=True)
+        mus = sorted([mu] if mu is not None else list(self.mus), reverse=True)
+        coordinate = (self._model(c, 0.0, 0.0).size > DENSE_MAX and len(lams) > 1 and len(mus) > 1)
+        if coordinate:
+            mid = mus[len(mus) // 2]
+            grid = [(x, mid) for x in lams]
+            scores = self._cv_scores(rows, grid, folds, t0, tol, max_iter)
+            best_lam = grid[int(torch.argmin(scores))][0]
+            rest = [(best_lam, y) for y in mus if y != mid]
+            grid = grid + rest
+            scores = torch.cat([scores, self._cv_scores(rows, rest, folds, t0, tol, max_iter)])
+        else:
+            grid = [(x, y) for x in lams for y in mus]
+            scores = self._cv_scores(rows, grid, folds, t0, tol, max_iter)
+        best = int(torch.argmin(scores))
+        a, b = grid[best]
+        info = {"folds": k, "seed": self.seed, "metric": "nll",
+                "search": "coordinate" if coordinate else "grid",
+                "grid": [self._hp(x, y) for x, y in grid], "scores": scores.tolist(),
+                "chosen": self._hp(a, b)}
+        return a, b, info
+
+    def _cv_scores(self, rows: Rows, grid, folds, t0: float, tol: float, max_iter: int) -> torch.Tensor:
+        c = rows.classes
+        k = self.cv
         scores = torch.zeros(len(grid), dtype=torch.float64)
         for f in range(k):
             def train_w(x, y, r0, f=f):
@@ -183,25 +206,24 @@ class _LinearCalibrator(Calibrator):
             def test_w(x, y, r0, f=f):
                 return (folds[r0:r0 + x.shape[0]] == f).to(torch.float64).to(x.device)
 
-            theta_row = None
+            theta = None
             for i, (a, b) in enumerate(grid):
                 m = self._model(c, a, b)
-                if i % len(mus) == 0:
-                    start = theta_row if theta_row is not None else m.identity(t0)
+                # warm start: the previous grid point's solution (same lam: one mu apart; new
+                # lam: the solution of the previous lam at its first mu)
+                if theta is None:
+                    start = m.identity(t0)
+                elif i > 0 and grid[i - 1][0] != a:
+                    start = first
                 else:
                     start = theta
                 res = newton(Problem(m, rows, train_w), start, max(tol, 1e-6), max_iter)
                 theta = res.theta
-                if i % len(mus) == 0:
-                    theta_row = theta
+                if i == 0 or grid[i - 1][0] != a:
+                    first = theta
                 held = Problem(self._model(c, 0.0, 0.0), rows, test_w)
                 scores[i] += held.evaluate(theta, 0)[1] / k
-        best = int(torch.argmin(scores))
-        a, b = grid[best]
-        info = {"folds": k, "seed": self.seed, "metric": "nll",
-                "grid": [self._hp(x, y) for x, y in grid], "scores": scores.tolist(),
-                "chosen": self._hp(a, b)}
-        return a, b, info
+        return scores
 
 
 class VectorScaler(_LinearCalibrator):

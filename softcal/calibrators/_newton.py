@@ -43,6 +43,7 @@ import torch
 from ._base import Rows
 
 LOG_EPS = math.log(torch.finfo(torch.float64).eps)  # Dirichlet features: log p clamped here
+DENSE_MAX = 1500  # at most this many parameters: dense Hessian; more: truncated Newton (CG)
 
 
 def features(kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -392,7 +393,7 @@ def _pcg(hvp: Callable, precond: Callable, g: torch.Tensor, rtol: float, max_ite
 
 
 def newton(problem: Problem, theta0: torch.Tensor, tol: float, max_iter: int,
-           dense_max: int = 1500) -> NewtonResult:
+           dense_max: int = DENSE_MAX) -> NewtonResult:
     """Minimise F from theta0; stops when max |grad F| <= tol (see the module docstring)."""
     m = problem.model
     dense = m.size <= dense_max
