@@ -184,11 +184,61 @@ def table(args):
     return rows
 
 
+def _l2_fit(feature, xv, yv, creg):
+    """softcal's Newton solver on scikit-learn's objective: mean NLL + ||W||^2 / (2 creg N)
+    (matrix scaling on the logits, or on the clamped log-probabilities: Dirichlet)."""
+    from softcal.calibrators._base import Rows
+    from softcal.calibrators._newton import MatrixModel, Problem, VectorModel, newton
+
+    c = xv.shape[1]
+    rows = Rows("bench", xv, yv, None, False, None)
+    t = softcal.nn.TemperatureScaler().fit(xv, yv, progress=False).temperature
+    v = VectorModel(c, feature, 0.0, 0.0)
+    vr = newton(Problem(v, rows), v.identity(t), 1e-8, 100)
+    m = MatrixModel(c, feature, l2=1.0 / (2 * creg * xv.shape[0]))
+    theta = torch.zeros(c, c + 1, dtype=torch.float64)
+    theta[:, :-1] = torch.diag(vr.theta[:c])
+    theta[:, -1] = vr.theta[c:]
+    return newton(Problem(m, rows), theta.reshape(-1), 1e-9, 100)
+
+
+def _l2_objective(feature, xv, yv, w, b, creg):
+    from softcal.calibrators._newton import features
+
+    z = features(feature, xv) @ torch.as_tensor(w, dtype=torch.float64).T + torch.as_tensor(b, dtype=torch.float64)
+    nll = float(torch.nn.functional.cross_entropy(z, yv))
+    return nll + float((torch.as_tensor(w) ** 2).sum()) / (2 * creg * xv.shape[0])
+
+
 def speed(args):
-    """C = 100 (the CIFAR-100 file, first 5000 rows): each fit's time and its objective (mean
-    NLL on the fit rows) beside the peers' fits of the same calibrator."""
+    """C = 100 (the CIFAR-100 file, first 5000 rows): each fit's time and its objective beside
+    the peers' fits of the same calibrator (mean NLL on the fit rows; matrix and Dirichlet:
+    scikit-learn's objective, mean NLL + ||W||^2 / (2 C N) with its default C = 1)."""
     xv, yv, _, _, _ = load(FILES[3][1])
     out = []
+    if version("sklearn"):
+        from sklearn.linear_model import LogisticRegression
+
+        for m, feature in (("matrix", "logits"), ("dirichlet", "logprobs")):
+            from softcal.calibrators._newton import features
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.perf_counter()
+                res = _l2_fit(feature, xv, yv, 1.0)
+                dt = time.perf_counter() - t0
+                th = res.theta.view(100, 101)
+                mine = _l2_objective(feature, xv, yv, th[:, :-1], th[:, -1], 1.0)
+                f = features(feature, xv).numpy()
+                t0 = time.perf_counter()
+                lr = LogisticRegression(C=1.0, max_iter=100000, tol=1e-8).fit(f, yv.numpy())
+                pt = time.perf_counter() - t0
+            theirs = _l2_objective(feature, xv, yv, lr.coef_, lr.intercept_, 1.0)
+            out.append({"calibrator": m, "options": "scikit-learn's L2 objective, C = 1",
+                        "softcal_s": dt, "softcal_nll": mine,
+                        "peer": "sklearn LogisticRegression (lbfgs, tol 1e-8)", "peer_s": pt,
+                        "peer_nll": theirs, "speedup": pt / dt})
+            print(f"speed C=100 {m:10s} softcal {dt:8.3f} s obj {mine:.8f} | sklearn {pt:.3f} s obj {theirs:.8f}", flush=True)
 
     def ours(m, **kw):
         from softcal.calibrators import CALIBRATORS
@@ -206,8 +256,6 @@ def speed(args):
     peers = peer_fits(100)
     cases = [("ts", {}, "netcal TemperatureScaling"),
              ("vector", {}, "netcal LogisticCalibration"),
-             ("matrix", dict(lam=0.0, mu=0.0), "sklearn LogisticRegression (logits, C=1e6)"),
-             ("dirichlet", dict(lam=0.0, mu=0.0), "sklearn LogisticRegression (log-probs, C=1e6)"),
              ("histogram", dict(n_bins=15), "netcal HistogramBinning"),
              ("isotonic", {}, "netcal IsotonicRegression"),
              ("isotonic", {}, "sklearn IsotonicRegression (one-vs-rest)")]
@@ -234,8 +282,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--quick", action="store_true", help="skip the C = 100 matrix/Dirichlet CV fits")
-    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--quick", action="store_true", help="only ts, vector, ets, histogram, isotonic")
+    p.add_argument("--part", choices=("table", "speed", "both"), default="both",
+                   help="the results table, the C = 100 speed comparison, or both; the Markdown "
+                        "file is rebuilt from the CSV files present")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -248,31 +298,9 @@ def main(argv=None):
         "versions": {k: version(k) for k in ("softcal", "torch", "numpy", "sklearn", "netcal", "dirichletcal")},
         "python": platform.python_version(),
     }
-    rows = table(args)
-    keys = ["file", "split", "library", "method", "nll", "ece", "classwise_ece", "brier", "accuracy",
-            "fit_s", "hyperparameters"]
-    with open(out / "calibrators.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([f"# {json.dumps(head)}"])
-        w.writerow(keys)
-        for r in rows:
-            w.writerow([r[k] for k in keys])
-    lines = [f"# Calibrators on the logit files of tests/data", "",
-             f"Command: `{head['command']}`; {head['date']}; {head['machine']}; torch threads "
-             f"{args.threads}; versions {json.dumps(head['versions'])}, Python {head['python']}.",
-             "Measured on a shared machine under load (other jobs running): the times are upper "
-             "bounds. Metrics on the scoring rows; ECE and classwise ECE with 15 equal-width bins.", ""]
-    lines += ["| file | library | method | NLL | ECE | cw-ECE | Brier | accuracy | fit (s) | hyper-parameters |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    last = None
-    for r in rows:
-        if r["file"] != last:
-            lines.append(f"| **{r['file']}** ({r['split']}) | | | | | | | | | |")
-            last = r["file"]
-        lines.append(f"| | {r['library']} | {r['method']} | {r['nll']:.4f} | {100 * r['ece']:.2f}% | "
-                     f"{100 * r['classwise_ece']:.2f}% | {r['brier']:.4f} | {100 * r['accuracy']:.2f}% | "
-                     f"{r['fit_s']:.3f} | {r['hyperparameters'].replace('|', '/')} |")
-    if not args.no_speed:
+    if args.part in ("table", "both"):
+        write_table(out, head, table(args))
+    if args.part in ("speed", "both"):
         sp = speed(args)
         with open(out / "calibrators_speed.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -281,15 +309,67 @@ def main(argv=None):
             w.writerow(ks)
             for r in sp:
                 w.writerow([r[k] for k in ks])
-        lines += ["", "## Speed at C = 100 (densenet-bc-100_c100, rows 0-4999), objective = mean NLL on the fit rows", "",
-                  "| calibrator | options | softcal (s) | softcal NLL | peer | peer (s) | peer NLL | peer time / softcal time |",
+    markdown(out)
+
+
+KEYS = ["file", "split", "library", "method", "nll", "ece", "classwise_ece", "brier", "accuracy",
+        "fit_s", "hyperparameters"]
+
+
+def write_table(out, head, rows):
+    with open(out / "calibrators.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"# {json.dumps(head)}"])
+        w.writerow(KEYS)
+        for r in rows:
+            w.writerow([r[k] for k in KEYS])
+
+
+def _read_csv(path):
+    lines = path.read_text().splitlines()
+    head = json.loads(next(csv.reader([lines[0]]))[0][2:])
+    return head, list(csv.DictReader(lines[1:]))
+
+
+def markdown(out):
+    """calibrators.md from calibrators.csv and calibrators_speed.csv (whichever exist)."""
+    lines = ["# Calibrators on the logit files of tests/data", "",
+             "Written by `benchmarks/bench_calibrators.py` (the command, date, machine and versions "
+             "of each part below). Measured on a shared 2-core machine under load (other jobs "
+             "running, load average about 18): the times are upper bounds; torch uses 1 thread. "
+             "Metrics on the scoring rows; ECE and classwise ECE with 15 equal-width bins.", ""]
+    if (out / "calibrators.csv").exists():
+        head, rows = _read_csv(out / "calibrators.csv")
+        lines += [f"Command: `{head['command']}`; {head['date']}; {head['machine']}; versions "
+                  f"{json.dumps(head['versions'])}, Python {head['python']}.", "",
+                  "| file | library | method | NLL | ECE | cw-ECE | Brier | accuracy | fit (s) | hyper-parameters |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        last = None
+        for r in rows:
+            if r["file"] != last:
+                lines.append(f"| **{r['file']}** ({r['split']}) | | | | | | | | | |")
+                last = r["file"]
+            lines.append(f"| | {r['library']} | {r['method']} | {float(r['nll']):.4f} | "
+                         f"{100 * float(r['ece']):.2f}% | {100 * float(r['classwise_ece']):.2f}% | "
+                         f"{float(r['brier']):.4f} | {100 * float(r['accuracy']):.2f}% | "
+                         f"{float(r['fit_s']):.3f} | {r['hyperparameters'].replace('|', '/')} |")
+    if (out / "calibrators_speed.csv").exists():
+        head, sp = _read_csv(out / "calibrators_speed.csv")
+        lines += ["", "## Fit speed at C = 100 (densenet-bc-100_c100, rows 0-4999)", "",
+                  f"Command: `{head['command']}`; {head['date']}; {head['machine']}; versions "
+                  f"{json.dumps(head['versions'])}. Objective: the mean NLL on the fit rows (matrix "
+                  "and Dirichlet: scikit-learn's, mean NLL + ||W||^2 / (2 N), both evaluated by the "
+                  "same code on each fit's parameters).", "",
+                  "| calibrator | options | softcal (s) | softcal objective | peer | peer (s) | peer objective | peer time / softcal time |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sp:
-            ps = "-" if r["peer_s"] is None else f"{r['peer_s']:.3f}"
-            pn = "-" if r["peer_nll"] is None else f"{r['peer_nll']:.6f}"
-            su = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
-            lines.append(f"| {r['calibrator']} | {r['options']} | {r['softcal_s']:.3f} | {r['softcal_nll']:.6f} | "
-                         f"{r['peer'] if r['peer_s'] is not None else r['peer'] + ' (not installed)'} | {ps} | {pn} | {su} |")
+            has = r["peer_s"] not in ("", "None")
+            ps = f"{float(r['peer_s']):.3f}" if has else "-"
+            pn = f"{float(r['peer_nll']):.8f}" if has else "-"
+            su = f"{float(r['speedup']):.1f}x" if has else "-"
+            lines.append(f"| {r['calibrator']} | {r['options']} | {float(r['softcal_s']):.3f} | "
+                         f"{float(r['softcal_nll']):.8f} | {r['peer'] if has else r['peer'] + ' (not installed)'} | "
+                         f"{ps} | {pn} | {su} |")
     (out / "calibrators.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -59,11 +59,13 @@ class Model:
 
     kind = "matrix"
 
-    def __init__(self, classes: int, feature: str, lam: float = 0.0, mu: float = 0.0) -> None:
+    def __init__(self, classes: int, feature: str, lam: float = 0.0, mu: float = 0.0,
+                 l2: float = 0.0) -> None:
         self.c = classes
         self.feature = feature
         self.lam = float(lam)
         self.mu = float(mu)
+        self.l2 = float(l2)  # + l2 * sum W_ij^2 over every entry of W (not b): scikit-learn's penalty
 
     # --- subclasses
     @property
@@ -146,6 +148,7 @@ class MatrixModel(Model):
         if c > 1 and self.lam:
             d[:, :-1] = 2 * self.lam / (c * (c - 1))
             d[:, :-1].fill_diagonal_(0.0)
+        d[:, :-1] += 2 * self.l2
         d[:, -1] = 2 * self.mu / c
         return d.reshape(-1)
 
@@ -423,7 +426,7 @@ def newton(problem: Problem, theta0: torch.Tensor, tol: float, max_iter: int,
         else:
             gn2 = float(g.norm())
             rtol = min(0.5, math.sqrt(gn2))
-            step, _ = _pcg(problem.hvp, problem.precond(), g, rtol, max_iter=max(50, m.size // 10))
+            step, _ = _pcg(problem.hvp, problem.precond(), g, rtol, max_iter=250)
         slope = float(g @ step)
         if slope >= 0:  # not a descent direction (numerical trouble): steepest descent
             step = -g
