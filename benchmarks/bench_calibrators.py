@@ -146,7 +146,9 @@ def peer_fits(c):
 
 def table(args):
     rows = []
-    for fname, path in FILES:
+    for i, (fname, path) in enumerate(FILES):
+        if args.files is not None and i not in args.files:
+            continue
         xv, yv, xt, yt, split = load(path)
         c = xv.shape[1]
         rows.append({"file": fname, "split": split, "library": "-", "method": "uncalibrated",
@@ -168,6 +170,9 @@ def table(args):
                          "method": m, "fit_s": dt, "hyperparameters": json.dumps(hp), **scores(z, yt)})
             print(f"{fname:32s} softcal {m:16s} {dt:8.3f} s  NLL {rows[-1]['nll']:.4f}", flush=True)
         for name, (m, fit) in peer_fits(c).items():
+            if c > 10 and args.skip_slow_peers and name.startswith(("sklearn LogisticRegression",
+                                                                      "netcal LogisticCalibration")):
+                continue  # minutes each at C = 100 under load: timed in the speed part instead
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -287,6 +292,14 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quick", action="store_true", help="only ts, vector, ets, histogram, isotonic")
+    p.add_argument("--files", type=lambda v: [int(i) for i in v.split(",")], default=None,
+                   help="indices of FILES to run (default: all)")
+    p.add_argument("--csv", default="calibrators.csv", help="table CSV name (default: %(default)s)")
+    p.add_argument("--merge", nargs="*", default=None, metavar="CSV",
+                   help="concatenate these table CSVs (in --out) into calibrators.csv, rebuild the Markdown, exit")
+    p.add_argument("--skip-slow-peers", action="store_true",
+                   help="at C = 100 leave out scikit-learn's LogisticRegression and netcal's "
+                        "LogisticCalibration (the speed part times them)")
     p.add_argument("--part", choices=("table", "speed", "both"), default="both",
                    help="the results table, the C = 100 speed comparison, or both; the Markdown "
                         "file is rebuilt from the CSV files present")
@@ -302,8 +315,19 @@ def main(argv=None):
         "versions": {k: version(k) for k in ("softcal", "torch", "numpy", "sklearn", "netcal", "dirichletcal")},
         "python": platform.python_version(),
     }
+    if args.merge is not None:
+        heads, rows = [], []
+        for name in args.merge:
+            h, r = _read_csv(out / name)
+            heads.append(h)
+            rows += r
+        h = dict(heads[0])
+        h["command"] = " ; ".join(x["command"] for x in heads)
+        write_table(out, h, rows, name="calibrators.csv")
+        markdown(out)
+        return
     if args.part in ("table", "both"):
-        write_table(out, head, table(args))
+        write_table(out, head, table(args), name=args.csv)
     if args.part in ("speed", "both"):
         sp = speed(args)
         with open(out / "calibrators_speed.csv", "w", newline="") as f:
@@ -320,8 +344,8 @@ KEYS = ["file", "split", "library", "method", "nll", "ece", "classwise_ece", "br
         "fit_s", "hyperparameters"]
 
 
-def write_table(out, head, rows):
-    with open(out / "calibrators.csv", "w", newline="") as f:
+def write_table(out, head, rows, name="calibrators.csv"):
+    with open(out / name, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([f"# {json.dumps(head)}"])
         w.writerow(KEYS)
