@@ -46,7 +46,9 @@ import torch
 
 from . import functional as F
 
-__all__ = ["FitResult", "TemperatureScaler", "DEFAULT_BOUNDS"]
+__all__ = ["FitResult", "TemperatureScaler", "DEFAULT_BOUNDS", "CalibratorFitResult", "VectorScaler",
+           "MatrixScaler", "DirichletCalibrator", "EnsembleTemperatureScaler", "HistogramBinning",
+           "IsotonicCalibrator", "ScalingBinningCalibrator"]
 
 #: Default search interval for T. Logits of trained networks need T in about [0.5, 5]; the
 #: interval leaves three decades either side for logits on unusual scales.
@@ -626,3 +628,9 @@ def _newton(stats: _Stats, start_t: float, tol: float, max_iter: int,
         beta = cand
         f, g, h, _ = stats(beta)
         its += 1
+
+
+# Calibrators beyond temperature scaling (softcal/calibrators/; they import this module's helpers).
+from .calibrators import (CalibratorFitResult, DirichletCalibrator, EnsembleTemperatureScaler,  # noqa: E402
+                          HistogramBinning, IsotonicCalibrator, MatrixScaler,
+                          ScalingBinningCalibrator, VectorScaler)

@@ -11,8 +11,12 @@ import torch
 from . import functional as F
 from ._validation import check_ignore_index, check_label_smoothing, check_reduction, check_temperature
 from .calibration import TemperatureScaler
+from .calibration import (DirichletCalibrator, EnsembleTemperatureScaler, HistogramBinning,  # noqa: E402
+                          IsotonicCalibrator, MatrixScaler, ScalingBinningCalibrator, VectorScaler)
 
-__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "TemperatureScaler"]
+__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "TemperatureScaler", "DirichletCalibrator",
+           "EnsembleTemperatureScaler", "HistogramBinning", "IsotonicCalibrator", "MatrixScaler",
+           "ScalingBinningCalibrator", "VectorScaler"]
 
 def _legacy_reduction(fn: str, size_average: Optional[bool], reduce: Optional[bool]) -> str:
     """nn.CrossEntropyLoss's size_average/reduce (deprecated) -> reduction, with PyTorch's warning
