@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import softcal  # noqa: E402
 from softcal import _io, metrics  # noqa: E402
-from softcal._compare import METHODS, make_calibrator  # noqa: E402
+from softcal._cli.calibrators import METHODS, make_calibrator  # noqa: E402
 
 FILES = [
     ("densenet40_c10 (markus93)", "embedded"),

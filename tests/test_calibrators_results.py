@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from softcal._compare import METHODS
+from softcal._cli.calibrators import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "calibrators.csv"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from softcal import cli
-from softcal._compare import METHODS, read_calibrator
+from softcal._cli.calibrators import METHODS, read_calibrator
 
 LENET = "tests/data/logits/netcal/lenet-5-cifar-10.npz"
 

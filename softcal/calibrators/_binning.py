@@ -25,6 +25,7 @@ import torch
 
 from ._base import (ArrayLike, Calibrator, CalibratorFitResult, Rows, check_folds, fold_ids,
                     mean_nll_of_logits, timer)
+from ._pav import isotonic_knots
 
 __all__ = ["HistogramBinning", "IsotonicCalibrator", "ScalingBinningCalibrator", "DEFAULT_BIN_GRID"]
 
@@ -209,47 +210,6 @@ def _mean_nll(cal: Calibrator, rows: Rows) -> float:
 
 
 # ---------------------------------------------------------------------- isotonic
-def _pav(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Isotonic (non-decreasing) least-squares fit of y on x by pool-adjacent-violators (ties
-    in x pooled first). Returns the knots (x, v): each block contributes its smallest and its
-    largest x (one knot when they are equal) with the block's mean y, so that interpolating
-    linearly between the knots gives every fit row its block's value (scikit-learn's
-    convention). float64 1-D tensors on the CPU; x strictly increasing."""
-    order = torch.argsort(x, stable=True)
-    xs, ys = x[order], y[order]
-    ws = torch.ones_like(xs) if w is None else w[order]
-    ux, inv = torch.unique_consecutive(xs, return_inverse=True)
-    m = ux.shape[0]
-    sw = torch.zeros(m, dtype=torch.float64).index_add_(0, inv, ws)
-    sy = torch.zeros(m, dtype=torch.float64).index_add_(0, inv, ws * ys)
-    W, Y, X = sw.tolist(), sy.tolist(), ux.tolist()
-    bw: list = []
-    by: list = []
-    blo: list = []
-    bhi: list = []
-    for i in range(m):
-        cw, cy, lo, hi = W[i], Y[i], X[i], X[i]
-        while bw and by[-1] / bw[-1] >= cy / cw:
-            cw += bw.pop()
-            cy += by.pop()
-            lo = blo.pop()
-            bhi.pop()
-        bw.append(cw)
-        by.append(cy)
-        blo.append(lo)
-        bhi.append(hi)
-    kx: list = []
-    kv: list = []
-    for cw, cy, lo, hi in zip(bw, by, blo, bhi):
-        v = cy / cw
-        kx.append(lo)
-        kv.append(v)
-        if hi > lo:
-            kx.append(hi)
-            kv.append(v)
-    return torch.tensor(kx, dtype=torch.float64), torch.tensor(kv, dtype=torch.float64)
-
-
 def _interp(p: torch.Tensor, kx: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation through the knots, constant outside them."""
     if kx.numel() == 1:
@@ -258,6 +218,21 @@ def _interp(p: torch.Tensor, kx: torch.Tensor, kv: torch.Tensor) -> torch.Tensor
     x0, x1, v0, v1 = kx[i - 1], kx[i], kv[i - 1], kv[i]
     t = ((p - x0) / (x1 - x0)).clamp(0.0, 1.0)
     return v0 + t * (v1 - v0)
+
+
+def _interp_rows(q: torch.Tensor, kx: torch.Tensor, kv: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
+    """Row k of q (K, n) through the first kn[k] knots of row k of kx, kv (K, M) (padded with
+    the last knot): piecewise linear, constant outside the knots; (K, n)."""
+    m = kx.shape[1]
+    if m == 1:
+        return kv.expand_as(q).clone()
+    last = (kn.to(torch.int64) - 1).clamp(1, m - 1)[:, None]
+    i = torch.minimum(torch.searchsorted(kx, q.contiguous()).clamp_min(1), last)
+    x0, x1 = kx.gather(1, i - 1), kx.gather(1, i)
+    v0, v1 = kv.gather(1, i - 1), kv.gather(1, i)
+    span = x1 - x0  # 0 only in a row with one knot (its padding)
+    t = ((q - x0) / torch.where(span > 0, span, 1.0)).clamp(0.0, 1.0)
+    return torch.where(span > 0, v0 + t * (v1 - v0), v0)
 
 
 class IsotonicCalibrator(_Elementwise):
@@ -293,11 +268,7 @@ class IsotonicCalibrator(_Elementwise):
         if self.hyperparameters.get("mode", getattr(self, "mode", "ovr")) == "shared":
             n = int(kn[0])
             return _interp(p.reshape(-1), kx[0, :n], kv[0, :n]).view_as(p) + 1e-9 * p
-        out = torch.empty_like(p)
-        for k in range(p.shape[1]):
-            n = int(kn[k])
-            out[:, k] = _interp(p[:, k], kx[k, :n], kv[k, :n])
-        return out
+        return _interp_rows(p.T, kx, kv, kn).T
 
     def fit(self, data: Union[ArrayLike, torch.nn.Module, Iterable], labels: Union[ArrayLike, Iterable, None] = None,
             *, progress: bool = True, check_probabilities: bool = True, group: Any = None) -> CalibratorFitResult:
@@ -322,16 +293,16 @@ class IsotonicCalibrator(_Elementwise):
             classes=c, time_s=elapsed(), hyperparameters={"mode": self.mode, "min_prob": self.min_prob})
 
     def _fit_arrays(self, p: torch.Tensor, y: torch.Tensor) -> None:
-        onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
+        """p (N, C) float64 CPU probabilities, y (N,) int64: the knots of every map."""
         if self.mode == "shared":
-            knots = [_pav(p.reshape(-1), onehot.reshape(-1))]
-        else:
-            knots = [_pav(p[:, k], onehot[:, k]) for k in range(p.shape[1])]
-        m = max(kx.numel() for kx, _ in knots)
-        kx = torch.stack([torch.cat([a, a[-1:].expand(m - a.numel())]) for a, _ in knots])
-        kv = torch.stack([torch.cat([b, b[-1:].expand(m - b.numel())]) for _, b in knots])
+            onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
+            kx, kv, kn = isotonic_knots(p.reshape(1, -1), onehot.reshape(1, -1))
+        else:  # one problem per class: (C, N), the labels' indicator per class
+            pt = p.T.contiguous()
+            hits = (y[None, :] == torch.arange(p.shape[1])[:, None]).to(torch.float64)
+            kx, kv, kn = isotonic_knots(pt, hits)
         self.knots_x, self.knots_v = kx, kv
-        self.knots_n = torch.tensor([a.numel() for a, _ in knots], dtype=torch.float64)
+        self.knots_n = kn.to(torch.float64)
 
 
 # ---------------------------------------------------------------------- scaling-binning
