@@ -127,7 +127,14 @@ class _LinearCalibrator(Calibrator):
             lam, mu, cv_info = self._cross_validate(rows, lam, mu, t0, tol, max_iter)
         m = self._model(c, lam, mu)
         res = newton(Problem(m, rows), self._initial(rows, m, t0, tol, max_iter), tol, max_iter)
-        if not res.converged:
+        if res.separable:
+            warnings.warn(f"{fn}: the fit rows are separable by this calibrator's map (after "
+                          f"{res.iterations} Newton iterations every row's calibrated argmax is its "
+                          f"label), so with no regularisation ({self._hp(lam, mu)}) the NLL has no "
+                          "minimum: it falls towards 0 as the weights grow without bound. Stopped "
+                          "there; the fit is over-confident. Give lam > 0 and mu > 0, or leave them "
+                          "to cross-validation (lam=None, mu=None)", RuntimeWarning, stacklevel=2)
+        elif not res.converged:
             warnings.warn(f"{fn}: Newton's method stopped after {res.iterations} iterations with "
                           f"max |gradient| {res.grad_norm:.3g} > tol={tol:g}; the objective could "
                           "not be reduced further in float64 (or raise max_iter)",
@@ -269,8 +276,10 @@ class MatrixScaler(_LinearCalibrator):
     z = W logits + b, W (C, C), b (C,).
 
     The objective is the mean NLL plus lam / (C (C - 1)) sum_{i != j} W_ij^2 + mu / C sum_j b_j^2
-    (Off-Diagonal and Intercept Regularisation). ``lam = mu = 0`` is plain matrix scaling (its
-    optimum may not exist when the rows are separable: then max_iter ends the fit with a warning).
+    (Off-Diagonal and Intercept Regularisation). ``lam = mu = 0`` is plain matrix scaling: its
+    optimum does not exist when the map separates the fit rows (every row's argmax its label,
+    common for C in the hundreds); the fit then stops at the first such iterate with a
+    RuntimeWarning.
     ``lam``/``mu`` left at ``None`` are chosen by ``cv``-fold cross-validation over ``lambdas`` x
     ``mus`` on the fit rows (chosen values and scores in ``cv_results`` after the fit).
 

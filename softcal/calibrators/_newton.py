@@ -239,6 +239,9 @@ class NewtonResult:
     iterations: int
     passes: int
     converged: bool
+    #: stopped because the model (with no regulariser) classifies every fit row strictly
+    #: correctly: the NLL then has no minimum (it falls towards 0 as theta grows)
+    separable: bool = False
 
 
 class Problem:
@@ -250,6 +253,9 @@ class Problem:
         self.weight = weight  # (x, y, row0) -> (n,) float64 weights, or None (all 1)
         self.passes = 0
         self.cache_ok = rows.in_memory and rows.group is None
+        # no regulariser: watch for strict separation of the fit rows (no finite optimum)
+        self.check_margin = bool((model.reg_diag() == 0).all())
+        self.wrong = math.inf  # weight of the rows not strictly classified right at the last evaluation
         self._feat: Optional[list] = None
         self._p: Optional[list] = None
 
@@ -281,7 +287,8 @@ class Problem:
         P = m.size
         dense = order == 2
         need_g = order != 0
-        length = 2 + (P if need_g else 0) + (P * P if dense else 0)
+        margin = need_g and self.check_margin
+        length = 2 + (P if need_g else 0) + (P * P if dense else 0) + (1 if margin else 0)
         ps = []
 
         def one(phi, y, w, p, f):
@@ -292,6 +299,10 @@ class Problem:
                 out.append(m.grad(phi, r * w[:, None]))
             if dense:
                 out.append(m.hess(phi, p, w).reshape(-1))
+            if margin:  # rows with p_y <= max_{k != y} p_k (z_y <= max z_k up to underflow)
+                py = p.gather(1, y[:, None])
+                other = p.scatter(1, y[:, None], -1.0).amax(1, keepdim=True)
+                out.append((w[:, None] * (py <= other)).sum().reshape(1))
             return torch.cat(out)
 
         total = torch.zeros(length, dtype=torch.float64)
@@ -323,13 +334,15 @@ class Problem:
         if nrm <= 0:
             raise ValueError(f"{self.rows.fn}: no rows to fit (a cross-validation fold is empty)")
         nll = float(total[0]) / nrm
+        if margin:
+            self.wrong = float(total[-1])
         r, gr = m.reg(theta)
         F = nll + r
         if order == 0:
             return F, nll
         g = total[2:2 + P] / nrm + gr
         if dense:
-            h = total[2 + P:].view(P, P) / nrm + torch.diag(m.reg_diag())
+            h = total[2 + P:2 + P + P * P].view(P, P) / nrm + torch.diag(m.reg_diag())
             return F, nll, g, h
         if order == "cg":
             self._p = ps
@@ -404,10 +417,16 @@ def newton(problem: Problem, theta0: torch.Tensor, tol: float, max_iter: int,
     order = 2 if dense else "cg"
     state = problem.evaluate(theta, order)
     its = 0
-    converged = False
+    converged = separable = False
     while True:
         F, nll, g = state[0], state[1], state[2]
         gnorm = float(g.abs().max())
+        if problem.check_margin and problem.wrong == 0:
+            # every row strictly right and no regulariser: s * theta lowers F for every s > 1,
+            # so there is no optimum to reach (a gradient that underflowed to 0 included);
+            # stop here rather than follow theta to infinity
+            separable = True
+            break
         if gnorm <= tol:
             converged = True
             break
@@ -449,4 +468,4 @@ def newton(problem: Problem, theta0: torch.Tensor, tol: float, max_iter: int,
         state = new if t == 1.0 else problem.evaluate(theta, order)
     return NewtonResult(theta=theta, objective=float(state[0]), nll=float(state[1]),
                         grad_norm=float(state[2].abs().max()), iterations=its,
-                        passes=problem.passes, converged=converged)
+                        passes=problem.passes, converged=converged, separable=separable)
