@@ -131,8 +131,9 @@ inline void define_ops(torch::Library& m) {
   // merged), as knots: each block gives (its smallest x, its mean) and, when it spans more than
   // one x, (its largest x, its mean); linear interpolation through them is the fit.
   //   knots_x, knots_v: (K, n) float64, row k's first counts[k] entries are its knots (x strictly
-  //     increasing), the rest repeat the last knot; counts: (K,) int64 (0 only when n = 0).
-  m.def("isotonic_fit(Tensor x, Tensor y, Tensor? w) -> (Tensor knots_x, Tensor knots_v, Tensor counts)");
+  //     increasing), the rest repeat the last knot; counts: (K,) int64 (0 only when n = 0);
+  //   fitted: (K, n) float64, the fit's value at each point (its block's mean), x's order.
+  m.def("isotonic_fit(Tensor x, Tensor y, Tensor? w) -> (Tensor knots_x, Tensor knots_v, Tensor counts, Tensor fitted)");
 }
 
 }  // namespace softcal

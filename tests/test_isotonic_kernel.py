@@ -1,5 +1,5 @@
 """The CPU op ``softcal::isotonic_fit`` (csrc/cpu/isotonic.cpp, contract in csrc/schemas.h):
-the same knots as the Python pool-adjacent-violators (softcal/calibrators/_pav.py) and as
+the same knots (and fitted values) as the Python pool-adjacent-violators (softcal/calibrators/_pav.py) and as
 scikit-learn's IsotonicRegression, on both of its sorts (std::sort below 2^14 points, radix
 sort above), with ties, weights and padding; its fake kernel (opcheck); its errors."""
 
@@ -35,8 +35,9 @@ def _interp_at(kx: torch.Tensor, kv: torch.Tensor, q: torch.Tensor) -> np.ndarra
 @pytest.mark.parametrize("weighted", [False, True])
 def test_kernel_equals_python_pav(n, ties, weighted):
     x, y, w = _problems(3, n, seed=n, ties=ties)
-    kx, kv, kn = torch.ops.softcal.isotonic_fit(x, y, w if weighted else None)
+    kx, kv, kn, fitted = torch.ops.softcal.isotonic_fit(x, y, w if weighted else None)
     assert kx.shape == (3, n) and kv.shape == (3, n) and kn.dtype == torch.int64
+    assert fitted.shape == (3, n)
     for k in range(3):
         px, pv = _pav.pav_python(x[k], y[k], w[k] if weighted else None)
         m = int(kn[k])
@@ -47,26 +48,30 @@ def test_kernel_equals_python_pav(n, ties, weighted):
         assert bool((kx[k, m:] == kx[k, m - 1]).all()) and bool((kv[k, m:] == kv[k, m - 1]).all())
         assert bool((kx[k, 1:m] > kx[k, :m - 1]).all())  # knots strictly increasing
         assert bool((kv[k, 1:m] >= kv[k, :m - 1]).all())  # the fit is non-decreasing
+        # the fitted values are the knots' interpolation at the points (their blocks' means)
+        np.testing.assert_allclose(fitted[k].numpy(), _interp_at(px, pv, x[k]), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("n", [500, 30000])
 def test_kernel_fit_equals_sklearn(n):
     iso = pytest.importorskip("sklearn.isotonic", reason="scikit-learn is not installed (the oracle)")
     x, y, w = _problems(2, n, seed=3, ties=True)
-    kx, kv, kn = torch.ops.softcal.isotonic_fit(x, y, w)
+    kx, kv, kn, fitted = torch.ops.softcal.isotonic_fit(x, y, w)
     for k in range(2):
         r = iso.IsotonicRegression(out_of_bounds="clip").fit(x[k].numpy(), y[k].numpy(),
                                                             sample_weight=w[k].numpy())
         m = int(kn[k])
         got = _interp_at(kx[k, :m], kv[k, :m], x[k])
         np.testing.assert_allclose(got, r.predict(x[k].numpy()), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fitted[k].numpy(), r.predict(x[k].numpy()), rtol=0, atol=1e-12)
 
 
 def test_isotonic_knots_trims_and_matches_the_fallback(monkeypatch):
     x, y, _ = _problems(4, 300, seed=5, ties=True)
-    kx, kv, kn = _pav.isotonic_knots(x, y)
+    kx, kv, kn, kf = _pav.isotonic_knots(x, y)
     monkeypatch.setattr(_pav, "HAVE_KERNEL", False)
-    fx, fv, fn = _pav.isotonic_knots(x, y)
+    fx, fv, fn, ff = _pav.isotonic_knots(x, y)
+    torch.testing.assert_close(kf, ff, rtol=1e-12, atol=1e-15)
     assert kx.shape[1] == int(kn.max()) == fx.shape[1]
     torch.testing.assert_close(kn, fn, rtol=0, atol=0)
     torch.testing.assert_close(kx, fx, rtol=0, atol=0)
@@ -74,9 +79,9 @@ def test_isotonic_knots_trims_and_matches_the_fallback(monkeypatch):
 
 
 def test_empty_problems():
-    kx, kv, kn = torch.ops.softcal.isotonic_fit(torch.empty(2, 0, dtype=torch.float64),
-                                                torch.empty(2, 0, dtype=torch.float64), None)
-    assert kx.shape == (2, 0) and kn.tolist() == [0, 0]
+    kx, kv, kn, fitted = torch.ops.softcal.isotonic_fit(torch.empty(2, 0, dtype=torch.float64),
+                                                        torch.empty(2, 0, dtype=torch.float64), None)
+    assert kx.shape == (2, 0) and fitted.shape == (2, 0) and kn.tolist() == [0, 0]
 
 
 def test_opcheck():

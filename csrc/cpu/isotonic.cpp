@@ -83,22 +83,26 @@ struct Scratch {
   std::vector<uint32_t> order, order2;
   std::vector<uint64_t> keys, keys2;
   std::vector<double> bw, bwy, blo, bhi;
+  std::vector<int64_t> bend;  // a block's end in the sorted order (one past its last point)
 };
 
-// One problem; writes its knots into kx, kv (n each, padded with the last knot) and returns
-// their number (>= 1 for n >= 1; 0 for n = 0).
+// One problem; writes its knots into kx, kv (n each, padded with the last knot) and the fit's
+// value at every point into fit (n, the input's order); returns the number of knots (>= 1 for
+// n >= 1; 0 for n = 0).
 int64_t pav_one(const double* x, const double* y, const double* w, int64_t n, double* kx,
-                double* kv, Scratch& s) {
+                double* kv, double* fit, Scratch& s) {
   if (n == 0) return 0;
   sort_indices(x, n, s.order, s.keys, s.keys2, s.order2);
   s.bw.resize(n);
   s.bwy.resize(n);
   s.blo.resize(n);
   s.bhi.resize(n);
+  s.bend.resize(n);
   double* bw = s.bw.data();
   double* bwy = s.bwy.data();
   double* blo = s.blo.data();
   double* bhi = s.bhi.data();
+  int64_t* bend = s.bend.data();
   const uint32_t* ord = s.order.data();
   int64_t top = 0;  // blocks on the stack
   int64_t i = 0;
@@ -122,11 +126,13 @@ int64_t pav_one(const double* x, const double* y, const double* w, int64_t n, do
     bwy[top] = cwy;
     blo[top] = lo;
     bhi[top] = xi;
+    bend[top] = i;
     ++top;
   }
   int64_t m = 0;
-  for (int64_t b = 0; b < top; ++b) {
+  for (int64_t b = 0, j = 0; b < top; ++b) {
     const double v = bwy[b] / bw[b];
+    for (; j < bend[b]; ++j) fit[ord[j]] = v;
     kx[m] = blo[b];
     kv[m] = v;
     ++m;
@@ -143,7 +149,7 @@ int64_t pav_one(const double* x, const double* y, const double* w, int64_t n, do
   return m;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> isotonic_fit_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isotonic_fit_cpu(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& w) {
   const char* op = "softcal.isotonic_fit";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (problems, points), got shape ", x.sizes());
@@ -169,20 +175,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isotonic_fit_cpu(
   at::Tensor kx = at::empty({K, n}, x.options());
   at::Tensor kv = at::empty({K, n}, x.options());
   at::Tensor counts = at::empty({K}, x.options().dtype(at::kLong));
+  at::Tensor fitted = at::empty({K, n}, x.options());
   const double* xp = xc.const_data_ptr<double>();
   const double* yp = yc.const_data_ptr<double>();
   const double* wp = wc.defined() ? wc.const_data_ptr<double>() : nullptr;
   double* kxp = kx.mutable_data_ptr<double>();
   double* kvp = kv.mutable_data_ptr<double>();
   int64_t* cp = counts.mutable_data_ptr<int64_t>();
+  double* fp = fitted.mutable_data_ptr<double>();
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t k = begin; k < end; ++k) {
       cp[k] = pav_one(xp + k * n, yp + k * n, wp ? wp + k * n : nullptr, n, kxp + k * n,
-                      kvp + k * n, s);
+                      kvp + k * n, fp + k * n, s);
     }
   });
-  return {kx, kv, counts};
+  return {kx, kv, counts, fitted};
 }
 
 }  // namespace

@@ -60,7 +60,7 @@ def _brier(logq: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _bin_of(p: torch.Tensor, bins: int) -> torch.Tensor:
     """Equal-width bin of each probability: (j/B, (j+1)/B] -> j; 0 -> 0."""
-    return (torch.ceil(p * bins).long() - 1).clamp_(0, bins - 1)
+    return (p * bins).ceil_().sub_(1).clamp_(0, bins - 1).long()
 
 
 class _Elementwise(Calibrator):
@@ -136,16 +136,14 @@ class HistogramBinning(_Elementwise):
 
         def counts(x, y, r0):
             p = torch.softmax(x, dim=1)
-            onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
             f = (folds[r0:r0 + x.shape[0]].to(x.device) if folds is not None
                  else torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
             out = []
             for b in grid:
                 idx = (f[:, None] * c + torch.arange(c, device=x.device)) * b + _bin_of(p, b)
-                cnt = torch.zeros(k * c * b, dtype=torch.float64, device=x.device)
-                cnt.index_add_(0, idx.reshape(-1), torch.ones_like(p).reshape(-1))
-                hit = torch.zeros_like(cnt).index_add_(0, idx.reshape(-1), onehot.reshape(-1))
-                out += [cnt, hit]
+                cnt = torch.bincount(idx.reshape(-1), minlength=k * c * b)
+                hit = torch.bincount(idx.gather(1, y[:, None]).reshape(-1), minlength=k * c * b)
+                out += [cnt.to(torch.float64), hit.to(torch.float64)]
             return torch.cat(out)
 
         s = rows.row_sum(counts, size)
@@ -195,17 +193,27 @@ class HistogramBinning(_Elementwise):
             hyperparameters={"n_bins": nb, "min_prob": self.min_prob}, cv=cv_info)
 
 
-def _mean_nll(cal: Calibrator, rows: Rows) -> float:
+def _nll_sum(q: torch.Tensor, y: torch.Tensor, floor: float) -> torch.Tensor:
+    """sum_i -log(q_iy / sum_k q_ik) for unnormalised q (n, C) floored at ``floor`` (uniform
+    where a row sums to 0), each term at most -log(tiny): the NLL of ``forward`` (log q
+    normalised) with one log per row instead of one per entry."""
+    q = q.clamp_min(floor)
+    s = q.sum(1)
+    lq = torch.where(s > 0, q.gather(1, y[:, None]).squeeze(1).log() - s.clamp_min(1e-300).log(),
+                     torch.full_like(s, -math.log(q.shape[1])))
+    return -lq.clamp_min(math.log(torch.finfo(torch.float64).tiny)).sum()
+
+
+def _mean_nll(cal: "_Elementwise", rows: Rows) -> float:
+    """The mean NLL of the fitted calibrator on the fit rows (one pass)."""
+    floor = float(cal.hyperparameters.get("min_prob", 0.0))
+
     def f(x, y, r0):
         with torch.no_grad():
-            lq = cal(x).to(torch.float64)
-        nll = -lq.gather(1, y[:, None]).clamp_min(math.log(torch.finfo(torch.float64).tiny)).sum()
-        return torch.stack([nll, torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
-    model, cal.model = cal.model, None
-    try:
-        s = rows.row_sum(f, 2)
-    finally:
-        cal.model = model
+            q = cal._map(torch.softmax(x.to(torch.float64), dim=1))
+        return torch.stack([_nll_sum(q, y, floor),
+                            torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
+    s = rows.row_sum(f, 2)
     return float(s[0] / s[1])
 
 
@@ -284,25 +292,30 @@ class IsotonicCalibrator(_Elementwise):
         x, y = rows.gather()
         x, y = x.cpu(), y.cpu()
         nll_before = float(torch.nn.functional.cross_entropy(x, y))
-        self._fit_arrays(torch.softmax(x, dim=1), y)
+        p = torch.softmax(x.to(torch.float64), dim=1)
+        q = self._fit_arrays(p, y)
         self.hyperparameters = {"classes": c, "mode": self.mode, "min_prob": self.min_prob, "_fitted": True}
-        nll_after = _mean_nll(self, rows)
+        nll_after = float(_nll_sum(q, y, self.min_prob)) / max(x.shape[0], 1)
         return CalibratorFitResult(
             method=self.method, nll_before=nll_before, nll_after=nll_after, objective=float("nan"),
             iterations=0, passes=2, converged=True, grad_norm=float("nan"), rows=rows.total_rows,
             classes=c, time_s=elapsed(), hyperparameters={"mode": self.mode, "min_prob": self.min_prob})
 
-    def _fit_arrays(self, p: torch.Tensor, y: torch.Tensor) -> None:
-        """p (N, C) float64 CPU probabilities, y (N,) int64: the knots of every map."""
+    def _fit_arrays(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """p (N, C) float64 CPU probabilities, y (N,) int64: the knots of every map; returns
+        the map of p, (N, C) (as ``_map(p)``, from the fit itself: no interpolation)."""
         if self.mode == "shared":
             onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
-            kx, kv, kn = isotonic_knots(p.reshape(1, -1), onehot.reshape(1, -1))
+            kx, kv, kn, fitted = isotonic_knots(p.reshape(1, -1), onehot.reshape(1, -1))
+            q = fitted.view_as(p) + 1e-9 * p
         else:  # one problem per class: (C, N), the labels' indicator per class
             pt = p.T.contiguous()
             hits = (y[None, :] == torch.arange(p.shape[1])[:, None]).to(torch.float64)
-            kx, kv, kn = isotonic_knots(pt, hits)
+            kx, kv, kn, fitted = isotonic_knots(pt, hits)
+            q = fitted.T
         self.knots_x, self.knots_v = kx, kv
         self.knots_n = kn.to(torch.float64)
+        return q
 
 
 # ---------------------------------------------------------------------- scaling-binning

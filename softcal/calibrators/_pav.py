@@ -21,7 +21,8 @@ if HAVE_KERNEL:
     @torch.library.register_fake("softcal::isotonic_fit")
     def _isotonic_fit_fake(x, y, w):
         k, n = x.shape
-        return x.new_empty((k, n)), x.new_empty((k, n)), x.new_empty((k,), dtype=torch.int64)
+        return (x.new_empty((k, n)), x.new_empty((k, n)), x.new_empty((k,), dtype=torch.int64),
+                x.new_empty((k, n)))
 
 
 def pav_python(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None
@@ -67,17 +68,22 @@ def pav_python(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = Non
 
 
 def isotonic_knots(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """K problems at once: x, y (and w) float64 (K, n) CPU -> (knots_x (K, M), knots_v (K, M),
-    counts (K,) int64), M = the largest count, each row padded with its last knot (the
-    contract of ``softcal::isotonic_fit``, trimmed to M columns). The compiled kernel when it is
-    built, else :func:`pav_python` problem by problem."""
+    counts (K,) int64, fitted (K, n)), M = the largest count, each row padded with its last
+    knot, fitted the fit's value at every point (the contract of ``softcal::isotonic_fit``,
+    knots trimmed to M columns). The compiled kernel when it is built, else
+    :func:`pav_python` problem by problem."""
     if HAVE_KERNEL:
-        kx, kv, kn = torch.ops.softcal.isotonic_fit(x, y, w)
+        kx, kv, kn, fitted = torch.ops.softcal.isotonic_fit(x, y, w)
         m = max(int(kn.max()), 1) if kn.numel() else 1
-        return kx[:, :m].contiguous(), kv[:, :m].contiguous(), kn
+        return kx[:, :m].contiguous(), kv[:, :m].contiguous(), kn, fitted
     knots = [pav_python(x[k], y[k], None if w is None else w[k]) for k in range(x.shape[0])]
     m = max([a.numel() for a, _ in knots] + [1])
     kx = torch.stack([torch.cat([a, a[-1:].expand(m - a.numel())]) for a, _ in knots])
     kv = torch.stack([torch.cat([b, b[-1:].expand(m - b.numel())]) for _, b in knots])
-    return kx, kv, torch.tensor([a.numel() for a, _ in knots], dtype=torch.int64)
+    fitted = torch.empty_like(x)
+    for k, (a, b) in enumerate(knots):  # a point lies on its block's first knot or after it
+        if a.numel():
+            fitted[k] = b[(torch.searchsorted(a, x[k], right=True) - 1).clamp_min(0)]
+    return kx, kv, torch.tensor([a.numel() for a, _ in knots], dtype=torch.int64), fitted
