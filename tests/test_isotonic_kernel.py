@@ -1,6 +1,6 @@
 """The CPU op ``softcal::isotonic_fit`` (csrc/cpu/isotonic.cpp, contract in csrc/schemas.h):
 the same knots (and fitted values) as the Python pool-adjacent-violators (softcal/calibrators/_pav.py) and as
-scikit-learn's IsotonicRegression, on both of its sorts (std::sort below 256 points, radix
+scikit-learn's IsotonicRegression, on both of its sorts (std::sort below 2^14 points, radix
 sort above), with ties, weights and padding; its fake kernel (opcheck); its errors."""
 
 from __future__ import annotations
