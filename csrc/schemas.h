@@ -128,6 +128,17 @@ inline void define_ops(torch::Library& m) {
       "Tensor mass, Tensor? temperature_t, float temperature, float label_smoothing, "
       "int reduction, bool need_logits_grad, bool need_target_grad, bool need_temperature_grad) "
       "-> (Tensor grad_logits, Tensor grad_target, Tensor grad_temperature)");
+  // ---------------------------------------------------------------- calibrators (CPU only)
+  // Isotonic regression, one problem per row (softcal.nn.IsotonicCalibrator's fit; no CUDA
+  // kernel: the calibrator fits on the CPU). x, y: (K, n) float64 CPU, x without NaN, y finite;
+  // w: (K, n) float64 > 0, or None for weights 1. Row k: the non-decreasing least-squares fit of
+  // y_k on x_k with weights w_k (points with equal x pooled; adjacent blocks with equal means
+  // merged), as knots: each block gives (its smallest x, its mean) and, when it spans more than
+  // one x, (its largest x, its mean); linear interpolation through them is the fit.
+  //   knots_x, knots_v: (K, n) float64, row k's first counts[k] entries are its knots (x strictly
+  //     increasing), the rest repeat the last knot; counts: (K,) int64 (0 only when n = 0);
+  //   fitted: (K, n) float64, the fit's value at each point (its block's mean), x's order.
+  m.def("isotonic_fit(Tensor x, Tensor y, Tensor? w) -> (Tensor knots_x, Tensor knots_v, Tensor counts, Tensor fitted)");
 }
 
 }  // namespace softcal

@@ -54,7 +54,9 @@ import torch
 
 from ._fit_data import fit_source
 
-__all__ = ["FitResult", "TemperatureScaler", "DEFAULT_BOUNDS"]
+__all__ = ["FitResult", "TemperatureScaler", "DEFAULT_BOUNDS", "CalibratorFitResult", "VectorScaler",
+           "MatrixScaler", "DirichletCalibrator", "EnsembleTemperatureScaler", "HistogramBinning",
+           "IsotonicCalibrator", "ScalingBinningCalibrator"]
 
 #: Default search interval for T. Logits of trained networks need T in about [0.5, 5]; the
 #: interval leaves three decades either side for logits on unusual scales.
@@ -324,3 +326,9 @@ def _check_options(fn: str, tol: Any, max_iter: Any, bounds: Any
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"{fn}: max_iter must be an int >= 1, got {max_iter!r}")
     return tol, max_iter, _check_bounds(fn, bounds)
+
+
+# Calibrators beyond temperature scaling (softcal/calibrators/; they import this module).
+from .calibrators import (CalibratorFitResult, DirichletCalibrator, EnsembleTemperatureScaler,  # noqa: E402
+                          HistogramBinning, IsotonicCalibrator, MatrixScaler,
+                          ScalingBinningCalibrator, VectorScaler)

@@ -11,9 +11,13 @@ from . import functional as F
 from .functional import _check_loss_dtype, _legacy_reduction
 from ._validation import check_ignore_index, check_label_smoothing, check_reduction, check_temperature
 from .calibration import TemperatureScaler
+from .calibration import (DirichletCalibrator, EnsembleTemperatureScaler, HistogramBinning,
+                          IsotonicCalibrator, MatrixScaler, ScalingBinningCalibrator, VectorScaler)
 from .lm_head import LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "LinearCrossEntropyLoss", "TemperatureScaler"]
+__all__ = ["CrossEntropyLoss", "LabelSmoothingLoss", "LinearCrossEntropyLoss", "TemperatureScaler",
+           "DirichletCalibrator", "EnsembleTemperatureScaler", "HistogramBinning", "IsotonicCalibrator",
+           "MatrixScaler", "ScalingBinningCalibrator", "VectorScaler"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
