@@ -20,7 +20,8 @@ VENV        ?= .venv
 VPY         := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 # pyarrow: an optional dependency of softcal (Parquet input); installed here so that its test runs
-DEPS        := numpy scipy matplotlib tqdm pytest ninja setuptools wheel pyarrow
+# scikit-learn: the isotonic-regression oracle of tests/test_calibrators.py (tests only)
+DEPS        := numpy scipy matplotlib tqdm pytest ninja setuptools wheel pyarrow scikit-learn
 # the peers that tests/test_metrics_peers.py compares softcal.metrics with (test environment
 # only, never a dependency of softcal): relplot (smooth ECE), uncertainty-calibration (debiased
 # calibration error), netcal (MMCE, ECE, MCE; it brings pyro-ppl, gpytorch and tensorboard)

@@ -57,14 +57,14 @@ inline void define_ops(torch::Library& m) {
       "float z_loss=0., float softcap=0.) -> (Tensor grad_logits, Tensor grad_temperature)");
   // Fused forward: loss and the gradient for an upstream gradient of 1, in one call.
   //   grad_temperature: () for mean/sum; (rows,) per-row dL_i/dT for none.
-  //   lse_out: when given, (rows, 2) acc contiguous, written with every row's [m, ls] (ignored
-  //   rows' too), as cross_entropy_fwd's with lse_all_rows.
   m.def(
       "cross_entropy_fused(Tensor logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction, "
-      "bool need_temperature_grad, float z_loss=0., float softcap=0., Tensor(b!)? lse_out=None) "
+      "bool need_temperature_grad, float z_loss=0., float softcap=0.) "
       "-> (Tensor loss, Tensor grad_logits, Tensor grad_temperature)");
   // The same, writing the gradient into the logits' own buffer (logits must be contiguous).
+  //   lse_out: when given, (rows, 2) acc contiguous, written with every row's [m, ls] (ignored
+  //   rows' too), as cross_entropy_fwd's with lse_all_rows.
   m.def(
       "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction, "
@@ -140,6 +140,17 @@ inline void define_ops(torch::Library& m) {
       "Tensor mass, Tensor? temperature_t, float temperature, float label_smoothing, "
       "int reduction, bool need_logits_grad, bool need_target_grad, bool need_temperature_grad) "
       "-> (Tensor grad_logits, Tensor grad_target, Tensor grad_temperature)");
+  // ---------------------------------------------------------------- calibrators (CPU only)
+  // Isotonic regression, one problem per row (softcal.nn.IsotonicCalibrator's fit; no CUDA
+  // kernel: the calibrator fits on the CPU). x, y: (K, n) float64 CPU, x without NaN, y finite;
+  // w: (K, n) float64 > 0, or None for weights 1. Row k: the non-decreasing least-squares fit of
+  // y_k on x_k with weights w_k (points with equal x pooled; adjacent blocks with equal means
+  // merged), as knots: each block gives (its smallest x, its mean) and, when it spans more than
+  // one x, (its largest x, its mean); linear interpolation through them is the fit.
+  //   knots_x, knots_v: (K, n) float64, row k's first counts[k] entries are its knots (x strictly
+  //     increasing), the rest repeat the last knot; counts: (K,) int64 (0 only when n = 0);
+  //   fitted: (K, n) float64, the fit's value at each point (its block's mean), x's order.
+  m.def("isotonic_fit(Tensor x, Tensor y, Tensor? w) -> (Tensor knots_x, Tensor knots_v, Tensor counts, Tensor fitted)");
 }
 
 }  // namespace softcal

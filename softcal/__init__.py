@@ -11,11 +11,16 @@
 
 :func:`backend` (a query, not a setter) tells which implementation runs on a device: the
 compiled extension or the pure-PyTorch reference.
+
+:mod:`softcal.distributed` and :mod:`softcal.plots` are loaded on first access
+(``softcal.plots.reliability_diagram(...)`` works after a plain ``import softcal``), so that
+importing softcal imports neither matplotlib nor softcal's torch.distributed code.
 """
 
-from typing import Union
+import importlib as _importlib
+from typing import Union as _Union
 
-import torch  # noqa: F401  (the extension links against torch: load it first)
+import torch as _torch  # the extension links against torch: load it first
 
 from . import _ops
 from ._ops import HAVE_EXTENSION
@@ -34,16 +39,34 @@ __all__ = [
     "TemperatureScaler",
     "backend",
     "cross_entropy",
+    "distributed",
     "linear_cross_entropy",
     "log_softmax",
     "metrics",
     "nn",
+    "plots",
     "softmax",
     "temperature_stats",
 ]
 
+# Submodules imported on first attribute access (PEP 562): plots needs matplotlib, distributed
+# is of use only under torch.distributed; neither is imported by `import softcal`.
+_LAZY_SUBMODULES = ("distributed", "plots")
 
-def backend(device: Union[str, torch.device] = "cpu") -> str:
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        module = _importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
+
+def backend(device: _Union[str, _torch.device] = "cpu") -> str:
     """Which implementation runs on `device`: a query; it selects nothing.
 
     Returns "extension" when the compiled kernels serve this device type, "reference" when the
@@ -57,11 +80,11 @@ def backend(device: Union[str, torch.device] = "cpu") -> str:
         ValueError: when `device` is not a device (e.g. backend("reference"): to know whether
             the extension loaded at all, read softcal.HAVE_EXTENSION).
     """
-    if not isinstance(device, (str, torch.device)):
+    if not isinstance(device, (str, _torch.device)):
         raise TypeError(f"softcal.backend: device must be a device string such as 'cpu' or 'cuda' "
                         f"or a torch.device, got {type(device).__name__}")
     try:
-        device_type = torch.device(device).type
+        device_type = _torch.device(device).type
     except RuntimeError:
         raise ValueError(
             f"softcal.backend: device must be a device string such as 'cpu' or 'cuda', got "

@@ -104,8 +104,7 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("softcal::cross_entropy_fused")
     def _tsce_fused_fake(logits, target, weight, temperature_t, temperature, label_smoothing,
-                         ignore_index, reduction, need_temperature_grad, z_loss=0.0, softcap=0.0,
-                         lse_out=None):
+                         ignore_index, reduction, need_temperature_grad, z_loss=0.0, softcap=0.0):
         loss = logits.new_empty((logits.shape[0],) if reduction == 0 else (), dtype=_acc(logits.dtype))
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         return loss, grad, _fused_grad_t_fake(logits, temperature_t, reduction)
@@ -155,6 +154,27 @@ if HAVE_EXTENSION:
                                       smooth_coef, class_offset, ignore_index, need_temperature_grad):
         return logits.new_empty((logits.shape[0], 2), dtype=_acc(logits.dtype))
 
+    # ------------------------------------------------------------------ version counters
+    # The ops that write into an argument (schema `Tensor(a!)`, the first argument of each)
+    # move its version counter, as PyTorch's own in-place ops do: an autograd node that saved
+    # that tensor then raises "modified by an inplace operation" at backward instead of
+    # reading the new values. (The dispatcher does not do it for C++-defined custom ops.)
+    _MUTABLE = tuple(op for op in OPS if op.endswith("_"))
+    _after_inplace_keys = torch._C._after_ADInplaceOrView_keyset
+    _impl_lib = torch.library.Library("softcal", "IMPL")  # noqa: TOR901  (kept for the process)
+
+    def _version_bumping(name):
+        op = getattr(ops, name).default
+
+        def kernel(keyset, written, *args):
+            torch.autograd.graph.increment_version(written)
+            return op.redispatch(keyset & _after_inplace_keys, written, *args)
+
+        return kernel
+
+    for _name in _MUTABLE:
+        _impl_lib.impl(_name, _version_bumping(_name), "ADInplaceOrView", with_keyset=True)
+
     # ------------------------------------------------------------------ autograd
     def _tsce_setup_context(ctx, inputs, output):
         logits, target, weight, temperature_t, temperature, eps, ignore_index, reduction = inputs[:8]
@@ -193,7 +213,9 @@ if HAVE_EXTENSION:
                 logits, target, temperature=temperature_t if temperature_t is not None else temperature,
                 label_smoothing=eps, weight=weight, ignore_index=ignore_index,
                 reduction=_REDUCTION_NAMES[reduction], z_loss=z_loss, softcap=softcap or None)
-            grads = torch.autograd.grad(loss, inputs, grad_loss, create_graph=True,
+            # grad_loss comes in the op's loss dtype (the accumulation dtype), the reference's
+            # loss in the logits' dtype
+            grads = torch.autograd.grad(loss, inputs, grad_loss.to(loss.dtype), create_graph=True,
                                         allow_unused=True)
         grads = list(grads)
         grad_x = grads.pop(0) if need_x else None
@@ -224,6 +246,94 @@ if HAVE_EXTENSION:
 
     torch.library.register_autograd("softcal::cross_entropy_fwd", _tsce_backward,
                                     setup_context=_tsce_setup_context)
+
+    # ------------------------------------------------------------------ fused modes
+    # fused=True: cross_entropy_fused returns the loss and the gradient for an upstream gradient
+    # of 1; its backward scales that saved gradient by the upstream one, in place (scale_rows_:
+    # no pass at all for a 0-dim 1), and returns it. inplace=True: cross_entropy_fused_ writes
+    # the gradient into the logits' own buffer (a mutable op: no autograd formula can be
+    # registered on it), and cross_entropy_inplace_loss (below) carries the autograd: its input
+    # is the logits after the write and its backward scales and returns that buffer. In eager
+    # mode both backwards scale the saved buffer in place, so they run once per forward; traced
+    # (torch.compile), the backward scales out of place and the forward's write is
+    # functionalized (Inductor writes into the logits' buffer when nothing else reads it).
+    _FUSED_ONCE = ("softcal.cross_entropy(fused=True): the backward scales the stored gradient in "
+                   "place and can run only once per forward; use fused=False to call backward "
+                   "twice (retain_graph=True, gradcheck)")
+    _FUSED_NO_DOUBLE = ("softcal.cross_entropy(fused=True): double backward (backward with "
+                        "create_graph=True) is not supported, because the gradient was computed in "
+                        "the forward; use fused=False for second derivatives")
+
+    def _fused_grads(ctx, grad_loss, need_x, need_t):
+        """(dL/dlogits, dL/dT) from the saved (gradient, per-row or total dL/dT) and grad_loss."""
+        if torch.is_grad_enabled():
+            raise RuntimeError(_FUSED_NO_DOUBLE)
+        if need_x and ctx.used:
+            raise RuntimeError(_FUSED_ONCE)
+        grad, grad_t = ctx.saved_tensors
+        gx = gt = None
+        if need_x:
+            ctx.used = True
+            if type(grad) is torch.Tensor:
+                # eager: the buffer is scaled in place (a 0-dim 1 costs no pass, checked on
+                # the device) and handed on as the gradient
+                ops.scale_rows_(grad, grad_loss)
+                gx = grad
+            else:
+                # traced (torch.compile, export, opcheck: functional/fake tensors): out of place,
+                # so that the traced backward mutates no tensor of the forward
+                scale = grad_loss.reshape(-1, 1) if grad_loss.dim() else grad_loss
+                gx = torch.mul(grad, scale).to(grad.dtype)
+        if need_t:  # grad_t: (rows,) for "none", () otherwise; the sum of a 0-dim is itself
+            gt = (grad_t * grad_loss).sum()
+        return gx, gt
+
+    def _fused_setup_context(ctx, inputs, output):
+        _, grad, grad_t = output
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(grad, grad_t)
+        ctx.used = False
+        ctx.mark_non_differentiable(grad, grad_t)
+        ctx.set_materialize_grads(False)
+
+    def _fused_backward(ctx, grad_loss, grad_grad, grad_grad_t):
+        if grad_loss is None:
+            return (None,) * ctx.n_inputs
+        need_t = ctx.needs_input_grad[3]
+        gx, gt = _fused_grads(ctx, grad_loss, ctx.needs_input_grad[0], need_t)
+        return (gx, None, None, gt) + (None,) * (ctx.n_inputs - 4)
+
+    torch.library.register_autograd("softcal::cross_entropy_fused", _fused_backward,
+                                    setup_context=_fused_setup_context)
+
+    @torch.library.custom_op("softcal::cross_entropy_inplace_loss", mutates_args=())
+    def cross_entropy_inplace_loss(logits: torch.Tensor, loss: torch.Tensor,
+                                   temperature_t: Optional[torch.Tensor],
+                                   grad_temperature: torch.Tensor) -> torch.Tensor:
+        """The loss of cross_entropy_fused_ (a copy of `loss`), differentiable: `logits` is the
+        buffer that cross_entropy_fused_ wrote the gradient into (its values are not read here);
+        the backward returns that buffer scaled by the upstream gradient as dL/dlogits, and
+        sum(grad_temperature * upstream) as dL/dT."""
+        return loss.clone()
+
+    @cross_entropy_inplace_loss.register_fake
+    def _inplace_loss_fake(logits, loss, temperature_t, grad_temperature):
+        return torch.empty_like(loss)
+
+    def _inplace_setup_context(ctx, inputs, output):
+        logits, _, _, grad_t = inputs
+        ctx.save_for_backward(logits, grad_t)  # saved after the write: at the bumped version
+        ctx.used = False
+        ctx.set_materialize_grads(False)
+
+    def _inplace_backward(ctx, grad_loss):
+        if grad_loss is None:
+            return None, None, None, None
+        gx, gt = _fused_grads(ctx, grad_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        return gx, None, gt, None
+
+    cross_entropy_inplace_loss.register_autograd(_inplace_backward,
+                                                 setup_context=_inplace_setup_context)
 
     def _softmax_setup_context(ctx, inputs, output):
         x, temperature_t, temperature, dim, log = inputs
@@ -326,7 +436,7 @@ if HAVE_EXTENSION:
             loss = soft_cross_entropy(
                 logits, target, temperature=temperature_t if temperature_t is not None else temperature,
                 label_smoothing=eps, weight=weight, reduction=_REDUCTION_NAMES[reduction])
-            grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True,
+            grads = iter(torch.autograd.grad(loss, inputs, grad_loss.to(loss.dtype), create_graph=True,
                                              allow_unused=True)) if inputs else iter(())
             out = [None] * 7
             for i, t, need in wanted:

@@ -47,10 +47,11 @@ def soft_cross_entropy(
     Args:
         fn: the public name, for error messages.
         logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64.
-        target: the logits' shape, dtype and device; row-wise class probabilities.
+        target: the logits' shape and device, their dtype (or float32 beside float16/bfloat16
+            logits); row-wise class probabilities.
         temperature: a float > 0 or a 0-dim tensor (its gradient is returned when it requires it).
         label_smoothing: eps in [0, 1]; the target becomes (1 - eps) t + eps / C.
-        weight: (C,) class weights or None (not differentiable).
+        weight: (C,) class weights in any floating dtype, or None (not differentiable).
         ignore_index: must be negative (PyTorch's rule for probability targets); not used.
         reduction: "mean" (the sum over rows divided by the number of rows, N * d1 * ...),
             "sum" or "none".
@@ -58,7 +59,9 @@ def soft_cross_entropy(
         use_kernel: run the compiled ops (else the reference).
 
     Returns:
-        The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".
+        The loss in the accumulation dtype from the kernels (float32 for float16/bfloat16
+        logits; the caller rounds it to the loss dtype once), in the logits' dtype from the
+        reference: 0-dim for "mean"/"sum", the batch shape for "none".
         Differentiable in the logits, the target and a tensor temperature.
     """
     if ignore_index >= 0:
@@ -85,7 +88,6 @@ def soft_cross_entropy(
         temp_t, temp_f = None, float(temperature)
     red = REDUCTIONS[reduction]
     loss, _, _ = torch.ops.softcal.soft_target_fwd(x, t, weight, temp_t, temp_f, label_smoothing, red)
-    loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
     return loss

@@ -65,7 +65,9 @@ def check_temperature(fn: str, temperature: Temperature, device: torch.device) -
             f"{fn}: temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}"
         )
     value = float(temperature)
-    if not (math.isfinite(value) and value > 0):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is a
+    # SymFloat, which the comparisons guard on (NaN fails both)
+    if not (0.0 < value < math.inf):
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
     return value
 
@@ -97,13 +99,28 @@ def check_ignore_index(fn: str, ignore_index: int) -> int:
     return ignore_index
 
 
+def check_inplace_leaf(fn: str, logits: torch.Tensor, inplace: bool, name: str = "logits") -> None:
+    """Refuse ``fused=True, inplace=True`` on a leaf that requires grad (an ``nn.Parameter``) or
+    a view of one, as PyTorch's own in-place ops do: the gradient would overwrite its values."""
+    if not (inplace and torch.is_grad_enabled() and logits.requires_grad):
+        return
+    base = logits._base if logits._base is not None else logits
+    if logits.is_leaf or (base.is_leaf and base.requires_grad):
+        what = "a leaf tensor" if logits.is_leaf else "a view of a leaf tensor"
+        raise RuntimeError(
+            f"{fn}: a leaf Variable that requires grad is being used in an in-place operation: "
+            f"{name} is {what} that requires grad (an nn.Parameter?), and fused=True, "
+            f"inplace=True would overwrite its values with the gradient; use inplace=False, or "
+            "pass logits computed from it (the output of a layer)")
+
+
 def check_target(fn: str, logits: torch.Tensor, target: torch.Tensor,
                  probabilities: bool = False) -> torch.Tensor:
     """Check the target's type, device and shape against the logits.
 
     Returns class indices as int64. With ``probabilities=True`` a floating target of the
     logits' shape (class probabilities) is accepted too and returned as it is; it must have the
-    logits' dtype and device.
+    logits' device, and their dtype (or float32 beside float16/bfloat16 logits).
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
@@ -114,7 +131,8 @@ def check_target(fn: str, logits: torch.Tensor, target: torch.Tensor,
                 f"of the logits' shape {tuple(logits.shape)}; got dtype {target.dtype} and shape "
                 f"{tuple(target.shape)}"
             )
-        if target.dtype != logits.dtype:
+        half_logits = logits.dtype in (torch.float16, torch.bfloat16)
+        if target.dtype != logits.dtype and not (half_logits and target.dtype == torch.float32):
             raise TypeError(
                 f"{fn}: class-probability target has dtype {target.dtype} but logits has dtype "
                 f"{logits.dtype}"
@@ -156,8 +174,8 @@ def check_weight(fn: str, logits: torch.Tensor, weight: Optional[torch.Tensor]) 
             f"{fn}: weight has shape {tuple(weight.shape)} but logits has {n_classes} classes "
             f"(expected shape ({n_classes},))"
         )
-    if weight.dtype != logits.dtype:
-        raise TypeError(f"{fn}: weight has dtype {weight.dtype} but logits has dtype {logits.dtype}")
+    if not weight.dtype.is_floating_point:  # any floating dtype: read in the accumulation type
+        raise TypeError(f"{fn}: weight must be a floating tensor, got dtype {weight.dtype}")
     if weight.device != logits.device:
         raise ValueError(f"{fn}: weight is on {weight.device} but logits is on {logits.device}")
     if weight.requires_grad and torch.is_grad_enabled():

@@ -1,8 +1,10 @@
 """The ``softcal`` command: post-hoc calibration of a classifier's saved outputs.
 
     softcal calibrate [VAL] [--test TEST] [--save T.json] ...   fit T, report before/after
+    softcal calibrate [VAL] --method M [--save CAL.json] ...    another calibrator (vector, ...)
+    softcal compare [VAL] [--test TEST] ...                     every method, one table
     softcal evaluate FILE [--temperature T|T.json] ...          metrics and diagram, no fitting
-    softcal apply FILE --temperature T|T.json [--out OUT] ...   write calibrated probabilities
+    softcal apply FILE --temperature T|T.json|CAL.json ...      write calibrated probabilities
     softcal bench [...]                                         the loss benchmark (quick)
 
 ``softcal`` and ``python -m softcal`` with no arguments run ``softcal calibrate`` on the embedded
@@ -34,6 +36,7 @@ import torch
 from . import _io
 from ._cli import apply as _apply_cmd
 from ._cli import calibrate as _calibrate_cmd
+from ._cli import compare as _compare_cmd
 from ._cli import evaluate as _evaluate_cmd
 from ._cli.common import (DEFAULT_DATA, EXIT_CODES, EXIT_FAILURE, EXIT_OK, EXIT_PIPE, EXIT_USAGE,
                           FORMATS_LINE)
@@ -45,7 +48,8 @@ __all__ = ["main", "load_scores", "DEFAULT_DATA", "EXIT_OK", "EXIT_FAILURE", "EX
 DEFAULT_CHUNK_ROWS = _apply_cmd.DEFAULT_CHUNK_ROWS
 
 #: the commands: name -> module with add_parser(subparsers) and run(args) -> exit status
-COMMANDS = {"calibrate": _calibrate_cmd, "evaluate": _evaluate_cmd, "apply": _apply_cmd}
+COMMANDS = {"calibrate": _calibrate_cmd, "evaluate": _evaluate_cmd, "apply": _apply_cmd,
+            "compare": _compare_cmd}
 
 
 def load_scores(path: str, allow_pickle: bool = False) -> Dict[str, Split]:

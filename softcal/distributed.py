@@ -36,22 +36,24 @@ Data-parallel calibration
 
 from __future__ import annotations
 
-import math
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
 from . import _ops, reference
+from ._agree import agree_on
+from ._teardown import import_before_groups
 from ._validation import (
     check_ignore_index,
     check_label_smoothing,
-    check_logits,
     check_reduction,
-    check_target,
     check_temperature,
-    check_weight,
-    flatten_classes,
 )
+from ._vocab_checks import _FN, _agreed_layout, _check_call, _mesh_group
+
+# torch.distributed.nn.functional binds the world group into default arguments when imported;
+# imported now, before any group exists, it cannot keep one alive (softcal/_teardown.py)
+import_before_groups()
 
 __all__ = [
     "VocabParallelCrossEntropy",
@@ -68,9 +70,6 @@ __all__ = [
 
 Temperature = Union[float, torch.Tensor]
 ProcessGroup = Any  # torch.distributed.ProcessGroup (None: the default group)
-
-_FN = "softcal.distributed.vocab_parallel_cross_entropy"
-
 
 # ---------------------------------------------------------------------- kernels or reference
 def _kernel(device: torch.device, op: str) -> bool:
@@ -199,41 +198,6 @@ def padding_mask(sampler: Any) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the loss
-def _unwrap_dtensor(logits, target, weight, group):
-    """A DTensor sharded on the class dimension -> (local tensor, target, weight slice, group)."""
-    try:
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-    except ImportError:  # pragma: no cover (torch without DTensor)
-        return logits, target, weight, group
-    if isinstance(target, DTensor):
-        if not all(isinstance(p, Replicate) for p in target.placements):
-            raise ValueError(f"{_FN}: a DTensor target must be replicated, got placements "
-                             f"{target.placements}")
-        target = target.to_local()
-    if not isinstance(logits, DTensor):
-        if isinstance(weight, DTensor):
-            raise TypeError(f"{_FN}: weight is a DTensor but logits is not")
-        return logits, target, weight, group
-    mesh = logits.device_mesh
-    if mesh.ndim != 1:
-        raise ValueError(f"{_FN}: a DTensor logits must live on a 1-D device mesh, got a "
-                         f"{mesh.ndim}-D mesh")
-    class_dim = 0 if logits.dim() == 1 else 1
-    placement = logits.placements[0]
-    if not (isinstance(placement, Shard) and placement.dim % logits.dim() == class_dim):
-        raise ValueError(f"{_FN}: a DTensor logits must be sharded on the class dimension "
-                         f"(Shard({class_dim}) or Shard(-1) for (N, C)), got {placement}")
-    if group is not None:
-        raise ValueError(f"{_FN}: group must be None with a DTensor (its mesh gives the group)")
-    group = mesh.get_group()
-    if isinstance(weight, DTensor):
-        wp = weight.placements[0]
-        if not isinstance(wp, Shard):
-            raise ValueError(f"{_FN}: a DTensor weight must be Shard(0), got {wp}")
-        weight = weight.to_local()
-    return logits.to_local(), target, weight, group
-
-
 def _exp_finite(m, big_m, ls, beta):
     """exp(beta (m - M) + ls), 0 where m = -inf (also when M = -inf)."""
     finite = ~torch.isneginf(m)
@@ -449,44 +413,16 @@ def vocab_parallel_cross_entropy(
         same on every rank. The gradient of ``logits_local`` is this rank's slice of the full
         gradient. Class-probability (soft) targets are not supported here.
     """
-    logits_local, target, weight, group = _unwrap_dtensor(logits_local, target, weight, group)
-    check_logits(_FN, logits_local, name="logits_local")
-    target = check_target(_FN, logits_local, target)
-    weight = check_weight(_FN, logits_local, weight)
-    temperature = check_temperature(_FN, temperature, logits_local.device)
-    eps = check_label_smoothing(_FN, label_smoothing)
-    red = check_reduction(_FN, reduction)
-    ignore_index = check_ignore_index(_FN, ignore_index)
-    if inplace and not fused:
-        raise ValueError(f"{_FN}: inplace=True needs fused=True, got fused={fused!r}")
-    n_local = logits_local.shape[0] if logits_local.dim() == 1 else logits_local.shape[1]
-    if class_offset is None:
-        if num_classes is not None:
-            raise ValueError(f"{_FN}: num_classes is only used with class_offset; got "
-                             f"num_classes={num_classes!r} and class_offset=None")
-        offset, n_classes, _ = class_offsets(n_local, group)
-    else:
-        for name, v in (("class_offset", class_offset), ("num_classes", num_classes)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{_FN}: {name} must be an int with class_offset given, got "
-                                f"{type(v).__name__}")
-        offset, n_classes = class_offset, num_classes
-        if not 0 <= offset <= offset + n_local <= n_classes:
-            raise ValueError(f"{_FN}: the slice [class_offset, class_offset + C_local) = "
-                             f"[{offset}, {offset + n_local}) is not inside [0, num_classes = "
-                             f"{n_classes})")
-    if logits_local.dim() > 2 and n_local == 0:  # reshape(-1, 0) cannot infer the rows
-        batch_shape = (logits_local.shape[0],) + tuple(logits_local.shape[2:])
-        x = logits_local.movedim(1, -1).reshape(math.prod(batch_shape), 0)
-        t = target.reshape(-1)
-    else:
-        x, t, batch_shape = flatten_classes(logits_local, target)
-    if t.device.type == "cpu" and t.numel():
-        bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{_FN}: target[{i}] = {int(t[i])} is out of range for {n_classes} "
-                             f"classes (ignore_index = {ignore_index})")
+    _dist()
+    group = _mesh_group(logits_local, group)
+
+    def checks(sig):
+        return _check_call(sig, logits_local, target, weight, group, class_offset, num_classes,
+                           temperature, label_smoothing, ignore_index, reduction, fused, inplace)
+
+    checked, agreed = agree_on(_FN, group, checks)
+    x, t, batch_shape, weight, temperature, eps, red, ignore_index = checked
+    offset, n_classes = _agreed_layout(agreed, ignore_index)
     if isinstance(temperature, torch.Tensor):
         temp_t, temp_f = temperature, 1.0
     else:

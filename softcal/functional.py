@@ -16,6 +16,7 @@ import torch
 from . import _ops, _soft, reference
 from ._validation import (
     check_ignore_index,
+    check_inplace_leaf,
     check_label_smoothing,
     check_logits,
     check_reduction,
@@ -53,61 +54,50 @@ def _split_temperature(temperature):
     return None, float(temperature)
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """Loss and gradient in one kernel call; backward only rescales the stored gradient."""
-
-    @staticmethod
-    def forward(ctx, x, temperature_t, target, weight, temperature, eps, ignore_index, reduction,
-                inplace, z_loss=0.0, softcap=0.0, want_lse=False):
-        # returns (loss, the rows' [m, ls] (rows, 2) acc, or an empty (0,) tensor unless want_lse)
-        need_t = temperature_t is not None and temperature_t.requires_grad
-        lse_out = x.new_empty((x.shape[0], 2), dtype=_ops._acc(x.dtype)) if want_lse else None
-        if inplace:
-            loss, grad_t = torch.ops.softcal.cross_entropy_fused_(x, target, weight, temperature_t,
-                                                         temperature, eps, ignore_index,
-                                                         reduction, need_t, z_loss, softcap,
-                                                         lse_out)
-            # Declare the mutation: the logits' version counter (shared with the tensor they
-            # are a view of) moves, so that autograd raises "modified by an inplace operation"
-            # at backward for any op that saved them (exp, tanh, sigmoid, softmax, ...) instead
-            # of reading the gradient as if it were the logits. Saved below, after the bump.
-            torch.autograd.graph.increment_version(x)
-            grad = x
-        else:
-            loss, grad, grad_t = torch.ops.softcal.cross_entropy_fused(x, target, weight, temperature_t,
-                                                              temperature, eps, ignore_index,
-                                                              reduction, need_t, z_loss, softcap,
-                                                              lse_out)
-        ctx.save_for_backward(grad, grad_t)
-        ctx.reduction = reduction
-        ctx.used = False
-        lse2 = lse_out if want_lse else x.new_empty((0,), dtype=_ops._acc(x.dtype))
-        ctx.mark_non_differentiable(grad_t, lse2)
+def _fused(x, t, weight, temp_t, temp_f, eps, ignore_index, red, need_t, inplace, zl=0.0,
+           cap=0.0, want_lse=False):
+    """The fused modes (custom ops; autograd registered in softcal._ops): (loss, the rows'
+    [m, ls] (rows, 2) acc when want_lse, else None)."""
+    if not inplace:
+        loss, _, _ = torch.ops.softcal.cross_entropy_fused(x, t, weight, temp_t, temp_f, eps,
+                                                          ignore_index, red, need_t, zl, cap)
+        lse2 = None
+        if want_lse:  # (the fused op returns no lse: one more read of the logits for it)
+            _, lse2, _ = torch.ops.softcal.cross_entropy_fwd(
+                x.detach(), t, weight, temp_t.detach() if temp_t is not None else None, temp_f,
+                eps, ignore_index, 0, zl, cap, True)
         return loss, lse2
+    if not x.is_contiguous():
+        x = x.contiguous()
+    # The gradient is written into the logits' buffer through a detached alias (the write is no
+    # operation of autograd's; it moves the version counter that the alias shares with x, so an
+    # op that saved x raises at backward). cross_entropy_inplace_loss then carries the autograd.
+    detached_t = temp_t.detach() if temp_t is not None else None
+    lse2 = x.new_empty((x.shape[0], 2), dtype=_ops._acc(x.dtype)) if want_lse else None
+    loss, grad_t = torch.ops.softcal.cross_entropy_fused_(x.detach(), t, weight, detached_t, temp_f,
+                                                          eps, ignore_index, red, need_t, zl, cap,
+                                                          lse2)
+    return torch.ops.softcal.cross_entropy_inplace_loss(x, loss, temp_t, grad_t), lse2
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse2):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "softcal.cross_entropy(fused=True): double backward (backward with "
-                "create_graph=True) is not supported, because the gradient was computed in the "
-                "forward; use fused=False for second derivatives")
-        grad, grad_t = ctx.saved_tensors
-        gx = gt = None
-        if ctx.needs_input_grad[0]:
-            if ctx.used:
-                raise RuntimeError(
-                    "softcal.cross_entropy(fused=True): the backward scales the stored gradient in "
-                    "place and can run only once per forward; use fused=False to call backward "
-                    "twice (retain_graph=True, gradcheck)")
-            ctx.used = True
-            # In place: the gradient buffer is used once. A 0-dim grad_loss of 1 is detected on
-            # the device and costs no pass over the gradient.
-            torch.ops.softcal.scale_rows_(grad, grad_loss)
-            gx = grad
-        if ctx.needs_input_grad[1]:
-            gt = (grad_t * grad_loss).sum() if ctx.reduction == 0 else grad_t * grad_loss
-        return gx, gt, None, None, None, None, None, None, None, None, None, None
+
+def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:
+    """PyTorch's deprecated size_average/reduce -> reduction, with PyTorch's warning (the same
+    text, so that filters written for PyTorch's apply)."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        reduction = "mean"
+    elif reduce:
+        reduction = "sum"
+    else:
+        reduction = "none"
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{reduction}' "
+        "instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return reduction
 
 
 def _check_llm_options(fn: str, z_loss, softcap, return_lse) -> Tuple[float, float]:
@@ -135,41 +125,50 @@ def _lse_of(lse2: torch.Tensor, temp_t: Optional[torch.Tensor], temp_f: float) -
 
 
 def cross_entropy(
-    logits: torch.Tensor,
+    input: torch.Tensor,
     target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
     *,
     temperature: Temperature = 1.0,
-    label_smoothing: float = 0.0,
-    weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     fused: bool = False,
     inplace: bool = False,
+    loss_dtype: Optional[torch.dtype] = None,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     return_lse: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Temperature-scaled, label-smoothed cross-entropy.
 
-    Equals ``F.cross_entropy(logits / temperature, target, weight=weight,
-    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)``; with the
-    LLM options (docs/loss.md), ``F.cross_entropy(s, ...) + z_loss * lse(s)**2`` with
-    ``s = softcap * tanh(logits / softcap) / temperature``.
+    Equals ``F.cross_entropy(input / temperature, target, weight, ignore_index=ignore_index,
+    reduction=reduction, label_smoothing=label_smoothing)``, and takes PyTorch's arguments in
+    PyTorch's order (``cross_entropy(x, t, w)`` passes class weights); softcal's own arguments
+    are keyword-only after them. With the LLM options (docs/loss.md),
+    ``F.cross_entropy(s, ...) + z_loss * lse(s)**2`` with
+    ``s = softcap * tanh(input / softcap) / temperature``.
 
     Args:
-        logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or float64; any
-            strides (views are read in place when the classes have a unit stride, else copied
-            once into (rows, C)).
+        input: the logits: (C,), (N, C) or (N, C, d1, ...); float16, bfloat16, float32 or
+            float64; any strides (views are read in place when the classes have a unit stride,
+            else copied once into (rows, C)).
         target: class indices of shape (), (N,) or (N, d1, ...); any integer dtype. Or class
-            probabilities: a floating tensor of the logits' shape, dtype and device (mixup,
-            distillation); then "mean" divides by the number of rows and the target gets its
-            gradient too (see softcal._soft).
-        temperature: a float > 0 or a 0-dim floating tensor on the logits' device; when the
-            tensor requires grad, autograd also returns dL/dT.
-        label_smoothing: eps in [0, 1]; the target distribution is (1 - eps) one-hot + eps / C.
-        weight: (C,) class weights, the logits' dtype and device (not differentiable).
+            probabilities: a floating tensor of the logits' shape and device, in the logits'
+            dtype or float32 for float16/bfloat16 logits (mixup, distillation); then "mean"
+            divides by the number of rows and the target gets its gradient too (see
+            softcal._soft).
+        weight: (C,) class weights on the logits' device, any floating dtype (read in the
+            accumulation precision: float32 for float16/bfloat16 logits); not differentiable.
+        size_average, reduce: deprecated (as in PyTorch); when either is given, ``reduction``
+            is derived from them as PyTorch does, with PyTorch's deprecation warning.
         ignore_index: rows with this target contribute 0 and are not counted by "mean".
         reduction: "mean", "sum" or "none".
+        label_smoothing: eps in [0, 1]; the target distribution is (1 - eps) one-hot + eps / C.
+        temperature: a float > 0 or a 0-dim floating tensor on the logits' device; when the
+            tensor requires grad, autograd also returns dL/dT.
         fused: compute the gradient during the forward (one read and one write of the logits
             in all); backward only rescales it by the upstream gradient. Saves the gradient
             (logits-sized) from forward to backward instead of the per-row log-sum-exp.
@@ -179,6 +178,10 @@ def cross_entropy(
             the logits' version counter, so an op that saved them for its backward (exp, tanh,
             softmax, ...) raises at backward instead of reading the gradient. Nothing is written
             when no gradient is needed, nor into logits whose layout needs a copy.
+        loss_dtype: the dtype of the returned loss (None: the logits' dtype, or float32 for
+            float16/bfloat16 logits under torch.autocast, as PyTorch). The kernels accumulate
+            in float32 for half types, so ``loss_dtype=torch.float32`` gives the loss to
+            float32 precision (for loops that sum many losses) at no cost.
         z_loss: z >= 0: adds z lse(s)^2 per non-ignored row (PaLM's z-loss), summed for "sum",
             divided by the number of non-ignored rows for "mean" (not by the class weights' sum),
             per row (0 at ignored rows) for "none".
@@ -189,17 +192,76 @@ def cross_entropy(
             (no gradient flows through it); NaN for a row with a NaN or +inf logit or, without
             a softcap, every logit -inf.
 
+    Autocast: under ``torch.autocast`` the loss is float32 for float16/bfloat16 logits, and
+    float32 class weights and probability targets are accepted with them, as PyTorch does;
+    the logits are read in their own dtype, never copied to float32 (a probability target of
+    another dtype is cast to float32).
+
     Second derivatives: with fused=False, backward(create_graph=True) returns gradients that
     are differentiable (with respect to the logits and a tensor temperature); fused=True raises.
 
     Returns:
-        The loss in the logits' dtype: 0-dim for "mean"/"sum", the batch shape for "none".
-        float16/bfloat16 are computed in float32 inside the kernel. With return_lse,
+        The loss in ``loss_dtype`` (by default the logits' dtype; float32 under autocast for
+        half types): 0-dim for "mean"/"sum", the batch shape for "none". float16/bfloat16
+        are computed in float32 inside the kernel. With return_lse,
         (loss, lse).
     """
+    logits = input
     fn = "softcal.cross_entropy"
     zl, cap = _check_llm_options(fn, z_loss, softcap, return_lse)
     check_logits(fn, logits)
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction(size_average, reduce)
+    autocast = _autocast_enabled(logits.device)
+    out_dtype = _loss_dtype(fn, logits, loss_dtype, autocast)
+    if autocast and isinstance(target, torch.Tensor):
+        target = _autocast_target(logits, target)
+    result = _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
+                            temperature, fused, inplace, zl, cap, return_lse)
+    loss, lse = result if return_lse else (result, None)
+    loss = loss if loss.dtype == out_dtype else loss.to(out_dtype)
+    return (loss, lse) if return_lse else loss
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def _check_loss_dtype(fn: str, loss_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    if loss_dtype is not None and loss_dtype not in _LOSS_DTYPES:
+        raise TypeError(f"{fn}: loss_dtype must be None or one of torch.float16, torch.bfloat16, "
+                        f"torch.float32, torch.float64, got {loss_dtype!r}")
+    return loss_dtype
+
+
+def _loss_dtype(fn: str, logits: torch.Tensor, loss_dtype: Optional[torch.dtype],
+                autocast: bool) -> torch.dtype:
+    """loss_dtype if given; else float32 for half logits under autocast (PyTorch's autocast
+    runs cross_entropy in float32), else the logits' dtype."""
+    if _check_loss_dtype(fn, loss_dtype) is not None:
+        return loss_dtype
+    return torch.float32 if autocast and logits.dtype in _HALF else logits.dtype
+
+
+def _autocast_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Under autocast, a probability target in a floating dtype that the kernels do not read
+    beside these logits (they read the logits' own, and float32 beside half logits) is cast
+    to float32 (to the logits' dtype for float64 logits), as autocast casts it."""
+    if (not target.dtype.is_floating_point or target.dtype == logits.dtype
+            or (target.dtype == torch.float32 and logits.dtype in _HALF)
+            or target.shape != logits.shape):  # not probabilities: check_target says why
+        return target
+    return target.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
+def _cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
+                   temperature, fused, inplace, zl=0.0, cap=0.0, return_lse=False):
+    """softcal.cross_entropy after the choice of the loss dtype: the loss as the kernel returns
+    it (the accumulation dtype: float32 for half types) or the reference (the logits' dtype)."""
     target = check_target(fn, logits, target, probabilities=True)
     weight = check_weight(fn, logits, weight)
     temperature = check_temperature(fn, temperature, logits.device)
@@ -208,6 +270,7 @@ def cross_entropy(
     ignore_index = check_ignore_index(fn, ignore_index)
     if inplace and not fused:
         raise ValueError(f"{fn}: inplace=True needs fused=True, got fused={fused!r}")
+    check_inplace_leaf(fn, logits, inplace)
     if target.dtype.is_floating_point:  # class probabilities of the logits' shape: softcal._soft
         for name, on in (("z_loss", zl != 0), ("softcap", cap != 0), ("return_lse", return_lse)):
             if on:
@@ -222,20 +285,20 @@ def cross_entropy(
         return reference.cross_entropy(logits, target, temperature=temperature,
                                        label_smoothing=eps, weight=weight,
                                        ignore_index=ignore_index, reduction=reduction,
-                                       z_loss=zl, softcap=softcap, return_lse=return_lse)
+                                       z_loss=zl, softcap=cap or None,
+                                       return_lse=return_lse)
     x, t, batch_shape = flatten_classes(logits, target)
     temp_t, temp_f = _split_temperature(temperature)
-    if fused and torch.is_grad_enabled() and (
-        logits.requires_grad or (temp_t is not None and temp_t.requires_grad)
-    ):
-        if inplace and not x.is_contiguous():
-            x = x.contiguous()
-        loss, lse2 = _FusedCrossEntropy.apply(x, temp_t, t, weight, temp_f, eps, ignore_index,
-                                              red, inplace, zl, cap, return_lse)
+    need_t = temp_t is not None and temp_t.requires_grad
+    lse2 = None
+    if fused and torch.is_grad_enabled() and (logits.requires_grad or need_t):
+        loss, lse2 = _fused(x, t, weight, temp_t, temp_f, eps, ignore_index, red, need_t, inplace,
+                            zl, cap, return_lse)
     else:
         loss, lse2, _ = torch.ops.softcal.cross_entropy_fwd(x, t, weight, temp_t, temp_f, eps,
                                                            ignore_index, red, zl, cap, return_lse)
-    loss = loss.to(logits.dtype)  # the kernels return the loss in the accumulation dtype
+    # the kernels return the loss in the accumulation dtype (float32 for half types):
+    # cross_entropy rounds it once, to the loss dtype
     if red == 0:
         loss = loss.reshape(batch_shape)
     if not return_lse:

@@ -61,7 +61,7 @@ def test_readme_is_short_and_its_links_exist():
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 350, len(text.splitlines())
     for page in [README, *sorted((README.parent / "docs").glob("*.md"))]:
-        for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text(encoding="utf-8")):
+        for target in re.findall(r"\]\(([^)#:\s]+)\)", page.read_text(encoding="utf-8")):
             assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
 
 

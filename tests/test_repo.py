@@ -72,5 +72,5 @@ def test_make_rebuilds_the_extension_only_when_a_source_changed(tmp_path):
     t = _newest_source_ns() + 1_000_000_000  # made after the last change (not "now": a clock
     os.utime(stamp, ns=(t, t))                # behind the sources' file system is no change)
     assert not _dry_run(stamp), "nothing changed since the stamp: no rebuild"
-    for changed in ("csrc/common.h", "csrc/cpu/tsce_cpu.cpp", "setup.py", "pyproject.toml"):
+    for changed in ("csrc/common.h", "csrc/cpu/cross_entropy.cpp", "setup.py", "pyproject.toml"):
         assert _dry_run(stamp, "-W", changed), f"{changed} changed: the extension must be rebuilt"

@@ -258,14 +258,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss,
-    double softcap, const std::optional<at::Tensor>& lse_out) {
+    double softcap) {
   constexpr Op op = Op::kCrossEntropyFused;
   checks::cross_entropy(Backend::kCpu, op, logits, target, weight, temperature_t, temperature,
                         label_smoothing, reduction);
   at::Tensor grad = new_grad_buffer(logits);
   auto [loss, grad_t] = fused_pass(op, logits, grad, target, weight, temperature_t, temperature,
                                    label_smoothing, ignore_index, reduction, need_temperature_grad,
-                                   z_loss, softcap, lse_out);
+                                   z_loss, softcap, std::nullopt);
   return {loss, grad, grad_t};
 }
 

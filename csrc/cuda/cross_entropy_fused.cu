@@ -192,10 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_op(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss, double softcap,
-    const std::optional<at::Tensor>& lse_out) {
+    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss, double softcap) {
   return fused_op(Op::kCrossEntropyFused, logits, target, weight, temperature_t, temperature, label_smoothing,
-                  ignore_index, reduction, need_temperature_grad, z_loss, softcap, lse_out);
+                  ignore_index, reduction, need_temperature_grad, z_loss, softcap, std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_inplace_cuda(

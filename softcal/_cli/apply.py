@@ -32,7 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a = sub.add_parser(
         "apply", help="write calibrated probabilities (or logits) of new data",
         description="Divide FILE's logits by T and write softmax(logits / T) (or, with --logits, "
-                    "logits / T) to --out, chunk by chunk: .npy inputs are memory-mapped and "
+                    "logits / T) to --out (or, given a calibrator saved by calibrate --method M "
+                    "--save, its calibrated probabilities or logits), chunk by chunk: .npy inputs are memory-mapped and "
                     ".npz, CSV and Parquet inputs are read a block of rows at a time, so files "
                     "larger than memory work (.pt and pickles are loaded whole). Labels, when "
                     "FILE has them, are copied (not into .npy, which holds one array). FILE is "
@@ -45,8 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                f"{C.EXIT_CODES}.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("file", metavar="FILE", help="file with scores (labels optional)")
-    a.add_argument("--temperature", "-t", metavar="T|T.json", required=True,
-                   help="the temperature: a number > 0, or the file written by calibrate --save")
+    a.add_argument("--temperature", "-t", metavar="T|T.json|CAL.json", required=True,
+                   help="the temperature: a number > 0, or the file written by calibrate --save "
+                        "(a temperature, or with --method M any calibrator)")
     a.add_argument("--out", "-o", default=None, metavar="OUT",
                    help="output file, in an existing folder (default: FILE-calibrated.<suffix>)")
     a.add_argument("--logits", action="store_true",
@@ -85,15 +87,38 @@ def temperature_transform(t: float, device: torch.device,
     return transform
 
 
+def calibrator_transform(cal: torch.nn.Module, device: torch.device
+                         ) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor]:
+    """x -> the calibrator's calibrated logits (log-probabilities for ETS and the binning
+    calibrators) computed in a dtype, as :func:`temperature_transform` for T."""
+    cal = cal.to(device)
+
+    def transform(x: torch.Tensor, in_dtype: torch.dtype) -> torch.Tensor:
+        return cal(x.to(in_dtype))
+
+    return transform
+
+
 def run(args: argparse.Namespace) -> int:
+    from .calibrators import read_calibrator
+
     device = C.device(args.device)
-    t, t_from = C.read_temperature(args.temperature)
+    loaded = read_calibrator(args.temperature)  # a calibrator saved by calibrate --method M --save
+    if loaded is None:
+        t, t_from = C.read_temperature(args.temperature)
+        what = f"T = {t:g}"
+    else:
+        t, t_from = math.nan, args.temperature
+        what = f"the {loaded[1]} calibrator"
     if args.chunk_rows < 1:
         raise C.CLIError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
     src_path = Path(args.file)
     src = _io.open_scores(src_path, probs=args.probs, **C.columns(args))
     out = output_path(src_path, args.out)
     C.check_outputs([("--out", out)], [src_path, C.temperature_file(args.temperature)])
+    if loaded is not None and src.classes != int(loaded[0].hyperparameters["classes"]):
+        raise C.CLIError(f"{src_path} has {src.classes} classes but {what} in {t_from} was fitted "
+                         f"on {int(loaded[0].hyperparameters['classes'])}")
     suffix = out.suffix.lower()
     if suffix == ".parquet":
         _io._pyarrow()
@@ -103,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     if suffix == ".pt":  # held in memory until torch.save
         check_memory(out, f"the {src.rows} x {src.classes} output (.pt is written whole)",
                      src.rows * src.classes * dtype.itemsize)
-    transform = temperature_transform(t, device, tdtype)
+    transform = (temperature_transform(t, device, tdtype) if loaded is None
+                 else calibrator_transform(loaded[0], device))
 
     def calibrated() -> Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]:
         done = 0
@@ -115,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 x = torch.from_numpy(np.array(s, order="C")).to(device)  # a copy: s may be read-only
                 if args.probs:
                     x = torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
-                v = _calibrate_chunk(x, transform, tdtype, args.logits, t, done)
+                v = _calibrate_chunk(x, transform, tdtype, args.logits, what, done, loaded is not None)
                 bar.update(s.shape[0])
                 done += s.shape[0]
                 yield v.cpu().numpy(), y
@@ -124,28 +150,38 @@ def run(args: argparse.Namespace) -> int:
         _io.write_chunks(tmp, calibrated(), rows=src.rows, classes=src.classes, dtype=dtype, key=key,
                          label_name=src.label_name, columns=src.columns, suffix=suffix,
                          has_labels=src.has_labels)
-    C.say(args, f"softcal apply: T = {t:.4g} (from {t_from}) applied to {src.rows} rows x "
+    shown = what if loaded is not None else f"T = {t:.4g}"
+    C.say(args, f"softcal apply: {shown} (from {t_from}) applied to {src.rows} rows x "
                 f"{src.classes} classes of {src_path}\n  wrote {key}"
                 + (" and labels" if src.has_labels and suffix != ".npy" else "")
                 + f" ({dtype.name}) to {out}")
     return C.EXIT_OK
 
 
-def _calibrate_chunk(x: torch.Tensor, transform, tdtype: torch.dtype, logits: bool, t: float,
-                     start: int) -> torch.Tensor:
-    """logits / T or softmax(logits / T) in ``tdtype``; the probabilities are computed in float64
-    where logits / T overflows ``tdtype``; refused (CLIError) where the result cannot be
-    represented in ``tdtype``."""
+def _calibrate_chunk(x: torch.Tensor, transform, tdtype: torch.dtype, logits: bool, what: str,
+                     start: int, calibrator: bool = False) -> torch.Tensor:
+    """The transform's calibrated logits, or their softmax, in ``tdtype``; the probabilities are
+    computed in float64 where the logits overflow ``tdtype``; refused (CLIError) where the
+    result cannot be represented in ``tdtype``. ``what``: "T = 0.5" or "the matrix calibrator".
+    A calibrator's -inf (the log of a probability 0: binning calibrators with min_prob=0) is a
+    value, not an overflow."""
+    def bad(z: torch.Tensor) -> torch.Tensor:
+        return (torch.isnan(z) | (z == math.inf)) if calibrator else ~torch.isfinite(z)
+
+    def refuse(z: torch.Tensor, dtype: torch.dtype) -> None:
+        row = start + int(bad(z).any(1).nonzero()[0, 0])
+        if calibrator:
+            raise C.CLIError(f"{what} gives calibrated logits that are not {str(dtype)[6:]} numbers "
+                             f"(NaN or +inf) in row {row}")
+        raise C.CLIError(f"{what} is too small for these scores: logits / T is not a finite "
+                         f"{str(dtype)[6:]} in row {row}; use a larger T"
+                         + (" or float64 scores" if dtype != torch.float64 else ""))
+
     z = transform(x, tdtype)
-    if not bool(torch.isfinite(z).all()):
+    if bool(bad(z).any()):
         if logits or tdtype == torch.float64:
-            row = start + int((~torch.isfinite(z)).any(1).nonzero()[0, 0])
-            raise C.CLIError(f"T = {t:g} is too small for these scores: logits / T is not a finite "
-                             f"{str(tdtype)[6:]} in row {row}; use a larger T"
-                             + (" or float64 scores" if tdtype != torch.float64 else ""))
+            refuse(z, tdtype)
         z = transform(x, torch.float64)
-        if not bool(torch.isfinite(z).all()):
-            row = start + int((~torch.isfinite(z)).any(1).nonzero()[0, 0])
-            raise C.CLIError(f"T = {t:g} is too small for these scores: logits / T is not a finite "
-                             f"float64 in row {row}; use a larger T")
+        if bool(bad(z).any()):
+            refuse(z, torch.float64)
     return z if logits else torch.softmax(z, dim=1).to(tdtype)

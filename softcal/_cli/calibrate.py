@@ -18,7 +18,11 @@ from .. import _io
 from . import common as C
 from .report import calibrate_table
 
-__all__ = ["add_parser", "run"]
+#: every method of ``--method`` (ts: temperature scaling, this module; the others:
+#: :mod:`softcal._cli.calibrators`)
+METHODS = ("ts", "vector", "matrix", "dirichlet", "ets", "histogram", "isotonic", "scaling-binning")
+
+__all__ = ["METHODS", "FitData", "add_parser", "read_fit_data", "run"]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -28,7 +32,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "ECE, MCE, Brier (and more) before and after on TEST (or on VAL's test split, "
                     "or on VAL itself), and write reliability_diagram.png and report.json into "
                     "--out DIR. With no VAL: the embedded DenseNet-40 / CIFAR-10 logits (fit on "
-                    "the 5000-row validation split, evaluated on the 10000-row test split).",
+                    "the 5000-row validation split, evaluated on the 10000-row test split). "
+                    "--method fits another calibrator instead of T (vector, matrix or Dirichlet "
+                    "scaling, ETS, histogram binning, isotonic regression, scaling-binning).",
         epilog=f"{C.FORMATS_LINE}\n{C.EXIT_CODES}.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("val", nargs="?", default=None, metavar="VAL",
@@ -43,6 +49,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--bins", type=int, default=15,
                    help=f"equal-width bins for ECE/MCE, 1 to {C.MAX_BINS} (default: 15)")
     c.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    c.add_argument("--method", default="ts", choices=METHODS,
+                   help="calibration method (default: ts, temperature scaling); the others are "
+                        "softcal.nn's calibrators, fitted with their default options "
+                        "(docs/calibrators.md); --save writes any of them for softcal apply")
     C.add_input_options(c)
     return c
 
@@ -89,35 +99,41 @@ def _fit(xv: torch.Tensor, yv: torch.Tensor, progress: bool):
     return result, [str(w.message) for w in caught]
 
 
-def run(args: argparse.Namespace) -> int:
-    from .. import backend, metrics, plots
+class FitData:
+    """What calibrate (any --method) and compare read: the fit rows (xv, yv), the rows the
+    metrics are computed on (xt, yt), their names, and the output files of --out."""
 
-    t_start = time.perf_counter()
-    C.check_bins(args.bins)
-    if args.val is None and args.test is not None:
-        raise C.CLIError("--test needs a validation file to fit the temperature on: softcal calibrate "
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def read_fit_data(args: argparse.Namespace, command: str, outputs: List[Tuple[str, Path]],
+                  fit_what: str = "the temperature") -> FitData:
+    """Check the options and outputs (before anything is read), then read VAL (or the embedded
+    logits) and TEST as calibrate reads them: fit on VAL's val split (or VAL), evaluate on TEST,
+    VAL's test split, or VAL itself."""
+    val_arg = getattr(args, "val", None)
+    if val_arg is None and args.test is not None:
+        raise C.CLIError(f"--test needs a validation file to fit {fit_what} on: softcal {command} "
                          "VAL --test TEST (to fit and evaluate on one file, give it as VAL: softcal "
-                         f"calibrate {args.test})")
-    if args.val is None and args.probs:
+                         f"{command} {args.test})")
+    if val_arg is None and args.probs:
         raise C.CLIError("--probs does not apply to the embedded default (it holds logits)")
     device = C.device(args.device)
-    out = Path(args.out)
-    png, js = out_files(out)
-    check_out_dir(out)
-    inputs = [C.DEFAULT_DATA if args.val is None else Path(args.val)]
+    inputs = [C.DEFAULT_DATA if val_arg is None else Path(val_arg)]
     if args.test is not None:
         inputs.append(Path(args.test))
-    outputs = [("--out", png), ("--out", js)] + ([("--save", Path(args.save))] if args.save else [])
     C.check_outputs(outputs, inputs, create_folders=True)
 
-    if args.val is None:
+    if val_arg is None:
         data = _io.load_embedded()
         name, probs = C.DEFAULT_NAME, False
     else:
-        data = C.read(args, args.val, probs=args.probs)
-        name, probs = args.val, args.probs
+        data = C.read(args, val_arg, probs=args.probs)
+        name, probs = val_arg, args.probs
     val = data["val"]
     test: Optional[_io.Split] = None
+    eval_split = "the same data (no test split given)"
     if args.test is not None:
         tdata = C.read(args, args.test, probs=probs)
         test = tdata.get("test", tdata["val"])
@@ -125,18 +141,37 @@ def run(args: argparse.Namespace) -> int:
     elif "test" in data:
         test = data["test"]
         eval_split = "test split"
-    fit_split = "val split" if "test" in data else (args.val or "val")
-    if test is None:
-        eval_split = "the same data (no test split given)"
+    fit_split = "val split" if "test" in data else (val_arg or "val")
     if test is not None and test[0].shape[1] != val[0].shape[1]:
         raise C.CLIError(f"the test scores have {test[0].shape[1]} classes but the validation scores "
                          f"have {val[0].shape[1]}")
-
     xv, yv = C.logits(val[0], probs, device), torch.from_numpy(val[1]).to(device)
     if test is not None:
         xt, yt = C.logits(test[0], probs, device), torch.from_numpy(test[1]).to(device)
     else:
         xt, yt = xv, yv
+    return FitData(name=name, probs=probs, data=data, xv=xv, yv=yv, xt=xt, yt=yt,
+                   fit_split=fit_split, eval_split=eval_split, device=device)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import backend, metrics, plots
+
+    t_start = time.perf_counter()
+    C.check_bins(args.bins)
+    out = Path(args.out)
+    png, js = out_files(out)
+    check_out_dir(out)
+    outputs = [("--out", png), ("--out", js)] + ([("--save", Path(args.save))] if args.save else [])
+    if args.method != "ts":  # the calibrators of softcal.nn: softcal/_cli/calibrators.py
+        from .calibrators import calibrate_method
+
+        return calibrate_method(args, read_fit_data(args, "calibrate", outputs, "the calibrator"),
+                                png, js, t_start)
+    d = read_fit_data(args, "calibrate", outputs)
+    name, probs, data = d.name, d.probs, d.data
+    xv, yv, xt, yt = d.xv, d.yv, d.xt, d.yt
+    fit_split, eval_split, device = d.fit_split, d.eval_split, d.device
 
     result, notes = _fit(xv, yv, C.progress_enabled(args))
     for note in notes:

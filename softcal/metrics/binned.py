@@ -365,19 +365,30 @@ class CalibrationMetrics:
             conf = torch.cat(self._conf) if self._conf else None
             hit = torch.cat(self._hit) if self._hit else None
             return self._top, self._cls, self._sums, conf, hit
+        from .._agree import agree_on
         from ..distributed import all_reduce, comm_device, _dist
 
         dist = _dist()
-        # The number of classes: every rank that saw data must agree (ranks without data take it).
-        c = self.classes if self.classes is not None else 0
-        cc = all_reduce(torch.tensor([float(c), -float(c) if c else -1e300], dtype=torch.float64),
-                        "max", group)
-        c_max, c_min = int(cc[0]), -cc[1]
-        if c_max == 0:
+        # One small collective first: every rank must use the same bins and options (else the
+        # sums below would have different sizes: gloo aborts the process, NCCL hangs), and the
+        # ranks' numbers of classes and rows are gathered (every rank then raises alike).
+        n_rows = sum(int(v.shape[0]) for v in self._conf)
+
+        def checks(sig):
+            sig.same("n_bins", self.n_bins)
+            sig.same("probs", self.probs)
+            sig.same("adaptive", self.adaptive)
+            sig.each("classes", self.classes, kind="int")
+            sig.each("rows", n_rows)
+
+        _, agreed = agree_on(fn, group, checks)
+        seen = [c for c in agreed.each("classes") if c is not None]
+        if not seen:
             raise ValueError(f"{fn}: no rows were added on any rank (call update first)")
-        if c and c != c_max or c_min != c_max:
+        c_max = max(seen)
+        if min(seen) != c_max:
             raise ValueError(f"{fn}: the ranks' scores have different numbers of classes (from "
-                             f"{int(c_min)} to {c_max})")
+                             f"{min(seen)} to {c_max})")
         nb = self.n_bins
         if self.classes is None:
             self._init_state(fn, c_max, torch.device("cpu"))
@@ -393,11 +404,8 @@ class CalibrationMetrics:
             dev = comm_device(group)
             local_c = torch.cat(self._conf).to(dev) if self._conf else torch.zeros(0, dtype=torch.float64, device=dev)
             local_h = torch.cat(self._hit).to(dev) if self._hit else torch.zeros(0, dtype=torch.bool, device=dev)
-            world = dist.get_world_size(group)
-            n_local = torch.tensor([local_c.shape[0]], dtype=torch.int64, device=dev)
-            sizes = [torch.empty_like(n_local) for _ in range(world)]
-            dist.all_gather(sizes, n_local, group=group)
-            sizes = [int(s) for s in torch.cat(sizes).tolist()]
+            world = agreed.world
+            sizes = agreed.each("rows")
             most = max(sizes)
             buf = torch.zeros(2, most, dtype=torch.float64, device=dev)
             buf[0, :local_c.shape[0]] = local_c
