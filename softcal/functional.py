@@ -104,12 +104,12 @@ def _check_llm_options(fn: str, z_loss, softcap, return_lse) -> Tuple[float, flo
     """(z_loss, softcap as the kernels take it: 0.0 for none), or a clear error."""
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
         raise TypeError(f"{fn}: z_loss must be a float, got {type(z_loss).__name__}")
-    if not (math.isfinite(z_loss) and z_loss >= 0):
+    if not 0 <= z_loss < math.inf:  # (comparisons: NaN fails; torch.compile traces them)
         raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"{fn}: softcap must be a float or None, got {type(softcap).__name__}")
-        if not (math.isfinite(softcap) and softcap > 0):
+        if not 0 < softcap < math.inf:
             raise ValueError(f"{fn}: softcap must be a finite number > 0 or None, got {softcap}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"{fn}: return_lse must be a bool, got {type(return_lse).__name__}")
