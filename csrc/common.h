@@ -60,7 +60,3 @@ inline at::ScalarType temp_grad_type(const std::optional<at::Tensor>& temperatur
 constexpr double kLog2e = 1.4426950408889634;  // log2(e): exp(x) = exp2(x log2 e)
 
 }  // namespace softcal
-
-// TRANSITIONAL: the argument checks as they were before csrc/checks.h, still called by csrc/cuda
-// (until it calls checks.h). Remove this include and the file with their last caller.
-#include "legacy_checks.h"

@@ -1,5 +1,7 @@
 # examples/calibrate_sharded.py: each rank evaluates its share of the validation set
-import torch, torch.distributed as dist, softcal
+import torch
+import torch.distributed as dist
+import softcal
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from softcal.distributed import padding_mask

@@ -1,5 +1,7 @@
 # examples/vocab_parallel.py: each rank holds a slice of a 50257-class output layer
-import torch, torch.distributed as dist, softcal
+import torch
+import torch.distributed as dist
+import softcal
 from softcal.distributed import vocab_parallel_cross_entropy
 
 dist.init_process_group("gloo")            # torchrun sets the rank and the world size

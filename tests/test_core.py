@@ -5,7 +5,6 @@ and, where PyTorch defines the result, F.cross_entropy(logits / T, ...) in float
 Every test runs on the CPU and, where a GPU is visible, on CUDA (ids contain "cuda").
 """
 
-import itertools
 import math
 import os
 import subprocess
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 import softcal
 from softcal import reference
-from conftest import DEVICES, EMULATE_CUDA, TOL, rel_err
+from conftest import EMULATE_CUDA, TOL, rel_err
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["mean", "sum", "none"]

@@ -49,7 +49,7 @@ def test_weight_of_any_floating_dtype(dtype, c):
     acc = _acc(dtype)
     w_acc = w64.to(acc)
     T = torch.tensor(1.3, dtype=torch.float64)
-    lt, ts = t.clone(), torch.where(t < 0, t, t + 3)  # shard ops: a slice at class offset 3
+    ts = torch.where(t < 0, t, t + 3)  # shard ops: a slice at class offset 3
     for wd in FLOATS:
         w = w_acc.to(wd)  # each weight dtype, and the same value in acc
         w_ref = w.to(acc)

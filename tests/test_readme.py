@@ -2,7 +2,6 @@
 docs/api.md is in sync with the docstrings of softcal.metrics and softcal.plots
 (tests/api_reference.py)."""
 
-import os
 import re
 import sys
 from pathlib import Path

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-import softcal
 from softcal import reference
 
 from conftest import TOL, rel_err

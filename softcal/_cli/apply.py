@@ -33,7 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "apply", help="write calibrated probabilities (or logits) of new data",
         description="Divide FILE's logits by T and write softmax(logits / T) (or, with --logits, "
                     "logits / T) to --out (or, given a calibrator saved by calibrate --method M "
-                    "--save, its calibrated probabilities or logits), chunk by chunk: .npy inputs are memory-mapped and "
+                    "--save, its calibrated probabilities or logits), chunk by chunk: .npy inputs are memory-mapped "
+                    "and "
                     ".npz, CSV and Parquet inputs are read a block of rows at a time, so files "
                     "larger than memory work (.pt and pickles are loaded whole). Labels, when "
                     "FILE has them, are copied (not into .npy, which holds one array). FILE is "

@@ -254,8 +254,8 @@ class IsotonicCalibrator(_Elementwise):
       (two probabilities within about 1e-7 of each other on a flat stretch of the map may tie).
 
     The maps are scikit-learn's: each pooled block's frequency from its smallest to its largest
-    p, linear between blocks, constant beyond them. Buffers: ``knots_x``, ``knots_v`` (float64 (K, M), padded with the last
-    knot), ``knots_n`` (K,) (K = C for "ovr", 1 for "shared").
+    p, linear between blocks, constant beyond them. Buffers: ``knots_x``, ``knots_v`` (float64
+    (K, M), padded with the last knot), ``knots_n`` (K,) (K = C for "ovr", 1 for "shared").
     """
 
     method = "isotonic"
@@ -373,7 +373,8 @@ class ScalingBinningCalibrator(_Elementwise):
         ss, _ = torch.sort(s, dim=0)
         m = ss.shape[0]
         cuts = [(j * m) // n_bins for j in range(1, n_bins)]
-        edges = ss[[min(max(k, 0), m - 1) for k in cuts]].T.contiguous() if cuts else torch.empty(c, 0, dtype=torch.float64)
+        edges = (ss[[min(max(k, 0), m - 1) for k in cuts]].T.contiguous() if cuts
+                 else torch.empty(c, 0, dtype=torch.float64))
         idx = torch.searchsorted(edges, s.T.contiguous(), right=False)  # (C, m)
         cnt = torch.zeros(c, n_bins, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(s.T))
         tot = torch.zeros(c, n_bins, dtype=torch.float64).scatter_add_(1, idx, s.T.contiguous())

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._base import (ArrayLike, Calibrator, CalibratorFitResult, Rows, check_folds,
                     check_max_iter, check_tol, fold_ids, mean_nll_of_logits, timer)
-from ._newton import DENSE_MAX, LOG_EPS, MatrixModel, Model, Problem, VectorModel, features, newton
+from ._newton import DENSE_MAX, MatrixModel, Model, Problem, VectorModel, features, newton
 
 __all__ = ["VectorScaler", "MatrixScaler", "DirichletCalibrator", "DEFAULT_LAMBDAS", "DEFAULT_MUS",
            "MAX_MATRIX_PARAMETERS"]
@@ -165,7 +165,8 @@ class _LinearCalibrator(Calibrator):
         from ..calibration import DEFAULT_BOUNDS
         from .._temperature_fit import _Stats, fit_temperature
 
-        src = [(x, y) for x, y, _ in rows.chunks()] if rows.in_memory else (lambda: ((x, y) for x, y, _ in rows.chunks()))
+        src = ([(x, y) for x, y, _ in rows.chunks()] if rows.in_memory
+               else (lambda: ((x, y) for x, y, _ in rows.chunks())))
         stats = _Stats("softcal.nn.TemperatureScaler.fit", src, False, rows.group)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -214,7 +215,7 @@ class _LinearCalibrator(Calibrator):
             def test_w(x, y, r0, f=f):
                 return (folds[r0:r0 + x.shape[0]] == f).to(torch.float64).to(x.device)
 
-            theta = None
+            theta = first = None
             for i, (a, b) in enumerate(grid):
                 m = self._model(c, a, b)
                 # warm start: the previous grid point's solution (same lam: one mu apart; new

@@ -419,7 +419,7 @@ def newton(problem: Problem, theta0: torch.Tensor, tol: float, max_iter: int,
     its = 0
     converged = separable = False
     while True:
-        F, nll, g = state[0], state[1], state[2]
+        F, g = state[0], state[2]
         gnorm = float(g.abs().max())
         if problem.check_margin and problem.wrong == 0:
             # every row strictly right and no regulariser: s * theta lowers F for every s > 1,

@@ -134,7 +134,6 @@ def report(funcs: List[Func], check: bool, csv_path: Optional[str] = None) -> in
     rows = []
     for f in funcs:
         dn = names[f.name]
-        kname = dn.split("<")[0].replace("void ", "").strip()
         if not any(k in dn for k in STREAMING + RESIDENT_OR_TILE):
             continue
         dt = dtype_of(dn)
