@@ -81,6 +81,10 @@ def temperature_transform(t: float, device: torch.device,
     scalers = {}
 
     def transform(x: torch.Tensor, in_dtype: torch.dtype) -> torch.Tensor:
+        if 1 / t > torch.finfo(in_dtype).max:
+            # 1 / T is not a number of this dtype (TemperatureScaler refuses it): x / T rounded
+            # to it, +-inf where it overflows, which the caller refuses or redoes in float64
+            return (x.to(torch.float64) / t).to(in_dtype)
         if in_dtype not in scalers:
             scalers[in_dtype] = C.scaler(t, device, in_dtype)
         return scalers[in_dtype](x.to(in_dtype))
