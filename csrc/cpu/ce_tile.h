@@ -180,11 +180,12 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   using V = Vec<float>;
   const int64_t C = ts.C;
   alignas(64) float ml[R], lsl[R], coefl[R], cwl[R], Al[R], tyl[R], wyl[R], arl[R], azl[R];
-  float cw = 0;
+  float a_rest = 0, cw = 0;
+  const bool zl = p.zloss == ZLoss::kOn;  // (per row only with a z-loss: 2 zl lse)
   for (int64_t l = 0; l < R; ++l) {
     const bool live = t.valid[l] && t.ok[l];
     const float w_y = p.weight_of(t.y[l]);
-    const RowCoef<float> k = row_coef(p, w_y, live ? p.beta * t.m[l] + t.ls[l] : 0.0f);
+    const RowCoef<float> k = row_coef(p, w_y, zl && live ? p.beta * t.m[l] + t.ls[l] : 0.0f);
     const float gb = live ? t.g[l] * p.beta : 0.0f;
     ml[l] = live ? t.m[l] : 0.0f;
     lsl[l] = live ? t.ls[l] : 0.0f;
@@ -193,8 +194,11 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
     Al[l] = k.A;
     tyl[l] = k.ty;
     wyl[l] = w_y;
-    arl[l] = k.a_rest;  // per row with a z-loss (2 zl lse)
-    azl[l] = k.a_z;
+    if (zl) {
+      arl[l] = k.a_rest;
+      azl[l] = k.a_z;
+    }
+    a_rest = k.a_rest;  // the same for every row without a z-loss
     cw = k.cw;
   }
   const V vm = V::loadu(ml), vnls = V(0) - V::loadu(lsl), vcoef = V::loadu(coefl),
@@ -220,7 +224,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   // the true class (true_class_dz), for the 16 rows at once
   const V lp = vb * (V::loadu(t.xy) - vm) + vnls;
   const V e_y = p.needs_p_y() ? lp.exp() : zero;
-  const V dzy = true_class_dz<V>(p, V::loadu(tyl), V::loadu(arl), vk_cw * V::loadu(wyl),
+  const V dzy = true_class_dz<V>(p, V::loadu(tyl), zl ? V::loadu(arl) : V(a_rest), vk_cw * V::loadu(wyl),
                                  lp.expm1(), e_y);
   alignas(64) float dzyl[R];
   alignas(64) double Sl[R], Ml[R];
@@ -242,7 +246,8 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
     }
     b.gT[t.y[l] * R + l] = t.g[l] * p.beta * dzyl[l];
     if (need_t)
-      t.S[l] = t_row_sum(Sl[l], Ml[l], static_cast<double>(tyl[l]), p.beta, t.xy[l], t.m[l], azl[l]);
+      t.S[l] = t_row_sum(Sl[l], Ml[l], static_cast<double>(tyl[l]), p.beta, t.xy[l], t.m[l],
+                         zl ? azl[l] : 0.0f);
   }
   // back to row-major: flat vector k of the tile gathers its elements from gT
   float* o = std::is_same_v<scalar_t, float> && nr == R ? reinterpret_cast<float*>(out) : b.ob;
