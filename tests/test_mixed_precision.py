@@ -143,12 +143,12 @@ def test_default_loss_dtype_is_the_logits_as_pytorch(device, dtype):
         tt = _case(dtype, device, path)[1]
         if path == "probabilities":
             tt = tt.to(dtype)
-        loss = softcal.cross_entropy(x.clone().requires_grad_(), tt, **PATHS[path])
+        loss = softcal.cross_entropy(x.clone().requires_grad_() * 1, tt, **PATHS[path])
         assert loss.dtype == F.cross_entropy(x.cpu(), tt.cpu()).dtype == dtype, path
     m = softcal.nn.CrossEntropyLoss()
     assert m(x, t).dtype == dtype
     m = softcal.nn.CrossEntropyLoss(loss_dtype=torch.float32, fused=True)
-    assert m(x.clone().requires_grad_(), t).dtype == torch.float32
+    assert m(x.clone().requires_grad_() * 1, t).dtype == torch.float32
     assert "loss_dtype=torch.float32" in repr(m)
     m = softcal.nn.LabelSmoothingLoss(0.1, loss_dtype=torch.float32)
     assert m(x, t).dtype == torch.float32

@@ -77,7 +77,7 @@ from __future__ import annotations
 
 from ._inputs import _check_bins, _prepare, _top_label  # noqa: F401  (used by tests and plots)
 from .binned import (AdaptiveECE, Brier, CalibrationMetrics, CalibrationReport, ClasswiseECE, ECE,
-                     MCE, NLL, RMSCE, ReliabilityBins, accuracy, adaptive_ece,
+                     MCE, NLL, RMSCE, ReliabilityBins, _bin_index, accuracy, adaptive_ece,  # noqa: F401
                      brier_score, calibration_report, classwise_ece, ece,
                      expected_calibration_error, maximum_calibration_error, mce, nll,
                      reliability_bins, rms_calibration_error)
