@@ -30,21 +30,21 @@ enum class Backend { kCpu, kCuda };
 
 // The ops as users meet them: the names in every message (the same on every backend).
 enum class Op : int {
-  kCrossEntropy,             // cross_entropy_fwd
-  kCrossEntropyBwd,          // cross_entropy_bwd
-  kCrossEntropyFused,        // cross_entropy_fused
-  kCrossEntropyFusedInplace, // cross_entropy_fused_
-  kSoftTarget,               // soft_target_fwd
-  kSoftTargetBwd,            // soft_target_bwd
-  kShardStats,               // shard_stats
-  kShardGrad,                // shard_grad
-  kShardGradInplace,         // shard_grad_
-  kSoftmax,                  // softmax_fwd, log = false
-  kLogSoftmax,               // softmax_fwd, log = true
-  kSoftmaxBwd,               // softmax_bwd, log = false
-  kLogSoftmaxBwd,            // softmax_bwd, log = true
-  kTemperatureStats,         // temperature_stats
-  kScaleRows,                // scale_rows_
+  kCrossEntropy,              // cross_entropy_fwd
+  kCrossEntropyBwd,           // cross_entropy_bwd
+  kCrossEntropyFused,         // cross_entropy_fused
+  kCrossEntropyFusedInplace,  // cross_entropy_fused_
+  kSoftTarget,                // soft_target_fwd
+  kSoftTargetBwd,             // soft_target_bwd
+  kShardStats,                // shard_stats
+  kShardGrad,                 // shard_grad
+  kShardGradInplace,          // shard_grad_
+  kSoftmax,                   // softmax_fwd, log = false
+  kLogSoftmax,                // softmax_fwd, log = true
+  kSoftmaxBwd,                // softmax_bwd, log = false
+  kLogSoftmaxBwd,             // softmax_bwd, log = true
+  kTemperatureStats,          // temperature_stats
+  kScaleRows,                 // scale_rows_
   kCount
 };
 
@@ -176,8 +176,8 @@ inline void saved_rows(Op op, const at::Tensor& t, const at::Tensor& logits, int
   const bool shape = k == 0 ? (t.dim() == 1 && t.size(0) == rows)
                             : (t.dim() == 2 && t.size(0) == rows && t.size(1) == k);
   if (k == 0) {
-    TORCH_CHECK(shape && t.scalar_type() == acc, op_name(op), ": ", name, " must be (", rows,
-                ",) ", acc, what, ", got ", t.sizes(), " ", t.scalar_type());
+    TORCH_CHECK(shape && t.scalar_type() == acc, op_name(op), ": ", name, " must be (", rows, ",) ",
+                acc, what, ", got ", t.sizes(), " ", t.scalar_type());
   } else {
     TORCH_CHECK(shape && t.scalar_type() == acc, op_name(op), ": ", name, " must be (", rows, ", ",
                 k, ") ", acc, what, ", got ", t.sizes(), " ", t.scalar_type());
@@ -267,13 +267,13 @@ inline void soft_target_fwd(Backend backend, const at::Tensor& logits, const at:
                             double label_smoothing, int64_t reduction, Op op = Op::kSoftTarget) {
   logits_2d(backend, op, logits);
   reduction_arg(op, reduction);
-  TORCH_CHECK(target.sizes() == logits.sizes(), op_name(op), ": target has shape ",
-              target.sizes(), " but logits has shape ", logits.sizes(),
-              " (class-probability targets)");
+  TORCH_CHECK(target.sizes() == logits.sizes(), op_name(op), ": target has shape ", target.sizes(),
+              " but logits has shape ", logits.sizes(), " (class-probability targets)");
   const at::ScalarType lt = logits.scalar_type(), tt = target.scalar_type();
   const bool reduced = lt == at::kHalf || lt == at::kBFloat16;
   TORCH_CHECK(tt == lt || (reduced && tt == at::kFloat), op_name(op), ": target has dtype ", tt,
-              " but logits has ", lt, " (class-probability targets: the logits' dtype, or "
+              " but logits has ", lt,
+              " (class-probability targets: the logits' dtype, or "
               "float32 with float16/bfloat16 logits)");
   same_device(op, target, "target", logits, "logits");
   class_stride(op, target, "target");
@@ -282,11 +282,11 @@ inline void soft_target_fwd(Backend backend, const at::Tensor& logits, const at:
   smoothing_arg(op, label_smoothing);
 }
 
-inline void soft_target_bwd(Backend backend, const at::Tensor& grad_loss,
-                            const at::Tensor& logits, const at::Tensor& target,
-                            const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                            const at::Tensor& mass, const std::optional<at::Tensor>& temperature_t,
-                            double temperature, double label_smoothing, int64_t reduction) {
+inline void soft_target_bwd(Backend backend, const at::Tensor& grad_loss, const at::Tensor& logits,
+                            const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                            const at::Tensor& lse, const at::Tensor& mass,
+                            const std::optional<at::Tensor>& temperature_t, double temperature,
+                            double label_smoothing, int64_t reduction) {
   constexpr Op op = Op::kSoftTargetBwd;
   soft_target_fwd(backend, logits, target, weight, temperature_t, temperature, label_smoothing,
                   reduction, op);
@@ -372,8 +372,8 @@ inline void scale_rows(Backend backend, const at::Tensor& grad, const at::Tensor
   TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), op_name(op),
               ": grad must be 2-D contiguous, got shape ", grad.sizes(), " and strides ",
               grad.strides());
-  TORCH_CHECK(scale.dim() == 0 || (scale.dim() == 1 && scale.size(0) == grad.size(0)),
-              op_name(op), ": scale must be 0-dim or (", grad.size(0), ",), got ", scale.sizes());
+  TORCH_CHECK(scale.dim() == 0 || (scale.dim() == 1 && scale.size(0) == grad.size(0)), op_name(op),
+              ": scale must be 0-dim or (", grad.size(0), ",), got ", scale.sizes());
   same_device(op, scale, "scale", grad, "grad");
 }
 

@@ -45,13 +45,15 @@ inline void define_ops(torch::Library& m) {
       "float temperature, float label_smoothing, int ignore_index, int reduction, "
       "float z_loss=0., float softcap=0., bool lse_all_rows=False) "
       "-> (Tensor loss, Tensor lse, Tensor denom)");
-  // Backward: one read of the logits, one write of the gradient. lse: (rows, 2), as cross_entropy_fwd's.
+  // Backward: one read of the logits, one write of the gradient. lse: (rows, 2), as
+  // cross_entropy_fwd's.
   //   grad_loss: (rows,) (any stride, stride 0 allowed) for none, () otherwise.
   //   grad_logits: like logits (contiguous), or an empty (0,) tensor when not requested.
   //   grad_temperature: () in temperature_t's dtype (acc when temperature_t is absent);
   //   zero when not requested.
   m.def(
-      "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor "
+      "lse, "
       "Tensor denom, Tensor? temperature_t, float temperature, float label_smoothing, "
       "int ignore_index, int reduction, bool need_logits_grad, bool need_temperature_grad, "
       "float z_loss=0., float softcap=0.) -> (Tensor grad_logits, Tensor grad_temperature)");
@@ -66,7 +68,8 @@ inline void define_ops(torch::Library& m) {
   //   lse_out: when given, (rows, 2) acc contiguous, written with every row's [m, ls] (ignored
   //   rows' too), as cross_entropy_fwd's with lse_all_rows.
   m.def(
-      "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? temperature_t, "
+      "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? "
+      "temperature_t, "
       "float temperature, float label_smoothing, int ignore_index, int reduction, "
       "bool need_temperature_grad, float z_loss=0., float softcap=0., Tensor(b!)? lse_out=None) "
       "-> (Tensor loss, Tensor grad_temperature)");
@@ -99,9 +102,9 @@ inline void define_ops(torch::Library& m) {
   //   shard_grad: lse (rows, 2) acc is the GLOBAL [M, LS] of each row; coef (rows, 3) acc is
   //     [g, A, ty] per row (g: upstream gradient of the row, 1/denom included; A = (1 - eps) w_y +
   //     eps W / C_total; ty = (1 - eps) w_y); smooth_coef = eps / C_total. With
-  //     p_c = exp(beta (x_c - M) - LS) and dz_c = A p_c - smooth_coef w_c - ty [c == target - offset]:
-  //     grad_logits = beta g dz (contiguous (rows, C_local); empty (0,) when not requested),
-  //     t_rows (rows, 2) acc = [sum over x_c != -inf of dz_c (beta (x_c - M) - LS),
+  //     p_c = exp(beta (x_c - M) - LS) and dz_c = A p_c - smooth_coef w_c - ty [c == target -
+  //     offset]: grad_logits = beta g dz (contiguous (rows, C_local); empty (0,) when not
+  //     requested), t_rows (rows, 2) acc = [sum over x_c != -inf of dz_c (beta (x_c - M) - LS),
   //                             sum over x_c == -inf of dz_c]  (zeros when not requested).
   m.def(
       "shard_grad(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor coef, "
@@ -150,7 +153,9 @@ inline void define_ops(torch::Library& m) {
   //   knots_x, knots_v: (K, n) float64, row k's first counts[k] entries are its knots (x strictly
   //     increasing), the rest repeat the last knot; counts: (K,) int64 (0 only when n = 0);
   //   fitted: (K, n) float64, the fit's value at each point (its block's mean), x's order.
-  m.def("isotonic_fit(Tensor x, Tensor y, Tensor? w) -> (Tensor knots_x, Tensor knots_v, Tensor counts, Tensor fitted)");
+  m.def(
+      "isotonic_fit(Tensor x, Tensor y, Tensor? w) -> (Tensor knots_x, Tensor knots_v, Tensor "
+      "counts, Tensor fitted)");
 }
 
 }  // namespace softcal

@@ -13,8 +13,8 @@
 extern "C" {
 // A bare Python module: importing softcal._C runs the static registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "softcal compiled kernels", -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "softcal compiled kernels",
+                                          -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }

@@ -1,11 +1,12 @@
-// softcal CPU kernels: the cross-entropy ROW TERMS and the row path (docs/design.md §1, §2, §4).
+// softcal CPU kernels: the cross-entropy ROW TERMS (docs/design.md §1, §2); the row path that
+// evaluates them for rows of any length is cpu/ce_row_path.h.
 //
 // The row terms (row_coef, row_loss, true_class_dz, t_row_sum) are the one CPU place of the
 // cross-entropy's maths: the row path below and the tile path (cpu/ce_tile.h) both call them, with
 // one row (acc_t) or a vector of rows (Vec<float>). A new loss term goes here (docs/design.md §0):
 // the z-loss is a row term (row_loss, row_coef); the soft-cap is an element map (softcap_row,
-// softcap_grad_row) applied by the capped row path (ce_row_capped), the one path of a call with
-// a softcap, so that the kernels without one are unchanged.
+// softcap_grad_row) applied by the capped row path (ce_row_capped, in cpu/ce_row_path.h), the one
+// path of a call with a softcap, so that the kernels without one are unchanged.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -139,8 +140,10 @@ inline T true_class_dz(const CEParams<acc_t>& p, const T& ty, const T& a_rest, c
 template <typename scalar_t, typename acc_t>
 inline void softcap_row(const scalar_t* x, int64_t n, acc_t cap, acc_t* out) {
   constexpr int64_t V = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) std::copy(x, x + n, out);
-  else at::vec::convert(x, out, n);
+  if constexpr (std::is_same_v<scalar_t, acc_t>)
+    std::copy(x, x + n, out);
+  else
+    at::vec::convert(x, out, n);
   const Vec<acc_t> vc(cap);
   int64_t i = 0;
   for (; i + V <= n; i += V) (vc * (Vec<acc_t>::loadu(out + i) / vc).tanh()).store(out + i);
@@ -170,364 +173,15 @@ inline void softcap_grad_row(const acc_t* xc, acc_t* g, int64_t n, acc_t cap, sc
 // without it): S = s_live + beta m (sum over the live classes of dz_c) = s_live - beta m
 // (s_masked - a_z).
 template <typename acc_t>
-inline double t_row_sum(double s_live, double s_masked, double ty, acc_t beta, acc_t x_y,
-                        acc_t m, acc_t a_z = acc_t(0)) {
-  if (x_y > kNegInf<acc_t>) s_live -= ty * static_cast<double>(beta * (x_y - m));
-  else s_masked -= ty;
+inline double t_row_sum(double s_live, double s_masked, double ty, acc_t beta, acc_t x_y, acc_t m,
+                        acc_t a_z = acc_t(0)) {
+  if (x_y > kNegInf<acc_t>)
+    s_live -= ty * static_cast<double>(beta * (x_y - m));
+  else
+    s_masked -= ty;
   s_masked -= static_cast<double>(a_z);
   if (s_masked != 0) s_live -= static_cast<double>(beta) * static_cast<double>(m) * s_masked;
   return s_live;
-}
-
-// ------------------------------------------------------------------------------------------
-// The row path (docs/design.md §4)
-// ------------------------------------------------------------------------------------------
-
-// Checks every target (the error names the first bad row and its value) and returns
-// denom = sum over non-ignored rows of w[target]: in double, in row order within blocks of
-// kReduceBlock rows, then over the blocks in order (the same bits for any thread count).
-template <typename acc_t>
-double check_targets_and_denom(const CEParams<acc_t>& p, int64_t rows, const char* op) {
-  const int64_t blocks = (rows + kReduceBlock - 1) / kReduceBlock;
-  std::vector<double> part(blocks, 0.0);
-  std::vector<int64_t> bad(blocks, -1);
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double s = 0;
-      const int64_t end = std::min(rows, (b + 1) * kReduceBlock);
-      for (int64_t i = b * kReduceBlock; i < end; ++i) {
-        const int64_t t = p.target[i];
-        if (t == p.ignore_index) continue;
-        if (t < 0 || t >= p.C) {
-          bad[b] = i;
-          break;
-        }
-        s += static_cast<double>(p.weight_of(t));
-      }
-      part[b] = s;
-    }
-  });
-  double denom = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (bad[b] >= 0) {
-      const int64_t i = bad[b], t = p.target[i];
-      TORCH_CHECK(false, op, ": target[", i, "] = ", t, " is out of range for ", p.C,
-                  " classes (ignore_index = ", p.ignore_index, ")");
-    }
-    denom += part[b];
-  }
-  return denom;
-}
-
-// The loss of a non-ignored row from its statistics and ls = log1p(st.arg()), and its [m, ls]
-// (NaN without a softmax: a NaN or +inf logit, or every logit -inf).
-template <typename scalar_t, typename acc_t>
-inline acc_t row_loss_of_stats(const CEParams<acc_t>& p, const scalar_t* x, const RowStats<acc_t>& st,
-                               acc_t ls, int64_t y, acc_t* lse_out) {
-  if (!st.has_softmax()) {
-    lse_out[0] = lse_out[1] = kNaN<acc_t>;
-    return kNaN<acc_t>;
-  }
-  lse_out[0] = st.m;
-  lse_out[1] = ls;
-  const acc_t nll = p.beta * (st.m - static_cast<acc_t>(x[y])) + ls;
-  return row_loss<acc_t>(p, p.weight_of(y), nll, st.D, ls, p.beta * st.m + ls);
-}
-
-// [m, ls] of a row from its statistics (NaN without a softmax).
-template <typename acc_t>
-inline void row_lse_of_stats(const RowStats<acc_t>& st, acc_t ls, acc_t* lse_out) {
-  const bool ok = st.has_softmax();
-  lse_out[0] = ok ? st.m : kNaN<acc_t>;
-  lse_out[1] = ok ? ls : kNaN<acc_t>;
-}
-
-// The true-class elements of a group of n rows (kGroup): grad[j][y[j]] = gb[j] * dL/dz_y from
-// lp[j] = log p_y and the row's lse[j] (rows with grad[j] == nullptr skipped), the group's expm1
-// and exp as vector code. lp is overwritten.
-template <typename scalar_t, typename acc_t>
-inline void write_true_class(const CEParams<acc_t>& p, scalar_t* const* grad, const int64_t* y,
-                             const acc_t* gb, acc_t* lp, const acc_t* lse, int64_t n) {
-  constexpr int64_t V = Vec<acc_t>::size();
-  alignas(64) acc_t em1[kGroup], e[kGroup];
-  for (int64_t j = 0; j < n; ++j)
-    if (grad[j] == nullptr) lp[j] = 0;
-  for (int64_t j = 0; j < n; j += V) {
-    const int64_t k = std::min(V, n - j);
-    const Vec<acc_t> v = Vec<acc_t>::loadu(lp + j, k);
-    v.expm1().store(em1 + j, k);
-    if (p.needs_p_y()) v.exp().store(e + j, k);
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    if (grad[j] == nullptr) continue;
-    const acc_t w_y = p.weight_of(y[j]);
-    const RowCoef<acc_t> k = row_coef(p, w_y, lse[j]);
-    const acc_t dz = true_class_dz<acc_t>(p, k.ty, k.a_rest, k.cw * w_y, em1[j], e[j]);
-    grad[j][y[j]] = static_cast<scalar_t>(gb[j] * dz);
-  }
-}
-
-// The gradient of one non-ignored row: grad_c = g beta dL/dz_c (written when grad != nullptr),
-// p_c = exp(beta (x_c - m) - ls) (exactly exp(-ls) at the maximum), except the true class's
-// element: its log p_y goes to *lp_y, for write_true_class over the row's group (a row without
-// a softmax is all NaN, its *lp_y NaN). Returns S of dL/dT = -(g / T) S (t_row_sum) when need_t,
-// its sums over the classes in double (the precision policy, §2).
-template <typename scalar_t, typename acc_t>
-inline double row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t m,
-                       acc_t ls, int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf,
-                       acc_t* lp_y) {
-  constexpr int64_t V = Vec<acc_t>::size();
-  const int64_t C = p.C;
-  const RowCoef<acc_t> k = row_coef(p, p.weight_of(y), p.beta * m + ls);
-  const acc_t gb = g * p.beta;
-  if (!(std::isfinite(m) && std::isfinite(ls))) {  // no softmax: NaN gradient
-    if (grad != nullptr) std::fill(grad, grad + C, static_cast<scalar_t>(kNaN<acc_t>));
-    *lp_y = kNaN<acc_t>;
-    return std::numeric_limits<double>::quiet_NaN();
-  }
-  const Vec<acc_t> vbeta(p.beta), vm(m), vcoef(gb * k.A), vcw(gb * k.cw), vA(k.A), vk_cw(k.cw),
-      vninf(kNegInf<acc_t>), vzero(0), vone(1);
-  DoubleSum<acc_t> s_live, s_masked;
-  const acc_t x_y = static_cast<acc_t>(x[y]);  // read before the row is overwritten (in place)
-  *lp_y = p.beta * (x_y - m) - ls;
-  const ScaledExp<acc_t> pexp(p.beta, -ls);  // p = exp(beta (x - m) - ls)
-  auto step = [&](const Vec<acc_t>& xv, const Vec<acc_t>& wv, acc_t* o, int64_t n) {
-    const Vec<acc_t> d = xv - vm;
-    const Vec<acc_t> e = pexp(d);
-    if (grad != nullptr) {
-      const Vec<acc_t> gv = vcoef * e - vcw * wv;  // g beta (A p_c - cw w_c)
-      if (n == V) gv.store(o); else gv.store(o, n);
-    }
-    if (need_t) {
-      const Vec<acc_t> dz = vA * e - vk_cw * wv;
-      const Vec<acc_t> live = xv > vninf;
-      s_live.add(Vec<acc_t>::blendv(vzero, dz * (d * vbeta), live));
-      s_masked.add(Vec<acc_t>::blendv(dz, vzero, live));
-    }
-  };
-  const acc_t* w = p.smoothing_weights();
-  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, C - c0);
-    const acc_t* xa = as_acc(x + c0, n, xbuf);
-    acc_t* out = std::is_same_v<scalar_t, acc_t> && grad != nullptr
-                     ? reinterpret_cast<acc_t*>(grad + c0)
-                     : gbuf;
-    const acc_t* wc = w == nullptr ? nullptr : w + c0;
-    int64_t i = 0;
-    for (; i + V <= n; i += V)
-      step(Vec<acc_t>::loadu(xa + i), wc == nullptr ? vone : Vec<acc_t>::loadu(wc + i), out + i, V);
-    if (i < n) {  // one masked vector for the rest; unused lanes: x = -inf, weight 0
-      const Tail<acc_t> t = load_tail(xa + i, n - i);
-      const Vec<acc_t> wv = wc == nullptr ? Vec<acc_t>::blendv(vzero, vone, t.lanes)
-                                          : Vec<acc_t>::loadu(wc + i, n - i);
-      step(t.masked, wv, out + i, n - i);
-    }
-    if (grad != nullptr) store_from_acc(out, grad + c0, n);
-  }
-  if (!need_t) return 0;
-  return t_row_sum(s_live.sum(), s_masked.sum(), static_cast<double>(k.ty), p.beta, x_y, m, k.a_z);
-}
-
-// What a pass of the cross-entropy reads and writes (docs/design.md §4: what each pass saves).
-// nullptr: not read / not wanted.
-template <typename scalar_t, typename acc_t>
-struct CEIo {
-  const scalar_t* x = nullptr;  // logits (rows, C), unit class stride
-  int64_t row_stride = 0;
-  int64_t rows = 0;
-  const char* op = nullptr;       // for messages
-  const acc_t* lse_in = nullptr;  // backward: the forward's [m, ls] per row
-  UpstreamGrad<acc_t> g;          // backward, fused: dL/dloss_i (1 / denom included for mean)
-  bool need_t = false;            // backward, fused: dL/dT wanted
-  acc_t* lse_out = nullptr;       // forward, fused: [m, ls] per row ([0, 0] for ignored rows
-                                  // unless p.lse_all), or nullptr (fused: not wanted)
-  acc_t* loss_rows = nullptr;     // reduction none: the row losses (else summed per block)
-  acc_t* grad_t_rows = nullptr;   // fused, reduction none: the rows' dL/dT (else summed)
-  scalar_t* grad = nullptr;       // backward, fused: (rows, C) contiguous, may alias x (in place)
-
-  // One row's results: its loss (forward, fused) and dL/dT (backward, fused), written per row
-  // or added to the block's sums.
-  template <Pass kPass>
-  inline void emit(int64_t i, acc_t loss, double grad_t, BlockSums& sums) const {
-    if constexpr (kPass != Pass::kBackward) {
-      if (loss_rows != nullptr) loss_rows[i] = loss;
-      else sums.loss += static_cast<double>(loss);
-    }
-    if constexpr (kPass != Pass::kForward) {
-      if (grad_t_rows != nullptr) grad_t_rows[i] = static_cast<acc_t>(grad_t);
-      else if (need_t) sums.grad_t += grad_t;
-    }
-  }
-};
-
-// Per-task buffers of the row path.
-template <typename scalar_t, typename acc_t>
-struct RowScratch {
-  std::vector<acc_t> xbuf, gbuf;  // a chunk of logits in acc, a chunk of gradient (bf16/half)
-  RowStats<acc_t> st[kGroup];
-  alignas(64) acc_t ls[kGroup], gb[kGroup], lp[kGroup], lse[kGroup];
-  scalar_t* grad_row[kGroup];
-  int64_t y[kGroup];
-  NextMax carry;
-  RowScratch()
-      : xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk),
-        gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk) {}
-};
-
-// Rows per group: kGroup; the fused pass takes a group's statistics, then writes its gradients
-// while its logits (<= 32 KB) are still in L1/L2.
-template <Pass kPass, typename scalar_t>
-inline int64_t row_group_size(int64_t C) {
-  if constexpr (kPass != Pass::kFused) return kGroup;
-  constexpr int64_t kFusedGroupBytes = 32768;
-  return std::clamp<int64_t>(
-      kFusedGroupBytes / std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(scalar_t))), 1, kGroup);
-}
-
-// One pass over the rows [i0, i0 + ng) of a block that ends at `end` (docs/design.md §4): the
-// forward's statistics (forward, fused), the loss, the gradient (backward, fused).
-template <Pass kPass, typename scalar_t, typename acc_t>
-inline void ce_row_group(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& io, int64_t i0,
-                         int64_t ng, int64_t end, RowScratch<scalar_t, acc_t>& s, BlockSums& sums) {
-  constexpr bool kStats = kPass != Pass::kBackward;  // reads the row's statistics
-  constexpr bool kGrad = kPass != Pass::kForward;    // writes the row's gradient
-  const int64_t C = p.C;
-  if constexpr (kStats) {
-    for (int64_t j = 0; j < ng; ++j) {
-      const int64_t i = i0 + j;
-      s.ls[j] = 0;
-      if (p.target[i] == p.ignore_index && !(p.lse_all && io.lse_out != nullptr)) continue;
-      const scalar_t* xr = io.x + i * io.row_stride;
-      s.st[j] = row_stats(xr, C, p.beta, p.w, p.smoothing == Smoothing::kOn, s.xbuf.data(),
-                          i + 1 < end ? xr + io.row_stride : nullptr, &s.carry);
-      s.ls[j] = s.st[j].arg();
-    }
-    log1p_n(s.ls, ng);
-  }
-  for (int64_t j = 0; j < ng; ++j) {
-    const int64_t i = i0 + j, y = p.target[i];
-    scalar_t* gr = kGrad && io.grad != nullptr ? io.grad + i * C : nullptr;
-    s.grad_row[j] = nullptr;
-    s.y[j] = 0;
-    if (y == p.ignore_index) {
-      if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
-      if constexpr (kStats) {
-        if (io.lse_out != nullptr) {
-          if (p.lse_all) row_lse_of_stats(s.st[j], s.ls[j], io.lse_out + 2 * i);
-          else io.lse_out[2 * i] = io.lse_out[2 * i + 1] = 0;
-        }
-      }
-      io.template emit<kPass>(i, 0, 0, sums);
-      continue;
-    }
-    if constexpr (kPass == Pass::kBackward) {  // the other passes checked every target first
-      TORCH_CHECK(y >= 0 && y < C, io.op, ": target[", i, "] = ", y, " is out of range for ", C,
-                  " classes");
-    }
-    const scalar_t* xr = io.x + i * io.row_stride;
-    acc_t lse[2] = {0, 0}, loss = 0;
-    if constexpr (kStats) {
-      loss = row_loss_of_stats(p, xr, s.st[j], s.ls[j], y, lse);
-      if (io.lse_out != nullptr) {
-        io.lse_out[2 * i] = lse[0];
-        io.lse_out[2 * i + 1] = lse[1];
-      }
-    } else {
-      lse[0] = io.lse_in[2 * i];
-      lse[1] = io.lse_in[2 * i + 1];
-    }
-    double grad_t = 0;
-    if constexpr (kGrad) {
-      const acc_t g = io.g.of(i);
-      const double S = row_grad(p, xr, gr, lse[0], lse[1], y, g, io.need_t, s.xbuf.data(),
-                                s.gbuf.data(), &s.lp[j]);
-      if (io.need_t) grad_t = -static_cast<double>(g) * S * static_cast<double>(p.beta);
-      if (gr != nullptr && !std::isnan(s.lp[j])) s.grad_row[j] = gr;
-      s.y[j] = y;
-      s.gb[j] = g * p.beta;
-      s.lse[j] = p.beta * lse[0] + lse[1];
-    }
-    io.template emit<kPass>(i, loss, grad_t, sums);
-  }
-  if constexpr (kGrad) {
-    if (io.grad != nullptr) write_true_class(p, s.grad_row, s.y, s.gb, s.lp, s.lse, ng);
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// The capped row path (Softcap::kOn): one row at a time, its logits capped into an acc row
-// buffer (softcap_row), then the row path's statistics and gradient over that buffer, its
-// gradient in acc times the cap's derivative (softcap_grad_row), rounded once into grad (which
-// may alias the logits: the row was read whole before).
-// ------------------------------------------------------------------------------------------
-
-template <typename acc_t>
-struct CapScratch {
-  std::vector<acc_t> xc, g;  // the row's capped logits and its gradient, in acc
-  explicit CapScratch(int64_t C) : xc(C), g(C) {}
-};
-
-template <Pass kPass, typename scalar_t, typename acc_t>
-inline void ce_row_capped(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& io, int64_t i,
-                          CapScratch<acc_t>& s, BlockSums& sums) {
-  constexpr bool kStats = kPass != Pass::kBackward;
-  constexpr bool kGrad = kPass != Pass::kForward;
-  const int64_t C = p.C, y = p.target[i];
-  const bool ignored = y == p.ignore_index;
-  scalar_t* gr = kGrad && io.grad != nullptr ? io.grad + i * C : nullptr;
-  const bool lse_of_ignored = kStats && p.lse_all && io.lse_out != nullptr;
-  if (ignored && !lse_of_ignored) {
-    if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
-    if constexpr (kStats) {
-      if (io.lse_out != nullptr) io.lse_out[2 * i] = io.lse_out[2 * i + 1] = 0;
-    }
-    io.template emit<kPass>(i, 0, 0, sums);
-    return;
-  }
-  if constexpr (kPass == Pass::kBackward) {
-    TORCH_CHECK(y >= 0 && y < C, io.op, ": target[", i, "] = ", y, " is out of range for ", C,
-                " classes");
-  }
-  acc_t* xc = s.xc.data();
-  softcap_row(io.x + i * io.row_stride, C, p.cap, xc);
-  acc_t lse[2] = {0, 0}, loss = 0;
-  if constexpr (kStats) {
-    const RowStats<acc_t> st = row_stats(static_cast<const acc_t*>(xc), C, p.beta, p.w,
-                                         p.smoothing == Smoothing::kOn, static_cast<acc_t*>(nullptr));
-    const acc_t ls = std::log1p(st.arg());
-    if (ignored) {
-      row_lse_of_stats(st, ls, io.lse_out + 2 * i);
-      if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
-      io.template emit<kPass>(i, 0, 0, sums);
-      return;
-    }
-    loss = row_loss_of_stats(p, static_cast<const acc_t*>(xc), st, ls, y, lse);
-    if (io.lse_out != nullptr) {
-      io.lse_out[2 * i] = lse[0];
-      io.lse_out[2 * i + 1] = lse[1];
-    }
-  } else {
-    lse[0] = io.lse_in[2 * i];
-    lse[1] = io.lse_in[2 * i + 1];
-  }
-  double grad_t = 0;
-  if constexpr (kGrad) {
-    const acc_t g = io.g.of(i);
-    acc_t* ga = gr != nullptr ? s.g.data() : nullptr;
-    alignas(64) acc_t lp[kGroup] = {}, gb[kGroup] = {g * p.beta},
-                      lser[kGroup] = {p.beta * lse[0] + lse[1]};
-    const int64_t ys[1] = {y};
-    const double S = row_grad(p, static_cast<const acc_t*>(xc), ga, lse[0], lse[1], y, g,
-                              io.need_t, static_cast<acc_t*>(nullptr),
-                              static_cast<acc_t*>(nullptr), &lp[0]);
-    if (io.need_t) grad_t = -static_cast<double>(g) * S * static_cast<double>(p.beta);
-    if (ga != nullptr) {
-      acc_t* rows[1] = {std::isnan(lp[0]) ? nullptr : ga};
-      write_true_class(p, rows, ys, gb, lp, lser, 1);
-      softcap_grad_row(static_cast<const acc_t*>(xc), ga, C, p.cap, gr);
-    }
-  }
-  io.template emit<kPass>(i, loss, grad_t, sums);
 }
 
 }  // namespace cpu

@@ -15,7 +15,7 @@
 #include <type_traits>
 
 #include "common.h"
-#include "cpu/ce_row.h"
+#include "cpu/ce_row_path.h"
 #include "cpu/host.h"
 #include "cpu/rows.h"
 #include "cpu/vec.h"
@@ -43,7 +43,7 @@ constexpr int64_t kTileMaxC = 32;
 struct TileShape {
   static constexpr int64_t R = Vec<float>::size();
   int64_t C = 0;
-  alignas(64) int32_t col[R];            // l * C: the first class of row l in a row-major tile
+  alignas(64) int32_t col[R];               // l * C: the first class of row l in a row-major tile
   alignas(64) int32_t back[kTileMaxC * R];  // flat element k*R+l of the tile -> its (c*R + r)
   explicit TileShape(int64_t C_) : C(C_) {
     for (int64_t l = 0; l < R; ++l) col[l] = static_cast<int32_t>(l * C);
@@ -55,7 +55,7 @@ struct TileShape {
 struct TileRows {
   static constexpr int64_t R = Vec<float>::size();
   alignas(64) float m[R], ls[R], xy[R], loss[R], g[R];
-  alignas(64) double S[R];  // the row's sum for dL/dT (row_grad), in double
+  alignas(64) double S[R];      // the row's sum for dL/dT (row_grad), in double
   alignas(64) int32_t yidx[R];  // l * C + y (y = 0 for ignored rows)
   int64_t y[R];
   bool valid[R];  // not ignored
@@ -64,19 +64,19 @@ struct TileRows {
 
 struct TileBuffers {
   static constexpr int64_t R = Vec<float>::size();
-  alignas(64) float tb[kTileMaxC * R];   // row-major tile in float
-  alignas(64) float tT[kTileMaxC * R];   // transposed: class c of the R rows at tT + c R
-  alignas(64) float gT[kTileMaxC * R];   // transposed gradient
-  alignas(64) float ob[kTileMaxC * R];   // row-major gradient in float
+  alignas(64) float tb[kTileMaxC * R];  // row-major tile in float
+  alignas(64) float tT[kTileMaxC * R];  // transposed: class c of the R rows at tT + c R
+  alignas(64) float gT[kTileMaxC * R];  // transposed gradient
+  alignas(64) float ob[kTileMaxC * R];  // row-major gradient in float
 };
 
 // Loads rows [i0, i0 + nr) into the tile, reads the targets (checked: an error names the row)
 // and gathers the classes into tT. Returns the row-major tile (tb, or the logits themselves).
 template <typename scalar_t>
-SOFTCAL_ALWAYS_INLINE
-const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t row_stride,
-                       const int64_t* target, int64_t ignore_index, int64_t i0, int64_t nr,
-                       TileBuffers& b, TileRows& t, const char* op) {
+SOFTCAL_ALWAYS_INLINE const float* tile_load(const TileShape& ts, const scalar_t* x,
+                                             int64_t row_stride, const int64_t* target,
+                                             int64_t ignore_index, int64_t i0, int64_t nr,
+                                             TileBuffers& b, TileRows& t, const char* op) {
   constexpr int64_t R = TileShape::R;
   const int64_t C = ts.C;
   const float* tile;
@@ -106,8 +106,8 @@ const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t row_strid
     int64_t y = l < nr ? target[i0 + l] : ignore_index;
     const bool valid = l < nr && y != ignore_index;
     if (valid) {
-      TORCH_CHECK(y >= 0 && y < C, op, ": target[", i0 + l, "] = ", y, " is out of range for ",
-                  C, " classes (ignore_index = ", ignore_index, ")");
+      TORCH_CHECK(y >= 0 && y < C, op, ": target[", i0 + l, "] = ", y, " is out of range for ", C,
+                  " classes (ignore_index = ", ignore_index, ")");
     } else {
       y = 0;
     }
@@ -123,8 +123,8 @@ const float* tile_load(const TileShape& ts, const scalar_t* x, int64_t row_strid
 // Forward of a loaded tile: per lane m, ls, x_y and the loss (RowStats; row_loss of ce_row.h).
 template <bool kDot>
 __attribute__((noinline))  // out of line, as before the split: the tile loop around it stays small
-void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* tile,
-                  TileBuffers& b, TileRows& t) {
+void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* tile, TileBuffers& b,
+                  TileRows& t) {
   constexpr int64_t R = TileShape::R;
   using V = Vec<float>;
   const int64_t C = ts.C;
@@ -224,8 +224,8 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   // the true class (true_class_dz), for the 16 rows at once
   const V lp = vb * (V::loadu(t.xy) - vm) + vnls;
   const V e_y = p.needs_p_y() ? lp.exp() : zero;
-  const V dzy = true_class_dz<V>(p, V::loadu(tyl), zl ? V::loadu(arl) : V(a_rest), vk_cw * V::loadu(wyl),
-                                 lp.expm1(), e_y);
+  const V dzy = true_class_dz<V>(p, V::loadu(tyl), zl ? V::loadu(arl) : V(a_rest),
+                                 vk_cw * V::loadu(wyl), lp.expm1(), e_y);
   alignas(64) float dzyl[R];
   alignas(64) double Sl[R], Ml[R];
   dzy.store(dzyl);
@@ -274,60 +274,64 @@ void ce_tile_blocks(const CEParams<float>& p, const CEIo<scalar_t, float>& io, i
   const TileShape ts(p.C);
   TileBuffers bufs;
   TileRows t;
-  for_block_groups(io.rows, bs, b0, b1, R, parts,
-                   [&](int64_t i0, int64_t nr, int64_t, BlockSums& sums) {
-    const float* tile =
-        tile_load(ts, io.x, io.row_stride, p.target, p.ignore_index, i0, nr, bufs, t, io.op);
-    if constexpr (kStats) {
-      if (p.smoothing == Smoothing::kOn) tile_forward<true>(ts, p, tile, bufs, t);
-      else tile_forward<false>(ts, p, tile, bufs, t);
-    } else {  // the forward's [m, ls]
-      for (int64_t l = 0; l < R; ++l) {
-        const bool in = l < nr;
-        t.m[l] = in ? io.lse_in[2 * (i0 + l)] : 0.0f;
-        t.ls[l] = in ? io.lse_in[2 * (i0 + l) + 1] : 0.0f;
-        t.ok[l] = std::isfinite(t.m[l]) && std::isfinite(t.ls[l]);
-        t.xy[l] = tile[t.yidx[l]];
-      }
-    }
-    if constexpr (kGrad) {
-      for (int64_t l = 0; l < R; ++l) t.g[l] = l < nr && t.valid[l] ? io.g.of(i0 + l) : 0.0f;
-      tile_grad(ts, p, bufs, t, nr, io.need_t, io.grad + i0 * p.C);
-    }
-    // the tile's outputs, per row or added to the block's sums in row order; one loop per
-    // output, so that each running sum stays in a register (interleaved with the stores of the
-    // other outputs GCC kept it on the stack: benchmarks/NOTES.md, issue 20)
-    if (kStats && io.lse_out != nullptr) {
-      // ignored rows: [0, 0] (unless p.lse_all: every row's), loss 0
-      for (int64_t l = 0; l < nr; ++l) {
-        const bool w = t.valid[l] || p.lse_all;
-        io.lse_out[2 * (i0 + l)] = w ? t.m[l] : 0.0f;
-        io.lse_out[2 * (i0 + l) + 1] = w ? t.ls[l] : 0.0f;
-      }
-    }
-    if constexpr (kStats) {
-      if (io.loss_rows != nullptr) {
-        for (int64_t l = 0; l < nr; ++l) io.loss_rows[i0 + l] = t.valid[l] ? t.loss[l] : 0.0f;
-      } else {
-        double sum = sums.loss;  // all R lanes: lanes l >= nr are not valid (a loop without exits)
-        for (int64_t l = 0; l < R; ++l) sum += t.valid[l] ? static_cast<double>(t.loss[l]) : 0.0;
-        sums.loss = sum;
-      }
-    }
-    if (kGrad && io.need_t) {  // dL/dT of row l: -(g / T) S
-      const double beta = p.beta;
-      const auto grad_t = [&](int64_t l) {
-        return t.valid[l] ? -static_cast<double>(t.g[l]) * t.S[l] * beta : 0.0;
-      };
-      if (io.grad_t_rows != nullptr) {
-        for (int64_t l = 0; l < nr; ++l) io.grad_t_rows[i0 + l] = static_cast<float>(grad_t(l));
-      } else {
-        double sum = sums.grad_t;
-        for (int64_t l = 0; l < R; ++l) sum += grad_t(l);
-        sums.grad_t = sum;
-      }
-    }
-  });
+  for_block_groups(
+      io.rows, bs, b0, b1, R, parts, [&](int64_t i0, int64_t nr, int64_t, BlockSums& sums) {
+        const float* tile =
+            tile_load(ts, io.x, io.row_stride, p.target, p.ignore_index, i0, nr, bufs, t, io.op);
+        if constexpr (kStats) {
+          if (p.smoothing == Smoothing::kOn)
+            tile_forward<true>(ts, p, tile, bufs, t);
+          else
+            tile_forward<false>(ts, p, tile, bufs, t);
+        } else {  // the forward's [m, ls]
+          for (int64_t l = 0; l < R; ++l) {
+            const bool in = l < nr;
+            t.m[l] = in ? io.lse_in[2 * (i0 + l)] : 0.0f;
+            t.ls[l] = in ? io.lse_in[2 * (i0 + l) + 1] : 0.0f;
+            t.ok[l] = std::isfinite(t.m[l]) && std::isfinite(t.ls[l]);
+            t.xy[l] = tile[t.yidx[l]];
+          }
+        }
+        if constexpr (kGrad) {
+          for (int64_t l = 0; l < R; ++l) t.g[l] = l < nr && t.valid[l] ? io.g.of(i0 + l) : 0.0f;
+          tile_grad(ts, p, bufs, t, nr, io.need_t, io.grad + i0 * p.C);
+        }
+        // the tile's outputs, per row or added to the block's sums in row order; one loop per
+        // output, so that each running sum stays in a register (interleaved with the stores of the
+        // other outputs GCC kept it on the stack: benchmarks/NOTES.md, issue 20)
+        if (kStats && io.lse_out != nullptr) {
+          // ignored rows: [0, 0] (unless p.lse_all: every row's), loss 0
+          for (int64_t l = 0; l < nr; ++l) {
+            const bool w = t.valid[l] || p.lse_all;
+            io.lse_out[2 * (i0 + l)] = w ? t.m[l] : 0.0f;
+            io.lse_out[2 * (i0 + l) + 1] = w ? t.ls[l] : 0.0f;
+          }
+        }
+        if constexpr (kStats) {
+          if (io.loss_rows != nullptr) {
+            for (int64_t l = 0; l < nr; ++l) io.loss_rows[i0 + l] = t.valid[l] ? t.loss[l] : 0.0f;
+          } else {
+            double sum =
+                sums.loss;  // all R lanes: lanes l >= nr are not valid (a loop without exits)
+            for (int64_t l = 0; l < R; ++l)
+              sum += t.valid[l] ? static_cast<double>(t.loss[l]) : 0.0;
+            sums.loss = sum;
+          }
+        }
+        if (kGrad && io.need_t) {  // dL/dT of row l: -(g / T) S
+          const double beta = p.beta;
+          const auto grad_t = [&](int64_t l) {
+            return t.valid[l] ? -static_cast<double>(t.g[l]) * t.S[l] * beta : 0.0;
+          };
+          if (io.grad_t_rows != nullptr) {
+            for (int64_t l = 0; l < nr; ++l) io.grad_t_rows[i0 + l] = static_cast<float>(grad_t(l));
+          } else {
+            double sum = sums.grad_t;
+            for (int64_t l = 0; l < R; ++l) sum += grad_t(l);
+            sums.grad_t = sum;
+          }
+        }
+      });
 }
 
 }  // namespace cpu

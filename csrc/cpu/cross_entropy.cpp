@@ -21,7 +21,7 @@
 
 #include "checks.h"
 #include "common.h"
-#include "cpu/ce_row.h"
+#include "cpu/ce_row_path.h"
 #include "cpu/ce_tile.h"
 #include "cpu/host.h"
 #include "cpu/rows.h"
@@ -96,29 +96,31 @@ std::vector<BlockSums> dispatch_pass(Op op, const at::Tensor& logits, const at::
                                      const LlmTerms& llm = {}) {
   const at::Tensor tgt = target.contiguous();
   std::vector<BlockSums> parts;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softcal_cross_entropy_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> wbuf;
-    auto p = make_params<acc_t>(logits.size(1), tgt, weight, wbuf, T, eps, ignore_index,
-                                llm.z_loss, llm.softcap);
-    p.lse_all = llm.lse_all;
-    if constexpr (kPass != Pass::kBackward) {
-      *denom = check_targets_and_denom(p, logits.size(0), op_name(op));
-    }
-    if (p.zloss == ZLoss::kOn && llm.reduction == kMean && p.w != nullptr) {
-      // (without weights denom is the count itself)
-      const double count = count_rows(p.target, logits.size(0), ignore_index);
-      const double den = static_cast<double>(static_cast<acc_t>(*denom));  // as the loss divides
-      p.zl = count > 0 ? static_cast<acc_t>(llm.z_loss * den / count) : acc_t(0);
-    }
-    CEIo<scalar_t, acc_t> io;
-    io.x = logits.const_data_ptr<scalar_t>();
-    io.row_stride = logits.stride(0);
-    io.rows = logits.size(0);
-    io.op = op_name(op);
-    set_io(io, *denom);
-    parts = run_pass<kPass>(p, io);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "softcal_cross_entropy_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        std::vector<acc_t> wbuf;
+        auto p = make_params<acc_t>(logits.size(1), tgt, weight, wbuf, T, eps, ignore_index,
+                                    llm.z_loss, llm.softcap);
+        p.lse_all = llm.lse_all;
+        if constexpr (kPass != Pass::kBackward) {
+          *denom = check_targets_and_denom(p, logits.size(0), op_name(op));
+        }
+        if (p.zloss == ZLoss::kOn && llm.reduction == kMean && p.w != nullptr) {
+          // (without weights denom is the count itself)
+          const double count = count_rows(p.target, logits.size(0), ignore_index);
+          const double den =
+              static_cast<double>(static_cast<acc_t>(*denom));  // as the loss divides
+          p.zl = count > 0 ? static_cast<acc_t>(llm.z_loss * den / count) : acc_t(0);
+        }
+        CEIo<scalar_t, acc_t> io;
+        io.x = logits.const_data_ptr<scalar_t>();
+        io.row_stride = logits.stride(0);
+        io.rows = logits.size(0);
+        io.op = op_name(op);
+        set_io(io, *denom);
+        parts = run_pass<kPass>(p, io);
+      });
   return parts;
 }
 
@@ -163,11 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
   at::Tensor loss_rows = at::empty({reduction == kNone ? rows : 0}, acc_options);
   double denom = 0;
   const auto parts = dispatch_pass<Pass::kForward>(
-      op, logits, target, weight, T, label_smoothing, ignore_index, &denom, [&](auto& io, double) {
+      op, logits, target, weight, T, label_smoothing, ignore_index, &denom,
+      [&](auto& io, double) {
         using acc_t = io_acc_t<decltype(io)>;
         io.lse_out = lse.data_ptr<acc_t>();
         io.loss_rows = reduction == kNone ? loss_rows.data_ptr<acc_t>() : nullptr;
-      }, LlmTerms{z_loss, softcap, lse_all_rows, reduction});
+      },
+      LlmTerms{z_loss, softcap, lse_all_rows, reduction});
   // mean divides by denom in acc, the value the backward reads back
   const at::Tensor denom_t = at::scalar_tensor(denom, acc_options);
   return {loss_output(loss_rows, parts, reduction, denom_t.item<double>()), lse, denom_t};
@@ -197,7 +201,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(
   const at::Tensor lse_c = lse.contiguous();
   double denom_v = denom.item<double>();  // the z-loss's coefficient for mean (dispatch_pass)
   const auto parts = dispatch_pass<Pass::kBackward>(
-      op, logits, target, weight, T, label_smoothing, ignore_index, &denom_v, [&](auto& io, double) {
+      op, logits, target, weight, T, label_smoothing, ignore_index, &denom_v,
+      [&](auto& io, double) {
         using acc_t = io_acc_t<decltype(io)>;
         using scalar_t = io_scalar_t<decltype(io)>;
         io.lse_in = lse_c.const_data_ptr<acc_t>();
@@ -209,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(
         }
         io.need_t = need_t;
         io.grad = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
-      }, LlmTerms{z_loss, softcap, false, reduction});
+      },
+      LlmTerms{z_loss, softcap, false, reduction});
   const auto t_dtype = temp_grad_type(temperature_t, logits.scalar_type());
   return {grad, grad_t_output(parts, need_t, logits.options().dtype(t_dtype))};
 }
@@ -217,22 +223,20 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cpu(
 // The fused pass: the loss and the gradient (upstream gradient 1) into grad, which may be the
 // logits' own buffer (in place: each row, each tile, is read completely before its gradient is
 // written). Returns (loss, grad_temperature): per row for reduction none, else summed.
-std::tuple<at::Tensor, at::Tensor> fused_pass(Op op, const at::Tensor& logits, const at::Tensor& grad,
-                                              const at::Tensor& target,
-                                              const std::optional<at::Tensor>& weight,
-                                              const std::optional<at::Tensor>& temperature_t,
-                                              double temperature, double label_smoothing,
-                                              int64_t ignore_index, int64_t reduction,
-                                              bool need_temperature_grad, double z_loss,
-                                              double softcap,
-                                              const std::optional<at::Tensor>& lse_out) {
+std::tuple<at::Tensor, at::Tensor> fused_pass(
+    Op op, const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& temperature_t,
+    double temperature, double label_smoothing, int64_t ignore_index, int64_t reduction,
+    bool need_temperature_grad, double z_loss, double softcap,
+    const std::optional<at::Tensor>& lse_out) {
   checks::llm_terms(op, logits, z_loss, softcap, lse_out);
   const double T = checks::host_temperature(op, temperature_t, temperature);
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   const int64_t rows = logits.size(0);
   const bool per_row = reduction == kNone;
   const auto acc_options = logits.options().dtype(acc_type(logits.scalar_type()));
-  const auto t_options = logits.options().dtype(temp_grad_type(temperature_t, logits.scalar_type()));
+  const auto t_options =
+      logits.options().dtype(temp_grad_type(temperature_t, logits.scalar_type()));
   at::Tensor loss_rows = at::empty({per_row ? rows : 0}, acc_options);
   at::Tensor grad_t_rows = at::empty({per_row && need_t ? rows : 0}, acc_options);
   double denom = 0;
@@ -247,7 +251,8 @@ std::tuple<at::Tensor, at::Tensor> fused_pass(Op op, const at::Tensor& logits, c
         io.loss_rows = per_row ? loss_rows.data_ptr<acc_t>() : nullptr;
         io.grad_t_rows = per_row && need_t ? grad_t_rows.data_ptr<acc_t>() : nullptr;
         io.lse_out = lse_out.has_value() ? lse_out->data_ptr<acc_t>() : nullptr;
-      }, LlmTerms{z_loss, softcap, lse_out.has_value(), reduction});
+      },
+      LlmTerms{z_loss, softcap, lse_out.has_value(), reduction});
   if (per_row) {
     return {loss_rows, need_t ? grad_t_rows.to(t_options.dtype()) : at::zeros({rows}, t_options)};
   }
@@ -263,9 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cpu(
   checks::cross_entropy(Backend::kCpu, op, logits, target, weight, temperature_t, temperature,
                         label_smoothing, reduction);
   at::Tensor grad = new_grad_buffer(logits);
-  auto [loss, grad_t] = fused_pass(op, logits, grad, target, weight, temperature_t, temperature,
-                                   label_smoothing, ignore_index, reduction, need_temperature_grad,
-                                   z_loss, softcap, std::nullopt);
+  auto [loss, grad_t] =
+      fused_pass(op, logits, grad, target, weight, temperature_t, temperature, label_smoothing,
+                 ignore_index, reduction, need_temperature_grad, z_loss, softcap, std::nullopt);
   return {loss, grad, grad_t};
 }
 
@@ -277,9 +282,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_inplace_cpu(
   constexpr Op op = Op::kCrossEntropyFusedInplace;
   checks::cross_entropy(Backend::kCpu, op, logits, target, weight, temperature_t, temperature,
                         label_smoothing, reduction);
-  return fused_pass(op, logits, logits, target, weight, temperature_t, temperature,
-                    label_smoothing, ignore_index, reduction, need_temperature_grad, z_loss,
-                    softcap, lse_out);
+  return fused_pass(op, logits, logits, target, weight, temperature_t, temperature, label_smoothing,
+                    ignore_index, reduction, need_temperature_grad, z_loss, softcap, lse_out);
 }
 
 }  // namespace

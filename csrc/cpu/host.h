@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -29,10 +28,12 @@ std::vector<acc_t> weights_in_acc(const std::optional<at::Tensor>& weight) {
   if (!weight.has_value()) return w;
   const at::Tensor wc = weight->contiguous();
   w.resize(wc.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wc.scalar_type(), "softcal_weights", [&] {
-    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
-    for (size_t c = 0; c < w.size(); ++c) w[c] = static_cast<acc_t>(to_double(wp[c]));
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wc.scalar_type(), "softcal_weights",
+                                  [&] {
+                                    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+                                    for (size_t c = 0; c < w.size(); ++c)
+                                      w[c] = static_cast<acc_t>(to_double(wp[c]));
+                                  });
   return w;
 }
 
@@ -85,7 +86,9 @@ inline double deterministic_sum(const at::Tensor& v) {
 }
 
 // Rows per parallel task, so that a task touches at least ~32k elements.
-inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+inline int64_t row_grain(int64_t C) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+}
 
 
 // Advise the kernel to back a fresh buffer with transparent huge pages before its first touch.
@@ -103,7 +106,8 @@ inline void advise_huge_pages(void* ptr, size_t bytes) {
 }
 
 inline at::Tensor new_grad_buffer(const at::Tensor& like) {
-  at::Tensor g = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor g =
+      at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(g.data_ptr(), g.numel() * g.element_size());
   return g;
 }

@@ -66,9 +66,7 @@ inline void chunk_accumulate(const acc_t* x, const acc_t* w, int64_t n, acc_t be
       if (w != nullptr) ws[k] = ws[k] + wv;
     }
   };
-  auto wload = [&](int64_t i) {
-    return kDot && w != nullptr ? Vec<acc_t>::loadu(w + i) : one;
-  };
+  auto wload = [&](int64_t i) { return kDot && w != nullptr ? Vec<acc_t>::loadu(w + i) : one; };
   int64_t i = 0;
   for (; i + 2 * V <= n; i += 2 * V) {
     const Vec<acc_t> a = Vec<acc_t>::loadu(x + i), b = Vec<acc_t>::loadu(x + i + V);
@@ -83,7 +81,7 @@ inline void chunk_accumulate(const acc_t* x, const acc_t* w, int64_t n, acc_t be
   if (i < n) {
     const Tail<acc_t> t = load_tail(x + i, n - i);
     // unused lanes: x = -inf for the exps; x = m and weight 0 for D
-    const Vec<acc_t> wv = !kDot ? one
+    const Vec<acc_t> wv = !kDot          ? one
                           : w != nullptr ? Vec<acc_t>::loadu(w + i, n - i)
                                          : Vec<acc_t>::blendv(zero, one, t.lanes);
     step(1, t.masked, Vec<acc_t>::blendv(vm, t.loaded, t.lanes), wv);
@@ -107,8 +105,9 @@ inline void chunk_accumulate(const acc_t* x, const acc_t* w, int64_t n, acc_t be
 // stack (a store per update) and the weight test inside the loop.
 template <bool kDot, bool kW>
 __attribute__((always_inline)) inline __m512 f32_step(const float* x, const float* w, int64_t i,
-                                                    __mmask16 lanes, __m512 vm, __m512 vk,
-                                                    __m512& r, __m512& d, __m512& ws, __m512i& cnt) {
+                                                      __mmask16 lanes, __m512 vm, __m512 vk,
+                                                      __m512& r, __m512& d, __m512& ws,
+                                                      __m512i& cnt) {
   const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
   const __m512 dx = _mm512_sub_ps(xv, vm);
   const __m512 t = _mm512_mul_ps(dx, vk);
@@ -144,10 +143,10 @@ __attribute__((always_inline)) inline __m512 f32_step(const float* x, const floa
 // max of: pf, pf_bytes is the memory that the next conversion will read, prefetched into L1
 // instead (2 lines an iteration of a full chunk).
 template <bool kDot, bool kW, bool kSelf>
-SOFTCAL_ALWAYS_INLINE
-float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n, float beta,
-                                RowStats<float>& st, float& Wseen, const float* nx,
-                                int64_t nn, const char* pf, int64_t pf_bytes) {
+SOFTCAL_ALWAYS_INLINE float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n,
+                                                      float beta, RowStats<float>& st, float& Wseen,
+                                                      const float* nx, int64_t nn, const char* pf,
+                                                      int64_t pf_bytes) {
   const __m512 vm = _mm512_set1_ps(st.m);
   const __m512 vk = _mm512_set1_ps(static_cast<float>(beta * 1.4426950408889634));
   const __m512 zero = _mm512_setzero_ps();
@@ -191,10 +190,10 @@ float chunk_accumulate_f32_impl(const float* x, const float* w, int64_t n, float
 }
 
 template <bool kDot, bool kSelf = false>
-SOFTCAL_ALWAYS_INLINE
-float chunk_accumulate_f32(const float* x, const float* w, int64_t n, float beta,
-                           RowStats<float>& st, float& Wseen, const float* nx = nullptr,
-                           int64_t nn = 0, const char* pf = nullptr, int64_t pf_bytes = 0) {
+SOFTCAL_ALWAYS_INLINE float chunk_accumulate_f32(const float* x, const float* w, int64_t n,
+                                                 float beta, RowStats<float>& st, float& Wseen,
+                                                 const float* nx = nullptr, int64_t nn = 0,
+                                                 const char* pf = nullptr, int64_t pf_bytes = 0) {
   return w != nullptr ? chunk_accumulate_f32_impl<kDot, true, kSelf>(x, w, n, beta, st, Wseen, nx,
                                                                      nn, pf, pf_bytes)
                       : chunk_accumulate_f32_impl<kDot, false, kSelf>(x, w, n, beta, st, Wseen, nx,
@@ -221,10 +220,10 @@ struct NextMax {
 // the max of the next row's first chunk is taken inside the exp loop of this row's last chunk
 // and handed over through `carry`.
 template <typename scalar_t, typename acc_t>
-SOFTCAL_ALWAYS_INLINE
-RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t* w,
-                          bool need_dot, acc_t* buf, const scalar_t* next_row = nullptr,
-                          NextMax* carry = nullptr) {
+SOFTCAL_ALWAYS_INLINE RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta,
+                                                const acc_t* w, bool need_dot, acc_t* buf,
+                                                const scalar_t* next_row = nullptr,
+                                                NextMax* carry = nullptr) {
 #if SOFTCAL_AVX512_EXP
   constexpr bool kPipe = std::is_same_v<scalar_t, float>;
 #else
@@ -267,11 +266,11 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t*
     }
     // float32: NaN is found through the exps (max_ignoring_nan_f32), or below while every
     // logit so far is -inf
-    const acc_t cm = have_next ? next_max
-                     : std::is_same_v<acc_t, float>
-                         ? static_cast<acc_t>(max_ignoring_nan_f32(
-                               reinterpret_cast<const float*>(xa), n))
-                         : chunk_max(xa, n);
+    const acc_t cm =
+        have_next ? next_max
+        : std::is_same_v<acc_t, float>
+            ? static_cast<acc_t>(max_ignoring_nan_f32(reinterpret_cast<const float*>(xa), n))
+            : chunk_max(xa, n);
 #else
     const acc_t cm = chunk_max(xa, n);
 #endif
@@ -295,8 +294,9 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t*
         // kPipe: the later chunks of this row are walked online; the next row's first chunk's
         // max is taken here
         const scalar_t* nx = !last ? (kPipe ? nullptr : x + c0 + kChunk) : next_row;
-        const int64_t nn = nx == nullptr ? 0 : !last ? std::min(kChunk, C - c0 - kChunk)
-                                                     : std::min(kChunk, C);
+        const int64_t nn = nx == nullptr ? 0
+                           : !last       ? std::min(kChunk, C - c0 - kChunk)
+                                         : std::min(kChunk, C);
         if constexpr (kPipe) {
           const float* nf = reinterpret_cast<const float*>(nx);
           next_max = need_dot ? chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen, nf, nn)
@@ -308,14 +308,18 @@ RowStats<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t beta, const acc_t*
         } else {
           const char* pf = reinterpret_cast<const char*>(nx);
           const int64_t pfb = nn * static_cast<int64_t>(sizeof(scalar_t));
-          if (need_dot) chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen, nullptr, 0, pf, pfb);
-          else chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen, nullptr, 0, pf, pfb);
+          if (need_dot)
+            chunk_accumulate_f32<true>(xa, wc, n, beta, st, Wseen, nullptr, 0, pf, pfb);
+          else
+            chunk_accumulate_f32<false>(xa, wc, n, beta, st, Wseen, nullptr, 0, pf, pfb);
         }
         continue;
       }
 #endif
-      if (need_dot) chunk_accumulate<acc_t, true>(xa, wc, n, beta, st, Wseen);
-      else chunk_accumulate<acc_t, false>(xa, wc, n, beta, st, Wseen);
+      if (need_dot)
+        chunk_accumulate<acc_t, true>(xa, wc, n, beta, st, Wseen);
+      else
+        chunk_accumulate<acc_t, false>(xa, wc, n, beta, st, Wseen);
     } else {  // every logit so far is -inf (or NaN)
       if (std::isnan(chunk_max(xa, n))) {
         st.bad = true;
@@ -347,7 +351,8 @@ inline void for_block_groups(int64_t rows, int64_t bs, int64_t b0, int64_t b1, i
   for (int64_t b = b0; b < b1; ++b) {
     BlockSums sums;
     const int64_t end = std::min(rows, (b + 1) * bs);
-    for (int64_t i0 = b * bs; i0 < end; i0 += group) group_fn(i0, std::min(group, end - i0), end, sums);
+    for (int64_t i0 = b * bs; i0 < end; i0 += group)
+      group_fn(i0, std::min(group, end - i0), end, sums);
     parts[b] = sums;
   }
 }

@@ -21,7 +21,7 @@ namespace softcal {
 namespace cpu {
 namespace {
 
-constexpr int64_t kIgnored = -2;  // local target of an ignored row
+constexpr int64_t kIgnored = -2;    // local target of an ignored row
 constexpr int64_t kElsewhere = -1;  // the target is in another rank's slice
 
 inline int64_t local_target(int64_t y, int64_t ignore_index, int64_t off, int64_t C) {
@@ -31,9 +31,9 @@ inline int64_t local_target(int64_t y, int64_t ignore_index, int64_t off, int64_
 }
 
 at::Tensor shard_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                const std::optional<at::Tensor>& weight,
-                                const std::optional<at::Tensor>& temperature_t, double temperature,
-                                int64_t class_offset, int64_t ignore_index, bool smoothing) {
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& temperature_t, double temperature,
+                           int64_t class_offset, int64_t ignore_index, bool smoothing) {
   checks::shard_stats(Backend::kCpu, logits, target, weight, temperature_t, temperature,
                       class_offset);
   const double T = checks::host_temperature(Op::kShardStats, temperature_t, temperature);
@@ -42,66 +42,69 @@ at::Tensor shard_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
   at::Tensor stats = at::empty({rows, 4}, logits.options().dtype(acc_st));
   const at::Tensor tgt = target.contiguous();
   const int64_t* tp = tgt.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_stats_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int64_t V = Vec<acc_t>::size();
-    const std::vector<acc_t> w = weights_in_acc<acc_t>(weight);
-    const acc_t* wp = w.empty() ? nullptr : w.data();
-    const acc_t beta = static_cast<acc_t>(1.0 / T);
-    const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    const int64_t rs = logits.stride(0);
-    acc_t* out = stats.data_ptr<acc_t>();
-    at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-      for (int64_t i = r0; i < r1; ++i) {
-        acc_t* o = out + 4 * i;
-        const int64_t y = local_target(tp[i], ignore_index, class_offset, C);
-        if (y == kIgnored) {
-          o[0] = o[1] = o[2] = o[3] = acc_t(0);
-          continue;
-        }
-        const scalar_t* xr = x + i * rs;
-        o[3] = y >= 0 ? static_cast<acc_t>(xr[y]) : acc_t(0);
-        acc_t m = kNegInf<acc_t>;
-        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, C - c0);
-          const acc_t cm = chunk_max(as_acc(xr + c0, n, buf.data()), n);
-          m = (std::isnan(cm) || cm > m) ? cm : m;
-        }
-        if (std::isnan(m)) {
-          o[0] = o[1] = o[2] = m;
-          continue;
-        }
-        if (m == kNegInf<acc_t>) {  // no softmax mass in this slice; an infinite smoothing sum
-          o[0] = o[1] = kNegInf<acc_t>;
-          o[2] = smoothing && C > 0 ? std::numeric_limits<acc_t>::infinity() : acc_t(0);
-          continue;
-        }
-        const Vec<acc_t> vm(m), vb(beta);
-        Vec<acc_t> vs(0), vd(0);
-        acc_t ss = 0, sd = 0;
-        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, C - c0);
-          const acc_t* xa = as_acc(xr + c0, n, buf.data());
-          const acc_t* wc = wp ? wp + c0 : nullptr;
-          int64_t k = 0;
-          for (; k + V <= n; k += V) {
-            const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + k);
-            vs = vs + vexp((xv - vm) * vb);
-            if (smoothing) vd = vd + (wc ? (vm - xv) * Vec<acc_t>::loadu(wc + k) : vm - xv);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_stats_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int64_t V = Vec<acc_t>::size();
+        const std::vector<acc_t> w = weights_in_acc<acc_t>(weight);
+        const acc_t* wp = w.empty() ? nullptr : w.data();
+        const acc_t beta = static_cast<acc_t>(1.0 / T);
+        const scalar_t* x = logits.const_data_ptr<scalar_t>();
+        const int64_t rs = logits.stride(0);
+        acc_t* out = stats.data_ptr<acc_t>();
+        at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+          for (int64_t i = r0; i < r1; ++i) {
+            acc_t* o = out + 4 * i;
+            const int64_t y = local_target(tp[i], ignore_index, class_offset, C);
+            if (y == kIgnored) {
+              o[0] = o[1] = o[2] = o[3] = acc_t(0);
+              continue;
+            }
+            const scalar_t* xr = x + i * rs;
+            o[3] = y >= 0 ? static_cast<acc_t>(xr[y]) : acc_t(0);
+            acc_t m = kNegInf<acc_t>;
+            for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+              const int64_t n = std::min(kChunk, C - c0);
+              const acc_t cm = chunk_max(as_acc(xr + c0, n, buf.data()), n);
+              m = (std::isnan(cm) || cm > m) ? cm : m;
+            }
+            if (std::isnan(m)) {
+              o[0] = o[1] = o[2] = m;
+              continue;
+            }
+            if (m == kNegInf<acc_t>) {  // no softmax mass in this slice; an infinite smoothing sum
+              o[0] = o[1] = kNegInf<acc_t>;
+              o[2] = smoothing && C > 0 ? std::numeric_limits<acc_t>::infinity() : acc_t(0);
+              continue;
+            }
+            const Vec<acc_t> vm(m), vb(beta);
+            Vec<acc_t> vs(0), vd(0);
+            acc_t ss = 0, sd = 0;
+            for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+              const int64_t n = std::min(kChunk, C - c0);
+              const acc_t* xa = as_acc(xr + c0, n, buf.data());
+              const acc_t* wc = wp ? wp + c0 : nullptr;
+              int64_t k = 0;
+              for (; k + V <= n; k += V) {
+                const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + k);
+                vs = vs + vexp((xv - vm) * vb);
+                if (smoothing) vd = vd + (wc ? (vm - xv) * Vec<acc_t>::loadu(wc + k) : vm - xv);
+              }
+              for (; k < n; ++k) {
+                ss += std::exp((xa[k] - m) * beta);
+                if (smoothing) sd += wc ? (m - xa[k]) * wc[k] : m - xa[k];
+              }
+            }
+            auto sum = [](const Vec<acc_t>& v) {
+              return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
+            };
+            o[0] = m;
+            o[1] = std::log(sum(vs) + ss);
+            o[2] = smoothing ? sum(vd) + sd : acc_t(0);
           }
-          for (; k < n; ++k) {
-            ss += std::exp((xa[k] - m) * beta);
-            if (smoothing) sd += wc ? (m - xa[k]) * wc[k] : m - xa[k];
-          }
-        }
-        auto sum = [](const Vec<acc_t>& v) { return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v); };
-        o[0] = m;
-        o[1] = std::log(sum(vs) + ss);
-        o[2] = smoothing ? sum(vd) + sd : acc_t(0);
-      }
-    });
-  });
+        });
+      });
   return stats;
 }
 
@@ -141,7 +144,7 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
       const Vec<acc_t> vM(M), vb(beta), vLS(LS), vA(A), vcw(cw), vbg(bg), vninf(kNegInf<acc_t>),
           vzero(0);
       DoubleSum<acc_t> va, vbm;  // the T-gradient's sums, in double
-      double sa = 0, sb = 0;      // and those of the scalar tails
+      double sa = 0, sb = 0;     // and those of the scalar tails
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(kChunk, C - c0);
         const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
@@ -151,7 +154,8 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
         for (; k + V <= n; k += V) {
           const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + k);
           const Vec<acc_t> lp = (xv - vM) * vb - vLS;
-          const Vec<acc_t> dz = wc ? vA * vexp(lp) - vcw * Vec<acc_t>::loadu(wc + k) : vA * vexp(lp) - vcw;
+          const Vec<acc_t> dz =
+              wc ? vA * vexp(lp) - vcw * Vec<acc_t>::loadu(wc + k) : vA * vexp(lp) - vcw;
           (vbg * dz).store(ga + k);
           if (t_rows) {
             va.add(Vec<acc_t>::blendv(vzero, dz * lp, xv > vninf));
@@ -162,8 +166,10 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
           const acc_t lp = (xa[k] - M) * beta - LS;
           const acc_t dz = A * std::exp(lp) - cw * (wc ? wc[k] : acc_t(1));
           ga[k] = bg * dz;
-          if (xa[k] > kNegInf<acc_t>) sa += dz * lp;
-          else sb += dz;
+          if (xa[k] > kNegInf<acc_t>)
+            sa += dz * lp;
+          else
+            sb += dz;
         }
         if (gr) store_from_acc(ga, gr + c0, n);
       }
@@ -179,8 +185,10 @@ void shard_grad_rows(const at::Tensor& logits, scalar_t* grad, const int64_t* tp
         const acc_t dz = ty * std::expm1(lp) + (A - ty) * std::exp(lp) - cw * wy;
         if (gr) gr[y] = static_cast<scalar_t>(bg * dz);
         if (t_rows) {
-          if (x_y > kNegInf<acc_t>) ta += (dz - generic) * lp;
-          else tb += dz - generic;
+          if (x_y > kNegInf<acc_t>)
+            ta += (dz - generic) * lp;
+          else
+            tb += dz - generic;
         }
       }
       if (t_rows) {
@@ -204,12 +212,14 @@ at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
   at::Tensor t_rows = at::zeros({rows, 2}, logits.options().dtype(acc_st));
   if (rows == 0 || logits.size(1) == 0 || (grad == nullptr && !need_t)) return t_rows;
   const at::Tensor tgt = target.contiguous(), lse_c = lse.contiguous(), coef_c = coef.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_grad_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    shard_grad_rows<scalar_t>(logits, grad ? grad->data_ptr<scalar_t>() : nullptr, tgt.const_data_ptr<int64_t>(),
-                              weight, lse_c, coef_c, T, smooth_coef, class_offset, ignore_index,
-                              need_t ? t_rows.data_ptr<acc_t>() : nullptr);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_grad_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        shard_grad_rows<scalar_t>(logits, grad ? grad->data_ptr<scalar_t>() : nullptr,
+                                  tgt.const_data_ptr<int64_t>(), weight, lse_c, coef_c, T,
+                                  smooth_coef, class_offset, ignore_index,
+                                  need_t ? t_rows.data_ptr<acc_t>() : nullptr);
+      });
   return t_rows;
 }
 
@@ -219,19 +229,18 @@ std::tuple<at::Tensor, at::Tensor> shard_grad_cpu(
     double temperature, double smooth_coef, int64_t class_offset, int64_t ignore_index,
     bool need_logits_grad, bool need_temperature_grad) {
   at::Tensor grad = need_logits_grad ? new_grad_buffer(logits) : logits.new_empty({0});
-  at::Tensor t_rows = shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
-                                      smooth_coef, class_offset, ignore_index,
-                                      need_logits_grad ? &grad : nullptr, need_temperature_grad,
-                                      Op::kShardGrad);
+  at::Tensor t_rows = shard_grad_impl(
+      logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef, class_offset,
+      ignore_index, need_logits_grad ? &grad : nullptr, need_temperature_grad, Op::kShardGrad);
   return {grad, t_rows};
 }
 
 at::Tensor shard_grad_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                                       const at::Tensor& coef,
-                                       const std::optional<at::Tensor>& temperature_t, double temperature,
-                                       double smooth_coef, int64_t class_offset, int64_t ignore_index,
-                                       bool need_temperature_grad) {
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                  const at::Tensor& coef,
+                                  const std::optional<at::Tensor>& temperature_t,
+                                  double temperature, double smooth_coef, int64_t class_offset,
+                                  int64_t ignore_index, bool need_temperature_grad) {
   at::Tensor grad = logits;
   return shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef,
                          class_offset, ignore_index, &grad, need_temperature_grad,

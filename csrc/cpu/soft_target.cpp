@@ -35,9 +35,9 @@ namespace {
 template <typename acc_t>
 struct SoftParams {
   int64_t C;
-  acc_t beta;  // 1 / T
-  acc_t a;     // 1 - eps
-  acc_t b;     // eps / C
+  acc_t beta;      // 1 / T
+  acc_t a;         // 1 - eps
+  acc_t b;         // eps / C
   const acc_t* w;  // class weights in acc, or nullptr
 };
 
@@ -74,8 +74,9 @@ inline Vec<acc_t> mass_of(const Vec<acc_t>& t, const acc_t* wc, int64_t k, const
   if (wc != nullptr) {
     u = u * (k == V ? Vec<acc_t>::loadu(wc) : Vec<acc_t>::loadu(wc, k));  // zero-filled past k
   } else if (k < V) {
-    u = Vec<acc_t>::blendv(Vec<acc_t>(0), u,
-                           Vec<acc_t>::arange(acc_t(0), acc_t(1)) < Vec<acc_t>(static_cast<acc_t>(k)));
+    u = Vec<acc_t>::blendv(
+        Vec<acc_t>(0), u,
+        Vec<acc_t>::arange(acc_t(0), acc_t(1)) < Vec<acc_t>(static_cast<acc_t>(k)));
   }
   return u;
 }
@@ -96,10 +97,10 @@ inline void load_lanes(const acc_t* x, const acc_t* t, int64_t k, Vec<acc_t>& xv
 // The row state of the forward (the maths at the top of this file).
 template <typename acc_t>
 struct SoftRow {
-  acc_t m;   // max_c x_c (NaN / +inf: no softmax)
-  acc_t s;   // sum_c exp(beta (x_c - m))
-  acc_t d;   // sum_{c: u_c != 0} u_c (m - x_c)
-  acc_t U;   // sum_c u_c
+  acc_t m;  // max_c x_c (NaN / +inf: no softmax)
+  acc_t s;  // sum_c exp(beta (x_c - m))
+  acc_t d;  // sum_{c: u_c != 0} u_c (m - x_c)
+  acc_t U;  // sum_c u_c
 };
 
 // One read of a row of the logits and of the target (docs/design.md §2). A chunk of kChunk
@@ -165,43 +166,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_fwd_cpu(
   at::Tensor loss_rows = at::empty({rows}, logits.options().dtype(acc_st));
   const int64_t xs = logits.stride(0), ts = target.stride(0);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_target_fwd_cpu", [&] {
-   dispatch_target<scalar_t>(target.scalar_type(), [&](auto target_tag) {
-    using target_t = decltype(target_tag);
-    using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> wbuf;
-    const auto p = soft_params<acc_t>(C, weight, wbuf, T, label_smoothing);
-    const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    const target_t* t = target.const_data_ptr<target_t>();
-    acc_t* lse_p = lse.data_ptr<acc_t>();
-    acc_t* mass_p = mass.data_ptr<acc_t>();
-    acc_t* loss_p = loss_rows.data_ptr<acc_t>();
-    at::parallel_for(0, rows, row_grain(2 * C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-      std::vector<acc_t> tbuf(std::is_same_v<target_t, acc_t> ? 0 : kChunk);
-      for (int64_t i = r0; i < r1; ++i) {
-        if (C == 0) {  // an empty sum
-          lse_p[2 * i] = lse_p[2 * i + 1] = kNegInf<acc_t>;
-          mass_p[i] = 0;
-          loss_p[i] = 0;
-          continue;
-        }
-        const SoftRow<acc_t> r = soft_row(p, x + i * xs, t + i * ts, xbuf.data(), tbuf.data());
-        if (!std::isfinite(r.m)) {  // no softmax
-          lse_p[2 * i] = lse_p[2 * i + 1] = kNaN<acc_t>;
-          mass_p[i] = r.U;
-          loss_p[i] = kNaN<acc_t>;
-          continue;
-        }
-        const acc_t ls = std::log(r.s);
-        lse_p[2 * i] = r.m;
-        lse_p[2 * i + 1] = ls;
-        mass_p[i] = r.U;
-        loss_p[i] = p.beta * r.d + r.U * ls;
-      }
-    });
-   });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_target_fwd_cpu", [&] {
+        dispatch_target<scalar_t>(target.scalar_type(), [&](auto target_tag) {
+          using target_t = decltype(target_tag);
+          using acc_t = at::opmath_type<scalar_t>;
+          std::vector<acc_t> wbuf;
+          const auto p = soft_params<acc_t>(C, weight, wbuf, T, label_smoothing);
+          const scalar_t* x = logits.const_data_ptr<scalar_t>();
+          const target_t* t = target.const_data_ptr<target_t>();
+          acc_t* lse_p = lse.data_ptr<acc_t>();
+          acc_t* mass_p = mass.data_ptr<acc_t>();
+          acc_t* loss_p = loss_rows.data_ptr<acc_t>();
+          at::parallel_for(0, rows, row_grain(2 * C), [&](int64_t r0, int64_t r1) {
+            std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+            std::vector<acc_t> tbuf(std::is_same_v<target_t, acc_t> ? 0 : kChunk);
+            for (int64_t i = r0; i < r1; ++i) {
+              if (C == 0) {  // an empty sum
+                lse_p[2 * i] = lse_p[2 * i + 1] = kNegInf<acc_t>;
+                mass_p[i] = 0;
+                loss_p[i] = 0;
+                continue;
+              }
+              const SoftRow<acc_t> r =
+                  soft_row(p, x + i * xs, t + i * ts, xbuf.data(), tbuf.data());
+              if (!std::isfinite(r.m)) {  // no softmax
+                lse_p[2 * i] = lse_p[2 * i + 1] = kNaN<acc_t>;
+                mass_p[i] = r.U;
+                loss_p[i] = kNaN<acc_t>;
+                continue;
+              }
+              const acc_t ls = std::log(r.s);
+              lse_p[2 * i] = r.m;
+              lse_p[2 * i + 1] = ls;
+              mass_p[i] = r.U;
+              loss_p[i] = p.beta * r.d + r.U * ls;
+            }
+          });
+        });
+      });
 
   at::Tensor loss;
   if (reduction == kNone) {
@@ -241,93 +244,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_bwd_cpu(
   const int64_t xs = logits.stride(0), ts = target.stride(0);
 
   if (rows > 0 && C > 0 && (need_logits_grad || need_target_grad || need_t)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_target_bwd_cpu", [&] {
-     dispatch_target<scalar_t>(target.scalar_type(), [&](auto target_tag) {
-      using target_t = decltype(target_tag);
-      using acc_t = at::opmath_type<scalar_t>;
-      constexpr int64_t V = Vec<acc_t>::size();
-      std::vector<acc_t> wbuf;
-      const auto p = soft_params<acc_t>(C, weight, wbuf, T, label_smoothing);
-      const scalar_t* x = logits.const_data_ptr<scalar_t>();
-      const target_t* t = target.const_data_ptr<target_t>();
-      scalar_t* gx = need_logits_grad ? grad_x.data_ptr<scalar_t>() : nullptr;
-      target_t* gtg = need_target_grad ? grad_tg.data_ptr<target_t>() : nullptr;
-      const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
-      const acc_t* mass_p = mass_c.const_data_ptr<acc_t>();
-      acc_t* gt_p = need_t ? gt_rows.data_ptr<acc_t>() : nullptr;
-      const acc_t* g_p = reduction == kNone ? g_rows.const_data_ptr<acc_t>() : nullptr;
-      const int64_t g_stride = reduction == kNone ? g_rows.stride(0) : 0;
-      at::parallel_for(0, rows, row_grain(2 * C), [&](int64_t r0, int64_t r1) {
-        std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-        std::vector<acc_t> tbuf(std::is_same_v<target_t, acc_t> ? 0 : kChunk);
-        std::vector<acc_t> gxbuf(kChunk), gtbuf(kChunk);
-        for (int64_t i = r0; i < r1; ++i) {
-          const scalar_t* xr = x + i * xs;
-          const target_t* tr = t + i * ts;
-          scalar_t* gxr = gx == nullptr ? nullptr : gx + i * C;
-          target_t* gtr = gtg == nullptr ? nullptr : gtg + i * C;
-          const acc_t g = g_p == nullptr ? static_cast<acc_t>(g_scalar) : g_p[i * g_stride];
-          const acc_t m = lse_p[2 * i], ls = lse_p[2 * i + 1], U = mass_p[i];
-          if (!std::isfinite(m) || !std::isfinite(ls)) {  // no softmax: NaN
-            if (gxr != nullptr) std::fill(gxr, gxr + C, static_cast<scalar_t>(kNaN<acc_t>));
-            if (gtr != nullptr) std::fill(gtr, gtr + C, static_cast<target_t>(kNaN<acc_t>));
-            if (gt_p != nullptr) gt_p[i] = kNaN<acc_t>;
-            continue;
-          }
-          const acc_t bg = p.beta * g;
-          const Vec<acc_t> vbeta(p.beta), vm(m), vls(ls), vU(U), va(p.a), vb(p.b), vbg(bg),
-              vga(g * p.a), vzero(0), vninf(kNegInf<acc_t>);
-          // the T-gradient's sums, in double: over the live classes of dz_c (z_c - beta m)
-          // (shifted by beta m, not lse: the rounding of sum_c dz_c = 0 is not multiplied by
-          // ls), over the masked ones of dz_c
-          DoubleSum<acc_t> t_live, t_masked;
-          for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-            const int64_t n = std::min(kChunk, C - c0);
-            const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
-            const acc_t* ta = as_acc(tr + c0, n, tbuf.data());
-            const acc_t* wc = p.w == nullptr ? nullptr : p.w + c0;
-            for (int64_t j = 0; j < n; j += V) {
-              const int64_t k = std::min(V, n - j);
-              Vec<acc_t> xv, tv;
-              load_lanes(xa + j, ta + j, k, xv, tv);
-              const Vec<acc_t> zm = (xv - vm) * vbeta;  // z - beta m: exactly 0 at the row max
-              const Vec<acc_t> logp = zm - vls;
-              const Vec<acc_t> pr = vexp(logp);
-              if (gxr != nullptr || gt_p != nullptr) {
-                const Vec<acc_t> u = mass_of(tv, wc == nullptr ? nullptr : wc + j, k, va, vb);
-                const Vec<acc_t> dz = vU * pr - u;
-                if (gxr != nullptr) {
-                  const Vec<acc_t> gv = vbg * dz;
-                  if (k == V) gv.store(gxbuf.data() + j);
-                  else gv.store(gxbuf.data() + j, k);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_target_bwd_cpu", [&] {
+          dispatch_target<scalar_t>(target.scalar_type(), [&](auto target_tag) {
+            using target_t = decltype(target_tag);
+            using acc_t = at::opmath_type<scalar_t>;
+            constexpr int64_t V = Vec<acc_t>::size();
+            std::vector<acc_t> wbuf;
+            const auto p = soft_params<acc_t>(C, weight, wbuf, T, label_smoothing);
+            const scalar_t* x = logits.const_data_ptr<scalar_t>();
+            const target_t* t = target.const_data_ptr<target_t>();
+            scalar_t* gx = need_logits_grad ? grad_x.data_ptr<scalar_t>() : nullptr;
+            target_t* gtg = need_target_grad ? grad_tg.data_ptr<target_t>() : nullptr;
+            const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
+            const acc_t* mass_p = mass_c.const_data_ptr<acc_t>();
+            acc_t* gt_p = need_t ? gt_rows.data_ptr<acc_t>() : nullptr;
+            const acc_t* g_p = reduction == kNone ? g_rows.const_data_ptr<acc_t>() : nullptr;
+            const int64_t g_stride = reduction == kNone ? g_rows.stride(0) : 0;
+            at::parallel_for(0, rows, row_grain(2 * C), [&](int64_t r0, int64_t r1) {
+              std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+              std::vector<acc_t> tbuf(std::is_same_v<target_t, acc_t> ? 0 : kChunk);
+              std::vector<acc_t> gxbuf(kChunk), gtbuf(kChunk);
+              for (int64_t i = r0; i < r1; ++i) {
+                const scalar_t* xr = x + i * xs;
+                const target_t* tr = t + i * ts;
+                scalar_t* gxr = gx == nullptr ? nullptr : gx + i * C;
+                target_t* gtr = gtg == nullptr ? nullptr : gtg + i * C;
+                const acc_t g = g_p == nullptr ? static_cast<acc_t>(g_scalar) : g_p[i * g_stride];
+                const acc_t m = lse_p[2 * i], ls = lse_p[2 * i + 1], U = mass_p[i];
+                if (!std::isfinite(m) || !std::isfinite(ls)) {  // no softmax: NaN
+                  if (gxr != nullptr) std::fill(gxr, gxr + C, static_cast<scalar_t>(kNaN<acc_t>));
+                  if (gtr != nullptr) std::fill(gtr, gtr + C, static_cast<target_t>(kNaN<acc_t>));
+                  if (gt_p != nullptr) gt_p[i] = kNaN<acc_t>;
+                  continue;
+                }
+                const acc_t bg = p.beta * g;
+                const Vec<acc_t> vbeta(p.beta), vm(m), vls(ls), vU(U), va(p.a), vb(p.b), vbg(bg),
+                    vga(g * p.a), vzero(0), vninf(kNegInf<acc_t>);
+                // the T-gradient's sums, in double: over the live classes of dz_c (z_c - beta m)
+                // (shifted by beta m, not lse: the rounding of sum_c dz_c = 0 is not multiplied by
+                // ls), over the masked ones of dz_c
+                DoubleSum<acc_t> t_live, t_masked;
+                for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+                  const int64_t n = std::min(kChunk, C - c0);
+                  const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
+                  const acc_t* ta = as_acc(tr + c0, n, tbuf.data());
+                  const acc_t* wc = p.w == nullptr ? nullptr : p.w + c0;
+                  for (int64_t j = 0; j < n; j += V) {
+                    const int64_t k = std::min(V, n - j);
+                    Vec<acc_t> xv, tv;
+                    load_lanes(xa + j, ta + j, k, xv, tv);
+                    const Vec<acc_t> zm =
+                        (xv - vm) * vbeta;  // z - beta m: exactly 0 at the row max
+                    const Vec<acc_t> logp = zm - vls;
+                    const Vec<acc_t> pr = vexp(logp);
+                    if (gxr != nullptr || gt_p != nullptr) {
+                      const Vec<acc_t> u = mass_of(tv, wc == nullptr ? nullptr : wc + j, k, va, vb);
+                      const Vec<acc_t> dz = vU * pr - u;
+                      if (gxr != nullptr) {
+                        const Vec<acc_t> gv = vbg * dz;
+                        if (k == V)
+                          gv.store(gxbuf.data() + j);
+                        else
+                          gv.store(gxbuf.data() + j, k);
+                      }
+                      if (gt_p != nullptr) {
+                        const Vec<acc_t> live = xv > vninf;  // masked (and unused) lanes: t_masked
+                        t_live.add(Vec<acc_t>::blendv(vzero, dz * zm, live));
+                        t_masked.add(Vec<acc_t>::blendv(dz, vzero, live));
+                      }
+                    }
+                    if (gtr != nullptr) {
+                      Vec<acc_t> coef = vga;  // g (1 - eps) w_c
+                      if (wc != nullptr)
+                        coef = coef *
+                               (k == V ? Vec<acc_t>::loadu(wc + j) : Vec<acc_t>::loadu(wc + j, k));
+                      const Vec<acc_t> gv =
+                          Vec<acc_t>::blendv(vzero, vzero - coef * logp, coef != vzero);
+                      if (k == V)
+                        gv.store(gtbuf.data() + j);
+                      else
+                        gv.store(gtbuf.data() + j, k);
+                    }
+                  }
+                  if (gxr != nullptr) store_from_acc(gxbuf.data(), gxr + c0, n);
+                  if (gtr != nullptr) store_from_acc(gtbuf.data(), gtr + c0, n);
                 }
                 if (gt_p != nullptr) {
-                  const Vec<acc_t> live = xv > vninf;  // masked (and unused) lanes: t_masked
-                  t_live.add(Vec<acc_t>::blendv(vzero, dz * zm, live));
-                  t_masked.add(Vec<acc_t>::blendv(dz, vzero, live));
+                  // sum_c dz_c z_c = sum_live dz_c (z_c - beta m) - beta m sum_masked dz_c (§2)
+                  const double bm = static_cast<double>(p.beta) * static_cast<double>(m);
+                  gt_p[i] = static_cast<acc_t>(-static_cast<double>(bg) *
+                                               (t_live.sum() - bm * t_masked.sum()));
                 }
               }
-              if (gtr != nullptr) {
-                Vec<acc_t> coef = vga;  // g (1 - eps) w_c
-                if (wc != nullptr) coef = coef * (k == V ? Vec<acc_t>::loadu(wc + j) : Vec<acc_t>::loadu(wc + j, k));
-                const Vec<acc_t> gv = Vec<acc_t>::blendv(vzero, vzero - coef * logp, coef != vzero);
-                if (k == V) gv.store(gtbuf.data() + j);
-                else gv.store(gtbuf.data() + j, k);
-              }
-            }
-            if (gxr != nullptr) store_from_acc(gxbuf.data(), gxr + c0, n);
-            if (gtr != nullptr) store_from_acc(gtbuf.data(), gtr + c0, n);
-          }
-          if (gt_p != nullptr) {
-            // sum_c dz_c z_c = sum_live dz_c (z_c - beta m) - beta m sum_masked dz_c (§2)
-            const double bm = static_cast<double>(p.beta) * static_cast<double>(m);
-            gt_p[i] = static_cast<acc_t>(-static_cast<double>(bg) *
-                                         (t_live.sum() - bm * t_masked.sum()));
-          }
-        }
-      });
-     });
-    });
+            });
+          });
+        });
   }
 
   const auto t_dtype = temp_grad_type(temperature_t, logits.scalar_type());

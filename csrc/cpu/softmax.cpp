@@ -73,7 +73,11 @@ void softmax_strided(const scalar_t* x, scalar_t* out, int64_t outer, int64_t C,
       const int64_t o = b / jblocks, j0 = (b % jblocks) * J, nj = std::min(J, inner - j0);
       const scalar_t* xb = x + o * C * inner + j0;
       scalar_t* ob = out + o * C * inner + j0;
-      for (int64_t j = 0; j < nj; ++j) { m[j] = kNegInf<acc_t>; s[j] = 0; n1[j] = 0; }
+      for (int64_t j = 0; j < nj; ++j) {
+        m[j] = kNegInf<acc_t>;
+        s[j] = 0;
+        n1[j] = 0;
+      }
       for (int64_t c = 0; c < C; ++c)
         for (int64_t j = 0; j < nj; ++j) {
           const acc_t v = static_cast<acc_t>(xb[c * inner + j]);
@@ -83,8 +87,10 @@ void softmax_strided(const scalar_t* x, scalar_t* out, int64_t outer, int64_t C,
       for (int64_t c = 0; c < C; ++c)
         for (int64_t j = 0; j < nj; ++j) {
           const acc_t d = beta * (static_cast<acc_t>(xb[c * inner + j]) - m[j]);
-          if (d == 0) n1[j] += 1;
-          else s[j] += std::exp(d);
+          if (d == 0)
+            n1[j] += 1;
+          else
+            s[j] += std::exp(d);
         }
       for (int64_t j = 0; j < nj; ++j) {
         const bool bad = std::isnan(m[j]) || std::isinf(m[j]);
@@ -117,26 +123,29 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tenso
   if (x.numel() == 0) return out;
   int64_t outer, C, inner;
   dims_of(x, dim, outer, C, inner);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cpu", [&] {
-    if (inner == 1) {
-      softmax_rows(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), outer, C, 1.0 / T, log);
-    } else {
-      softmax_strided(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), outer, C, inner,
-                      1.0 / T, log);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cpu", [&] {
+        if (inner == 1) {
+          softmax_rows(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), outer, C, 1.0 / T,
+                       log);
+        } else {
+          softmax_strided(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), outer, C, inner,
+                          1.0 / T, log);
+        }
+      });
   return out;
 }
 
 // Backward of softmax / log_softmax, per slice (docs/design.md §1):
 //   softmax:     dz = y * (g - sum(g y));     log_softmax: dz = g - y * sum(g), y = exp(o)
 //   dx = beta * dz;  dT contribution -(1/T) * sum dz * log y  (terms with y == 0 skipped).
-std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& out_in,
-    const std::optional<at::Tensor>& temperature_t, double temperature, int64_t dim, bool log,
-    bool need_temperature_grad) {
-  dim = checks::softmax_bwd(Backend::kCpu, log, grad_out_in, out_in, temperature_t, temperature,
-                            dim);
+std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(const at::Tensor& grad_out_in,
+                                                   const at::Tensor& out_in,
+                                                   const std::optional<at::Tensor>& temperature_t,
+                                                   double temperature, int64_t dim, bool log,
+                                                   bool need_temperature_grad) {
+  dim =
+      checks::softmax_bwd(Backend::kCpu, log, grad_out_in, out_in, temperature_t, temperature, dim);
   const double T = checks::host_temperature(softmax_op(log, true), temperature_t, temperature);
   const at::Tensor out = (out_in.dim() == 0 ? out_in.reshape({1}) : out_in).contiguous();
   const at::Tensor g = grad_out_in.reshape(out.sizes()).to(out.scalar_type()).contiguous();
@@ -149,58 +158,64 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cpu(
   const auto acc_st = acc_type(out.scalar_type());
   at::Tensor t_rows = at::zeros({need_t ? slices : 0}, out.options().dtype(acc_st));
   if (out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "softmax_bwd_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const acc_t beta = static_cast<acc_t>(1.0 / T);
-      const scalar_t* op_ = out.const_data_ptr<scalar_t>();
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      scalar_t* dx = grad_x.data_ptr<scalar_t>();
-      acc_t* tr = need_t ? t_rows.data_ptr<acc_t>() : nullptr;
-      at::parallel_for(0, slices, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t s0, int64_t s1) {
-        for (int64_t sl = s0; sl < s1; ++sl) {
-          const int64_t o = sl / inner, j = sl % inner;
-          const int64_t base = o * C * inner + j;
-          acc_t dot = 0;
-          double r = 0;  // E_y[log y], the centre of the T-gradient sum (need_t only)
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t gv = static_cast<acc_t>(gp[base + c * inner]);
-            const acc_t ov = static_cast<acc_t>(op_[base + c * inner]);
-            dot += log ? gv : gv * ov;
-            if (tr != nullptr && (log ? ov > kNegInf<acc_t> : ov > 0)) {
-              const double yd = log ? std::exp(double(ov)) : double(ov);
-              r += yd * (log ? double(ov) : std::log(yd));
-            }
-          }
-          // S = sum_c dz_c log y_c over the classes with y > 0 (finite log y), summed in double
-          // and centred on r (sum_c dz_c = 0): the rounding of dz then meets |log y - r|, the
-          // spread of the logits, not |log y|. Where classes are skipped (y == 0), their
-          // sum_c dz_c is not 0 and the centring is undone exactly.
-          double S = 0, Snm = 0;
-          bool skipped = false;
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t k = base + c * inner;
-            const acc_t gv = static_cast<acc_t>(gp[k]);
-            const acc_t ov = static_cast<acc_t>(op_[k]);
-            const acc_t y = log ? std::exp(ov) : ov;
-            const acc_t dz = log ? gv - y * dot : y * (gv - dot);
-            dx[k] = static_cast<scalar_t>(beta * dz);
-            if (tr == nullptr) continue;
-            // log_softmax: every class with a finite output contributes (dz = g there, not 0,
-            // however small y is); softmax: y == 0 gives dz == 0
-            if (log ? ov > kNegInf<acc_t> : y > 0) {
-              const double yd = log ? std::exp(double(ov)) : double(y);
-              const double dzd = log ? double(gv) - yd * double(dot) : yd * (double(gv) - double(dot));
-              S += dzd * ((log ? double(ov) : std::log(yd)) - r);
-              Snm += dzd;
-            } else {
-              skipped = true;
-            }
-          }
-          if (skipped) S += r * Snm;
-          if (tr != nullptr) tr[sl] = static_cast<acc_t>(-S / T);
-        }
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, out.scalar_type(), "softmax_bwd_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const acc_t beta = static_cast<acc_t>(1.0 / T);
+          const scalar_t* op_ = out.const_data_ptr<scalar_t>();
+          const scalar_t* gp = g.const_data_ptr<scalar_t>();
+          scalar_t* dx = grad_x.data_ptr<scalar_t>();
+          acc_t* tr = need_t ? t_rows.data_ptr<acc_t>() : nullptr;
+          at::parallel_for(0, slices, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
+                           [&](int64_t s0, int64_t s1) {
+                             for (int64_t sl = s0; sl < s1; ++sl) {
+                               const int64_t o = sl / inner, j = sl % inner;
+                               const int64_t base = o * C * inner + j;
+                               acc_t dot = 0;
+                               double r =
+                                   0;  // E_y[log y], the centre of the T-gradient sum (need_t only)
+                               for (int64_t c = 0; c < C; ++c) {
+                                 const acc_t gv = static_cast<acc_t>(gp[base + c * inner]);
+                                 const acc_t ov = static_cast<acc_t>(op_[base + c * inner]);
+                                 dot += log ? gv : gv * ov;
+                                 if (tr != nullptr && (log ? ov > kNegInf<acc_t> : ov > 0)) {
+                                   const double yd = log ? std::exp(double(ov)) : double(ov);
+                                   r += yd * (log ? double(ov) : std::log(yd));
+                                 }
+                               }
+                               // S = sum_c dz_c log y_c over the classes with y > 0 (finite log y),
+                               // summed in double and centred on r (sum_c dz_c = 0): the rounding
+                               // of dz then meets |log y - r|, the spread of the logits, not |log
+                               // y|. Where classes are skipped (y == 0), their sum_c dz_c is not 0
+                               // and the centring is undone exactly.
+                               double S = 0, Snm = 0;
+                               bool skipped = false;
+                               for (int64_t c = 0; c < C; ++c) {
+                                 const int64_t k = base + c * inner;
+                                 const acc_t gv = static_cast<acc_t>(gp[k]);
+                                 const acc_t ov = static_cast<acc_t>(op_[k]);
+                                 const acc_t y = log ? std::exp(ov) : ov;
+                                 const acc_t dz = log ? gv - y * dot : y * (gv - dot);
+                                 dx[k] = static_cast<scalar_t>(beta * dz);
+                                 if (tr == nullptr) continue;
+                                 // log_softmax: every class with a finite output contributes (dz =
+                                 // g there, not 0, however small y is); softmax: y == 0 gives dz ==
+                                 // 0
+                                 if (log ? ov > kNegInf<acc_t> : y > 0) {
+                                   const double yd = log ? std::exp(double(ov)) : double(y);
+                                   const double dzd = log ? double(gv) - yd * double(dot)
+                                                          : yd * (double(gv) - double(dot));
+                                   S += dzd * ((log ? double(ov) : std::log(yd)) - r);
+                                   Snm += dzd;
+                                 } else {
+                                   skipped = true;
+                                 }
+                               }
+                               if (skipped) S += r * Snm;
+                               if (tr != nullptr) tr[sl] = static_cast<acc_t>(-S / T);
+                             }
+                           });
+        });
   }
   at::Tensor grad_t = at::zeros({}, out.options().dtype(t_dtype));
   if (need_t) {

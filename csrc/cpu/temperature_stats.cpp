@@ -32,27 +32,29 @@ void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   const at::Tensor s = scale.to(at::kDouble);
   const double* sp = s.const_data_ptr<double>();
   const int64_t ss = s.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int64_t V = Vec<acc_t>::size();
-    scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-      for (int64_t i = r0; i < r1; ++i) {
-        const acc_t f = static_cast<acc_t>(sp[i * ss]);
-        const Vec<acc_t> vf(f);
-        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, C - c0);
-          scalar_t* gr = g + i * C + c0;
-          acc_t* a = const_cast<acc_t*>(as_acc(gr, n, buf.data()));  // gr itself for float/double
-          int64_t c = 0;
-          for (; c + V <= n; c += V) (Vec<acc_t>::loadu(a + c) * vf).store(a + c);
-          for (; c < n; ++c) a[c] *= f;
-          store_from_acc(a, gr, n);
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int64_t V = Vec<acc_t>::size();
+        scalar_t* g = grad.data_ptr<scalar_t>();
+        at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+          for (int64_t i = r0; i < r1; ++i) {
+            const acc_t f = static_cast<acc_t>(sp[i * ss]);
+            const Vec<acc_t> vf(f);
+            for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+              const int64_t n = std::min(kChunk, C - c0);
+              scalar_t* gr = g + i * C + c0;
+              acc_t* a =
+                  const_cast<acc_t*>(as_acc(gr, n, buf.data()));  // gr itself for float/double
+              int64_t c = 0;
+              for (; c + V <= n; c += V) (Vec<acc_t>::loadu(a + c) * vf).store(a + c);
+              for (; c < n; ++c) a[c] *= f;
+              store_from_acc(a, gr, n);
+            }
+          }
+        });
+      });
 }
 
 
@@ -62,85 +64,89 @@ void scale_rows_cpu(const at::Tensor& grad, const at::Tensor& scale) {
 // sum e, sum e d, sum e d^2 with d = x - max (centred, so the variance does not cancel).
 // ------------------------------------------------------------------------------------------
 
-at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& target, double beta_d) {
+at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                 double beta_d) {
   const char* op = op_name(Op::kTemperatureStats);
   checks::temperature_stats(Backend::kCpu, logits, target, beta_d);
   const int64_t rows = logits.size(0), C = logits.size(1);
   const at::Tensor tgt = target.contiguous();
   const int64_t* tp = tgt.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i)
-    TORCH_CHECK(tp[i] >= 0 && tp[i] < C, op, ": target[", i, "] = ", tp[i],
-                " is out of range for ", C, " classes");
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < C, op, ": target[", i, "] = ", tp[i], " is out of range for ",
+                C, " classes");
   at::Tensor per_row = at::empty({3, rows}, logits.options().dtype(at::kDouble));
   const int64_t row_stride = logits.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "temperature_stats_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int64_t V = Vec<acc_t>::size();
-    const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    double* nll_p = per_row.data_ptr<double>();
-    double* d1_p = nll_p + rows;
-    double* d2_p = nll_p + 2 * rows;
-    const acc_t beta = static_cast<acc_t>(beta_d);
-    at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
-      for (int64_t i = r0; i < r1; ++i) {
-        const scalar_t* xr = x + i * row_stride;
-        acc_t mx = kNegInf<acc_t>;
-        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, C - c0);
-          const acc_t cm = chunk_max(as_acc(xr + c0, n, buf.data()), n);
-          mx = (std::isnan(cm) || cm > mx) ? cm : mx;
-        }
-        if (!std::isfinite(mx)) {
-          nll_p[i] = d1_p[i] = d2_p[i] = std::numeric_limits<double>::quiet_NaN();
-          continue;
-        }
-        const Vec<acc_t> vm(mx), vb(beta), vninf(kNegInf<acc_t>), vzero(0);
-        Vec<acc_t> v0(0), v1(0), v2(0), vn(0);
-        acc_t s0 = 0, s1 = 0, s2 = 0, n1 = 0;
-        for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, C - c0);
-          const acc_t* xa = as_acc(xr + c0, n, buf.data());
-          int64_t c = 0;
-          for (; c + V <= n; c += V) {
-            const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + c);
-            const Vec<acc_t> d = Vec<acc_t>::blendv(vzero, xv - vm, xv > vninf);
-            const Vec<acc_t> e = vexp(Vec<acc_t>::blendv(vninf, d * vb, xv > vninf));
-            const Vec<acc_t> ed = e * d;
-            const Vec<acc_t> at_max = d == vzero;  // e == 1 exactly: counted apart (§2)
-            v0 = v0 + Vec<acc_t>::blendv(e, vzero, at_max);
-            vn = vn + Vec<acc_t>::blendv(vzero, Vec<acc_t>(1), at_max & (xv > vninf));
-            v1 = v1 + ed;
-            v2 = at::vec::fmadd(ed, d, v2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "temperature_stats_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int64_t V = Vec<acc_t>::size();
+        const scalar_t* x = logits.const_data_ptr<scalar_t>();
+        double* nll_p = per_row.data_ptr<double>();
+        double* d1_p = nll_p + rows;
+        double* d2_p = nll_p + 2 * rows;
+        const acc_t beta = static_cast<acc_t>(beta_d);
+        at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
+          std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk);
+          for (int64_t i = r0; i < r1; ++i) {
+            const scalar_t* xr = x + i * row_stride;
+            acc_t mx = kNegInf<acc_t>;
+            for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+              const int64_t n = std::min(kChunk, C - c0);
+              const acc_t cm = chunk_max(as_acc(xr + c0, n, buf.data()), n);
+              mx = (std::isnan(cm) || cm > mx) ? cm : mx;
+            }
+            if (!std::isfinite(mx)) {
+              nll_p[i] = d1_p[i] = d2_p[i] = std::numeric_limits<double>::quiet_NaN();
+              continue;
+            }
+            const Vec<acc_t> vm(mx), vb(beta), vninf(kNegInf<acc_t>), vzero(0);
+            Vec<acc_t> v0(0), v1(0), v2(0), vn(0);
+            acc_t s0 = 0, s1 = 0, s2 = 0, n1 = 0;
+            for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+              const int64_t n = std::min(kChunk, C - c0);
+              const acc_t* xa = as_acc(xr + c0, n, buf.data());
+              int64_t c = 0;
+              for (; c + V <= n; c += V) {
+                const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + c);
+                const Vec<acc_t> d = Vec<acc_t>::blendv(vzero, xv - vm, xv > vninf);
+                const Vec<acc_t> e = vexp(Vec<acc_t>::blendv(vninf, d * vb, xv > vninf));
+                const Vec<acc_t> ed = e * d;
+                const Vec<acc_t> at_max = d == vzero;  // e == 1 exactly: counted apart (§2)
+                v0 = v0 + Vec<acc_t>::blendv(e, vzero, at_max);
+                vn = vn + Vec<acc_t>::blendv(vzero, Vec<acc_t>(1), at_max & (xv > vninf));
+                v1 = v1 + ed;
+                v2 = at::vec::fmadd(ed, d, v2);
+              }
+              for (; c < n; ++c) {
+                const acc_t xv = xa[c];
+                if (!(xv > kNegInf<acc_t>)) continue;
+                const acc_t d = xv - mx, e = std::exp(beta * d);
+                if (d == 0)
+                  n1 += 1;
+                else
+                  s0 += e;
+                s1 += e * d;
+                s2 += e * d * d;
+              }
+            }
+            auto sum = [](const Vec<acc_t>& v) {
+              return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
+            };
+            // S0 = n1 + rest: log S0 = log1p(n1 - 1 + rest) keeps the digits of a confident row
+            const double rest = static_cast<double>(s0 + sum(v0));
+            const double N1 = static_cast<double>(n1 + sum(vn));
+            const double S0 = N1 + rest;
+            const double S1 = static_cast<double>(s1 + sum(v1));
+            const double S2 = static_cast<double>(s2 + sum(v2));
+            const double mean_d = S1 / S0;
+            const double x_y = to_double(xr[tp[i]]);
+            // NLL = lse(beta x) - beta x_y = beta*mx + log S0 - beta x_y
+            nll_p[i] = beta_d * (static_cast<double>(mx) - x_y) + std::log1p((N1 - 1) + rest);
+            d1_p[i] = static_cast<double>(mx) + mean_d - x_y;
+            d2_p[i] = std::max(0.0, S2 / S0 - mean_d * mean_d);
           }
-          for (; c < n; ++c) {
-            const acc_t xv = xa[c];
-            if (!(xv > kNegInf<acc_t>)) continue;
-            const acc_t d = xv - mx, e = std::exp(beta * d);
-            if (d == 0) n1 += 1;
-            else s0 += e;
-            s1 += e * d;
-            s2 += e * d * d;
-          }
-        }
-        auto sum = [](const Vec<acc_t>& v) {
-          return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
-        };
-        // S0 = n1 + rest: log S0 = log1p(n1 - 1 + rest) keeps the digits of a confident row
-        const double rest = static_cast<double>(s0 + sum(v0));
-        const double N1 = static_cast<double>(n1 + sum(vn));
-        const double S0 = N1 + rest;
-        const double S1 = static_cast<double>(s1 + sum(v1));
-        const double S2 = static_cast<double>(s2 + sum(v2));
-        const double mean_d = S1 / S0;
-        const double x_y = to_double(xr[tp[i]]);
-        // NLL = lse(beta x) - beta x_y = beta*mx + log S0 - beta x_y
-        nll_p[i] = beta_d * (static_cast<double>(mx) - x_y) + std::log1p((N1 - 1) + rest);
-        d1_p[i] = static_cast<double>(mx) + mean_d - x_y;
-        d2_p[i] = std::max(0.0, S2 / S0 - mean_d * mean_d);
-      }
-    });
-  });
+        });
+      });
   at::Tensor result = at::empty({4}, logits.options().dtype(at::kDouble));
   double* r = result.data_ptr<double>();
   const double* pr = per_row.const_data_ptr<double>();

@@ -46,8 +46,8 @@ constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
 // exp(x) for float32 lanes in 11 AVX-512 instructions: x = n ln2 + r with |r| <= ln2/2
 // (Cody-Waite split of ln2), e^r by a degree-5 polynomial fitted on that interval with its
 // constant term 1 (max relative error 1.05e-7 in exact arithmetic; exp(0) == 1 exactly), then
-// scaled by 2^n with vscalefps, which also handles overflow. Inputs below log(FLT_MIN) give exactly 0 (so -inf gives 0 and no denormal
-// is ever produced); NaN stays NaN.
+// scaled by 2^n with vscalefps, which also handles overflow. Inputs below log(FLT_MIN) give exactly
+// 0 (so -inf gives 0 and no denormal is ever produced); NaN stays NaN.
 inline __m512 exp_avx512(__m512 x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -109,7 +109,9 @@ template <typename acc_t>
 struct ScaledExp {
   Vec<acc_t> beta, c, k, kc;
   ScaledExp(acc_t beta_, acc_t c_)
-      : beta(beta_), c(c_), k(static_cast<acc_t>(beta_ * 1.4426950408889634)),
+      : beta(beta_),
+        c(c_),
+        k(static_cast<acc_t>(beta_ * 1.4426950408889634)),
         kc(static_cast<acc_t>(c_ * 1.4426950408889634)) {}
   inline Vec<acc_t> operator()(const Vec<acc_t>& d) const {
 #if SOFTCAL_AVX512_EXP
@@ -171,7 +173,8 @@ inline acc_t chunk_max(const acc_t* x, int64_t n) {
   for (; i + V <= n; i += V) m0 = at::vec::maximum(m0, Vec<acc_t>::loadu(x + i));
   if (i < n) m1 = at::vec::maximum(m1, load_tail(x + i, n - i).masked);
   return at::vec::vec_reduce_all<acc_t>(
-      [](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, at::vec::maximum(m0, m1));
+      [](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); },
+      at::vec::maximum(m0, m1));
 }
 
 // sum_i x_i, or sum_i w_i x_i when w is given.
@@ -264,7 +267,6 @@ template <typename scalar_t>
 inline double to_double(scalar_t v) {
   return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));
 }
-
 
 
 }  // namespace cpu

@@ -29,9 +29,12 @@ inline void ce_switch(double eps, bool weighted, F&& f) {
   using On = std::integral_constant<Smoothing, Smoothing::kOn>;
   using None = std::integral_constant<ClassWeights, ClassWeights::kNone>;
   using PerClass = std::integral_constant<ClassWeights, ClassWeights::kPerClass>;
-  if (smoothing_of(eps) == Smoothing::kOff) f(Off{}, None{});
-  else if (!weighted) f(On{}, None{});
-  else f(On{}, PerClass{});
+  if (smoothing_of(eps) == Smoothing::kOff)
+    f(Off{}, None{});
+  else if (!weighted)
+    f(On{}, None{});
+  else
+    f(On{}, PerClass{});
 }
 
 // Whether a variant reads w_c per element (the smoothing sum with class weights).
@@ -80,7 +83,8 @@ struct CEConsts {
 
 // The target of a row; asserts on targets outside [0, C); -1 for ignored and out-of-range rows
 // (then nothing of the row is read).
-__device__ __forceinline__ int load_target(const int64_t* target, int64_t row, int64_t ignore_index, int C) {
+__device__ __forceinline__ int load_target(const int64_t* target, int64_t row, int64_t ignore_index,
+                                           int C) {
   const int64_t y = target[row];
   if (y == ignore_index) return -1;
   CUDA_KERNEL_ASSERT(y >= 0 && y < C && "softcal.cross_entropy: target out of range");
@@ -104,7 +108,8 @@ __device__ __forceinline__ CEState<acc_t> ce_init() {
 template <typename acc_t>
 struct CEMerge {
   acc_t beta_log2e;
-  __device__ __forceinline__ CEState<acc_t> operator()(const CEState<acc_t>& a, const CEState<acc_t>& b) const {
+  __device__ __forceinline__ CEState<acc_t> operator()(const CEState<acc_t>& a,
+                                                       const CEState<acc_t>& b) const {
     CEState<acc_t> r;
     lse_merge<acc_t>(r, a, b, beta_log2e);
     r.xy = a.xy + b.xy;
@@ -126,7 +131,8 @@ struct CEAccum {
     constexpr int V = vec_size<T>();
     acc_t x[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) x[k] = k < count ? ce_logit<acc_t, P>(v.v[k], cap) : neg_inf<acc_t>();
+    for (int k = 0; k < V; ++k)
+      x[k] = k < count ? ce_logit<acc_t, P>(v.v[k], cap) : neg_inf<acc_t>();
     const acc_t vm = vec_max<T, acc_t>(v, x, count);
     if (vm > st.m) {
       if (st.m > neg_inf<acc_t>()) {
@@ -209,12 +215,13 @@ struct CECoef {
 // zl2_lse = 2 zl lse, the z-loss's share of A (0 without).
 template <typename acc_t, Smoothing S>
 __device__ __forceinline__ CECoef<acc_t> ce_coef(acc_t beta, acc_t eps, acc_t smooth_coef,
-                                                 acc_t weight_total, acc_t classes, acc_t w_y, acc_t g,
-                                                 acc_t zl2_lse = acc_t(0)) {
+                                                 acc_t weight_total, acc_t classes, acc_t w_y,
+                                                 acc_t g, acc_t zl2_lse = acc_t(0)) {
   const acc_t target_coef = (acc_t(1) - eps) * w_y;
   acc_t smooth_mass = S == Smoothing::kOn ? eps * weight_total / classes : acc_t(0);
   if (zl2_lse != acc_t(0)) smooth_mass += zl2_lse;
-  return CECoef<acc_t>{target_coef + smooth_mass, target_coef, smooth_mass, smooth_coef, beta * g, zl2_lse};
+  return CECoef<acc_t>{
+      target_coef + smooth_mass, target_coef, smooth_mass, smooth_coef, beta * g, zl2_lse};
 }
 
 // The target's dL/dz in acc precision: target_coef expm1(log p_y) + smooth_mass p_y - smooth w_y,
@@ -233,10 +240,10 @@ __device__ __forceinline__ acc_t ce_target_dz(acc_t log_p, const CECoef<acc_t>& 
 template <typename T, typename acc_t, Smoothing S, ClassWeights W, Softcap P = Softcap::kOff>
 struct CEGrad {
   acc_t beta, beta_log2e;
-  acc_t row_max;    // m
-  acc_t ls;         // log sum exp(beta (x - m)): log p = beta (x - m) - ls
-  acc_t ls_log2e;   // ls log2(e)
-  acc_t t_shift;    // 0 (cross-entropy) or ls (shard_grad's contract)
+  acc_t row_max;   // m
+  acc_t ls;        // log sum exp(beta (x - m)): log p = beta (x - m) - ls
+  acc_t ls_log2e;  // ls log2(e)
+  acc_t t_shift;   // 0 (cross-entropy) or ls (shard_grad's contract)
   CECoef<acc_t> c;
   acc_t scaled_p_coef, scaled_smooth;  // grad_scale * p_coef, grad_scale * smooth_coef
   const acc_t* w;
@@ -252,8 +259,9 @@ struct CEGrad {
 
   // The row's coefficients and where its gradient goes (out: the gradient row or nullptr; vec_ok:
   // out is aligned like the logits' row x).
-  __device__ __forceinline__ void setup(acc_t beta_, acc_t row_max_, acc_t ls_, const CECoef<acc_t>& c_,
-                                        const acc_t* w_, int y_, const T* x, T* out_) {
+  __device__ __forceinline__ void setup(acc_t beta_, acc_t row_max_, acc_t ls_,
+                                        const CECoef<acc_t>& c_, const acc_t* w_, int y_,
+                                        const T* x, T* out_) {
     const acc_t l2e = static_cast<acc_t>(kLog2e);
     w = w_;
     y = y_;
@@ -270,7 +278,9 @@ struct CEGrad {
     scaled_smooth = c.grad_scale * c.smooth_coef;
   }
 
-  __device__ __forceinline__ acc_t p_of(acc_t x) const { return fexp2((x - row_max) * beta_log2e - ls_log2e); }
+  __device__ __forceinline__ acc_t p_of(acc_t x) const {
+    return fexp2((x - row_max) * beta_log2e - ls_log2e);
+  }
 
   // One element's dL/dz in the generic form (the target's is corrected by finish()).
   __device__ __forceinline__ acc_t element(acc_t x, acc_t wk) const {
@@ -278,8 +288,10 @@ struct CEGrad {
   }
 
   __device__ __forceinline__ void sum_t(acc_t dz, acc_t x) {
-    if (x != neg_inf<acc_t>()) t1 += static_cast<double>(dz) * static_cast<double>((x - row_max) * beta - t_shift);
-    else t0 += static_cast<double>(dz);
+    if (x != neg_inf<acc_t>())
+      t1 += static_cast<double>(dz) * static_cast<double>((x - row_max) * beta - t_shift);
+    else
+      t0 += static_cast<double>(dz);
   }
 
   __device__ __forceinline__ void operator()(int idx, const Vec16<T>& v, int count) {
@@ -290,9 +302,12 @@ struct CEGrad {
       for (int k = 0; k < V; ++k) {
         if (k < count) {
           const acc_t p = p_of(ce_logit<acc_t, P>(v.v[k], cap));
-          if (S == Smoothing::kOff) g[k] = p * scaled_p_coef;
-          else if (!kPerElementWeights<S, W>) g[k] = p * scaled_p_coef - scaled_smooth;
-          else g[k] = p * scaled_p_coef - scaled_smooth * w[idx + k];
+          if (S == Smoothing::kOff)
+            g[k] = p * scaled_p_coef;
+          else if (!kPerElementWeights<S, W>)
+            g[k] = p * scaled_p_coef - scaled_smooth;
+          else
+            g[k] = p * scaled_p_coef - scaled_smooth * w[idx + k];
         }
       }
     } else {
@@ -349,7 +364,8 @@ struct CEGrad {
   // classes' sum of dz is c.dz_total - t.b).
   __device__ __forceinline__ double temperature_grad(const Pair<double>& t) const {
     return -static_cast<double>(c.grad_scale) *
-           (t.a - static_cast<double>(beta * row_max + t_shift) * (t.b - static_cast<double>(c.dz_total)));
+           (t.a - static_cast<double>(beta * row_max + t_shift) *
+                      (t.b - static_cast<double>(c.dz_total)));
   }
 };
 

@@ -54,12 +54,14 @@ __device__ __forceinline__ void tile_copy_out(const T* tile, int E, T* out, bool
 }
 
 // One thread's row of the tile, xs[0..C): its loss (forward, fused) and its gradient written over
-// it (backward, fused); returns dL/dT of the row in double (0 unless asked for). The row is visited from a
-// thread-dependent column c0, which spreads the shared-memory banks.
-// y = -1: an ignored row whose [m, ls] only are wanted (lse_all; forward and fused passes).
-template <typename T, Pass P, Smoothing S, ClassWeights W, Softcap Q, typename acc_t = at::opmath_type<T>>
-__device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t row, int y, const CEConsts<acc_t, S>& k,
-                                          acc_t g, acc_t zl, acc_t& loss) {
+// it (backward, fused); returns dL/dT of the row in double (0 unless asked for). The row is visited
+// from a thread-dependent column c0, which spreads the shared-memory banks. y = -1: an ignored row
+// whose [m, ls] only are wanted (lse_all; forward and fused passes).
+template <typename T, Pass P, Smoothing S, ClassWeights W, Softcap Q,
+          typename acc_t = at::opmath_type<T>>
+__device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t row, int y,
+                                           const CEConsts<acc_t, S>& k, acc_t g, acc_t zl,
+                                           acc_t& loss) {
   const int C = a.C;
   const int c0 = static_cast<int>(threadIdx.x % C);
   auto each = [&](auto&& f) {
@@ -67,7 +69,8 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
   };
   const acc_t cap = a.cap;
   const acc_t w_y = a.weight && y >= 0 ? a.weight[y] : acc_t(1);
-  acc_t weight_total = (P == Pass::kBackward && a.weight_total) ? *a.weight_total : static_cast<acc_t>(C);
+  acc_t weight_total =
+      (P == Pass::kBackward && a.weight_total) ? *a.weight_total : static_cast<acc_t>(C);
   acc_t row_max = 0, ls, lse = 0;
   if (P == Pass::kBackward) {
     row_max = a.lse_in[2 * row];
@@ -99,7 +102,7 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
     }
     st.xy = ce_logit<acc_t, Q>(xs[y], cap);
     loss = ce_row_loss<acc_t, S>(st, k.beta, a.eps, k.smooth_coef, w_y, lse, ls, zl);
-    if (a.lse) {  // (the fused pass writes it only when asked)
+    if (a.lse) {                              // (the fused pass writes it only when asked)
       a.lse[2 * row] = ls == ls ? st.m : ls;  // NaN for rows without a softmax
       a.lse[2 * row + 1] = ls;
     }
@@ -108,12 +111,13 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
     row_max = st.m;
   }
   // the gradient, written over the row
-  const CECoef<acc_t> cf = ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total,
-                                             static_cast<acc_t>(C), w_y, g,
-                                             zl != acc_t(0) ? acc_t(2) * zl * lse : acc_t(0));
+  const CECoef<acc_t> cf =
+      ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total, static_cast<acc_t>(C), w_y, g,
+                        zl != acc_t(0) ? acc_t(2) * zl * lse : acc_t(0));
   CEGrad<T, acc_t, S, W, Q> f;
   f.cap = cap;
-  f.setup(k.beta, row_max, ls, cf, a.weight, y, xs, xs);  // finish() writes the target's element in xs
+  f.setup(k.beta, row_max, ls, cf, a.weight, y, xs,
+          xs);  // finish() writes the target's element in xs
   f.need_t = a.need_t;
   const acc_t x_y = ce_logit<acc_t, Q>(xs[y], cap);  // read before the row is overwritten
   each([&](int c) {
@@ -163,8 +167,10 @@ __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a
       t_grad = tile_row<T, P, S, W, Q>(a, xs, row, y, k, g, zl, loss);
     } else if (active) {
       if (P != Pass::kBackward && a.lse) {
-        if (a.lse_all && a.target[row] == a.ignore_index) tile_row<T, P, S, W, Q>(a, xs, row, -1, k, g0, zl, loss);
-        else a.lse[2 * row] = a.lse[2 * row + 1] = acc_t(0);
+        if (a.lse_all && a.target[row] == a.ignore_index)
+          tile_row<T, P, S, W, Q>(a, xs, row, -1, k, g0, zl, loss);
+        else
+          a.lse[2 * row] = a.lse[2 * row + 1] = acc_t(0);
       }
       if (P != Pass::kForward)
         for (int c = 0; c < C; ++c) xs[c] = T(0);
@@ -206,10 +212,13 @@ inline Launch tile_launch(int64_t rows, int64_t C) {
 
 // Launches the tile kernel of pass P for the logits' loss variant.
 template <typename T, Pass P>
-inline void launch_tile(const CEArgs<T>& a, const Launch& l, double eps, double softcap, cudaStream_t stream) {
+inline void launch_tile(const CEArgs<T>& a, const Launch& l, double eps, double softcap,
+                        cudaStream_t stream) {
   ce_switch_cap(eps, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
-    launch(KernelRef<&ce_tile_kernel<T, P, decltype(sc)::value, decltype(wc)::value, decltype(pc)::value>>{}, l,
-           stream, a);
+    launch(
+        KernelRef<
+            &ce_tile_kernel<T, P, decltype(sc)::value, decltype(wc)::value, decltype(pc)::value>>{},
+        l, stream, a);
   });
 }
 

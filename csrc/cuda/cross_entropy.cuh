@@ -34,12 +34,12 @@ struct CEArgs : CERows<T> {
   acc_t* lse;            // (rows, 2): [m, ls]
   double* parts;         // [3][gridDim.x]: loss, w_y of the rows counted, T-gradient
   // backward inputs
-  AnyIn grad_loss;           // (rows,) with its stride, or 0-dim
-  const acc_t* lse_in;       // the forward's [m, ls]
-  const acc_t* denom;        // mean: sum of w_y over the rows counted
-  const acc_t* weight_total; // W = sum_c w_c, or nullptr (then W = C)
+  AnyIn grad_loss;            // (rows,) with its stride, or 0-dim
+  const acc_t* lse_in;        // the forward's [m, ls]
+  const acc_t* denom;         // mean: sum of w_y over the rows counted
+  const acc_t* weight_total;  // W = sum_c w_c, or nullptr (then W = C)
   // gradient outputs
-  T* grad;       // (rows, C) contiguous, or nullptr
+  T* grad;  // (rows, C) contiguous, or nullptr
   bool need_t;
   AnyOut t_rows;  // fused, reduction none: per-row dL_i/dT
   // the LLM terms (schemas.h): zl the z-loss (0: none), for mean with class weights scaled by
@@ -82,7 +82,8 @@ struct CEFinal {
   AnyOut grad_t;
   __device__ void operator()(const double* s) const {
     if (loss.p) {
-      const double den = denom_in ? static_cast<double>(*denom_in) : static_cast<double>(static_cast<acc_t>(s[1]));
+      const double den =
+          denom_in ? static_cast<double>(*denom_in) : static_cast<double>(static_cast<acc_t>(s[1]));
       loss.store(0, reduction == kMean ? s[0] / den : s[0]);
     }
     if (denom_out) *denom_out = static_cast<acc_t>(s[1]);
@@ -91,7 +92,8 @@ struct CEFinal {
 };
 
 template <typename acc_t>
-inline void launch_ce_final(const at::Tensor& parts, int P, const CEFinal<acc_t>& w, cudaStream_t stream) {
+inline void launch_ce_final(const at::Tensor& parts, int P, const CEFinal<acc_t>& w,
+                            cudaStream_t stream) {
   launch(KernelRef<&finalize_kernel<3, CEFinal<acc_t>>>{}, Launch{1, 1024, 1}, stream,
          parts.data_ptr<double>(), P, w);
 }
@@ -99,8 +101,8 @@ inline void launch_ce_final(const at::Tensor& parts, int P, const CEFinal<acc_t>
 // Per-block sums of w_y over the rows counted by mean (the denominator).
 template <typename acc_t>
 __global__ void __launch_bounds__(256, 2)
-    denom_parts_kernel(const int64_t* __restrict__ target, const acc_t* __restrict__ weight, int64_t rows,
-                       int C, int64_t ignore_index, double* __restrict__ parts) {
+    denom_parts_kernel(const int64_t* __restrict__ target, const acc_t* __restrict__ weight,
+                       int64_t rows, int C, int64_t ignore_index, double* __restrict__ parts) {
   double s = 0.0;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * 256) {
@@ -112,8 +114,8 @@ __global__ void __launch_bounds__(256, 2)
 
 // W = sum_c w_c (one block).
 template <typename acc_t>
-__global__ void __launch_bounds__(1024) weight_total_kernel(const acc_t* __restrict__ w, int C,
-                                                            acc_t* __restrict__ out) {
+__global__ void __launch_bounds__(1024)
+    weight_total_kernel(const acc_t* __restrict__ w, int C, acc_t* __restrict__ out) {
   double s = 0.0;
   for (int c = threadIdx.x; c < C; c += 1024) s += static_cast<double>(w[c]);
   s = block_sum<1024>(s);
@@ -139,7 +141,8 @@ inline CEInputs ce_inputs(const at::Tensor& logits, const at::Tensor& target,
 // Fills the CERows part of a kernel's arguments.
 template <typename T>
 inline void set_rows(CERows<T>& a, const at::Tensor& logits, const CEInputs& in,
-                     const std::optional<at::Tensor>& temperature_t, double temperature, int64_t ignore_index) {
+                     const std::optional<at::Tensor>& temperature_t, double temperature,
+                     int64_t ignore_index) {
   a.logits = logits.data_ptr<T>();
   a.row_stride = logits.stride(0);
   a.rows = logits.size(0);
@@ -152,8 +155,8 @@ inline void set_rows(CERows<T>& a, const at::Tensor& logits, const CEInputs& in,
 
 template <typename T>
 inline CEArgs<T> ce_args(const at::Tensor& logits, const CEInputs& in,
-                         const std::optional<at::Tensor>& temperature_t, double temperature, double eps,
-                         int64_t ignore_index, int64_t reduction) {
+                         const std::optional<at::Tensor>& temperature_t, double temperature,
+                         double eps, int64_t ignore_index, int64_t reduction) {
   CEArgs<T> a{};
   set_rows(a, logits, in, temperature_t, temperature, ignore_index);
   a.eps = static_cast<at::opmath_type<T>>(eps);
@@ -166,8 +169,10 @@ inline at::Tensor ce_loss_tensor(const at::Tensor& logits, int64_t reduction) {
   auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
   at::Tensor loss = reduction == kNone ? at::empty({logits.size(0)}, opts) : at::empty({}, opts);
   if (logits.size(0) == 0) {
-    if (reduction == kMean) loss.fill_(std::numeric_limits<double>::quiet_NaN());
-    else if (reduction == kSum) loss.zero_();
+    if (reduction == kMean)
+      loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    else if (reduction == kSum)
+      loss.zero_();
   }
   return loss;
 }
@@ -209,7 +214,8 @@ inline void set_llm_terms(CEArgs<T>& a, const at::Tensor& logits, double z_loss,
 
 // W = sum_c w_c (acc, 0-dim), when smoothing needs it.
 template <typename T>
-inline at::Tensor ce_weight_total(const at::Tensor& logits, const CEArgs<T>& a, cudaStream_t stream) {
+inline at::Tensor ce_weight_total(const at::Tensor& logits, const CEArgs<T>& a,
+                                  cudaStream_t stream) {
   using acc_t = at::opmath_type<T>;
   at::Tensor total = at::empty({}, logits.options().dtype(acc_type(logits.scalar_type())));
   launch(KernelRef<&weight_total_kernel<acc_t>>{}, Launch{1, 1024, 1}, stream, a.weight, a.C,

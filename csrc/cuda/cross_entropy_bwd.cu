@@ -10,10 +10,11 @@ namespace softcal {
 namespace cuda {
 namespace {
 
-// Per row dL/dx_c = beta g (A p_c - (eps / C) w_c - (1 - eps) w_y [c == y]) from the saved [m, ls]; per
-// block the sum of dL/dT = -beta g sum_c dL/dz_c z_c.
+// Per row dL/dx_c = beta g (A p_c - (eps / C) w_c - (1 - eps) w_y [c == y]) from the saved [m, ls];
+// per block the sum of dL/dT = -beta g sum_c dL/dz_c z_c.
 template <typename T, int TPR, Smoothing S, ClassWeights W, Softcap P>
-__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_bwd_kernel(const CEArgs<T> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
+    cross_entropy_bwd_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ Pair<double> sred[kWarps<TPR>];
   const CEConsts<acc_t, S> k(a.temp, a.eps, a.C);
@@ -36,10 +37,11 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_bw
       const acc_t g = a.reduction == kNone ? ce_grad_loss(a, row) : g0;
       const acc_t w_y = a.weight ? a.weight[y] : acc_t(1);
       const acc_t m = a.lse_in[2 * row], ls = a.lse_in[2 * row + 1];
-      f.setup(k.beta, m, ls,
-              ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total, static_cast<acc_t>(a.C), w_y, g,
-                                zl != acc_t(0) ? acc_t(2) * zl * (k.beta * m + ls) : acc_t(0)),
-              a.weight, y, xr, gr);
+      f.setup(
+          k.beta, m, ls,
+          ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, weight_total, static_cast<acc_t>(a.C),
+                            w_y, g, zl != acc_t(0) ? acc_t(2) * zl * (k.beta * m + ls) : acc_t(0)),
+          a.weight, y, xr, gr);
       f.template walk<TPR>(xr, a.C, tid);
     } else if (active && gr) {
       fill_row<TPR>(gr, a.C, tid, T(0));
@@ -58,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cuda(
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, bool need_logits_grad, bool need_temperature_grad,
     double z_loss, double softcap) {
-  checks::cross_entropy_bwd(Backend::kCuda, grad_loss, logits, target, weight, lse, denom, temperature_t,
-                            temperature, label_smoothing, reduction);
+  checks::cross_entropy_bwd(Backend::kCuda, grad_loss, logits, target, weight, lse, denom,
+                            temperature_t, temperature, label_smoothing, reduction);
   checks::llm_terms(Op::kCrossEntropyBwd, logits, z_loss, softcap);
   const int64_t rows = logits.size(0);
   c10::cuda::CUDAGuard guard(logits.device());
@@ -70,46 +72,57 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cuda(
                                      : at::empty({0}, logits.options());
   const at::ScalarType gt_type = temp_grad_type(temperature_t, logits.scalar_type());
   // empty only when the kernels below write it (the early return for C == 0 must give 0)
-  at::Tensor grad_t = (need_t && rows > 0 && logits.size(1) > 0) ? at::empty({}, logits.options().dtype(gt_type))
-                                                                 : at::zeros({}, logits.options().dtype(gt_type));
+  at::Tensor grad_t = (need_t && rows > 0 && logits.size(1) > 0)
+                          ? at::empty({}, logits.options().dtype(gt_type))
+                          : at::zeros({}, logits.options().dtype(gt_type));
   if (rows == 0 || (!need_logits_grad && !need_t) || logits.size(1) == 0) return {grad, grad_t};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor denom_c = denom.reshape({});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto a = ce_args<scalar_t>(logits, in, temperature_t, temperature, label_smoothing, ignore_index, reduction);
-    std::vector<at::Tensor> keep;
-    set_llm_terms(a, logits, z_loss, softcap, false, reduction, &denom_c, keep, stream);
-    const bool tile = use_tile<scalar_t>(logits);
-    const Launch l = tile ? tile_launch<scalar_t>(rows, a.C) : plan(Walk::kStream, rows, a.C, vec_size<scalar_t>());
-    at::Tensor parts = need_t ? at::empty({3 * l.grid}, logits.options().dtype(at::kDouble)) : at::Tensor();
-    at::Tensor weight_total;
-    if (a.weight && label_smoothing > 0) {
-      weight_total = ce_weight_total(logits, a, stream);
-      a.weight_total = weight_total.data_ptr<acc_t>();
-    }
-    a.grad_loss = any_in(grad_loss, reduction == kNone ? grad_loss.stride(0) : 0);
-    a.lse_in = lse_c.data_ptr<acc_t>();
-    a.denom = denom_c.data_ptr<acc_t>();
-    a.grad = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    a.need_t = need_t;
-    a.parts = need_t ? parts.data_ptr<double>() : nullptr;
-    if (tile) {
-      launch_tile<scalar_t, Pass::kBackward>(a, l, label_smoothing, softcap, stream);
-    } else {
-      ce_switch_cap(label_smoothing, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
-        launch_rows(l, stream, [](auto tpr) {
-          constexpr int TPR = decltype(tpr)::value;
-          return KernelRef<&cross_entropy_bwd_kernel<scalar_t, TPR, decltype(sc)::value, decltype(wc)::value,
-                                                     decltype(pc)::value>>{};
-        }, a);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        auto a = ce_args<scalar_t>(logits, in, temperature_t, temperature, label_smoothing,
+                                   ignore_index, reduction);
+        std::vector<at::Tensor> keep;
+        set_llm_terms(a, logits, z_loss, softcap, false, reduction, &denom_c, keep, stream);
+        const bool tile = use_tile<scalar_t>(logits);
+        const Launch l = tile ? tile_launch<scalar_t>(rows, a.C)
+                              : plan(Walk::kStream, rows, a.C, vec_size<scalar_t>());
+        at::Tensor parts =
+            need_t ? at::empty({3 * l.grid}, logits.options().dtype(at::kDouble)) : at::Tensor();
+        at::Tensor weight_total;
+        if (a.weight && label_smoothing > 0) {
+          weight_total = ce_weight_total(logits, a, stream);
+          a.weight_total = weight_total.data_ptr<acc_t>();
+        }
+        a.grad_loss = any_in(grad_loss, reduction == kNone ? grad_loss.stride(0) : 0);
+        a.lse_in = lse_c.data_ptr<acc_t>();
+        a.denom = denom_c.data_ptr<acc_t>();
+        a.grad = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
+        a.need_t = need_t;
+        a.parts = need_t ? parts.data_ptr<double>() : nullptr;
+        if (tile) {
+          launch_tile<scalar_t, Pass::kBackward>(a, l, label_smoothing, softcap, stream);
+        } else {
+          ce_switch_cap(
+              label_smoothing, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
+                launch_rows(
+                    l, stream,
+                    [](auto tpr) {
+                      constexpr int TPR = decltype(tpr)::value;
+                      return KernelRef<
+                          &cross_entropy_bwd_kernel<scalar_t, TPR, decltype(sc)::value,
+                                                    decltype(wc)::value, decltype(pc)::value>>{};
+                    },
+                    a);
+              });
+        }
+        if (need_t) {
+          launch_ce_final(parts, l.grid,
+                          CEFinal<acc_t>{AnyOut{}, 0, nullptr, nullptr, any_out(grad_t)}, stream);
+        }
       });
-    }
-    if (need_t) {
-      launch_ce_final(parts, l.grid, CEFinal<acc_t>{AnyOut{}, 0, nullptr, nullptr, any_out(grad_t)}, stream);
-    }
-  });
   return {grad, grad_t};
 }
 

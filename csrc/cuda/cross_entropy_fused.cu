@@ -22,7 +22,8 @@ struct NoRegs {
 // Per row phase 1 (the loss, as cross_entropy_fwd_kernel) then phase 2 (the gradient, as
 // cross_entropy_bwd_kernel with g = 1, or 1 / denom for mean, and the row's own [m, ls]).
 template <typename T, int TPR, int MAXV, bool RESIDENT, Smoothing S, ClassWeights W, Softcap P>
-__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fused_kernel(const CEArgs<T> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
+    cross_entropy_fused_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   using Regs = std::conditional_t<RESIDENT, RowRegs<T, TPR, MAXV>, NoRegs<T>>;
   __shared__ CEState<acc_t> sred[kWarps<TPR>];
@@ -40,8 +41,10 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
     T* gr = a.grad + row * static_cast<int64_t>(a.C);
     const Regs regs(xr, n, tid);
     auto pass = [&](auto& f) {
-      if constexpr (RESIDENT) regs.apply(n, f);
-      else for_each_vec<TPR, kUnroll>(xr, n, tid, f);  // two-read path: 4 loads in flight
+      if constexpr (RESIDENT)
+        regs.apply(n, f);
+      else
+        for_each_vec<TPR, kUnroll>(xr, n, tid, f);  // two-read path: 4 loads in flight
     };
     // phase 1: the row's state, merged over the group
     CEAccum<T, acc_t, S, W, P> acc{ce_init<acc_t>(), k.beta_log2e, a.weight, y, a.cap};
@@ -68,8 +71,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
       }
       // phase 2: the gradient (z - lse = beta (x - m) - ls)
       f.setup(k.beta, st.m, ls,
-              ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, st.wc, static_cast<acc_t>(a.C), w_y, g,
-                                zl != acc_t(0) ? acc_t(2) * zl * lse : acc_t(0)),
+              ce_coef<acc_t, S>(k.beta, a.eps, k.smooth_coef, st.wc, static_cast<acc_t>(a.C), w_y,
+                                g, zl != acc_t(0) ? acc_t(2) * zl * lse : acc_t(0)),
               a.weight, y, xr, gr);
       pass(f);
       f.finish();
@@ -100,9 +103,10 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fu
 // tiles (C * b <= 128 bytes), the row in registers (<= 4 vectors per thread, <= 512 threads), or
 // one row per SM read twice (the policy's kTwoRead, docs/kernels-cuda.md).
 template <typename scalar_t>
-void fused(const at::Tensor& logits, const CEInputs& in, const std::optional<at::Tensor>& temperature_t,
-           double temperature, double eps, int64_t ignore_index, int64_t reduction, bool need_t,
-           at::Tensor& loss, at::Tensor& grad, at::Tensor& grad_t, double z_loss, double softcap,
+void fused(const at::Tensor& logits, const CEInputs& in,
+           const std::optional<at::Tensor>& temperature_t, double temperature, double eps,
+           int64_t ignore_index, int64_t reduction, bool need_t, at::Tensor& loss, at::Tensor& grad,
+           at::Tensor& grad_t, double z_loss, double softcap,
            const std::optional<at::Tensor>& lse_out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = vec_size<scalar_t>();
@@ -122,7 +126,8 @@ void fused(const at::Tensor& logits, const CEInputs& in, const std::optional<at:
   const bool tile = use_tile<scalar_t>(logits);
   const Launch resident = plan(Walk::kResident, rows, a.C, V);
   const bool holds = holds_row(resident, Walk::kResident, nv);
-  const Launch l = tile ? tile_launch<scalar_t>(rows, a.C) : (holds ? resident : plan(Walk::kTwoRead, rows, a.C, V));
+  const Launch l = tile ? tile_launch<scalar_t>(rows, a.C)
+                        : (holds ? resident : plan(Walk::kTwoRead, rows, a.C, V));
   at::Tensor parts = at::empty({3 * l.grid}, logits.options().dtype(at::kDouble));
   a.loss_rows = reduction == kNone ? loss.data_ptr<loss_t<scalar_t>>() : nullptr;
   a.grad = grad.data_ptr<scalar_t>();
@@ -137,21 +142,27 @@ void fused(const at::Tensor& logits, const CEInputs& in, const std::optional<at:
       constexpr ClassWeights W = decltype(wc)::value;
       constexpr Softcap P = decltype(pc)::value;
       if (holds) {
-        launch_rows(l, stream, [](auto tpr) {
-          constexpr int TPR = decltype(tpr)::value;
-          return KernelRef<&cross_entropy_fused_kernel<scalar_t, TPR, 4, true, decltype(sc)::value,
-                                                       decltype(wc)::value, decltype(pc)::value>>{};
-        }, a);
+        launch_rows(
+            l, stream,
+            [](auto tpr) {
+              constexpr int TPR = decltype(tpr)::value;
+              return KernelRef<
+                  &cross_entropy_fused_kernel<scalar_t, TPR, 4, true, decltype(sc)::value,
+                                              decltype(wc)::value, decltype(pc)::value>>{};
+            },
+            a);
       } else {
-        launch(KernelRef<&cross_entropy_fused_kernel<scalar_t, 512, 1, false, S, W, P>>{}, l, stream, a);
+        launch(KernelRef<&cross_entropy_fused_kernel<scalar_t, 512, 1, false, S, W, P>>{}, l,
+               stream, a);
       }
     });
   }
   const bool want_loss = reduction != kNone;
   const bool want_t = need_t && reduction != kNone;
   if (want_loss || want_t) {
-    const CEFinal<acc_t> w{want_loss ? any_out(loss) : AnyOut{}, static_cast<int>(reduction), nullptr,
-                           reduction == kMean ? a.denom : nullptr, want_t ? any_out(grad_t) : AnyOut{}};
+    const CEFinal<acc_t> w{want_loss ? any_out(loss) : AnyOut{}, static_cast<int>(reduction),
+                           nullptr, reduction == kMean ? a.denom : nullptr,
+                           want_t ? any_out(grad_t) : AnyOut{}};
     launch_ce_final(parts, l.grid, w, stream);
   }
 }
@@ -160,51 +171,57 @@ void fused(const at::Tensor& logits, const CEInputs& in, const std::optional<at:
 at::Tensor fused_grad_t(const at::Tensor& logits, const std::optional<at::Tensor>& temperature_t,
                         int64_t reduction, bool need_t) {
   auto opts = logits.options().dtype(temp_grad_type(temperature_t, logits.scalar_type()));
-  if (reduction == kNone) return need_t ? at::empty({logits.size(0)}, opts) : at::zeros({logits.size(0)}, opts);
+  if (reduction == kNone)
+    return need_t ? at::empty({logits.size(0)}, opts) : at::zeros({logits.size(0)}, opts);
   return (need_t && logits.size(0) > 0) ? at::empty({}, opts) : at::zeros({}, opts);
 }
 
 // Both ops: the gradient in a new tensor, or (in place) in the logits' own buffer.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_op(
-    Op op, const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss, double softcap,
+    Op op, const at::Tensor& logits, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& temperature_t,
+    double temperature, double label_smoothing, int64_t ignore_index, int64_t reduction,
+    bool need_temperature_grad, double z_loss, double softcap,
     const std::optional<at::Tensor>& lse_out) {
-  checks::cross_entropy(Backend::kCuda, op, logits, target, weight, temperature_t, temperature, label_smoothing,
-                        reduction);
+  checks::cross_entropy(Backend::kCuda, op, logits, target, weight, temperature_t, temperature,
+                        label_smoothing, reduction);
   checks::llm_terms(op, logits, z_loss, softcap, lse_out);
   c10::cuda::CUDAGuard guard(logits.device());
   const CEInputs in = ce_inputs(logits, target, weight);
   at::Tensor loss = ce_loss_tensor(logits, reduction);
-  at::Tensor grad =
-      op == Op::kCrossEntropyFusedInplace ? logits : at::empty_like(logits, at::MemoryFormat::Contiguous);
+  at::Tensor grad = op == Op::kCrossEntropyFusedInplace
+                        ? logits
+                        : at::empty_like(logits, at::MemoryFormat::Contiguous);
   // As the CPU op: no temperature tensor, no T-gradient (grad_temperature stays 0).
   const bool need_t = need_temperature_grad && temperature_t.has_value();
   at::Tensor grad_t = fused_grad_t(logits, temperature_t, reduction, need_t);
   if (logits.size(0) == 0) return {loss, grad, grad_t};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fused_cuda", [&] {
-    fused<scalar_t>(logits, in, temperature_t, temperature, label_smoothing, ignore_index, reduction, need_t,
-                    loss, grad, grad_t, z_loss, softcap, lse_out);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fused_cuda", [&] {
+        fused<scalar_t>(logits, in, temperature_t, temperature, label_smoothing, ignore_index,
+                        reduction, need_t, loss, grad, grad_t, z_loss, softcap, lse_out);
+      });
   return {loss, grad, grad_t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss, double softcap) {
-  return fused_op(Op::kCrossEntropyFused, logits, target, weight, temperature_t, temperature, label_smoothing,
-                  ignore_index, reduction, need_temperature_grad, z_loss, softcap, std::nullopt);
+    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss,
+    double softcap) {
+  return fused_op(Op::kCrossEntropyFused, logits, target, weight, temperature_t, temperature,
+                  label_smoothing, ignore_index, reduction, need_temperature_grad, z_loss, softcap,
+                  std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fused_inplace_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
-    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss, double softcap,
-    const std::optional<at::Tensor>& lse_out) {
-  auto [loss, grad, grad_t] = fused_op(Op::kCrossEntropyFusedInplace, logits, target, weight, temperature_t,
-                                       temperature, label_smoothing, ignore_index, reduction, need_temperature_grad,
-                                       z_loss, softcap, lse_out);
+    int64_t ignore_index, int64_t reduction, bool need_temperature_grad, double z_loss,
+    double softcap, const std::optional<at::Tensor>& lse_out) {
+  auto [loss, grad, grad_t] = fused_op(Op::kCrossEntropyFusedInplace, logits, target, weight,
+                                       temperature_t, temperature, label_smoothing, ignore_index,
+                                       reduction, need_temperature_grad, z_loss, softcap, lse_out);
   return {loss, grad_t};
 }
 

@@ -10,10 +10,12 @@ namespace softcal {
 namespace cuda {
 namespace {
 
-// Per row the loss and [m, ls], per block the sums of the loss and of w_y. Implements docs/design.md's
-// loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c) with phase 1 of ce_row.cuh.
+// Per row the loss and [m, ls], per block the sums of the loss and of w_y. Implements
+// docs/design.md's loss = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c) with phase 1
+// of ce_row.cuh.
 template <typename T, int TPR, Smoothing S, ClassWeights W, Softcap P>
-__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) cross_entropy_fwd_kernel(const CEArgs<T> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
+    cross_entropy_fwd_kernel(const CEArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ CEState<acc_t> sred[kWarps<TPR>];
   const CEConsts<acc_t, S> k(a.temp, a.eps, a.C);
@@ -50,8 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t ignore_index, int64_t reduction, double z_loss, double softcap, bool lse_all_rows) {
-  checks::cross_entropy(Backend::kCuda, Op::kCrossEntropy, logits, target, weight, temperature_t, temperature,
-                        label_smoothing, reduction);
+  checks::cross_entropy(Backend::kCuda, Op::kCrossEntropy, logits, target, weight, temperature_t,
+                        temperature, label_smoothing, reduction);
   checks::llm_terms(Op::kCrossEntropy, logits, z_loss, softcap);
   c10::cuda::CUDAGuard guard(logits.device());
   const CEInputs in = ce_inputs(logits, target, weight);
@@ -65,32 +67,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     return {loss, lse, denom};
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto a = ce_args<scalar_t>(logits, in, temperature_t, temperature, label_smoothing, ignore_index, reduction);
-    std::vector<at::Tensor> keep;
-    set_llm_terms(a, logits, z_loss, softcap, lse_all_rows, reduction, nullptr, keep, stream);
-    const bool tile = use_tile<scalar_t>(logits);
-    const Launch l = tile ? tile_launch<scalar_t>(rows, a.C) : plan(Walk::kStream, rows, a.C, vec_size<scalar_t>());
-    at::Tensor parts = at::empty({3 * l.grid}, logits.options().dtype(at::kDouble));
-    a.loss_rows = reduction == kNone ? loss.data_ptr<loss_t<scalar_t>>() : nullptr;
-    a.lse = lse.data_ptr<acc_t>();
-    a.parts = parts.data_ptr<double>();
-    if (tile) {
-      launch_tile<scalar_t, Pass::kForward>(a, l, label_smoothing, softcap, stream);
-    } else {
-      ce_switch_cap(label_smoothing, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
-        launch_rows(l, stream, [](auto tpr) {
-          constexpr int TPR = decltype(tpr)::value;
-          return KernelRef<&cross_entropy_fwd_kernel<scalar_t, TPR, decltype(sc)::value, decltype(wc)::value,
-                                                     decltype(pc)::value>>{};
-        }, a);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        auto a = ce_args<scalar_t>(logits, in, temperature_t, temperature, label_smoothing,
+                                   ignore_index, reduction);
+        std::vector<at::Tensor> keep;
+        set_llm_terms(a, logits, z_loss, softcap, lse_all_rows, reduction, nullptr, keep, stream);
+        const bool tile = use_tile<scalar_t>(logits);
+        const Launch l = tile ? tile_launch<scalar_t>(rows, a.C)
+                              : plan(Walk::kStream, rows, a.C, vec_size<scalar_t>());
+        at::Tensor parts = at::empty({3 * l.grid}, logits.options().dtype(at::kDouble));
+        a.loss_rows = reduction == kNone ? loss.data_ptr<loss_t<scalar_t>>() : nullptr;
+        a.lse = lse.data_ptr<acc_t>();
+        a.parts = parts.data_ptr<double>();
+        if (tile) {
+          launch_tile<scalar_t, Pass::kForward>(a, l, label_smoothing, softcap, stream);
+        } else {
+          ce_switch_cap(
+              label_smoothing, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
+                launch_rows(
+                    l, stream,
+                    [](auto tpr) {
+                      constexpr int TPR = decltype(tpr)::value;
+                      return KernelRef<
+                          &cross_entropy_fwd_kernel<scalar_t, TPR, decltype(sc)::value,
+                                                    decltype(wc)::value, decltype(pc)::value>>{};
+                    },
+                    a);
+              });
+        }
+        const CEFinal<acc_t> w{reduction == kNone ? AnyOut{} : any_out(loss),
+                               static_cast<int>(reduction), denom.data_ptr<acc_t>(), nullptr,
+                               AnyOut{}};
+        launch_ce_final(parts, l.grid, w, stream);
       });
-    }
-    const CEFinal<acc_t> w{reduction == kNone ? AnyOut{} : any_out(loss), static_cast<int>(reduction),
-                           denom.data_ptr<acc_t>(), nullptr, AnyOut{}};
-    launch_ce_final(parts, l.grid, w, stream);
-  });
   return {loss, lse, denom};
 }
 

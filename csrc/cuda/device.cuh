@@ -119,11 +119,16 @@ enum class Dtype : int { kFloat, kDouble, kHalf, kBFloat16 };
 
 inline Dtype dtype_of(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kDouble: return Dtype::kDouble;
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "softcal (CUDA): unsupported dtype ", t);
+    case at::kFloat:
+      return Dtype::kFloat;
+    case at::kDouble:
+      return Dtype::kDouble;
+    case at::kHalf:
+      return Dtype::kHalf;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, "softcal (CUDA): unsupported dtype ", t);
   }
   return Dtype::kFloat;
 }
@@ -137,10 +142,14 @@ struct AnyIn {
   __device__ __forceinline__ double operator[](int64_t i) const {
     const int64_t j = i * stride;
     switch (dtype) {
-      case Dtype::kFloat: return static_cast<double>(static_cast<const float*>(p)[j]);
-      case Dtype::kDouble: return static_cast<const double*>(p)[j];
-      case Dtype::kHalf: return static_cast<double>(static_cast<float>(static_cast<const c10::Half*>(p)[j]));
-      default: return static_cast<double>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[j]));
+      case Dtype::kFloat:
+        return static_cast<double>(static_cast<const float*>(p)[j]);
+      case Dtype::kDouble:
+        return static_cast<const double*>(p)[j];
+      case Dtype::kHalf:
+        return static_cast<double>(static_cast<float>(static_cast<const c10::Half*>(p)[j]));
+      default:
+        return static_cast<double>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[j]));
     }
   }
 };
@@ -152,10 +161,18 @@ struct AnyOut {
 
   __device__ __forceinline__ void store(int64_t i, double v) const {
     switch (dtype) {
-      case Dtype::kFloat: static_cast<float*>(p)[i] = static_cast<float>(v); break;
-      case Dtype::kDouble: static_cast<double*>(p)[i] = v; break;
-      case Dtype::kHalf: static_cast<c10::Half*>(p)[i] = c10::Half(static_cast<float>(v)); break;
-      default: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(static_cast<float>(v)); break;
+      case Dtype::kFloat:
+        static_cast<float*>(p)[i] = static_cast<float>(v);
+        break;
+      case Dtype::kDouble:
+        static_cast<double*>(p)[i] = v;
+        break;
+      case Dtype::kHalf:
+        static_cast<c10::Half*>(p)[i] = c10::Half(static_cast<float>(v));
+        break;
+      default:
+        static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(static_cast<float>(v));
+        break;
     }
   }
 };
@@ -164,7 +181,9 @@ inline AnyIn any_in(const at::Tensor& t, int64_t stride = 0) {
   return AnyIn{t.data_ptr(), dtype_of(t.scalar_type()), stride};
 }
 
-inline AnyOut any_out(const at::Tensor& t) { return AnyOut{t.data_ptr(), dtype_of(t.scalar_type())}; }
+inline AnyOut any_out(const at::Tensor& t) {
+  return AnyOut{t.data_ptr(), dtype_of(t.scalar_type())};
+}
 
 // The temperature: a 0-dim tensor read by the kernel (never on the host), or a float.
 struct Temperature {

@@ -26,7 +26,8 @@ enum class Walk : int {
 };
 
 struct Policy {
-  int vectors_per_thread;  // 16-byte vectors per thread: TPR = next_pow2(row vectors / this); 0: TPR 1
+  int vectors_per_thread;  // 16-byte vectors per thread: TPR = next_pow2(row vectors / this); 0:
+                           // TPR 1
   int max_tpr;             // TPR at most this ...
   int fill_tpr;            // ... then doubled up to this while the rows leave SMs idle (0: never)
   int blocks_per_sm;       // grid cap, in blocks per SM (0: 4 waves of resident blocks)
@@ -44,7 +45,7 @@ constexpr Policy kPolicy[] = {
     /* kCount        */ {0, 1, 0, 8},
 };
 
-constexpr int kTileRows = 256;  // rows of a tile: one per thread of a block of 256
+constexpr int kTileRows = 256;              // rows of a tile: one per thread of a block of 256
 constexpr int kResidentBlocksPerSM = 2048;  // threads resident per SM (sm_80, sm_90)
 
 constexpr int block_for(int tpr) { return tpr < 256 ? 256 : tpr; }
@@ -139,7 +140,8 @@ template <auto... Values, typename F>
 inline void static_switch(std::common_type_t<decltype(Values)...> v, F&& f) {
   const bool found =
       ((v == Values && (f(std::integral_constant<decltype(Values), Values>{}), true)) || ...);
-  TORCH_INTERNAL_ASSERT(found, "softcal (CUDA): no kernel for the variant ", static_cast<int64_t>(v));
+  TORCH_INTERNAL_ASSERT(found, "softcal (CUDA): no kernel for the variant ",
+                        static_cast<int64_t>(v));
 }
 
 // A kernel instantiation as a type, so that pick functions can name it for the launcher.
@@ -162,7 +164,8 @@ inline void launch(NoKernel, const Launch& l, cudaStream_t, const Args&...) {
 //   launch_rows(l, stream, [](auto tpr) { return KernelRef<&my_kernel<T, tpr()>>{}; }, args);
 template <typename Pick, typename... Args>
 inline void launch_rows(const Launch& l, cudaStream_t stream, Pick&& pick, const Args&... args) {
-  static_switch<4, 8, 16, 32, 128, 256, 512>(l.tpr, [&](auto tpr) { launch(pick(tpr), l, stream, args...); });
+  static_switch<4, 8, 16, 32, 128, 256, 512>(
+      l.tpr, [&](auto tpr) { launch(pick(tpr), l, stream, args...); });
 }
 
 }  // namespace cuda

@@ -130,8 +130,8 @@ __device__ __forceinline__ void store_block_sums(double* parts, const double (&s
 // The final, deterministic reduction: one block sums K arrays of P doubles (parts[k * P + i]) in
 // a fixed order and thread 0 calls w(sums).
 template <int K, typename Writer>
-__global__ void __launch_bounds__(1024) finalize_kernel(const double* __restrict__ parts, int P,
-                                                        Writer w) {
+__global__ void __launch_bounds__(1024)
+    finalize_kernel(const double* __restrict__ parts, int P, Writer w) {
   __shared__ double sums[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -156,9 +156,11 @@ struct StoreSums {
 };
 
 // out (0-dim, any floating dtype) = the sum of the P partials / divisor, in one block.
-inline void launch_sum(const at::Tensor& parts, int P, const at::Tensor& out, double divisor, cudaStream_t stream) {
+inline void launch_sum(const at::Tensor& parts, int P, const at::Tensor& out, double divisor,
+                       cudaStream_t stream) {
   const StoreSums<1> w{{any_out(out)}, {divisor}};
-  launch(KernelRef<&finalize_kernel<1, StoreSums<1>>>{}, Launch{1, 1024, 1}, stream, parts.data_ptr<double>(), P, w);
+  launch(KernelRef<&finalize_kernel<1, StoreSums<1>>>{}, Launch{1, 1024, 1}, stream,
+         parts.data_ptr<double>(), P, w);
 }
 
 }  // namespace cuda

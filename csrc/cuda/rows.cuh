@@ -27,7 +27,8 @@ struct RowSplit {
 // (y[i] 16-byte aligned for the first aligned x[i]): the same misalignment when the dtypes match.
 template <typename T, typename U>
 __device__ __forceinline__ bool aligned_like(const T* x, const U* y) {
-  const int first = static_cast<int>(((16 - (reinterpret_cast<uintptr_t>(x) & 15)) & 15) / sizeof(T));
+  const int first =
+      static_cast<int>(((16 - (reinterpret_cast<uintptr_t>(x) & 15)) & 15) / sizeof(T));
   return (reinterpret_cast<uintptr_t>(y + first) & 15) == 0;
 }
 
@@ -202,7 +203,8 @@ struct RowRegs {
 // Stores count values at dst[idx..]: count == N and vec_ok (dst aligned like the row read) as one
 // vector store, else by scalars.
 template <typename T, int N, typename acc_t>
-__device__ __forceinline__ void store_vals(T* dst, int idx, const acc_t* vals, int count, bool vec_ok) {
+__device__ __forceinline__ void store_vals(T* dst, int idx, const acc_t* vals, int count,
+                                           bool vec_ok) {
   if (count == N && vec_ok) {
     Vec<T, N> o;
 #pragma unroll

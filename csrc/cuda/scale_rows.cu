@@ -14,7 +14,8 @@ namespace {
 // grad has numel elements, `inner` per row; scale[(e / inner)] (per_row) or scale[0].
 template <typename T>
 __global__ void __launch_bounds__(256, 2)
-    scale_rows_kernel(T* __restrict__ grad, int64_t numel, int64_t inner, AnyIn scale, bool per_row) {
+    scale_rows_kernel(T* __restrict__ grad, int64_t numel, int64_t inner, AnyIn scale,
+                      bool per_row) {
   constexpr int V = vec_size<T>();
   using acc_t = at::opmath_type<T>;
   acc_t s0 = 0;
@@ -58,13 +59,14 @@ void scale_rows_inplace_cuda(const at::Tensor& grad, const at::Tensor& scale) {
   c10::cuda::CUDAGuard guard(grad.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t inner = per_row ? numel / grad.size(0) : numel;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_cuda", [&] {
-    constexpr int V = vec_size<scalar_t>();
-    // a thread per 16-byte vector, and one for the head and the tail
-    const Launch l = plan(Walk::kFlat, ceil_div(numel, V) + V);
-    launch(KernelRef<&scale_rows_kernel<scalar_t>>{}, l, stream, grad.data_ptr<scalar_t>(), numel, inner,
-           any_in(scale, per_row ? scale.stride(0) : 0), per_row);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_cuda", [&] {
+        constexpr int V = vec_size<scalar_t>();
+        // a thread per 16-byte vector, and one for the head and the tail
+        const Launch l = plan(Walk::kFlat, ceil_div(numel, V) + V);
+        launch(KernelRef<&scale_rows_kernel<scalar_t>>{}, l, stream, grad.data_ptr<scalar_t>(),
+               numel, inner, any_in(scale, per_row ? scale.stride(0) : 0), per_row);
+      });
 }
 
 }  // namespace

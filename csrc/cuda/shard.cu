@@ -16,8 +16,8 @@ namespace {
 
 // The local target of a row: its index in the slice, -1 when it is in another slice, -2 when
 // the row is ignored.
-__device__ __forceinline__ int local_target(const int64_t* target, int64_t row, int64_t ignore_index,
-                                            int64_t off, int C) {
+__device__ __forceinline__ int local_target(const int64_t* target, int64_t row,
+                                            int64_t ignore_index, int64_t off, int C) {
   const int64_t y = target[row];
   if (y == ignore_index) return -2;
   const int64_t l = y - off;
@@ -32,13 +32,15 @@ struct ShardArgs : CERows<T> {
   const acc_t* lse;   // (rows, 2): M, LS
   const acc_t* coef;  // (rows, 3): g, A, ty
   acc_t smooth_coef;
-  T* grad;            // (rows, C) contiguous, or nullptr
-  acc_t* t_rows;      // (rows, 2), or nullptr
+  T* grad;        // (rows, C) contiguous, or nullptr
+  acc_t* t_rows;  // (rows, 2), or nullptr
 };
 
-// Per row of the slice [m, log s, d, x_y] (phase 1 of the cross-entropy, csrc/schemas.h's contract).
+// Per row of the slice [m, log s, d, x_y] (phase 1 of the cross-entropy, csrc/schemas.h's
+// contract).
 template <typename T, int TPR, Smoothing S, ClassWeights W>
-__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_stats_kernel(const ShardArgs<T> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
+    shard_stats_kernel(const ShardArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ CEState<acc_t> sred[kWarps<TPR>];
   const acc_t beta_log2e = load_beta<acc_t>(a.temp) * static_cast<acc_t>(kLog2e);
@@ -66,10 +68,11 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_stats_kern
   });
 }
 
-// Per row of the slice beta g dz_c (phase 2 of the cross-entropy with the caller's global [M, LS] and
-// [g, A, ty]) and the T-gradient's two sums.
+// Per row of the slice beta g dz_c (phase 2 of the cross-entropy with the caller's global [M, LS]
+// and [g, A, ty]) and the T-gradient's two sums.
 template <typename T, int TPR, Smoothing S, ClassWeights W>
-__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_grad_kernel(const ShardArgs<T> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
+    shard_grad_kernel(const ShardArgs<T> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ Pair<double> sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(a.temp);
@@ -83,8 +86,9 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_grad_kerne
     if (y > -2) {
       const acc_t* cf = a.coef + 3 * row;  // g, A, ty
       const acc_t ls = a.lse[2 * row + 1];
-      f.setup(beta, a.lse[2 * row], ls, CECoef<acc_t>{cf[1], cf[2], cf[1] - cf[2], a.smooth_coef, beta * cf[0]},
-              a.weight, y, xr, gr);
+      f.setup(beta, a.lse[2 * row], ls,
+              CECoef<acc_t>{cf[1], cf[2], cf[1] - cf[2], a.smooth_coef, beta * cf[0]}, a.weight, y,
+              xr, gr);
       f.t_shift = ls;  // the contract: sums of dz (beta (x - M) - LS)
       f.template walk<TPR>(xr, a.C, tid);
     } else if (active && gr) {
@@ -101,8 +105,9 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>) shard_grad_kerne
 }
 
 template <typename T>
-ShardArgs<T> shard_args(const at::Tensor& logits, const CEInputs& in, const std::optional<at::Tensor>& temperature_t,
-                        double temperature, int64_t class_offset, int64_t ignore_index) {
+ShardArgs<T> shard_args(const at::Tensor& logits, const CEInputs& in,
+                        const std::optional<at::Tensor>& temperature_t, double temperature,
+                        int64_t class_offset, int64_t ignore_index) {
   ShardArgs<T> a{};
   set_rows(a, logits, in, temperature_t, temperature, ignore_index);
   a.off = class_offset;
@@ -114,13 +119,18 @@ template <typename T, bool GRAD>
 void launch_shard(const ShardArgs<T>& a, bool smoothing, cudaStream_t stream) {
   const Launch l = plan(Walk::kStream, a.rows, a.C, vec_size<T>());
   ce_switch(smoothing ? 1.0 : 0.0, a.weight != nullptr, [&](auto sc, auto wc) {
-    launch_rows(l, stream, [](auto tpr) {
-      constexpr int TPR = decltype(tpr)::value;
-      constexpr Smoothing S = decltype(sc)::value;
-      constexpr ClassWeights W = decltype(wc)::value;
-      if constexpr (GRAD) return KernelRef<&shard_grad_kernel<T, TPR, S, W>>{};
-      else return KernelRef<&shard_stats_kernel<T, TPR, S, W>>{};
-    }, a);
+    launch_rows(
+        l, stream,
+        [](auto tpr) {
+          constexpr int TPR = decltype(tpr)::value;
+          constexpr Smoothing S = decltype(sc)::value;
+          constexpr ClassWeights W = decltype(wc)::value;
+          if constexpr (GRAD)
+            return KernelRef<&shard_grad_kernel<T, TPR, S, W>>{};
+          else
+            return KernelRef<&shard_stats_kernel<T, TPR, S, W>>{};
+        },
+        a);
   });
 }
 
@@ -140,16 +150,18 @@ at::Tensor shard_grad_impl(const at::Tensor& logits, const at::Tensor& target,
   if (!runs) return t_rows;
   const at::Tensor lse_c = lse.contiguous(), coef_c = coef.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_grad_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto a = shard_args<scalar_t>(logits, in, temperature_t, temperature, class_offset, ignore_index);
-    a.lse = lse_c.data_ptr<acc_t>();
-    a.coef = coef_c.data_ptr<acc_t>();
-    a.smooth_coef = static_cast<acc_t>(smooth_coef);
-    a.grad = grad ? grad->data_ptr<scalar_t>() : nullptr;
-    a.t_rows = need_t ? t_rows.data_ptr<acc_t>() : nullptr;
-    launch_shard<scalar_t, true>(a, smooth_coef > 0, stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_grad_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        auto a = shard_args<scalar_t>(logits, in, temperature_t, temperature, class_offset,
+                                      ignore_index);
+        a.lse = lse_c.data_ptr<acc_t>();
+        a.coef = coef_c.data_ptr<acc_t>();
+        a.smooth_coef = static_cast<acc_t>(smooth_coef);
+        a.grad = grad ? grad->data_ptr<scalar_t>() : nullptr;
+        a.t_rows = need_t ? t_rows.data_ptr<acc_t>() : nullptr;
+        launch_shard<scalar_t, true>(a, smooth_coef > 0, stream);
+      });
   return t_rows;
 }
 
@@ -157,18 +169,21 @@ at::Tensor shard_stats_cuda(const at::Tensor& logits, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& temperature_t, double temperature,
                             int64_t class_offset, int64_t ignore_index, bool smoothing) {
-  checks::shard_stats(Backend::kCuda, logits, target, weight, temperature_t, temperature, class_offset);
+  checks::shard_stats(Backend::kCuda, logits, target, weight, temperature_t, temperature,
+                      class_offset);
   c10::cuda::CUDAGuard guard(logits.device());
   const CEInputs in = ce_inputs(logits, target, weight);
   const int64_t rows = logits.size(0);
   at::Tensor stats = at::empty({rows, 4}, logits.options().dtype(acc_type(logits.scalar_type())));
   if (rows == 0) return stats;  // an empty slice (C_local = 0) runs the kernel: it reads no logit
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_stats_cuda", [&] {
-    auto a = shard_args<scalar_t>(logits, in, temperature_t, temperature, class_offset, ignore_index);
-    a.stats = stats.data_ptr<at::opmath_type<scalar_t>>();
-    launch_shard<scalar_t, false>(a, smoothing, stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "shard_stats_cuda", [&] {
+        auto a = shard_args<scalar_t>(logits, in, temperature_t, temperature, class_offset,
+                                      ignore_index);
+        a.stats = stats.data_ptr<at::opmath_type<scalar_t>>();
+        launch_shard<scalar_t, false>(a, smoothing, stream);
+      });
   return stats;
 }
 
@@ -177,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor> shard_grad_cuda(
     const at::Tensor& lse, const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
     double temperature, double smooth_coef, int64_t class_offset, int64_t ignore_index,
     bool need_logits_grad, bool need_temperature_grad) {
-  checks::shard_grad(Backend::kCuda, Op::kShardGrad, logits, target, weight, lse, coef, temperature_t, temperature,
-                     smooth_coef, class_offset);
+  checks::shard_grad(Backend::kCuda, Op::kShardGrad, logits, target, weight, lse, coef,
+                     temperature_t, temperature, smooth_coef, class_offset);
   at::Tensor grad = need_logits_grad ? at::empty({logits.size(0), logits.size(1)}, logits.options())
                                      : at::empty({0}, logits.options());
   at::Tensor t_rows = shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature,
@@ -189,11 +204,12 @@ std::tuple<at::Tensor, at::Tensor> shard_grad_cuda(
 
 at::Tensor shard_grad_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
                                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                                   const at::Tensor& coef, const std::optional<at::Tensor>& temperature_t,
+                                   const at::Tensor& coef,
+                                   const std::optional<at::Tensor>& temperature_t,
                                    double temperature, double smooth_coef, int64_t class_offset,
                                    int64_t ignore_index, bool need_temperature_grad) {
-  checks::shard_grad(Backend::kCuda, Op::kShardGradInplace, logits, target, weight, lse, coef, temperature_t,
-                     temperature, smooth_coef, class_offset);
+  checks::shard_grad(Backend::kCuda, Op::kShardGradInplace, logits, target, weight, lse, coef,
+                     temperature_t, temperature, smooth_coef, class_offset);
   at::Tensor grad = logits;
   return shard_grad_impl(logits, target, weight, lse, coef, temperature_t, temperature, smooth_coef,
                          class_offset, ignore_index, &grad, need_temperature_grad);

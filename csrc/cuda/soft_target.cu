@@ -33,7 +33,7 @@ struct SoftArgs {
   int C;
   const acc_t* weight;  // in acc (converted once on the host), or nullptr
   Temperature temp;
-  acc_t keep, spread;   // 1 - eps, eps / C: q_c = keep t_c + spread
+  acc_t keep, spread;  // 1 - eps, eps / C: q_c = keep t_c + spread
   int reduction;
   // forward outputs
   loss_t<T>* loss_rows;  // reduction none
@@ -66,8 +66,8 @@ struct SoftAccum {
   acc_t beta_log2e, keep, spread;
   const acc_t* w;
 
-  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv, const Vec<Q, vec_size<T>()>& tv,
-                                             int count) {
+  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv,
+                                             const Vec<Q, vec_size<T>()>& tv, int count) {
     constexpr int V = vec_size<T>();
     acc_t x[V];
     acc_t vm = neg_inf<acc_t>();
@@ -103,7 +103,8 @@ struct SoftAccum {
 
 // Per row loss = beta sum_c u_c (m - x_c) + U ls, [m, ls] and U; per block the sum of the loss.
 template <typename T, typename Q, int TPR, ClassWeights W>
-__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_target_fwd_kernel(const SoftArgs<T, Q> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>)
+    soft_target_fwd_kernel(const SoftArgs<T, Q> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ LseState<acc_t> sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(a.temp);
@@ -117,8 +118,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_targ
   for_each_row<TPR>(a.rows, [&](int64_t row, bool active, int tid) {
     const T* xr = a.logits + row * a.logits_stride;
     const Q* tr = a.target + row * a.target_stride;
-    SoftAccum<T, Q, acc_t, W> acc{
-        LseState<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)}, beta_log2e, a.keep, a.spread, a.weight};
+    SoftAccum<T, Q, acc_t, W> acc{LseState<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)},
+                                  beta_log2e, a.keep, a.spread, a.weight};
     for_each_pair<TPR, soft_unroll<TPR>()>(xr, tr, active ? a.C : 0, tid, acc);
     const LseState<acc_t> st = group_allreduce<TPR>(acc.st, merge, sred);
     if (active && tid == 0) {
@@ -149,7 +150,7 @@ template <typename T, typename Q, typename acc_t, ClassWeights W>
 struct SoftGrad {
   acc_t row_max, ls, ls_log2e;  // log p = beta (x - row_max) - ls
   acc_t beta, beta_log2e;
-  acc_t mass, keep, spread;     // U, 1 - eps, eps / C
+  acc_t mass, keep, spread;        // U, 1 - eps, eps / C
   acc_t grad_scale, target_scale;  // beta g, g (1 - eps)
   const acc_t* w;
   T* gx;
@@ -158,8 +159,8 @@ struct SoftGrad {
   bool need_t;
   double t1 = 0, t0 = 0;
 
-  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv, const Vec<Q, vec_size<T>()>& tv,
-                                             int count) {
+  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& xv,
+                                             const Vec<Q, vec_size<T>()>& tv, int count) {
     constexpr int V = vec_size<T>();
     acc_t o[V];  // one output vector at a time: the logits' gradient, then the target's
     if (gx || need_t) {
@@ -174,8 +175,10 @@ struct SoftGrad {
           const acc_t dz = mass * p - u;
           o[k] = grad_scale * dz;
           if (need_t) {
-            if (x != neg_inf<acc_t>()) t1 += static_cast<double>(dz) * static_cast<double>(dxm * beta);
-            else t0 += static_cast<double>(dz);
+            if (x != neg_inf<acc_t>())
+              t1 += static_cast<double>(dz) * static_cast<double>(dxm * beta);
+            else
+              t0 += static_cast<double>(dz);
           }
         }
       }
@@ -185,8 +188,10 @@ struct SoftGrad {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         if (k < count) {
-          const acc_t log_p = (static_cast<acc_t>(xv.v[k]) - row_max) * beta - ls;  // exact at the max
-          const acc_t coef = W == ClassWeights::kPerClass ? target_scale * w[idx + k] : target_scale;
+          const acc_t log_p =
+              (static_cast<acc_t>(xv.v[k]) - row_max) * beta - ls;  // exact at the max
+          const acc_t coef =
+              W == ClassWeights::kPerClass ? target_scale * w[idx + k] : target_scale;
           o[k] = coef != acc_t(0) ? -coef * log_p : acc_t(0);
         }
       }
@@ -195,10 +200,11 @@ struct SoftGrad {
   }
 };
 
-// Per row dL/dx_c = beta g (U p_c - u_c) and dL/dt_c = -g (1 - eps) w_c log p_c; per block the sum of
-// dL/dT = -beta g sum_c dz_c log p_c.
+// Per row dL/dx_c = beta g (U p_c - u_c) and dL/dt_c = -g (1 - eps) w_c log p_c; per block the sum
+// of dL/dT = -beta g sum_c dz_c log p_c.
 template <typename T, typename Q, int TPR, ClassWeights W>
-__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>) soft_target_bwd_kernel(const SoftArgs<T, Q> a) {
+__global__ void __launch_bounds__(kBlock<TPR>, kSoftMinBlocks<T, TPR>)
+    soft_target_bwd_kernel(const SoftArgs<T, Q> a) {
   using acc_t = at::opmath_type<T>;
   __shared__ Pair<double> sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(a.temp);
@@ -278,30 +284,32 @@ void switch_target_dtype(const at::Tensor& target, F&& f) {
 // f(args, launch): the kernels' arguments for the logits' and the target's dtypes (the class
 // weights converted once to acc), and the kPairs launch.
 template <typename F>
-void with_soft_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight_in,
+void with_soft_args(const at::Tensor& logits, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight_in,
                     const std::optional<at::Tensor>& temperature_t, double temperature, double eps,
                     int64_t reduction, F&& f) {
   std::optional<at::Tensor> weight;
   if (weight_in.has_value()) weight = weight_in->to(acc_type(logits.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_target_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    switch_target_dtype<scalar_t>(target, [&](auto tag) {
-      using Q = typename decltype(tag)::type;
-      SoftArgs<scalar_t, Q> a{};
-      a.logits = logits.data_ptr<scalar_t>();
-      a.logits_stride = logits.stride(0);
-      a.target = target.data_ptr<Q>();
-      a.target_stride = target.stride(0);
-      a.rows = logits.size(0);
-      a.C = static_cast<int>(logits.size(1));
-      a.weight = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
-      a.temp = make_temperature(temperature_t, temperature);
-      a.keep = static_cast<acc_t>(1.0 - eps);
-      a.spread = static_cast<acc_t>(eps / static_cast<double>(logits.size(1)));
-      a.reduction = static_cast<int>(reduction);
-      f(a, plan(Walk::kPairs, a.rows, a.C, vec_size<scalar_t>()));
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_target_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        switch_target_dtype<scalar_t>(target, [&](auto tag) {
+          using Q = typename decltype(tag)::type;
+          SoftArgs<scalar_t, Q> a{};
+          a.logits = logits.data_ptr<scalar_t>();
+          a.logits_stride = logits.stride(0);
+          a.target = target.data_ptr<Q>();
+          a.target_stride = target.stride(0);
+          a.rows = logits.size(0);
+          a.C = static_cast<int>(logits.size(1));
+          a.weight = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+          a.temp = make_temperature(temperature_t, temperature);
+          a.keep = static_cast<acc_t>(1.0 - eps);
+          a.spread = static_cast<acc_t>(eps / static_cast<double>(logits.size(1)));
+          a.reduction = static_cast<int>(reduction);
+          f(a, plan(Walk::kPairs, a.rows, a.C, vec_size<scalar_t>()));
+        });
+      });
 }
 
 // Launches the forward (BWD false) or backward kernel on the kPairs shape.
@@ -309,21 +317,26 @@ template <bool BWD, typename T, typename Q>
 void launch_soft(const SoftArgs<T, Q>& a, const Launch& l, cudaStream_t stream) {
   static_switch<ClassWeights::kNone, ClassWeights::kPerClass>(
       a.weight ? ClassWeights::kPerClass : ClassWeights::kNone, [&](auto wc) {
-    launch_rows(l, stream, [](auto tpr) {
-      constexpr int TPR = decltype(tpr)::value;
-      constexpr ClassWeights W = decltype(wc)::value;
-      if constexpr (BWD) return KernelRef<&soft_target_bwd_kernel<T, Q, TPR, W>>{};
-      else return KernelRef<&soft_target_fwd_kernel<T, Q, TPR, W>>{};
-    }, a);
-  });
+        launch_rows(
+            l, stream,
+            [](auto tpr) {
+              constexpr int TPR = decltype(tpr)::value;
+              constexpr ClassWeights W = decltype(wc)::value;
+              if constexpr (BWD)
+                return KernelRef<&soft_target_bwd_kernel<T, Q, TPR, W>>{};
+              else
+                return KernelRef<&soft_target_fwd_kernel<T, Q, TPR, W>>{};
+            },
+            a);
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t reduction) {
-  checks::soft_target_fwd(Backend::kCuda, logits, target, weight, temperature_t, temperature, label_smoothing,
-                          reduction);
+  checks::soft_target_fwd(Backend::kCuda, logits, target, weight, temperature_t, temperature,
+                          label_smoothing, reduction);
   c10::cuda::CUDAGuard guard(logits.device());
   const at::ScalarType acc = acc_type(logits.scalar_type());
   const int64_t rows = logits.size(0), C = logits.size(1);
@@ -334,24 +347,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_fwd_cuda(
   if (rows == 0 || C == 0) {  // no rows: mean NaN, sum 0; no classes: empty sums, loss 0
     lse.fill_(-std::numeric_limits<double>::infinity());
     mass.zero_();
-    if (reduction == kMean && rows == 0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
-    else loss.zero_();
+    if (reduction == kMean && rows == 0)
+      loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    else
+      loss.zero_();
     return {loss, lse, mass};
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_soft_args(logits, target, weight, temperature_t, temperature, label_smoothing, reduction,
                  [&](auto& a, const Launch& l) {
-    using A = std::decay_t<decltype(a)>;
-    at::Tensor parts = at::empty({l.grid}, logits.options().dtype(at::kDouble));
-    a.loss_rows = reduction == kNone ? loss.data_ptr<loss_t<typename A::logits_t>>() : nullptr;
-    a.lse = lse.data_ptr<typename A::acc_t>();
-    a.mass = mass.data_ptr<typename A::acc_t>();
-    a.parts = parts.data_ptr<double>();
-    launch_soft<false>(a, l, stream);
-    if (reduction != kNone) {
-      launch_sum(parts, l.grid, loss, reduction == kMean ? static_cast<double>(rows) : 1.0, stream);
-    }
-  });
+                   using A = std::decay_t<decltype(a)>;
+                   at::Tensor parts = at::empty({l.grid}, logits.options().dtype(at::kDouble));
+                   a.loss_rows =
+                       reduction == kNone ? loss.data_ptr<loss_t<typename A::logits_t>>() : nullptr;
+                   a.lse = lse.data_ptr<typename A::acc_t>();
+                   a.mass = mass.data_ptr<typename A::acc_t>();
+                   a.parts = parts.data_ptr<double>();
+                   launch_soft<false>(a, l, stream);
+                   if (reduction != kNone) {
+                     launch_sum(parts, l.grid, loss,
+                                reduction == kMean ? static_cast<double>(rows) : 1.0, stream);
+                   }
+                 });
   return {loss, lse, mass};
 }
 
@@ -360,14 +377,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_bwd_cuda(
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& mass,
     const std::optional<at::Tensor>& temperature_t, double temperature, double label_smoothing,
     int64_t reduction, bool need_logits_grad, bool need_target_grad, bool need_temperature_grad) {
-  checks::soft_target_bwd(Backend::kCuda, grad_loss, logits, target, weight, lse, mass, temperature_t,
-                          temperature, label_smoothing, reduction);
+  checks::soft_target_bwd(Backend::kCuda, grad_loss, logits, target, weight, lse, mass,
+                          temperature_t, temperature, label_smoothing, reduction);
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), C = logits.size(1);
   const bool need_t = need_temperature_grad && temperature_t.has_value();
-  at::Tensor grad_x = need_logits_grad ? at::empty({rows, C}, logits.options()) : at::empty({0}, logits.options());
-  at::Tensor grad_tg = need_target_grad ? at::empty({rows, C}, target.options()) : at::empty({0}, target.options());
-  at::Tensor grad_temp = at::zeros({}, logits.options().dtype(temp_grad_type(temperature_t, logits.scalar_type())));
+  at::Tensor grad_x =
+      need_logits_grad ? at::empty({rows, C}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad_tg =
+      need_target_grad ? at::empty({rows, C}, target.options()) : at::empty({0}, target.options());
+  at::Tensor grad_temp =
+      at::zeros({}, logits.options().dtype(temp_grad_type(temperature_t, logits.scalar_type())));
   if (rows == 0 || C == 0 || (!need_logits_grad && !need_target_grad && !need_t)) {
     return {grad_x, grad_tg, grad_temp};
   }
@@ -375,18 +395,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_bwd_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_soft_args(logits, target, weight, temperature_t, temperature, label_smoothing, reduction,
                  [&](auto& a, const Launch& l) {
-    using A = std::decay_t<decltype(a)>;
-    at::Tensor parts = need_t ? at::empty({l.grid}, logits.options().dtype(at::kDouble)) : at::Tensor();
-    a.grad_loss = any_in(grad_loss, reduction == kNone ? grad_loss.stride(0) : 0);
-    a.lse_in = lse_c.data_ptr<typename A::acc_t>();
-    a.mass_in = mass_c.data_ptr<typename A::acc_t>();
-    a.grad_x = need_logits_grad ? grad_x.data_ptr<typename A::logits_t>() : nullptr;
-    a.grad_t = need_target_grad ? grad_tg.data_ptr<typename A::target_t>() : nullptr;
-    a.need_t = need_t;
-    a.parts = need_t ? parts.data_ptr<double>() : nullptr;
-    launch_soft<true>(a, l, stream);
-    if (need_t) launch_sum(parts, l.grid, grad_temp, 1.0, stream);
-  });
+                   using A = std::decay_t<decltype(a)>;
+                   at::Tensor parts = need_t
+                                          ? at::empty({l.grid}, logits.options().dtype(at::kDouble))
+                                          : at::Tensor();
+                   a.grad_loss = any_in(grad_loss, reduction == kNone ? grad_loss.stride(0) : 0);
+                   a.lse_in = lse_c.data_ptr<typename A::acc_t>();
+                   a.mass_in = mass_c.data_ptr<typename A::acc_t>();
+                   a.grad_x = need_logits_grad ? grad_x.data_ptr<typename A::logits_t>() : nullptr;
+                   a.grad_t = need_target_grad ? grad_tg.data_ptr<typename A::target_t>() : nullptr;
+                   a.need_t = need_t;
+                   a.parts = need_t ? parts.data_ptr<double>() : nullptr;
+                   launch_soft<true>(a, l, stream);
+                   if (need_t) launch_sum(parts, l.grid, grad_temp, 1.0, stream);
+                 });
   return {grad_x, grad_tg, grad_temp};
 }
 

@@ -25,7 +25,8 @@ struct MaxSum {
 template <typename acc_t>
 struct MaxSumMerge {
   acc_t beta;
-  __device__ __forceinline__ MaxSum<acc_t> operator()(const MaxSum<acc_t>& a, const MaxSum<acc_t>& b) const {
+  __device__ __forceinline__ MaxSum<acc_t> operator()(const MaxSum<acc_t>& a,
+                                                      const MaxSum<acc_t>& b) const {
     MaxSum<acc_t> r;
     r.m = a.m > b.m ? a.m : b.m;
     const acc_t ea = a.m > neg_inf<acc_t>() ? fexp((a.m - r.m) * beta) : acc_t(0);
@@ -94,8 +95,8 @@ struct SoftmaxOut {
 // vectors per thread), else read twice.
 template <typename T, int TPR, int MAXV, bool RESIDENT>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
-    softmax_fwd_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int C, Temperature temp,
-                            bool log) {
+    softmax_fwd_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int C,
+                            Temperature temp, bool log) {
   using acc_t = at::opmath_type<T>;
   __shared__ MaxSum<acc_t> sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(temp);
@@ -122,8 +123,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
 // (outer, C, inner) with inner > 1: one thread per column.
 template <typename T>
 __global__ void __launch_bounds__(256, 2)
-    softmax_fwd_strided_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t outer, int64_t C,
-                               int64_t inner, Temperature temp, bool log) {
+    softmax_fwd_strided_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t outer,
+                               int64_t C, int64_t inner, Temperature temp, bool log) {
   using acc_t = at::opmath_type<T>;
   const acc_t beta = load_beta<acc_t>(temp);
   const int64_t cols = outer * inner;
@@ -156,7 +157,8 @@ __device__ __forceinline__ acc_t bwd_partial(acc_t g, acc_t o, bool log) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t bwd_dz(acc_t g, acc_t o, acc_t S, bool log, bool need_t, acc_t& t) {
+__device__ __forceinline__ acc_t bwd_dz(acc_t g, acc_t o, acc_t S, bool log, bool need_t,
+                                        acc_t& t) {
   if (log) {
     const acc_t dz = g - fexp(o) * S;
     if (need_t && o != neg_inf<acc_t>()) t += dz * o;
@@ -187,23 +189,27 @@ struct BwdOut {
   bool vec_ok;
   bool need_t;
   acc_t t;
-  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& g, const Vec16<T>& o, int count) {
+  __device__ __forceinline__ void operator()(int idx, const Vec16<T>& g, const Vec16<T>& o,
+                                             int count) {
     constexpr int V = vec_size<T>();
     acc_t r[V];
 #pragma unroll
     for (int k = 0; k < V; ++k)
       if (k < count)
-        r[k] = beta * bwd_dz(static_cast<acc_t>(g.v[k]), static_cast<acc_t>(o.v[k]), S, log, need_t, t);
+        r[k] = beta *
+               bwd_dz(static_cast<acc_t>(g.v[k]), static_cast<acc_t>(o.v[k]), S, log, need_t, t);
     store_vals<T, V>(gx, idx, r, count, vec_ok);
   }
 };
 
-// Per row dL/dx = beta y (g - sum g y) (softmax) or beta (g - y sum g) (log_softmax); per block the sum
-// of dL/dT = -beta sum dL/dz log y. grad_out and out have the same alignment (the host ensures it).
+// Per row dL/dx = beta y (g - sum g y) (softmax) or beta (g - y sum g) (log_softmax); per block the
+// sum of dL/dT = -beta sum dL/dz log y. grad_out and out have the same alignment (the host ensures
+// it).
 template <typename T, int TPR, int MAXV, bool RESIDENT>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
-    softmax_bwd_rows_kernel(const T* __restrict__ go, const T* __restrict__ out, T* __restrict__ gx, int64_t rows,
-                            int C, Temperature temp, bool log, double* __restrict__ parts) {
+    softmax_bwd_rows_kernel(const T* __restrict__ go, const T* __restrict__ out, T* __restrict__ gx,
+                            int64_t rows, int C, Temperature temp, bool log,
+                            double* __restrict__ parts) {
   using acc_t = at::opmath_type<T>;
   __shared__ acc_t sred[kWarps<TPR>];
   const acc_t beta = load_beta<acc_t>(temp);
@@ -212,7 +218,9 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
     const int n = active ? C : 0;
     const int64_t off = row * static_cast<int64_t>(C);
     BwdSum<T, acc_t> s1{acc_t(0), log};
-    BwdOut<T, acc_t> f{beta, acc_t(0), log, gx + off, aligned_like(out + off, gx + off), parts != nullptr, acc_t(0)};
+    BwdOut<T, acc_t> f{
+        beta,    acc_t(0), log, gx + off, aligned_like(out + off, gx + off), parts != nullptr,
+        acc_t(0)};
     auto finish = [&](auto&& walk) {
       walk(s1);
       f.S = group_allreduce<TPR>(s1.s, Plus(), sred);
@@ -232,9 +240,9 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
 
 template <typename T>
 __global__ void __launch_bounds__(256, 2)
-    softmax_bwd_strided_kernel(const T* __restrict__ go, const T* __restrict__ out, T* __restrict__ gx,
-                               int64_t outer, int64_t C, int64_t inner, Temperature temp, bool log,
-                               double* __restrict__ parts) {
+    softmax_bwd_strided_kernel(const T* __restrict__ go, const T* __restrict__ out,
+                               T* __restrict__ gx, int64_t outer, int64_t C, int64_t inner,
+                               Temperature temp, bool log, double* __restrict__ parts) {
   using acc_t = at::opmath_type<T>;
   const acc_t beta = load_beta<acc_t>(temp);
   const int64_t cols = outer * inner;
@@ -244,12 +252,13 @@ __global__ void __launch_bounds__(256, 2)
     const int64_t base = (col / inner) * C * inner + col % inner;
     acc_t S = 0;
     for (int64_t c = 0; c < C; ++c)
-      S += bwd_partial(static_cast<acc_t>(go[base + c * inner]), static_cast<acc_t>(out[base + c * inner]), log);
+      S += bwd_partial(static_cast<acc_t>(go[base + c * inner]),
+                       static_cast<acc_t>(out[base + c * inner]), log);
     acc_t t = 0;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t e = base + c * inner;
-      gx[e] = static_cast<T>(beta * bwd_dz(static_cast<acc_t>(go[e]), static_cast<acc_t>(out[e]), S, log,
-                                           parts != nullptr, t));
+      gx[e] = static_cast<T>(beta * bwd_dz(static_cast<acc_t>(go[e]), static_cast<acc_t>(out[e]), S,
+                                           log, parts != nullptr, t));
     }
     t_sum += static_cast<double>(t);
   }
@@ -283,7 +292,8 @@ RowsPlan rows_plan(Walk resident_walk, const Dims& d, int vec) {
 
 at::Tensor softmax_fwd_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& temperature_t,
                             double temperature, int64_t dim_in, bool log) {
-  const int64_t dim = checks::softmax_fwd(Backend::kCuda, log, x_in, temperature_t, temperature, dim_in);
+  const int64_t dim =
+      checks::softmax_fwd(Backend::kCuda, log, x_in, temperature_t, temperature, dim_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = (x_in.dim() == 0 ? x_in.reshape({1}) : x_in).contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -291,38 +301,49 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& x_in, const std::optional<at::Tens
   const Dims d = split_dims(x, dim);
   const Temperature temp = make_temperature(temperature_t, temperature);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cuda", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    if (d.inner == 1) {
-      const RowsPlan p = rows_plan(Walk::kResident, d, vec_size<scalar_t>());
-      const bool resident = p.resident;
-      static_switch<false, true>(resident, [&](auto rc) {
-        launch_rows(p.l, stream, [](auto tpr) {
-          constexpr int TPR = decltype(tpr)::value;
-          constexpr bool R = decltype(rc)::value;
-          if constexpr (R) return KernelRef<&softmax_fwd_rows_kernel<scalar_t, TPR, 4, true>>{};
-          else if constexpr (TPR >= 128) return KernelRef<&softmax_fwd_rows_kernel<scalar_t, TPR, 1, false>>{};
-          else return NoKernel{};
-        }, xp, op_, d.outer, static_cast<int>(d.C), temp, log);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd_cuda", [&] {
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        scalar_t* op_ = out.data_ptr<scalar_t>();
+        if (d.inner == 1) {
+          const RowsPlan p = rows_plan(Walk::kResident, d, vec_size<scalar_t>());
+          const bool resident = p.resident;
+          static_switch<false, true>(resident, [&](auto rc) {
+            launch_rows(
+                p.l, stream,
+                [](auto tpr) {
+                  constexpr int TPR = decltype(tpr)::value;
+                  constexpr bool R = decltype(rc)::value;
+                  if constexpr (R)
+                    return KernelRef<&softmax_fwd_rows_kernel<scalar_t, TPR, 4, true>>{};
+                  else if constexpr (TPR >= 128)
+                    return KernelRef<&softmax_fwd_rows_kernel<scalar_t, TPR, 1, false>>{};
+                  else
+                    return NoKernel{};
+                },
+                xp, op_, d.outer, static_cast<int>(d.C), temp, log);
+          });
+        } else {
+          launch(KernelRef<&softmax_fwd_strided_kernel<scalar_t>>{},
+                 plan(Walk::kFlat, d.outer * d.inner), stream, xp, op_, d.outer, d.C, d.inner, temp,
+                 log);
+        }
       });
-    } else {
-      launch(KernelRef<&softmax_fwd_strided_kernel<scalar_t>>{}, plan(Walk::kFlat, d.outer * d.inner), stream,
-             xp, op_, d.outer, d.C, d.inner, temp, log);
-    }
-  });
   return x_in.dim() == 0 ? out.reshape({}) : out;
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& out_in,
-    const std::optional<at::Tensor>& temperature_t, double temperature, int64_t dim_in, bool log,
-    bool need_temperature_grad) {
-  const int64_t dim =
-      checks::softmax_bwd(Backend::kCuda, log, grad_out_in, out_in, temperature_t, temperature, dim_in);
+std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(const at::Tensor& grad_out_in,
+                                                    const at::Tensor& out_in,
+                                                    const std::optional<at::Tensor>& temperature_t,
+                                                    double temperature, int64_t dim_in, bool log,
+                                                    bool need_temperature_grad) {
+  const int64_t dim = checks::softmax_bwd(Backend::kCuda, log, grad_out_in, out_in, temperature_t,
+                                          temperature, dim_in);
   c10::cuda::CUDAGuard guard(out_in.device());
   at::Tensor o = (out_in.dim() == 0 ? out_in.reshape({1}) : out_in).contiguous();
-  at::Tensor g = (grad_out_in.dim() == 0 ? grad_out_in.reshape({1}) : grad_out_in).to(o.scalar_type()).contiguous();
+  at::Tensor g = (grad_out_in.dim() == 0 ? grad_out_in.reshape({1}) : grad_out_in)
+                     .to(o.scalar_type())
+                     .contiguous();
   const at::ScalarType gt_type = temp_grad_type(temperature_t, out_in.scalar_type());
   // As the CPU op: no temperature tensor, no T-gradient (grad_temperature stays 0).
   const bool need_t = need_temperature_grad && temperature_t.has_value();
@@ -331,7 +352,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(
   at::Tensor gx = at::empty_like(o, at::MemoryFormat::Contiguous);
   auto shape_back = [&](at::Tensor t) { return out_in.dim() == 0 ? t.reshape({}) : t; };
   if (o.numel() == 0) return {shape_back(gx), grad_t};
-  if (((reinterpret_cast<uintptr_t>(g.data_ptr()) ^ reinterpret_cast<uintptr_t>(o.data_ptr())) & 15) != 0) {
+  if (((reinterpret_cast<uintptr_t>(g.data_ptr()) ^ reinterpret_cast<uintptr_t>(o.data_ptr())) &
+       15) != 0) {
     // The row kernels read both rows with the same 16-byte split: give them fresh (aligned) copies.
     g = g.clone();
     if ((reinterpret_cast<uintptr_t>(o.data_ptr()) & 15) != 0) o = o.clone();
@@ -339,31 +361,39 @@ std::tuple<at::Tensor, at::Tensor> softmax_bwd_cuda(
   const Dims d = split_dims(o, dim);
   const Temperature temp = make_temperature(temperature_t, temperature);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "softmax_bwd_cuda", [&] {
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* opp = o.data_ptr<scalar_t>();
-    scalar_t* gxp = gx.data_ptr<scalar_t>();
-    const bool rows = d.inner == 1;
-    const RowsPlan p = rows ? rows_plan(Walk::kResidentPair, d, vec_size<scalar_t>())
-                            : RowsPlan{plan(Walk::kFlat, d.outer * d.inner), false};
-    at::Tensor parts = need_t ? at::empty({p.l.grid}, o.options().dtype(at::kDouble)) : at::Tensor();
-    double* pp = need_t ? parts.data_ptr<double>() : nullptr;
-    if (rows) {
-      static_switch<false, true>(p.resident, [&](auto rc) {
-        launch_rows(p.l, stream, [](auto tpr) {
-          constexpr int TPR = decltype(tpr)::value;
-          constexpr bool R = decltype(rc)::value;
-          if constexpr (R && TPR <= 256) return KernelRef<&softmax_bwd_rows_kernel<scalar_t, TPR, 4, true>>{};
-          else if constexpr (!R) return KernelRef<&softmax_bwd_rows_kernel<scalar_t, TPR, 1, false>>{};
-          else return NoKernel{};
-        }, gp, opp, gxp, d.outer, static_cast<int>(d.C), temp, log, pp);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, o.scalar_type(), "softmax_bwd_cuda", [&] {
+        const scalar_t* gp = g.data_ptr<scalar_t>();
+        const scalar_t* opp = o.data_ptr<scalar_t>();
+        scalar_t* gxp = gx.data_ptr<scalar_t>();
+        const bool rows = d.inner == 1;
+        const RowsPlan p = rows ? rows_plan(Walk::kResidentPair, d, vec_size<scalar_t>())
+                                : RowsPlan{plan(Walk::kFlat, d.outer * d.inner), false};
+        at::Tensor parts =
+            need_t ? at::empty({p.l.grid}, o.options().dtype(at::kDouble)) : at::Tensor();
+        double* pp = need_t ? parts.data_ptr<double>() : nullptr;
+        if (rows) {
+          static_switch<false, true>(p.resident, [&](auto rc) {
+            launch_rows(
+                p.l, stream,
+                [](auto tpr) {
+                  constexpr int TPR = decltype(tpr)::value;
+                  constexpr bool R = decltype(rc)::value;
+                  if constexpr (R && TPR <= 256)
+                    return KernelRef<&softmax_bwd_rows_kernel<scalar_t, TPR, 4, true>>{};
+                  else if constexpr (!R)
+                    return KernelRef<&softmax_bwd_rows_kernel<scalar_t, TPR, 1, false>>{};
+                  else
+                    return NoKernel{};
+                },
+                gp, opp, gxp, d.outer, static_cast<int>(d.C), temp, log, pp);
+          });
+        } else {
+          launch(KernelRef<&softmax_bwd_strided_kernel<scalar_t>>{}, p.l, stream, gp, opp, gxp,
+                 d.outer, d.C, d.inner, temp, log, pp);
+        }
+        if (need_t) launch_sum(parts, p.l.grid, grad_t, 1.0, stream);
       });
-    } else {
-      launch(KernelRef<&softmax_bwd_strided_kernel<scalar_t>>{}, p.l, stream, gp, opp, gxp, d.outer, d.C, d.inner,
-             temp, log, pp);
-    }
-    if (need_t) launch_sum(parts, p.l.grid, grad_t, 1.0, stream);
-  });
   return {shape_back(gx), grad_t};
 }
 

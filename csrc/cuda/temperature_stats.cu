@@ -21,7 +21,8 @@ struct MomentState {
 
 struct MomentMerge {
   double beta;
-  __device__ __forceinline__ MomentState operator()(const MomentState& a, const MomentState& b) const {
+  __device__ __forceinline__ MomentState operator()(const MomentState& a,
+                                                    const MomentState& b) const {
     const double M = a.m > b.m ? a.m : b.m;
     const double ninf = neg_inf<double>();
     const double ea = a.m > ninf ? ::exp(beta * (a.m - M)) : 0.0;
@@ -68,11 +69,13 @@ struct MomentAccum {
   }
 };
 
-// Per row NLL, E_p[x] - x_y and Var_p[x] at beta, in double; per block their sums and the row count.
+// Per row NLL, E_p[x] - x_y and Var_p[x] at beta, in double; per block their sums and the row
+// count.
 template <typename T, int TPR>
 __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
     temperature_stats_kernel(const T* __restrict__ x, int64_t row_stride, int64_t rows, int C,
-                             const int64_t* __restrict__ target, double beta, double* __restrict__ parts) {
+                             const int64_t* __restrict__ target, double beta,
+                             double* __restrict__ parts) {
   __shared__ MomentState sred[kWarps<TPR>];
   double nll = 0.0, dnll = 0.0, var = 0.0, count = 0.0;
   for_each_row<TPR>(rows, [&](int64_t row, bool active, int tid) {
@@ -85,7 +88,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
     const T* xr = x + row * row_stride;
     const double xy = y >= 0 ? static_cast<double>(static_cast<at::opmath_type<T>>(xr[y]))
                              : std::numeric_limits<double>::quiet_NaN();
-    const double shift = (xy > neg_inf<double>() && xy < std::numeric_limits<double>::infinity()) ? xy : 0.0;
+    const double shift =
+        (xy > neg_inf<double>() && xy < std::numeric_limits<double>::infinity()) ? xy : 0.0;
     MomentAccum<T> acc{MomentState{neg_inf<double>(), 0.0, 0.0, 0.0}, beta, shift};
     for_each_vec<TPR>(xr, y >= 0 ? C : 0, tid, acc);
     const MomentState st = group_allreduce<TPR>(acc.st, MomentMerge{beta}, sred);
@@ -110,21 +114,26 @@ at::Tensor temperature_stats_cuda(const at::Tensor& logits, const at::Tensor& ta
   if (rows == 0) return out.zero_();
   const at::Tensor t = target.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "temperature_stats_cuda", [&] {
-    const int C = static_cast<int>(logits.size(1));
-    const Launch l = plan(Walk::kPairs, rows, C, vec_size<scalar_t>());
-    at::Tensor parts = at::empty({4 * l.grid}, logits.options().dtype(at::kDouble));
-    launch_rows(l, stream, [](auto tpr) {
-      return KernelRef<&temperature_stats_kernel<scalar_t, decltype(tpr)::value>>{};
-    }, logits.data_ptr<scalar_t>(), logits.stride(0), rows, C, t.data_ptr<int64_t>(), beta, parts.data_ptr<double>());
-    StoreSums<4> w{};  // out[k] = sums[k]: NLL, dNLL/dbeta, d2NLL/dbeta2, rows
-    for (int k = 0; k < 4; ++k) {
-      w.out[k] = AnyOut{out.data_ptr<double>() + k, Dtype::kDouble};
-      w.divisor[k] = 1.0;
-    }
-    launch(KernelRef<&finalize_kernel<4, StoreSums<4>>>{}, Launch{1, 1024, 1}, stream, parts.data_ptr<double>(),
-           l.grid, w);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "temperature_stats_cuda", [&] {
+        const int C = static_cast<int>(logits.size(1));
+        const Launch l = plan(Walk::kPairs, rows, C, vec_size<scalar_t>());
+        at::Tensor parts = at::empty({4 * l.grid}, logits.options().dtype(at::kDouble));
+        launch_rows(
+            l, stream,
+            [](auto tpr) {
+              return KernelRef<&temperature_stats_kernel<scalar_t, decltype(tpr)::value>>{};
+            },
+            logits.data_ptr<scalar_t>(), logits.stride(0), rows, C, t.data_ptr<int64_t>(), beta,
+            parts.data_ptr<double>());
+        StoreSums<4> w{};  // out[k] = sums[k]: NLL, dNLL/dbeta, d2NLL/dbeta2, rows
+        for (int k = 0; k < 4; ++k) {
+          w.out[k] = AnyOut{out.data_ptr<double>() + k, Dtype::kDouble};
+          w.divisor[k] = 1.0;
+        }
+        launch(KernelRef<&finalize_kernel<4, StoreSums<4>>>{}, Launch{1, 1024, 1}, stream,
+               parts.data_ptr<double>(), l.grid, w);
+      });
   return out;
 }
 
