@@ -37,7 +37,7 @@ from ._validation import (
     check_reduction,
     check_temperature,
 )
-from .lm_head import check_extras, check_head, check_workspace
+from .lm_head import check_extras, check_head, check_workspace, flat_rows
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -397,15 +397,7 @@ def vocab_parallel_linear_cross_entropy(
             raise ValueError(f"{fn}: the slice [class_offset, class_offset + V_r) = "
                              f"[{class_offset}, {class_offset + n_local}) is not inside "
                              f"[0, num_classes = {num_classes})")
-    batch_shape = tuple(input.shape[:-1])
-    x = input.reshape(-1, input.shape[-1])
-    if not x.is_contiguous():
-        x = x.contiguous()
-    t = target.reshape(-1)
-    if isinstance(temperature, Tensor):
-        temp_t, temp_f = temperature, 1.0
-    else:
-        temp_t, temp_f = None, float(temperature)
+    batch_shape, x, t, temp_t, temp_f = flat_rows(input, target, temperature)
     loss = _VocabParallelLinearCE.apply(x, linear_weight_local, linear_bias_local, temp_t, t,
                                         weight, temp_f, eps, ii, red, zl, cap, workspace_bytes,
                                         group, class_offset, num_classes)

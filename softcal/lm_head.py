@@ -41,6 +41,19 @@ def _check_tensor(fn: str, name: str, t, input: Tensor) -> None:
         raise ValueError(f"{fn}: {name} is on {t.device} but input is on {input.device}")
 
 
+def flat_rows(input: Tensor, target: Tensor, temperature):
+    """(batch shape, input as contiguous (N, H) rows, target (N,), tensor temperature or None,
+    float temperature): the rows every LM-head form works on."""
+    batch_shape = tuple(input.shape[:-1])
+    x = input.reshape(-1, input.shape[-1])
+    if not x.is_contiguous():
+        x = x.contiguous()
+    t = target.reshape(-1)
+    if isinstance(temperature, Tensor):
+        return batch_shape, x, t, temperature, 1.0
+    return batch_shape, x, t, None, float(temperature)
+
+
 def check_extras(fn: str, z_loss: float, softcap: Optional[float]) -> Tuple[float, float]:
     """z_loss >= 0 and softcap None or > 0 (finite floats); returns (z_loss, softcap or 0.0)."""
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
@@ -181,15 +194,7 @@ def linear_cross_entropy(
     workspace_bytes = check_workspace(fn, workspace_bytes)
     if not isinstance(return_lse, bool):
         raise TypeError(f"{fn}: return_lse must be a bool, got {type(return_lse).__name__}")
-    batch_shape = tuple(input.shape[:-1])
-    x = input.reshape(-1, input.shape[-1])
-    if not x.is_contiguous():
-        x = x.contiguous()
-    t = target.reshape(-1)
-    if isinstance(temperature, Tensor):
-        temp_t, temp_f = temperature, 1.0
-    else:
-        temp_t, temp_f = None, float(temperature)
+    batch_shape, x, t, temp_t, temp_f = flat_rows(input, target, temperature)
     grad_on = torch.is_grad_enabled()
     loss, lse, _, _, _, _ = torch.ops.softcal.linear_cross_entropy(
         x, linear_weight, linear_bias, t, weight, temp_t, temp_f, eps, ignore_index, red, z_loss,
