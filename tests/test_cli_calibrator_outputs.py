@@ -15,15 +15,10 @@ import pytest
 import torch
 
 from softcal import cli
+from cli_helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = ROOT / "tests" / "data" / "logits" / "netcal" / "lenet-5-cifar-10.npz"
-
-
-def run(args, capsys):
-    rc = cli.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def partials(d: Path):
