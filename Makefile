@@ -20,9 +20,9 @@ VENV        ?= .venv
 VPY         := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 # pyarrow: an optional dependency of softcal (Parquet input); installed here so that its test runs
-# scikit-learn: the isotonic-regression oracle of tests/test_calibrators.py (tests only)
+# scikit-learn: the isotonic-regression oracle of tests/calibration/test_calibrators.py (tests only)
 DEPS        := numpy scipy matplotlib tqdm pytest ninja setuptools wheel pyarrow scikit-learn
-# the peers that tests/test_metrics_peers.py compares softcal.metrics with (test environment
+# the peers that tests/metrics/test_metrics_peers.py compares softcal.metrics with (test environment
 # only, never a dependency of softcal): relplot (smooth ECE), uncertainty-calibration (debiased
 # calibration error), netcal (MMCE, ECE, MCE; it brings pyro-ppl, gpytorch and tensorboard)
 ORACLES     := relplot==1.0.3 uncertainty-calibration==0.1.4 netcal==1.4.0
@@ -85,7 +85,7 @@ lint: $(VENV)/.ready
 test-emu-asan: build
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 SOFTCAL_EMU_ASAN=1 \
 		SOFTCAL_EMU_SCHEDULE=random SOFTCAL_EMU_SEED=1 \
-		SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q tests/test_cuda.py tests/test_cuda_emu.py
+		SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q tests/cuda/test_cuda.py tests/cuda/test_cuda_emu.py
 
 # The wheel: `pip wheel --no-build-isolation --no-deps .` (against the installed torch, as the
 # editable build), installed with --no-deps into a fresh virtual environment $(WHEEL_VENV), which
@@ -98,8 +98,9 @@ WHEEL_VENV  := build/wheel-venv
 WHEEL_TEST  := build/wheel-test
 # what the installed package can break (its data files, the entry point, the extension's ops built by
 # `pip wheel`, the examples and docs run against it); the whole CPU suite runs once, in `make test`
-WHEEL_TESTS := tests/test_repo.py tests/test_core.py tests/test_cli.py tests/test_cli_workflow.py \
-	tests/test_readme.py tests/test_examples.py tests/test_calibration.py tests/test_lm_head_ops.py
+WHEEL_TESTS := tests/project/test_repo.py tests/loss/test_core.py tests/cli/test_cli.py \
+	tests/cli/test_cli_workflow.py tests/project/test_readme.py tests/distributed/test_examples.py \
+	tests/calibration/test_calibration.py tests/lm_head/test_lm_head_ops.py
 
 test-wheel: $(VENV)/.ready
 	rm -rf $(WHEEL_DIR) $(WHEEL_VENV) $(WHEEL_TEST)
@@ -143,7 +144,7 @@ cuda-check: $(CUDA_VENV)/.ready
 		$(CUDA_VENV)/bin/python tests/static/sass_report.py $$(ls build/cuda-check/softcal/_C*.so) --check
 	# the build imports under torch 2.14.1 and every op has its CUDA kernel (the suites ran in `make test`)
 	cd build/cuda-check && SOFTCAL_EXPECT_CUDA=1 ../../$(CUDA_VENV)/bin/python -m pytest -q \
-		tests/test_cuda.py::test_cuda_kernels_registered tests/test_static_gates.py
+		tests/cuda/test_cuda.py::test_cuda_kernels_registered tests/cuda/test_static_gates.py
 
 clean:
 	rm -rf build *.egg-info softcal/_C*.so

@@ -309,7 +309,7 @@ def lm_head_loop(p: Problem, *, want_grad: bool, a_unit, b_unit, grad_lse: Optio
     need_t = want_grad and need_temperature_grad and p.temperature_t is not None
     # A tensor temperature's gradient with a soft-cap below float64 keeps the exact path: through
     # the kernel (x' scaled by a rounded 1/T, the same relative error for every element: it does
-    # not average out of dL/dT) it measured up to 1.4 x eager's error (tests/test_lm_head.py).
+    # not average out of dL/dT) it measured up to 1.4 x eager's error (tests/lm_head/test_lm_head.py).
     exact_t = need_t and p.softcap != 0.0 and dtype != torch.float64
     kernel = use_kernel(device, p.softcap, p.z_loss, want_lse, grad_lse is not None or exact_t)
     need_w = want_grad and need_weight_grad

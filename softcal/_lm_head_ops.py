@@ -7,7 +7,7 @@ forward, chunk by chunk (three GEMMs in all), and the backward only scales them.
 and when a returned lse receives a gradient, the backward op
 ``linear_cross_entropy_backward`` recomputes each chunk's logits (four GEMMs in all). Unwanted
 outputs are empty (0,) tensors. The ops are opaque to torch.compile (fake kernels below) and
-registered with autograd; torch.library.opcheck tests them (tests/test_lm_head_ops.py).
+registered with autograd; torch.library.opcheck tests them (tests/lm_head/test_lm_head_ops.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A gloo process group that is still referenced when ``destroy_process_group`` run
 later, during the interpreter's finalisation, where a gloo worker thread that still drops its
 last collective's tensors (Python objects: it needs the GIL) is killed inside a noexcept
 destructor: the process aborts after a correct run ("terminate called without an active
-exception", SIGABRT; tests/test_distributed.py::test_two_ranks_dtensor about one run in six).
+exception", SIGABRT; tests/distributed/test_distributed.py::test_two_ranks_dtensor about one run in six).
 Three kinds of references were found; two are torch's, from DTensor:
 
 1. ``torch.distributed.nn.functional`` binds ``group.WORLD`` as the default value of ten

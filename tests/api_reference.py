@@ -3,7 +3,7 @@
     python tests/api_reference.py           # print the section
     python tests/api_reference.py --write   # replace it in docs/api.md, between the markers
 
-tests/test_readme.py checks that docs/api.md holds exactly what this script generates, so a changed
+tests/project/test_readme.py checks that docs/api.md holds exactly what this script generates, so a changed
 docstring or signature fails the tests until the reference is regenerated with --write.
 """
 

@@ -8,7 +8,7 @@ import softcal
 # SOFTCAL_EMULATE_CUDA=1: the CUDA kernels (csrc/cuda), compiled for the CPU by the emulator in
 # tests/cuda_emu, replace the extension's CPU kernels, so that every "cpu" case of the suite runs
 # the CUDA kernels' code (launch paths, reductions, barriers) on this machine. It says nothing of
-# speed, and CUDA-only behaviour (graphs, streams, memory) still needs a GPU (tests/test_cuda.py).
+# speed, and CUDA-only behaviour (graphs, streams, memory) still needs a GPU (tests/cuda/test_cuda.py).
 EMULATE_CUDA = os.environ.get("SOFTCAL_EMULATE_CUDA", "0") == "1"
 if EMULATE_CUDA:
     import sys

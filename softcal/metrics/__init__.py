@@ -49,7 +49,7 @@ Definitions (acc_b, conf_b: accuracy and mean confidence of the rows in bin b; n
 * smooth ECE: the kernel-smoothed |conf - acc| integrated against the smoothed density of the
   confidences, at the fixed-point bandwidth (:func:`smooth_ece`)
 
-Each equals its peer's own code on the files of tests/data/logits (tests/test_metrics_peers.py):
+Each equals its peer's own code on the files of tests/data/logits (tests/metrics/test_metrics_peers.py):
 smooth ECE relplot's ``smECE``, the debiased error uncertainty-calibration's
 ``get_calibration_error(p=2, debias=True)``, MMCE and ECE / MCE netcal's ``MMCE`` / ``ECE`` /
 ``MCE``, the KS error Gupta et al.'s ``ks_error`` (written out in the test: not packaged).

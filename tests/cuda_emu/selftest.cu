@@ -1,5 +1,5 @@
 // softcal CUDA emulator: small kernels with known defects (and one without), so that the tests can
-// show that the emulator reports each class of error it claims to catch (tests/test_cuda_emu.py).
+// show that the emulator reports each class of error it claims to catch (tests/cuda/test_cuda_emu.py).
 // Rewritten by emulator.py like csrc/cuda, then compiled into the emulator library.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

@@ -14,7 +14,7 @@ import torch
 import softcal
 from softcal import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT / "tests" / "data" / "logits"  # in-repo copies of the shared logits files, with licences
 DATA = Path(softcal.__file__).resolve().parent / "data"
 

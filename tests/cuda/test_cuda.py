@@ -1,6 +1,6 @@
 """CUDA-specific tests of the compiled kernels (csrc/cuda).
 
-tests/test_core.py already runs its whole matrix on CUDA where a GPU is visible (ids contain
+tests/loss/test_core.py already runs its whole matrix on CUDA where a GPU is visible (ids contain
 "cuda"); this file covers what only the CUDA backend has: every launch path (several rows per
 block for small C, a block per row, the register-resident and the two-read fused kernels, the
 strided softmax), 16-byte loads on misaligned rows, int64 offsets, CUDA-graph capture, the
@@ -621,5 +621,5 @@ def test_cuda_target_out_of_range_is_a_device_assert():
     """)
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert r.returncode == 0 and "RAISED" in r.stdout, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])

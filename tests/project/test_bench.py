@@ -10,7 +10,7 @@ from pathlib import Path
 
 from softcal import bench, cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--shapes", "16x7", "--dtypes", "float32", "--impls", "softcal,eager", "--min-time", "0.02",
         "--no-plot"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TEST_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(TEST_DATA)
 
 

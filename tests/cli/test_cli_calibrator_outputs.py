@@ -17,7 +17,7 @@ import torch
 from softcal import cli
 from cli_helpers import run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LENET = ROOT / "tests" / "data" / "logits" / "netcal" / "lenet-5-cifar-10.npz"
 
 

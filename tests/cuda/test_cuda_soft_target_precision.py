@@ -1,6 +1,6 @@
 """The soft-target backward's temperature gradient in the CUDA kernels (csrc/cuda/soft_target.cu):
 its partial sums in double and shifted by beta m, as the cross-entropy kernels' (issue 20: one
-precision policy). House-cpu's tests/test_kernel_contract.py and tests/test_precision.py cover
+precision policy). House-cpu's tests/loss/test_kernel_contract.py and tests/loss/test_precision.py cover
 the rest of the kernel contract on every backend; this case is where the CUDA kernel's float
 partial sums (shifted by lse) lost most, and it runs the CUDA kernels only: on a GPU, or on the
 CPU under the emulator (SOFTCAL_EMULATE_CUDA=1, the second half of `make test`).

@@ -16,7 +16,7 @@ import torch
 
 from cli_helpers import run, synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_csv(path, x, y=None):

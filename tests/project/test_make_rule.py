@@ -1,5 +1,5 @@
 """The Makefile's rebuild rule is tested as written, whatever make or the shell passes down
-(issue 18, item 16). tests/test_repo.py's rule test said "nothing changed since the stamp: no
+(issue 18, item 16). tests/project/test_repo.py's rule test said "nothing changed since the stamp: no
 rebuild" whenever the environment carried a Makefile variable or make flags: VENV (exported, or
 given to a parent make: `make test VENV=...`, which passes it on in MAKEFLAGS) made
 `$(VENV)/.ready` a prerequisite that `-o .venv/.ready` does not cover, and `make -B` rebuilds

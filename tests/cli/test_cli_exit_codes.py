@@ -1,7 +1,7 @@
 """Exit statuses and messages as documented (issue 18, item 8): a user's mistake or an unusable
 file is exit status 2 with one line that says what is wrong (never "unexpected error"), a file is
 reported as what it is, nothing is said to be written that was not, a closed pipe ends the
-command quietly. (bench's exit status when a softcal case fails is tests/test_bench.py's.)"""
+command quietly. (bench's exit status when a softcal case fails is tests/project/test_bench.py's.)"""
 
 import json
 import os
@@ -15,7 +15,7 @@ import torch
 
 from cli_helpers import run, synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def one_line_2(rc, err, *needles):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from softcal._cli.calibrators import METHODS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "calibrators.csv"
 FILES = ["densenet40_c10", "lenet5_c10", "wideresnet16-4_c10", "densenet-bc-100_c100"]
 

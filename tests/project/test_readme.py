@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 README = HERE.parent / "README.md"
 sys.path.insert(0, str(HERE))
 import api_reference  # noqa: E402

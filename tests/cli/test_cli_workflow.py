@@ -17,7 +17,7 @@ import softcal
 from softcal import cli
 from cli_helpers import run, synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -336,7 +336,7 @@ def test_progress_bars_only_on_a_terminal_and_quiet(files, capsys, monkeypatch):
 
 
 TINY = ["--shapes", "16x7", "--dtypes", "float32", "--impls", "softcal,eager", "--min-time", "0.02",
-        "--no-plot"]  # the README's bench command, on tiny shapes (tests/test_bench.py tests bench)
+        "--no-plot"]  # the README's bench command, on tiny shapes (tests/project/test_bench.py tests bench)
 
 
 # ---------------------------------------------------------------------- the README

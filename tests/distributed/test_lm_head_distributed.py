@@ -24,9 +24,10 @@ WIDTHS = {2: [9, 14], 4: [7, 0, 12, 4]}
 
 def _entry(rank, world, names, init_file):
     torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: lm_head_cases
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if os.environ.get("SOFTCAL_EMULATE_CUDA", "0") == "1":  # as tests/conftest.py does
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_emu"))
         import emulator
 
         emulator.install()

@@ -7,7 +7,7 @@ import csv
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "static"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static"))
 
 import ptxas_report  # noqa: E402
 import sass_report  # noqa: E402
@@ -81,7 +81,7 @@ def test_ptxas_gate_reads_the_dtype_of_two_argument_kernels(tmp_path):
 def test_static_compare_matches_kernels_across_the_renames(tmp_path, capsys):
     """The baseline's kernel names (tsce_*, integer variants) and today's meet on one key, and a
     kernel with more instructions per element after than before fails --check."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "static"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static"))
     import static_compare
 
     old = "tsce_fwd_kernel<BFloat16, 256, 1>"

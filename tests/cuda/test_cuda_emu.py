@@ -22,7 +22,7 @@ import softcal
 from softcal import reference
 from conftest import EMULATE_CUDA, TOL, rel_err
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 sys.path.insert(0, os.path.join(HERE, "cuda_emu"))
 import emulator as emu_build  # noqa: E402
 

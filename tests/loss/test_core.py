@@ -151,7 +151,7 @@ def test_fallback_runs_without_extension_and_warns_once():
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
 
@@ -514,13 +514,13 @@ def _opcheck_cases(device):
             out = ops.softmax_fwd(y, T, 1.0, dim, log)
             cases.append((ops.softmax_bwd.default, (torch.randn_like(y), out, T, 1.0, dim, log, True)))
     cases.append((ops.temperature_stats.default, (x, t.clamp(min=0), 0.6)))
-    # the vocabulary-parallel pieces (tests/test_shard_ops.py checks their values)
+    # the vocabulary-parallel pieces (tests/distributed/test_shard_ops.py checks their values)
     cases.append((ops.shard_stats.default, (x, t, w, T, 1.0, 2, -100, True)))
     acc_lse = torch.randn(6, 2, device=device)
     coef = torch.rand(6, 3, device=device)
     cases.append((ops.shard_grad.default, (x, t, w, acc_lse, coef, T, 1.0, 0.02, 2, -100, True, True)))
     cases.append((ops.shard_grad_.default, (x.clone(), t, None, acc_lse, coef, None, 1.5, 0.0, 2, -100, False)))
-    # class-probability targets (more cases in tests/test_soft_targets.py)
+    # class-probability targets (more cases in tests/loss/test_soft_targets.py)
     p = torch.softmax(torch.randn(6, 5, device=device), 1)
     _, slse, smass = ops.soft_target_fwd(x, p, w, T, 1.0, 0.1, 1)
     cases.append((ops.soft_target_fwd.default,

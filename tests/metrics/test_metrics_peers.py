@@ -20,7 +20,7 @@ from softcal import metrics as M
 # `make test`) is enough, and the peers' own code is slow (netcal's MMCE is O(n^2) in memory).
 pytestmark = pytest.mark.skipif(EMULATE_CUDA, reason="no kernel involved: compared in the CPU pass")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NETCAL_FILES = ["densenet-bc-100-cifar-100", "lenet-5-cifar-10", "wideresnet-16-4-cifar-10"]
 TOL = 1e-9      # the target is 1e-6; every metric below agrees to float64 rounding
 
