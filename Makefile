@@ -1,7 +1,7 @@
 # softcal: every target does its own set-up on a fresh machine.
-#   make test        CPU build (torch 2.13.0, CPU wheel) + the test suite, twice: on the CPU kernels
-#                    (test-cpu), then on the CUDA kernels run by the emulator in tests/cuda_emu
-#                    (test-emu); the large shapes (marker `slow`) are left to test-slow
+#   make test        CPU build (torch 2.13.0, CPU wheel) + the test suite, twice, side by side: on
+#                    the CPU kernels (test-cpu) and on the CUDA kernels run by the emulator in
+#                    tests/cuda_emu (test-emu); the large shapes (marker `slow`) are left to test-slow
 #   make test-slow   the large-shape cases (C = 50257, 128256, ...) on both, as CI runs them
 #   make test-emu-asan  the CUDA-kernel tests under the emulator built with AddressSanitizer,
 #                    threads in a random (seeded) order between barriers
@@ -30,6 +30,7 @@ CUDA_VENV   ?= .venv-cuda
 CUDA_TORCH  ?= torch==2.14.1
 CUDA_HOME   ?= /usr/local/cuda-13.0
 MAX_JOBS    ?= 2
+TEST_JOBS   ?= 2
 LINTERS     := ruff==0.17.6 clang-format==23.1.5
 
 .PHONY: venv build test test-cpu test-emu test-slow test-emu-asan test-wheel lint calibrate bench cuda-check clean
@@ -57,9 +58,10 @@ build: $(VENV)/.ready
 	@$(MAKE) --no-print-directory $(BUILD_STAMP)
 	$(VPY) -c "import torch, softcal; assert softcal.backend('cpu') == 'extension', 'extension did not load'; print('softcal', softcal.__version__, 'cpu backend:', softcal.backend('cpu'))"
 
+# The two suites run side by side (TEST_JOBS=2: one pytest process each, so both cores work);
+# each one's output is printed whole when it ends (--output-sync). TEST_JOBS=1: one after the other.
 test: build
-	$(VPY) -m pytest -q -m "not slow" tests
-	SOFTCAL_EMULATE_CUDA=1 $(VPY) -m pytest -q -m "not slow" tests
+	@$(MAKE) --no-print-directory -j$(TEST_JOBS) --output-sync=target test-cpu test-emu
 
 test-cpu: build
 	$(VPY) -m pytest -q -m "not slow" tests
