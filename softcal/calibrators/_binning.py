@@ -19,12 +19,12 @@ held-out Brier score (the NLL is infinite wherever a bin's frequency is 0).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._base import (ArrayLike, Calibrator, CalibratorFitResult, Rows, check_folds, fold_ids,
-                    mean_nll_of_logits, timer)
+                    grid_hash, timer)
 from ._pav import isotonic_knots
 
 __all__ = ["HistogramBinning", "IsotonicCalibrator", "ScalingBinningCalibrator", "DEFAULT_BIN_GRID"]
@@ -61,6 +61,25 @@ def _brier(logq: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _bin_of(p: torch.Tensor, bins: int) -> torch.Tensor:
     """Equal-width bin of each probability: (j/B, (j+1)/B] -> j; 0 -> 0."""
     return (p * bins).ceil_().sub_(1).clamp_(0, bins - 1).long()
+
+
+def _flat_bins(p: torch.Tensor, bins: int, fold: Optional[torch.Tensor]) -> torch.Tensor:
+    """int64 (n, C): (fold_i C + k) B + bin of p_ik (``_bin_of``; fold 0 when ``fold`` is None),
+    the index of entry (fold, class, bin) of a flat (folds, C, B) table. In float64 (exact
+    integers), then one conversion: ceil(p B) clamped to [1, B], plus k B - 1."""
+    n, c = p.shape
+    off = torch.arange(c, dtype=p.dtype, device=p.device).mul_(bins).sub_(1)
+    idx = (p * bins).ceil_().clamp_(1, bins).add_(off)
+    if fold is not None:
+        idx.add_((fold.to(p.dtype) * (c * bins))[:, None])
+    return idx.long()
+
+
+def _brier_sum(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum over rows of the Brier score of q (n, C) normalised (uniform where a row sums to 0)."""
+    s = q.sum(1, keepdim=True)
+    qn = torch.where(s > 0, q / s.clamp_min(1e-300), torch.full_like(q, 1.0 / q.shape[1]))
+    return ((qn * qn).sum(1) - 2 * qn.gather(1, y[:, None]).squeeze(1) + 1).sum()
 
 
 class _Elementwise(Calibrator):
@@ -126,51 +145,69 @@ class HistogramBinning(_Elementwise):
         ``group``); the data come as for :meth:`TemperatureScaler.fit`."""
         fn = "softcal.nn.HistogramBinning.fit"
         elapsed = timer()
-        rows = self._rows(fn, data, labels, progress, group, check_probabilities)
+
+        def options(sig):
+            sig.same("n_bins", self.n_bins, kind="int")
+            sig.same("cv", self.cv)
+            sig.same("seed", self.seed)
+            sig.same("min_prob", self.min_prob)
+            sig.same("bin_grid (hash)", grid_hash(self.bin_grid))
+
+        rows = self._rows(fn, data, labels, progress, group, check_probabilities, options)
         c = rows.classes
-        nll_before = mean_nll_of_logits(rows)
         grid = [self.n_bins] if self.n_bins is not None else list(self.bin_grid)
         k = self.cv if self.n_bins is None else 1
         folds = fold_ids(rows.rows, k, self.seed) if k > 1 else None
-        size = sum(2 * k * c * b for b in grid)
+        sizes = [k * c * b for b in grid]
+        # in memory: each chunk's probabilities (and, with one bin count, its bin indices) are
+        # kept for the later passes instead of being computed again
+        keep: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+        def fold_of(x, r0):
+            return None if folds is None else folds[r0:r0 + x.shape[0]].to(x.device)
+
+        def probs(x, r0):
+            if r0 in keep:
+                return keep[r0][0]
+            return torch.softmax(x, dim=1)
 
         def counts(x, y, r0):
+            """[sum NLL of the logits, rows, (counts, hits) of (fold, class, bin) per grid entry]"""
+            lse = torch.logsumexp(x, dim=1)
+            out = [(lse - x.gather(1, y[:, None]).squeeze(1)).sum().reshape(1),
+                   torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)]
             p = torch.softmax(x, dim=1)
-            f = (folds[r0:r0 + x.shape[0]].to(x.device) if folds is not None
-                 else torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
-            out = []
-            for b in grid:
-                idx = (f[:, None] * c + torch.arange(c, device=x.device)) * b + _bin_of(p, b)
-                cnt = torch.bincount(idx.reshape(-1), minlength=k * c * b)
-                hit = torch.bincount(idx.gather(1, y[:, None]).reshape(-1), minlength=k * c * b)
-                out += [cnt.to(torch.float64), hit.to(torch.float64)]
+            f = fold_of(x, r0)
+            idx = None
+            for b, size in zip(grid, sizes):
+                idx = _flat_bins(p, b, f)
+                out.append(torch.bincount(idx.view(-1), minlength=size).to(torch.float64))
+                out.append(torch.bincount(idx.gather(1, y[:, None]).view(-1),
+                                          minlength=size).to(torch.float64))
+            if rows.in_memory:
+                keep[r0] = (p, idx if len(grid) == 1 else None)
             return torch.cat(out)
 
-        s = rows.row_sum(counts, size)
-        tables, off = [], 0
-        for b in grid:
-            cnt = s[off:off + k * c * b].view(k, c, b)
-            hit = s[off + k * c * b:off + 2 * k * c * b].view(k, c, b)
-            off += 2 * k * c * b
-            tables.append((cnt, hit))
+        s = rows.row_sum(counts, 2 + 2 * sum(sizes))
+        nll_before = float(s[0] / s[1])
+        tables, off = [], 2
+        for b, size in zip(grid, sizes):
+            tables.append((s[off:off + size].view(k, c, b), s[off + size:off + 2 * size].view(k, c, b)))
+            off += 2 * size
         cv_info = None
         if k > 1:
-            vals = [[self._values(cnt.sum(0) - cnt[f], hit.sum(0) - hit[f]) for f in range(k)]
-                    for cnt, hit in tables]
+            # table f of each grid entry: the values fitted without fold f (flat (k C b,)),
+            # read at each row's own fold: its held-out calibrated probabilities
+            held_tables = [self._values(cnt.sum(0) - cnt, hit.sum(0) - hit).reshape(-1)
+                           for cnt, hit in tables]
 
             def held(x, y, r0):
-                p = torch.softmax(x, dim=1)
-                f = folds[r0:r0 + x.shape[0]].to(x.device)
-                out = torch.zeros(len(grid) + 1, dtype=torch.float64, device=x.device)
-                for gi, b in enumerate(grid):
-                    for fo in range(k):
-                        m = f == fo
-                        if bool(m.any()):
-                            v = vals[gi][fo].to(x.device)
-                            q = v.gather(1, _bin_of(p[m], b).T).T
-                            out[gi] += _brier(_normalise_log(q), y[m]).sum()
-                out[-1] = x.shape[0]
-                return out
+                p = probs(x, r0)
+                f = fold_of(x, r0)
+                out = [_brier_sum(held_tables[gi].to(x.device)[_flat_bins(p, b, f)], y)
+                       for gi, b in enumerate(grid)]
+                out.append(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+                return torch.stack(out)
 
             sc = rows.row_sum(held, len(grid) + 1)
             scores = (sc[:-1] / sc[-1]).tolist()
@@ -181,15 +218,27 @@ class HistogramBinning(_Elementwise):
         else:
             best = 0
         cnt, hit = tables[best]
-        self.values = self._values(cnt.sum(0), hit.sum(0)).to(self.values.device)
         nb = grid[best]
+        values = self._values(cnt.sum(0), hit.sum(0))
+        self.values = values.to(self.values.device)
         self.hyperparameters = {"classes": c, "n_bins": nb, "min_prob": self.min_prob, "_fitted": True}
         self.cv_results = cv_info
-        nll_after = _mean_nll(self, rows)
+        flat = values.reshape(-1)
+
+        def nll_after(x, y, r0):
+            idx = keep[r0][1] if r0 in keep and keep[r0][1] is not None else None
+            if idx is None:
+                idx = _flat_bins(probs(x, r0), nb, None)
+            q = flat.to(x.device)[idx]  # the fitted map of p, as _map(p)
+            return torch.stack([_nll_sum(q, y, self.min_prob),
+                                torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
+
+        s = rows.row_sum(nll_after, 2)
+        keep.clear()
         return CalibratorFitResult(
-            method=self.method, nll_before=nll_before, nll_after=nll_after, objective=float("nan"),
-            iterations=0, passes=3 + (1 if k > 1 else 0), converged=True, grad_norm=float("nan"),
-            rows=rows.total_rows, classes=c, time_s=elapsed(),
+            method=self.method, nll_before=nll_before, nll_after=float(s[0] / s[1]),
+            objective=float("nan"), iterations=0, passes=2 + (1 if k > 1 else 0), converged=True,
+            grad_norm=float("nan"), rows=rows.total_rows, classes=c, time_s=elapsed(),
             hyperparameters={"n_bins": nb, "min_prob": self.min_prob}, cv=cv_info)
 
 

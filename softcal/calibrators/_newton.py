@@ -282,7 +282,8 @@ class Problem:
             yield phi, y, w, p, f
 
     def evaluate(self, theta: torch.Tensor, order: int):
-        """order 0: (F, nll); 1: + grad; 2: + dense Hessian; 'cg': + grad, keeps p for H v."""
+        """order 0: (F, nll); 1: + grad; 2: + dense Hessian; 'cg': + grad, keeps p for H v (and
+        for :meth:`hessian`: the dense Hessian only where a step needs it)."""
         m = self.model
         P = m.size
         dense = order == 2
@@ -368,6 +369,27 @@ class Problem:
         self.passes += 1
         return out / self._nrm + m.reg_diag() * v
 
+    def hessian(self) -> torch.Tensor:
+        """The dense Hessian (P, P) at the point of the last ``evaluate(theta, "cg")``, from the
+        p kept there (the sums of ``evaluate(theta, 2)``, in the same order)."""
+        m = self.model
+        P = m.size
+        if self.rows.group is None:
+            out = None
+            for phi, w, p in self._p:
+                h = m.hess(phi, p, w).reshape(-1)
+                out = h if out is None else out + h
+            out = out.cpu() if out is not None else torch.zeros(P * P, dtype=torch.float64)
+        else:
+            it = iter(self._p)
+
+            def fn(x, y, r0):
+                phi, w, p = next(it)
+                return m.hess(phi, p, w).reshape(-1)
+
+            out = self.rows.row_sum(fn, P * P)
+        return out.view(P, P) / self._nrm + torch.diag(m.reg_diag())
+
     def precond(self) -> Callable[[torch.Tensor], torch.Tensor]:
         # Built from this rank's rows (a preconditioner need not be exact).
         if not self._p:
@@ -414,7 +436,7 @@ def newton(problem: Problem, theta0: torch.Tensor, tol: float, max_iter: int,
     m = problem.model
     dense = m.size <= dense_max
     theta = theta0.clone()
-    order = 2 if dense else "cg"
+    order = "cg"  # F, grad, and p kept: H v (truncated Newton) or H (dense) when a step needs it
     state = problem.evaluate(theta, order)
     its = 0
     converged = separable = False
@@ -434,7 +456,7 @@ def newton(problem: Problem, theta0: torch.Tensor, tol: float, max_iter: int,
             break
         its += 1
         if dense:
-            h = state[3]
+            h = problem.hessian()
             ridge = 1e-12 * float(h.diagonal().abs().mean()) + 1e-300
             eye = torch.eye(h.shape[0], dtype=h.dtype)
             chol, info = torch.linalg.cholesky_ex(h + ridge * eye)
