@@ -241,6 +241,8 @@ class Rows:
         if not xs:
             return (torch.empty(0, self.classes, dtype=torch.float64),
                     torch.empty(0, dtype=torch.int64))
+        if len(xs) == 1:  # (no copy)
+            return xs[0], ys[0]
         return torch.cat(xs), torch.cat(ys)
 
 

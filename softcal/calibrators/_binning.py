@@ -75,6 +75,20 @@ def _flat_bins(p: torch.Tensor, bins: int, fold: Optional[torch.Tensor]) -> torc
     return idx.long()
 
 
+def _nll_of_probs(x: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_i -log softmax(x_i)_y_i given p = softmax(x): -log p_iy (one log per row, no second
+    pass over x), exactly (logsumexp(x_i) - x_iy) in the rows where p_iy is below 1e-200, whose
+    logarithm the rounding of p would spoil (or that underflowed to 0)."""
+    py = p.gather(1, y[:, None]).squeeze(1)
+    lp = py.log()
+    small = py < 1e-200
+    if bool(small.any()):
+        r = small.nonzero().squeeze(1)
+        xr = x.index_select(0, r)
+        lp[r] = xr.gather(1, y[r, None]).squeeze(1) - torch.logsumexp(xr, dim=1)
+    return -lp.sum()
+
+
 def _brier_sum(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """sum over rows of the Brier score of q (n, C) normalised (uniform where a row sums to 0)."""
     s = q.sum(1, keepdim=True)
@@ -173,10 +187,9 @@ class HistogramBinning(_Elementwise):
 
         def counts(x, y, r0):
             """[sum NLL of the logits, rows, (counts, hits) of (fold, class, bin) per grid entry]"""
-            lse = torch.logsumexp(x, dim=1)
-            out = [(lse - x.gather(1, y[:, None]).squeeze(1)).sum().reshape(1),
-                   torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)]
             p = torch.softmax(x, dim=1)
+            out = [_nll_of_probs(x, p, y).reshape(1),
+                   torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)]
             f = fold_of(x, r0)
             idx = None
             for b, size in zip(grid, sizes):
@@ -204,7 +217,7 @@ class HistogramBinning(_Elementwise):
             def held(x, y, r0):
                 p = probs(x, r0)
                 f = fold_of(x, r0)
-                out = [_brier_sum(held_tables[gi].to(x.device)[_flat_bins(p, b, f)], y)
+                out = [_brier_sum(held_tables[gi].to(x.device).take(_flat_bins(p, b, f)), y)
                        for gi, b in enumerate(grid)]
                 out.append(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
                 return torch.stack(out)
@@ -229,7 +242,7 @@ class HistogramBinning(_Elementwise):
             idx = keep[r0][1] if r0 in keep and keep[r0][1] is not None else None
             if idx is None:
                 idx = _flat_bins(probs(x, r0), nb, None)
-            q = flat.to(x.device)[idx]  # the fitted map of p, as _map(p)
+            q = flat.to(x.device).take(idx)  # the fitted map of p, as _map(p)
             return torch.stack([_nll_sum(q, y, self.min_prob),
                                 torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
 
@@ -242,14 +255,15 @@ class HistogramBinning(_Elementwise):
             hyperparameters={"n_bins": nb, "min_prob": self.min_prob}, cv=cv_info)
 
 
-def _nll_sum(q: torch.Tensor, y: torch.Tensor, floor: float) -> torch.Tensor:
+def _nll_sum(q: torch.Tensor, y: torch.Tensor, floor: float, dim: int = 1) -> torch.Tensor:
     """sum_i -log(q_iy / sum_k q_ik) for unnormalised q (n, C) floored at ``floor`` (uniform
     where a row sums to 0), each term at most -log(tiny): the NLL of ``forward`` (log q
-    normalised) with one log per row instead of one per entry."""
+    normalised) with one log per row instead of one per entry. ``dim=0``: q is (C, n)."""
     q = q.clamp_min(floor)
-    s = q.sum(1)
-    lq = torch.where(s > 0, q.gather(1, y[:, None]).squeeze(1).log() - s.clamp_min(1e-300).log(),
-                     torch.full_like(s, -math.log(q.shape[1])))
+    s = q.sum(dim)
+    qy = q.gather(dim, y[:, None] if dim == 1 else y[None, :]).reshape(-1)
+    lq = torch.where(s > 0, qy.log() - s.clamp_min(1e-300).log(),
+                     torch.full_like(s, -math.log(q.shape[dim])))
     return -lq.clamp_min(math.log(torch.finfo(torch.float64).tiny)).sum()
 
 
@@ -340,11 +354,11 @@ class IsotonicCalibrator(_Elementwise):
         c = rows.classes
         x, y = rows.gather()
         x, y = x.cpu(), y.cpu()
-        nll_before = float(torch.nn.functional.cross_entropy(x, y))
-        p = torch.softmax(x.to(torch.float64), dim=1)
+        nll_before = float((torch.logsumexp(x, dim=1) - x.gather(1, y[:, None]).squeeze(1)).mean())
+        p = torch.softmax(x, dim=1)
         q = self._fit_arrays(p, y)
         self.hyperparameters = {"classes": c, "mode": self.mode, "min_prob": self.min_prob, "_fitted": True}
-        nll_after = float(_nll_sum(q, y, self.min_prob)) / max(x.shape[0], 1)
+        nll_after = float(_nll_sum(q, y, self.min_prob, dim=0 if self.mode == "ovr" else 1)) / max(x.shape[0], 1)
         return CalibratorFitResult(
             method=self.method, nll_before=nll_before, nll_after=nll_after, objective=float("nan"),
             iterations=0, passes=2, converged=True, grad_norm=float("nan"), rows=rows.total_rows,
@@ -352,16 +366,19 @@ class IsotonicCalibrator(_Elementwise):
 
     def _fit_arrays(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """p (N, C) float64 CPU probabilities, y (N,) int64: the knots of every map; returns
-        the map of p, (N, C) (as ``_map(p)``, from the fit itself: no interpolation)."""
+        the map of p (as ``_map(p)``, from the fit itself: no interpolation): (N, C) for
+        "shared", (C, N) (transposed) for "ovr"."""
         if self.mode == "shared":
             onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
             kx, kv, kn, fitted = isotonic_knots(p.reshape(1, -1), onehot.reshape(1, -1))
             q = fitted.view_as(p) + 1e-9 * p
         else:  # one problem per class: (C, N), the labels' indicator per class
+            n, c = p.shape
             pt = p.T.contiguous()
-            hits = (y[None, :] == torch.arange(p.shape[1])[:, None]).to(torch.float64)
+            hits = torch.zeros(c, n, dtype=torch.float64).index_put_(
+                (y, torch.arange(n)), torch.ones((), dtype=torch.float64))
             kx, kv, kn, fitted = isotonic_knots(pt, hits)
-            q = fitted.T
+            q = fitted  # (C, N): the caller's NLL reads it along dim 0
         self.knots_x, self.knots_v = kx, kv
         self.knots_n = kn.to(torch.float64)
         return q

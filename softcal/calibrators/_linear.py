@@ -26,6 +26,9 @@ DEFAULT_MUS: Tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 #: The tolerance (max |gradient|) of the cross-validation fits, looser than the final fit's: a
 #: held-out score moves by far less than the gaps between the grid's scores.
 CV_TOL = 1e-5
+#: The cross-validation fits with truncated Newton steps (C >= 38) rebuild the preconditioner
+#: every this many iterations (building it costs about ten Hessian-vector products).
+CV_PRECOND_EVERY = 1000
 
 #: The most parameters C (C + 1) a matrix fit takes (C = 4095): beyond, the C x C map, its
 #: gradient and the solver's vectors (about 10 copies in float64) would need several GB.
@@ -264,7 +267,7 @@ class _LinearCalibrator(Calibrator):
                 if previous[i] is not None:
                     if float(problem.evaluate(previous[i], 0)[0]) < float(problem.evaluate(start, 0)[0]):
                         start = previous[i]
-                res = newton(problem, start, cv_tol, max_iter)
+                res = newton(problem, start, cv_tol, max_iter, precond_every=CV_PRECOND_EVERY)
                 theta = previous[i] = res.theta
                 if i == 0 or grid[i - 1][0] != a:
                     first = theta
