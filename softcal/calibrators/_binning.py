@@ -63,13 +63,15 @@ def _bin_of(p: torch.Tensor, bins: int) -> torch.Tensor:
     return (p * bins).ceil_().sub_(1).clamp_(0, bins - 1).long()
 
 
-def _flat_bins(p: torch.Tensor, bins: int, fold: Optional[torch.Tensor]) -> torch.Tensor:
+def _flat_bins(p: torch.Tensor, bins: int, fold: Optional[torch.Tensor], inplace: bool = False
+               ) -> torch.Tensor:
     """int64 (n, C): (fold_i C + k) B + bin of p_ik (``_bin_of``; fold 0 when ``fold`` is None),
     the index of entry (fold, class, bin) of a flat (folds, C, B) table. In float64 (exact
-    integers), then one conversion: ceil(p B) clamped to [1, B], plus k B - 1."""
+    integers), then one conversion: ceil(p B) clamped to [1, B], plus k B - 1. ``inplace``:
+    p is overwritten (one (n, C) allocation fewer)."""
     n, c = p.shape
     off = torch.arange(c, dtype=p.dtype, device=p.device).mul_(bins).sub_(1)
-    idx = (p * bins).ceil_().clamp_(1, bins).add_(off)
+    idx = (p.mul_(bins) if inplace else p * bins).ceil_().clamp_(1, bins).add_(off)
     if fold is not None:
         idx.add_((fold.to(p.dtype) * (c * bins))[:, None])
     return idx.long()
@@ -181,7 +183,7 @@ class HistogramBinning(_Elementwise):
             return None if folds is None else folds[r0:r0 + x.shape[0]].to(x.device)
 
         def probs(x, r0):
-            if r0 in keep:
+            if r0 in keep and keep[r0][0] is not None:
                 return keep[r0][0]
             return torch.softmax(x, dim=1)
 
@@ -192,13 +194,14 @@ class HistogramBinning(_Elementwise):
                    torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)]
             f = fold_of(x, r0)
             idx = None
+            single = len(grid) == 1  # the only bin indices are kept, p is not needed again
             for b, size in zip(grid, sizes):
-                idx = _flat_bins(p, b, f)
+                idx = _flat_bins(p, b, f, inplace=single)
                 out.append(torch.bincount(idx.view(-1), minlength=size).to(torch.float64))
                 out.append(torch.bincount(idx.gather(1, y[:, None]).view(-1),
                                           minlength=size).to(torch.float64))
             if rows.in_memory:
-                keep[r0] = (p, idx if len(grid) == 1 else None)
+                keep[r0] = (None, idx) if single else (p, None)
             return torch.cat(out)
 
         s = rows.row_sum(counts, 2 + 2 * sum(sizes))
@@ -243,7 +246,7 @@ class HistogramBinning(_Elementwise):
             if idx is None:
                 idx = _flat_bins(probs(x, r0), nb, None)
             q = flat.to(x.device).take(idx)  # the fitted map of p, as _map(p)
-            return torch.stack([_nll_sum(q, y, self.min_prob),
+            return torch.stack([_nll_sum(q, y, self.min_prob, inplace=True),
                                 torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
 
         s = rows.row_sum(nll_after, 2)
@@ -255,11 +258,13 @@ class HistogramBinning(_Elementwise):
             hyperparameters={"n_bins": nb, "min_prob": self.min_prob}, cv=cv_info)
 
 
-def _nll_sum(q: torch.Tensor, y: torch.Tensor, floor: float, dim: int = 1) -> torch.Tensor:
+def _nll_sum(q: torch.Tensor, y: torch.Tensor, floor: float, dim: int = 1,
+             inplace: bool = False) -> torch.Tensor:
     """sum_i -log(q_iy / sum_k q_ik) for unnormalised q (n, C) floored at ``floor`` (uniform
     where a row sums to 0), each term at most -log(tiny): the NLL of ``forward`` (log q
-    normalised) with one log per row instead of one per entry. ``dim=0``: q is (C, n)."""
-    q = q.clamp_min(floor)
+    normalised) with one log per row instead of one per entry. ``dim=0``: q is (C, n);
+    ``inplace``: q is floored in place."""
+    q = q.clamp_min_(floor) if inplace else q.clamp_min(floor)
     s = q.sum(dim)
     qy = q.gather(dim, y[:, None] if dim == 1 else y[None, :]).reshape(-1)
     lq = torch.where(s > 0, qy.log() - s.clamp_min(1e-300).log(),
@@ -358,7 +363,8 @@ class IsotonicCalibrator(_Elementwise):
         p = torch.softmax(x, dim=1)
         q = self._fit_arrays(p, y)
         self.hyperparameters = {"classes": c, "mode": self.mode, "min_prob": self.min_prob, "_fitted": True}
-        nll_after = float(_nll_sum(q, y, self.min_prob, dim=0 if self.mode == "ovr" else 1)) / max(x.shape[0], 1)
+        nll_after = float(_nll_sum(q, y, self.min_prob, dim=0 if self.mode == "ovr" else 1,
+                                   inplace=True)) / max(x.shape[0], 1)
         return CalibratorFitResult(
             method=self.method, nll_before=nll_before, nll_after=nll_after, objective=float("nan"),
             iterations=0, passes=2, converged=True, grad_norm=float("nan"), rows=rows.total_rows,
