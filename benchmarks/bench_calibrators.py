@@ -519,7 +519,9 @@ def markdown(out):
             ps = f"{float(r['peer_s']):.3f}" if has else "-"
             pn = f"{float(r['peer_nll']):.8f}" if has else "-"
             su = f"{float(r['speedup']):.1f}x" if has else "-"
-            lines.append(f"| {r['calibrator']} | {r['options']} | {float(r['softcal_s']):.3f} | "
+            kept = "softcal_wall_s" in r and r["softcal_wall_s"] in ("", "None")  # a wall-time row kept
+            opts = r["options"] + (" (wall times: a row kept from the earlier run)" if kept else "")
+            lines.append(f"| {r['calibrator']} | {opts} | {float(r['softcal_s']):.3f} | "
                          f"{float(r['softcal_nll']):.8f} | {r['peer'] if has else r['peer'] + ' (not installed)'} | "
                          f"{ps} | {pn} | {su} |")
     (out / "calibrators.md").write_text("\n".join(lines) + "\n")
