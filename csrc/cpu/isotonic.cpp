@@ -61,7 +61,8 @@ void sort_indices(const double* x, int64_t n, std::vector<uint32_t>& order,
     const uint64_t k = order_key(x[i]);
     keys[i] = k;
     order[i] = static_cast<uint32_t>(i);
-    for (int d = 0; d < kDigits; ++d) ++count[d * kBuckets + ((k >> (d * kDigitBits)) & (kBuckets - 1))];
+    for (int d = 0; d < kDigits; ++d)
+      ++count[d * kBuckets + ((k >> (d * kDigitBits)) & (kBuckets - 1))];
   }
   for (int d = 0; d < kDigits; ++d) {
     const int shift = d * kDigitBits;
