@@ -239,17 +239,20 @@ def speed(args):
     out = []
     want = None if args.speed_cases is None else set(args.speed_cases.split(","))
 
-    def best_of(fn):
-        """(the least time of up to 3 runs: 1 when a run takes over 5 s, the last result)"""
-        times = []
+    def best_of(fn, runs=args.speed_runs):
+        """(the least CPU time of this process over up to ``runs`` runs: 1 when a run takes
+        over 5 s, the least wall time, the last result). CPU time: on a loaded machine the wall
+        time mostly measures the other jobs."""
+        times, walls = [], []
         while True:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 r = fn()
-                times.append(time.perf_counter() - t0)
-            if len(times) == 3 or times[-1] > 5:
-                return min(times), r
+                times.append(time.process_time() - c0)
+                walls.append(time.perf_counter() - t0)
+            if len(times) == runs or times[-1] > 5:
+                return min(times), min(walls), r
 
     def ours(m, **kw):
         from softcal.calibrators import CALIBRATORS
@@ -258,10 +261,10 @@ def speed(args):
             cal = softcal.nn.TemperatureScaler() if m == "ts" else CALIBRATORS[m](**kw)
             cal.fit(xv, yv, progress=False)
             return cal
-        dt, cal = best_of(fit)
+        dt, wall, cal = best_of(fit)
         with torch.no_grad():
             obj = metrics.nll(cal(xv), yv)
-        return dt, obj
+        return dt, wall, obj
 
     peers = peer_fits(100)
     cases = [("ts", {}, "netcal TemperatureScaling"),
@@ -274,16 +277,18 @@ def speed(args):
         case = m + ("-shared" if kw.get("mode") == "shared" else "")
         if want is not None and case not in want:
             continue
-        dt, obj = ours(m, **kw)
+        dt, wall, obj = ours(m, **kw)
         row = {"calibrator": m, "options": json.dumps(kw), "softcal_s": dt, "softcal_nll": obj,
-               "peer": peer, "peer_s": None, "peer_nll": None, "speedup": None}
+               "peer": peer, "peer_s": None, "peer_nll": None, "speedup": None,
+               "softcal_wall_s": wall, "peer_wall_s": None}
         if peer in peers:
-            row["peer_s"], predict = best_of(lambda: peers[peer][1](xv, yv))
+            row["peer_s"], row["peer_wall_s"], predict = best_of(lambda: peers[peer][1](xv, yv))
             row["peer_nll"] = nll_of_probs(predict(xv), yv)
             row["speedup"] = row["peer_s"] / dt
         out.append(row)
-        print(f"speed C=100 {m:10s} softcal {dt:8.3f} s NLL {obj:.6f} | {peer}: "
-              f"{row['peer_s'] if row['peer_s'] is None else round(row['peer_s'], 3)} s "
+        print(f"speed C=100 {m:10s} softcal {dt:8.4f} s CPU ({wall:.4f} s wall) NLL {obj:.6f} | {peer}: "
+              f"{row['peer_s'] if row['peer_s'] is None else round(row['peer_s'], 4)} s CPU "
+              f"({row['peer_wall_s'] if row['peer_wall_s'] is None else round(row['peer_wall_s'], 4)} s wall) "
               f"NLL {row['peer_nll']}", flush=True)
     if version("sklearn"):
         from sklearn.linear_model import LogisticRegression
@@ -384,6 +389,13 @@ def main(argv=None):
     p.add_argument("--speed-cases", default=None, metavar="A,B",
                    help="only these speed cases (ts, vector, histogram, isotonic, isotonic-shared, "
                         "matrix, dirichlet-sklearn, dirichletcal)")
+    p.add_argument("--keep-other-rows", action="store_true",
+                   help="with --speed-cases: keep the rows of the other cases from the existing "
+                        "calibrators_speed.csv (their command noted in its head)")
+    p.add_argument("--speed-runs", type=int, default=3, metavar="K",
+                   help="time each speed case K times and keep the least (default 3)")
+    p.add_argument("--load-note", default=None, metavar="TEXT",
+                   help="a note on the machine's load (e.g. the load average) for the results head")
     p.add_argument("--part", choices=("table", "speed", "both"), default="both",
                    help="the results table, the C = 100 speed comparison, or both; the Markdown "
                         "file is rebuilt from the CSV files present")
@@ -398,6 +410,8 @@ def main(argv=None):
         "threads": args.threads,
         "versions": {k: version(k) for k in ("softcal", "torch", "numpy", "sklearn", "netcal", "dirichletcal")},
         "python": platform.python_version(),
+        "load": (f"measured under load: load average {os.getloadavg()[0]:.1f} at the start"
+                 + (f"; {args.load_note}" if args.load_note else "")),
     }
     if args.merge is not None:
         heads, rows = [], []
@@ -414,13 +428,22 @@ def main(argv=None):
         write_table(out, head, table(args), name=args.csv)
     if args.part in ("speed", "both"):
         sp = speed(args)
-        with open(out / "calibrators_speed.csv", "w", newline="") as f:
+        path = out / "calibrators_speed.csv"
+        if args.keep_other_rows and path.exists() and args.speed_cases:
+            old_head, old_rows = _read_csv(path)
+            redone = set(args.speed_cases.split(","))
+            kept = [r for r in old_rows if _case_of(r) not in redone]
+            if kept:
+                sp = sp + kept
+                head["command"] += (f" ; rows {sorted({_case_of(r) for r in kept})} kept from the earlier run "
+                                    f"({old_head['date']}): {old_head['command']}")
+        with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow([f"# {json.dumps(head)}"])
-            ks = list(sp[0])
+            ks = list(dict.fromkeys(k for r in sp for k in r))
             w.writerow(ks)
             for r in sp:
-                w.writerow([r[k] for k in ks])
+                w.writerow([r.get(k) for k in ks])
     markdown(out)
 
 
@@ -435,6 +458,16 @@ def write_table(out, head, rows, name="calibrators.csv"):
         w.writerow(KEYS)
         for r in rows:
             w.writerow([r[k] for k in KEYS])
+
+
+def _case_of(row):
+    """The --speed-cases name of a speed row."""
+    m, opts, peer = row["calibrator"], row["options"], row["peer"]
+    if m == "isotonic" and "shared" in opts:
+        return "isotonic-shared"
+    if m == "dirichlet":
+        return "dirichletcal" if peer.startswith("dirichletcal") else "dirichlet-sklearn"
+    return m
 
 
 def _read_csv(path):
@@ -470,8 +503,11 @@ def markdown(out):
         head, sp = _read_csv(f)
         lines += ["", "## Fit speed at C = 100 (densenet-bc-100_c100, rows 0-4999)" + ("" if i == 0 else f" ({f.name})"), "",
                   f"Command: `{head['command']}`; {head['date']}; {head['machine']}; versions "
-                  f"{json.dumps(head['versions'])}. Times: " + ("one run each" if "previous" in f.name else
-                                                    "the least of up to 3 runs (1 run where a fit takes over 5 s)") + ". "
+                  f"{json.dumps(head['versions'])}" + (f"; {head['load']}" if head.get("load") else "")
+                  + ". Times: " + ("one run each" if "previous" in f.name else
+                                   "the least of up to 3 runs (1 run where a fit takes over 5 s)")
+                  + (", CPU time of the process with one torch thread (wall times in the CSV)"
+                     if sp and "softcal_wall_s" in sp[0] else ", wall time") + ". "
                   f"Objective: the mean NLL on the fit rows (matrix "
                   f"and Dirichlet against scikit-learn: its objective, mean NLL + ||W||^2 / (2 C N), C = {CREG}; "
                   "Dirichlet against dirichletcal: mean NLL + ODIR with the lam, mu given; each evaluated by the "
@@ -483,7 +519,9 @@ def markdown(out):
             ps = f"{float(r['peer_s']):.3f}" if has else "-"
             pn = f"{float(r['peer_nll']):.8f}" if has else "-"
             su = f"{float(r['speedup']):.1f}x" if has else "-"
-            lines.append(f"| {r['calibrator']} | {r['options']} | {float(r['softcal_s']):.3f} | "
+            kept = "softcal_wall_s" in r and r["softcal_wall_s"] in ("", "None")  # a wall-time row kept
+            opts = r["options"] + (" (wall times: a row kept from the earlier run)" if kept else "")
+            lines.append(f"| {r['calibrator']} | {opts} | {float(r['softcal_s']):.3f} | "
                          f"{float(r['softcal_nll']):.8f} | {r['peer'] if has else r['peer'] + ' (not installed)'} | "
                          f"{ps} | {pn} | {su} |")
     (out / "calibrators.md").write_text("\n".join(lines) + "\n")

@@ -28,9 +28,10 @@
 namespace softcal {
 namespace {
 
-constexpr int64_t kRadixMin = 1 << 14;  // from this many points a problem is radix-sorted
+constexpr int64_t kRadixMin = 512;  // from this many points a problem is radix-sorted
 constexpr int kDigitBits = 11;
 constexpr int kBuckets = 1 << kDigitBits;
+constexpr int kDigits = (64 + kDigitBits - 1) / kDigitBits;  // 6 digits of a 64-bit key
 
 // The bits of a double as an unsigned key with the same order (-0.0 before +0.0; no NaN here).
 inline uint64_t order_key(double v) {
@@ -39,10 +40,11 @@ inline uint64_t order_key(double v) {
   return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
 }
 
-// order[0..n) = the indices of x in ascending order of x.
+// order[0..n) = the indices of x in ascending order of x. The counts of every digit are taken
+// in one read of the keys; a digit that every key shares is skipped (no pass).
 void sort_indices(const double* x, int64_t n, std::vector<uint32_t>& order,
                   std::vector<uint64_t>& keys, std::vector<uint64_t>& keys2,
-                  std::vector<uint32_t>& order2) {
+                  std::vector<uint32_t>& order2, std::vector<int64_t>& count) {
   order.resize(n);
   if (n < kRadixMin) {
     std::vector<std::pair<double, uint32_t>> pairs(n);
@@ -54,25 +56,32 @@ void sort_indices(const double* x, int64_t n, std::vector<uint32_t>& order,
   keys.resize(n);
   keys2.resize(n);
   order2.resize(n);
+  count.assign(static_cast<size_t>(kDigits) * kBuckets, 0);
   for (int64_t i = 0; i < n; ++i) {
-    keys[i] = order_key(x[i]);
+    const uint64_t k = order_key(x[i]);
+    keys[i] = k;
     order[i] = static_cast<uint32_t>(i);
+    for (int d = 0; d < kDigits; ++d)
+      ++count[d * kBuckets + ((k >> (d * kDigitBits)) & (kBuckets - 1))];
   }
-  std::vector<int64_t> count(kBuckets);
-  for (int shift = 0; shift < 64; shift += kDigitBits) {
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & (kBuckets - 1)];
-    if (count[(keys[0] >> shift) & (kBuckets - 1)] == n) continue;  // every key has this digit
+  for (int d = 0; d < kDigits; ++d) {
+    const int shift = d * kDigitBits;
+    int64_t* cnt = count.data() + static_cast<size_t>(d) * kBuckets;
+    if (cnt[(keys[0] >> shift) & (kBuckets - 1)] == n) continue;  // every key has this digit
     int64_t sum = 0;
     for (int b = 0; b < kBuckets; ++b) {
-      const int64_t c = count[b];
-      count[b] = sum;
+      const int64_t c = cnt[b];
+      cnt[b] = sum;
       sum += c;
     }
+    const uint64_t* kin = keys.data();
+    const uint32_t* oin = order.data();
+    uint64_t* kout = keys2.data();
+    uint32_t* oout = order2.data();
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t dst = count[(keys[i] >> shift) & (kBuckets - 1)]++;
-      keys2[dst] = keys[i];
-      order2[dst] = order[i];
+      const int64_t dst = cnt[(kin[i] >> shift) & (kBuckets - 1)]++;
+      kout[dst] = kin[i];
+      oout[dst] = oin[i];
     }
     keys.swap(keys2);
     order.swap(order2);
@@ -82,6 +91,7 @@ void sort_indices(const double* x, int64_t n, std::vector<uint32_t>& order,
 struct Scratch {
   std::vector<uint32_t> order, order2;
   std::vector<uint64_t> keys, keys2;
+  std::vector<int64_t> count;  // the radix sort's counts, kDigits x kBuckets
   std::vector<double> bw, bwy, blo, bhi;
   std::vector<int64_t> bend;  // a block's end in the sorted order (one past its last point)
 };
@@ -92,7 +102,7 @@ struct Scratch {
 int64_t pav_one(const double* x, const double* y, const double* w, int64_t n, double* kx,
                 double* kv, double* fit, Scratch& s) {
   if (n == 0) return 0;
-  sort_indices(x, n, s.order, s.keys, s.keys2, s.order2);
+  sort_indices(x, n, s.order, s.keys, s.keys2, s.order2, s.count);
   s.bw.resize(n);
   s.bwy.resize(n);
   s.blo.resize(n);

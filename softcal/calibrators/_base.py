@@ -5,7 +5,14 @@ state_dict that loads into a fresh, unfitted calibrator.
 The data are read with the helpers of :mod:`softcal.calibration` (the same validation and error
 messages as :class:`softcal.nn.TemperatureScaler`): ``_collect_logits`` (a model and a loader),
 ``_chunk_source`` (re-iterable chunks), ``_Stats._prepare`` (per-chunk validation: dtype, shape,
-labels in range, NaN/+inf) and ``_all_reduce``.
+labels in range, NaN/+inf).
+
+With ``group`` (torch.distributed) the ranks agree through :mod:`softcal._agree`, as
+``TemperatureScaler.fit`` does: one small collective on the fit's options (the calibrator's
+``options`` callback publishes them) and the outcome of each rank's local checks, one after the
+first read of the data on its outcome, number of classes and dtype, and every later sum goes
+through :func:`softcal._agree.all_reduce_checked`. A rank's error, or ranks that disagree, give
+the same error on every rank; none is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -18,13 +25,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .. import _fit_data as _fd
+from .._agree import Signature, agree, agree_on, all_reduce_checked
 from .._temperature_fit import _Stats
 
-
-def _all_reduce(t: torch.Tensor, op: str, group: Any) -> torch.Tensor:
-    from ..distributed import all_reduce
-
-    return all_reduce(t, op, group)
+#: the input dtypes a distributed fit publishes (every rank with rows must read the same one)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 ArrayLike = Any  # torch.Tensor or numpy.ndarray
 
@@ -84,30 +89,27 @@ class Rows:
     """
 
     def __init__(self, fn: str, data: Any, labels: Any, model: Optional[torch.nn.Module],
-                 progress: bool, group: Any, check_probabilities: bool = True) -> None:
+                 progress: bool, group: Any, check_probabilities: bool = True,
+                 options: Optional[Callable[[Signature], Any]] = None) -> None:
+        """``options(sig)``: the fit's local option checks; it returns the checked options (kept
+        in ``self.options``) and, with ``group``, publishes with ``sig.same`` those every rank
+        must pass alike. It runs before the data are read, inside the agreement of the group."""
         self.fn = fn
         self.group = group
-        if group is not None:
+        self._dtype: Optional[torch.dtype] = None
+        if group is None:
+            self.options = options(Signature(fn)) if options is not None else None
+            source = self._source(fn, data, labels, model, progress, False)
+        else:
             from ..distributed import _dist
 
-            _dist()
-        if isinstance(data, torch.nn.Module):
-            if labels is None:
-                raise ValueError(f"{fn}: fit(model, loader) needs a loader as the second argument")
-            source: Any = _fd.collect_logits(fn, data, labels, progress, group is not None)
-        elif _fd.is_array(data):
-            if labels is None:
-                raise ValueError(f"{fn}: labels is required with logits (fit(logits, labels))")
-            source = [(data, labels)]
-        else:
-            if labels is not None:
-                raise TypeError(
-                    f"{fn}: data must be a tensor, numpy array, nn.Module or an iterable of "
-                    f"(logits, labels) chunks, got {type(data).__name__} with labels")
-            if model is not None:
-                source = _fd.collect_logits(fn, model, data, progress, group is not None)
-            else:
-                source = _fd.chunk_source(fn, data)
+            _dist()  # a clear error when torch.distributed is not initialised
+
+            def checks(sig: Signature) -> Tuple[Any, Any]:
+                opts = options(sig) if options is not None else None
+                return opts, self._source(fn, data, labels, model, progress, True)
+
+            (self.options, source), _ = agree_on(fn, group, checks)
         self._stats = _Stats(fn, source, check_probabilities, group)
         self.in_memory = isinstance(source, list)
         self._cache: Optional[List[Tuple[torch.Tensor, torch.Tensor, int]]] = None
@@ -115,12 +117,33 @@ class Rows:
         self._validated = False
         self._validate()
 
+    @staticmethod
+    def _source(fn: str, data: Any, labels: Any, model: Optional[torch.nn.Module], progress: bool,
+                distributed: bool) -> Any:
+        if isinstance(data, torch.nn.Module):
+            if labels is None:
+                raise ValueError(f"{fn}: fit(model, loader) needs a loader as the second argument")
+            return _fd.collect_logits(fn, data, labels, progress, distributed)
+        if _fd.is_array(data):
+            if labels is None:
+                raise ValueError(f"{fn}: labels is required with logits (fit(logits, labels))")
+            return [(data, labels)]
+        if labels is not None:
+            raise TypeError(
+                f"{fn}: data must be a tensor, numpy array, nn.Module or an iterable of "
+                f"(logits, labels) chunks, got {type(data).__name__} with labels")
+        if model is not None:
+            return _fd.collect_logits(fn, model, data, progress, distributed)
+        return _fd.chunk_source(fn, data)
+
     def _read(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
         row0 = 0
         first = not self._validated
         for i, chunk in enumerate(_fd.chunks(self._stats.source)):
             logits, labels = self._stats._prepare(i, chunk, first)
             n = logits.shape[0]
+            if first and self._dtype is None:
+                self._dtype = logits.dtype
             if n:
                 yield logits.to(torch.float64), labels.to(torch.int64), row0
             row0 += n
@@ -144,22 +167,27 @@ class Rows:
         self._validated = True
         c = self._stats.classes
         if self.group is not None:
-            has = 1.0 if c is not None else 0.0
-            cf = float(c or 0)
-            flags = torch.tensor([1.0 if error else 0.0, float(rows), has, cf, cf * cf],
-                                 dtype=torch.float64)
-            flags = _all_reduce(flags, "sum", self.group)
-            if flags[0] > 0:
-                if error is not None:
-                    raise error
-                raise RuntimeError(f"{fn}: the input of another rank of the group is invalid (its "
-                                   "error is raised there)")
-            if flags[2] * flags[4] != flags[3] * flags[3]:
-                raise ValueError(f"{fn}: the ranks' logits have different numbers of classes "
-                                 f"(this rank: {c})")
-            if flags[2] > 0 and c is None:
-                c = int(round(float(flags[3] / flags[2])))
-            self.total_rows = int(flags[1])
+            # one small collective: a rank's read error, else each rank's classes, rows, dtype
+            sig = Signature(fn)
+            sig.each("classes", c, kind="int")
+            sig.each("rows", rows)
+            sig.each("dtype", self._dtype, show=_DTYPES)
+            agreed = agree(fn, self.group, sig, error)
+            classes = agreed.each("classes")
+            seen = sorted({k for k in classes if k is not None})
+            if len(seen) > 1:
+                raise ValueError(f"{fn}: the ranks' logits have different numbers of classes ("
+                                 + ", ".join(f"{k} on rank {r}" for r, k in enumerate(classes)
+                                             if k is not None) + "); every rank must pass the same C")
+            dtypes = agreed.each("dtype")
+            kinds = {str(d) for r, d in enumerate(dtypes) if d is not None and agreed.each("rows")[r]}
+            if len(kinds) > 1:
+                raise ValueError(f"{fn}: the ranks' logits have different dtypes ("
+                                 + ", ".join(f"{str(d).replace('torch.', '')} on rank {r}"
+                                             for r, d in enumerate(dtypes) if d is not None)
+                                 + "); every rank must pass the same dtype")
+            c = seen[0] if seen else None
+            self.total_rows = int(sum(agreed.each("rows")))
         else:
             self.total_rows = rows
         if self.total_rows == 0 or c is None:
@@ -202,14 +230,7 @@ class Rows:
             error = exc
         if self.group is None:
             return total
-        packed = torch.cat([total, torch.tensor([1.0 if error else 0.0], dtype=torch.float64)])
-        packed = _all_reduce(packed, "sum", self.group)
-        if packed[-1] > 0:
-            if error is not None:
-                raise error
-            raise RuntimeError(f"{self.fn}: another rank of the group failed during the fit (its "
-                               "error is raised there)")
-        return packed[:-1]
+        return all_reduce_checked(self.fn, self.group, total, error)
 
     def gather(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Every row of this rank in memory: (x float64 (N, C), y int64 (N,))."""
@@ -220,6 +241,8 @@ class Rows:
         if not xs:
             return (torch.empty(0, self.classes, dtype=torch.float64),
                     torch.empty(0, dtype=torch.int64))
+        if len(xs) == 1:  # (no copy)
+            return xs[0], ys[0]
         return torch.cat(xs), torch.cat(ys)
 
 
@@ -237,6 +260,14 @@ def check_folds(fn: str, cv: Any) -> int:
     if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
         raise ValueError(f"{fn}: cv must be an int >= 2 (the number of folds), got {cv!r}")
     return cv
+
+
+def grid_hash(values: Any) -> int:
+    """A 32-bit hash of a grid of numbers (its values and order), for the ranks of a group to
+    check that they search the same grid."""
+    import zlib
+
+    return zlib.crc32(repr(tuple(float(v) for v in values)).encode("utf-8"))
 
 
 def check_tol(fn: str, name: str, value: Any) -> float:
@@ -333,12 +364,14 @@ class Calibrator(torch.nn.Module):
         return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
 
     def _rows(self, fn: str, data: Any, labels: Any, progress: bool, group: Any,
-              check_probabilities: bool = True) -> Rows:
+              check_probabilities: bool = True,
+              options: Optional[Callable[[Signature], Any]] = None) -> Rows:
+        """The fit data; ``options``: the fit's option checks (see :class:`Rows`)."""
         if isinstance(data, torch.nn.Module):
-            return Rows(fn, data, labels, None, progress, group, check_probabilities)
+            return Rows(fn, data, labels, None, progress, group, check_probabilities, options)
         if self.model is not None and not _fd.is_array(data) and labels is None:
-            return Rows(fn, self.model, data, None, progress, group, check_probabilities)
-        return Rows(fn, data, labels, None, progress, group, check_probabilities)
+            return Rows(fn, self.model, data, None, progress, group, check_probabilities, options)
+        return Rows(fn, data, labels, None, progress, group, check_probabilities, options)
 
 
 def mean_nll_of_logits(rows: Rows) -> float:

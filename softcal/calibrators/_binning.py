@@ -19,12 +19,12 @@ held-out Brier score (the NLL is infinite wherever a bin's frequency is 0).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._base import (ArrayLike, Calibrator, CalibratorFitResult, Rows, check_folds, fold_ids,
-                    mean_nll_of_logits, timer)
+                    grid_hash, timer)
 from ._pav import isotonic_knots
 
 __all__ = ["HistogramBinning", "IsotonicCalibrator", "ScalingBinningCalibrator", "DEFAULT_BIN_GRID"]
@@ -61,6 +61,41 @@ def _brier(logq: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _bin_of(p: torch.Tensor, bins: int) -> torch.Tensor:
     """Equal-width bin of each probability: (j/B, (j+1)/B] -> j; 0 -> 0."""
     return (p * bins).ceil_().sub_(1).clamp_(0, bins - 1).long()
+
+
+def _flat_bins(p: torch.Tensor, bins: int, fold: Optional[torch.Tensor], inplace: bool = False
+               ) -> torch.Tensor:
+    """int64 (n, C): (fold_i C + k) B + bin of p_ik (``_bin_of``; fold 0 when ``fold`` is None),
+    the index of entry (fold, class, bin) of a flat (folds, C, B) table. In float64 (exact
+    integers), then one conversion: ceil(p B) clamped to [1, B], plus k B - 1. ``inplace``:
+    p is overwritten (one (n, C) allocation fewer)."""
+    n, c = p.shape
+    off = torch.arange(c, dtype=p.dtype, device=p.device).mul_(bins).sub_(1)
+    idx = (p.mul_(bins) if inplace else p * bins).ceil_().clamp_(1, bins).add_(off)
+    if fold is not None:
+        idx.add_((fold.to(p.dtype) * (c * bins))[:, None])
+    return idx.long()
+
+
+def _nll_of_probs(x: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_i -log softmax(x_i)_y_i given p = softmax(x): -log p_iy (one log per row, no second
+    pass over x), exactly (logsumexp(x_i) - x_iy) in the rows where p_iy is below 1e-200, whose
+    logarithm the rounding of p would spoil (or that underflowed to 0)."""
+    py = p.gather(1, y[:, None]).squeeze(1)
+    lp = py.log()
+    small = py < 1e-200
+    if bool(small.any()):
+        r = small.nonzero().squeeze(1)
+        xr = x.index_select(0, r)
+        lp[r] = xr.gather(1, y[r, None]).squeeze(1) - torch.logsumexp(xr, dim=1)
+    return -lp.sum()
+
+
+def _brier_sum(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum over rows of the Brier score of q (n, C) normalised (uniform where a row sums to 0)."""
+    s = q.sum(1, keepdim=True)
+    qn = torch.where(s > 0, q / s.clamp_min(1e-300), torch.full_like(q, 1.0 / q.shape[1]))
+    return ((qn * qn).sum(1) - 2 * qn.gather(1, y[:, None]).squeeze(1) + 1).sum()
 
 
 class _Elementwise(Calibrator):
@@ -126,51 +161,69 @@ class HistogramBinning(_Elementwise):
         ``group``); the data come as for :meth:`TemperatureScaler.fit`."""
         fn = "softcal.nn.HistogramBinning.fit"
         elapsed = timer()
-        rows = self._rows(fn, data, labels, progress, group, check_probabilities)
+
+        def options(sig):
+            sig.same("n_bins", self.n_bins, kind="int")
+            sig.same("cv", self.cv)
+            sig.same("seed", self.seed)
+            sig.same("min_prob", self.min_prob)
+            sig.same("bin_grid (hash)", grid_hash(self.bin_grid))
+
+        rows = self._rows(fn, data, labels, progress, group, check_probabilities, options)
         c = rows.classes
-        nll_before = mean_nll_of_logits(rows)
         grid = [self.n_bins] if self.n_bins is not None else list(self.bin_grid)
         k = self.cv if self.n_bins is None else 1
         folds = fold_ids(rows.rows, k, self.seed) if k > 1 else None
-        size = sum(2 * k * c * b for b in grid)
+        sizes = [k * c * b for b in grid]
+        # in memory: each chunk's probabilities (and, with one bin count, its bin indices) are
+        # kept for the later passes instead of being computed again
+        keep: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+        def fold_of(x, r0):
+            return None if folds is None else folds[r0:r0 + x.shape[0]].to(x.device)
+
+        def probs(x, r0):
+            if r0 in keep and keep[r0][0] is not None:
+                return keep[r0][0]
+            return torch.softmax(x, dim=1)
 
         def counts(x, y, r0):
+            """[sum NLL of the logits, rows, (counts, hits) of (fold, class, bin) per grid entry]"""
             p = torch.softmax(x, dim=1)
-            f = (folds[r0:r0 + x.shape[0]].to(x.device) if folds is not None
-                 else torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
-            out = []
-            for b in grid:
-                idx = (f[:, None] * c + torch.arange(c, device=x.device)) * b + _bin_of(p, b)
-                cnt = torch.bincount(idx.reshape(-1), minlength=k * c * b)
-                hit = torch.bincount(idx.gather(1, y[:, None]).reshape(-1), minlength=k * c * b)
-                out += [cnt.to(torch.float64), hit.to(torch.float64)]
+            out = [_nll_of_probs(x, p, y).reshape(1),
+                   torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)]
+            f = fold_of(x, r0)
+            idx = None
+            single = len(grid) == 1  # the only bin indices are kept, p is not needed again
+            for b, size in zip(grid, sizes):
+                idx = _flat_bins(p, b, f, inplace=single)
+                out.append(torch.bincount(idx.view(-1), minlength=size).to(torch.float64))
+                out.append(torch.bincount(idx.gather(1, y[:, None]).view(-1),
+                                          minlength=size).to(torch.float64))
+            if rows.in_memory:
+                keep[r0] = (None, idx) if single else (p, None)
             return torch.cat(out)
 
-        s = rows.row_sum(counts, size)
-        tables, off = [], 0
-        for b in grid:
-            cnt = s[off:off + k * c * b].view(k, c, b)
-            hit = s[off + k * c * b:off + 2 * k * c * b].view(k, c, b)
-            off += 2 * k * c * b
-            tables.append((cnt, hit))
+        s = rows.row_sum(counts, 2 + 2 * sum(sizes))
+        nll_before = float(s[0] / s[1])
+        tables, off = [], 2
+        for b, size in zip(grid, sizes):
+            tables.append((s[off:off + size].view(k, c, b), s[off + size:off + 2 * size].view(k, c, b)))
+            off += 2 * size
         cv_info = None
         if k > 1:
-            vals = [[self._values(cnt.sum(0) - cnt[f], hit.sum(0) - hit[f]) for f in range(k)]
-                    for cnt, hit in tables]
+            # table f of each grid entry: the values fitted without fold f (flat (k C b,)),
+            # read at each row's own fold: its held-out calibrated probabilities
+            held_tables = [self._values(cnt.sum(0) - cnt, hit.sum(0) - hit).reshape(-1)
+                           for cnt, hit in tables]
 
             def held(x, y, r0):
-                p = torch.softmax(x, dim=1)
-                f = folds[r0:r0 + x.shape[0]].to(x.device)
-                out = torch.zeros(len(grid) + 1, dtype=torch.float64, device=x.device)
-                for gi, b in enumerate(grid):
-                    for fo in range(k):
-                        m = f == fo
-                        if bool(m.any()):
-                            v = vals[gi][fo].to(x.device)
-                            q = v.gather(1, _bin_of(p[m], b).T).T
-                            out[gi] += _brier(_normalise_log(q), y[m]).sum()
-                out[-1] = x.shape[0]
-                return out
+                p = probs(x, r0)
+                f = fold_of(x, r0)
+                out = [_brier_sum(held_tables[gi].to(x.device).take(_flat_bins(p, b, f)), y)
+                       for gi, b in enumerate(grid)]
+                out.append(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+                return torch.stack(out)
 
             sc = rows.row_sum(held, len(grid) + 1)
             scores = (sc[:-1] / sc[-1]).tolist()
@@ -181,26 +234,41 @@ class HistogramBinning(_Elementwise):
         else:
             best = 0
         cnt, hit = tables[best]
-        self.values = self._values(cnt.sum(0), hit.sum(0)).to(self.values.device)
         nb = grid[best]
+        values = self._values(cnt.sum(0), hit.sum(0))
+        self.values = values.to(self.values.device)
         self.hyperparameters = {"classes": c, "n_bins": nb, "min_prob": self.min_prob, "_fitted": True}
         self.cv_results = cv_info
-        nll_after = _mean_nll(self, rows)
+        flat = values.reshape(-1)
+
+        def nll_after(x, y, r0):
+            idx = keep[r0][1] if r0 in keep and keep[r0][1] is not None else None
+            if idx is None:
+                idx = _flat_bins(probs(x, r0), nb, None)
+            q = flat.to(x.device).take(idx)  # the fitted map of p, as _map(p)
+            return torch.stack([_nll_sum(q, y, self.min_prob, inplace=True),
+                                torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
+
+        s = rows.row_sum(nll_after, 2)
+        keep.clear()
         return CalibratorFitResult(
-            method=self.method, nll_before=nll_before, nll_after=nll_after, objective=float("nan"),
-            iterations=0, passes=3 + (1 if k > 1 else 0), converged=True, grad_norm=float("nan"),
-            rows=rows.total_rows, classes=c, time_s=elapsed(),
+            method=self.method, nll_before=nll_before, nll_after=float(s[0] / s[1]),
+            objective=float("nan"), iterations=0, passes=2 + (1 if k > 1 else 0), converged=True,
+            grad_norm=float("nan"), rows=rows.total_rows, classes=c, time_s=elapsed(),
             hyperparameters={"n_bins": nb, "min_prob": self.min_prob}, cv=cv_info)
 
 
-def _nll_sum(q: torch.Tensor, y: torch.Tensor, floor: float) -> torch.Tensor:
+def _nll_sum(q: torch.Tensor, y: torch.Tensor, floor: float, dim: int = 1,
+             inplace: bool = False) -> torch.Tensor:
     """sum_i -log(q_iy / sum_k q_ik) for unnormalised q (n, C) floored at ``floor`` (uniform
     where a row sums to 0), each term at most -log(tiny): the NLL of ``forward`` (log q
-    normalised) with one log per row instead of one per entry."""
-    q = q.clamp_min(floor)
-    s = q.sum(1)
-    lq = torch.where(s > 0, q.gather(1, y[:, None]).squeeze(1).log() - s.clamp_min(1e-300).log(),
-                     torch.full_like(s, -math.log(q.shape[1])))
+    normalised) with one log per row instead of one per entry. ``dim=0``: q is (C, n);
+    ``inplace``: q is floored in place."""
+    q = q.clamp_min_(floor) if inplace else q.clamp_min(floor)
+    s = q.sum(dim)
+    qy = q.gather(dim, y[:, None] if dim == 1 else y[None, :]).reshape(-1)
+    lq = torch.where(s > 0, qy.log() - s.clamp_min(1e-300).log(),
+                     torch.full_like(s, -math.log(q.shape[dim])))
     return -lq.clamp_min(math.log(torch.finfo(torch.float64).tiny)).sum()
 
 
@@ -291,11 +359,12 @@ class IsotonicCalibrator(_Elementwise):
         c = rows.classes
         x, y = rows.gather()
         x, y = x.cpu(), y.cpu()
-        nll_before = float(torch.nn.functional.cross_entropy(x, y))
-        p = torch.softmax(x.to(torch.float64), dim=1)
+        nll_before = float((torch.logsumexp(x, dim=1) - x.gather(1, y[:, None]).squeeze(1)).mean())
+        p = torch.softmax(x, dim=1)
         q = self._fit_arrays(p, y)
         self.hyperparameters = {"classes": c, "mode": self.mode, "min_prob": self.min_prob, "_fitted": True}
-        nll_after = float(_nll_sum(q, y, self.min_prob)) / max(x.shape[0], 1)
+        nll_after = float(_nll_sum(q, y, self.min_prob, dim=0 if self.mode == "ovr" else 1,
+                                   inplace=True)) / max(x.shape[0], 1)
         return CalibratorFitResult(
             method=self.method, nll_before=nll_before, nll_after=nll_after, objective=float("nan"),
             iterations=0, passes=2, converged=True, grad_norm=float("nan"), rows=rows.total_rows,
@@ -303,16 +372,19 @@ class IsotonicCalibrator(_Elementwise):
 
     def _fit_arrays(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """p (N, C) float64 CPU probabilities, y (N,) int64: the knots of every map; returns
-        the map of p, (N, C) (as ``_map(p)``, from the fit itself: no interpolation)."""
+        the map of p (as ``_map(p)``, from the fit itself: no interpolation): (N, C) for
+        "shared", (C, N) (transposed) for "ovr"."""
         if self.mode == "shared":
             onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
             kx, kv, kn, fitted = isotonic_knots(p.reshape(1, -1), onehot.reshape(1, -1))
             q = fitted.view_as(p) + 1e-9 * p
         else:  # one problem per class: (C, N), the labels' indicator per class
+            n, c = p.shape
             pt = p.T.contiguous()
-            hits = (y[None, :] == torch.arange(p.shape[1])[:, None]).to(torch.float64)
+            hits = torch.zeros(c, n, dtype=torch.float64).index_put_(
+                (y, torch.arange(n)), torch.ones((), dtype=torch.float64))
             kx, kv, kn, fitted = isotonic_knots(pt, hits)
-            q = fitted.T
+            q = fitted  # (C, N): the caller's NLL reads it along dim 0
         self.knots_x, self.knots_v = kx, kv
         self.knots_n = kn.to(torch.float64)
         return q

@@ -19,7 +19,8 @@ from typing import Any, Iterable, Optional, Tuple, Union
 
 import torch
 
-from ._base import ArrayLike, Calibrator, CalibratorFitResult, Rows, mean_nll_of_logits, timer
+from ._base import (ArrayLike, Calibrator, CalibratorFitResult, Rows, check_tol, mean_nll_of_logits,
+                    timer)
 
 __all__ = ["EnsembleTemperatureScaler"]
 
@@ -61,7 +62,14 @@ class EnsembleTemperatureScaler(Calibrator):
 
         fn = "softcal.nn.EnsembleTemperatureScaler.fit"
         elapsed = timer()
-        rows = self._rows(fn, data, labels, progress, group, check_probabilities)
+
+        def options(sig):
+            checked = check_tol(fn, "tol", tol)
+            sig.same("tol", checked)
+            return checked
+
+        rows = self._rows(fn, data, labels, progress, group, check_probabilities, options)
+        tol = rows.options
         c = rows.classes
         nll_before = mean_nll_of_logits(rows)
         src = ([(x, y) for x, y, _ in rows.chunks()] if rows.in_memory
@@ -100,9 +108,9 @@ def _stats(q: torch.Tensor, w: torch.Tensor, rows: Rows, order: int):
         parts.append((qs.T @ qs).reshape(-1))
     v = torch.cat(parts)
     if rows.group is not None:
-        from ._base import _all_reduce
+        from .._agree import all_reduce_checked
 
-        v = _all_reduce(v, "sum", rows.group)
+        v = all_reduce_checked(rows.fn, rows.group, v, None)
     n = float(v[1])
     out = [float(v[0]) / n]
     if order >= 1:

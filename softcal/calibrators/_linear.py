@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._base import (ArrayLike, Calibrator, CalibratorFitResult, Rows, check_folds,
-                    check_max_iter, check_tol, fold_ids, mean_nll_of_logits, timer)
+                    check_max_iter, check_tol, fold_ids, grid_hash, mean_nll_of_logits, timer)
 from ._newton import DENSE_MAX, MatrixModel, Model, Problem, VectorModel, features, newton
 
 __all__ = ["VectorScaler", "MatrixScaler", "DirichletCalibrator", "DEFAULT_LAMBDAS", "DEFAULT_MUS",
@@ -22,6 +22,13 @@ __all__ = ["VectorScaler", "MatrixScaler", "DirichletCalibrator", "DEFAULT_LAMBD
 #: lam / (C (C - 1)) sum_{i != j} W_ij^2 + mu / C sum_j b_j^2, added to the mean NLL).
 DEFAULT_LAMBDAS: Tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4, 1e5)
 DEFAULT_MUS: Tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+#: The tolerance (max |gradient|) of the cross-validation fits, looser than the final fit's: a
+#: held-out score moves by far less than the gaps between the grid's scores.
+CV_TOL = 1e-5
+#: The cross-validation fits with truncated Newton steps (C >= 38) rebuild the preconditioner
+#: every this many iterations (building it costs about ten Hessian-vector products).
+CV_PRECOND_EVERY = 1000
 
 #: The most parameters C (C + 1) a matrix fit takes (C = 4095): beyond, the C x C map, its
 #: gradient and the solver's vectors (about 10 copies in float64) would need several GB.
@@ -111,9 +118,21 @@ class _LinearCalibrator(Calibrator):
         """
         fn = f"softcal.nn.{type(self).__name__}.fit"
         elapsed = timer()
-        tol = check_tol(fn, "tol", tol)
-        max_iter = check_max_iter(fn, max_iter)
-        rows = self._rows(fn, data, labels, progress, group, check_probabilities)
+
+        def options(sig):
+            checked = check_tol(fn, "tol", tol), check_max_iter(fn, max_iter)
+            sig.same("tol", checked[0])
+            sig.same("max_iter", checked[1])
+            sig.same("lam", self.lam, kind="float")
+            sig.same("mu", self.mu, kind="float")
+            sig.same("cv", self.cv)
+            sig.same("seed", self.seed)
+            sig.same("lambdas (hash)", grid_hash(self.lambdas))
+            sig.same("mus (hash)", grid_hash(self.mus))
+            return checked
+
+        rows = self._rows(fn, data, labels, progress, group, check_probabilities, options)
+        tol, max_iter = rows.options
         c = rows.classes
         if c < 2:
             raise ValueError(f"{fn}: logits must have at least 2 classes, got {c}")
@@ -205,34 +224,71 @@ class _LinearCalibrator(Calibrator):
         return a, b, info
 
     def _cv_scores(self, rows: Rows, grid, folds, t0: float, tol: float, max_iter: int) -> torch.Tensor:
+        """Mean held-out NLL of each grid point over the folds. Each fold's fits run along the
+        grid, each warm-started from the better (lower training objective) of the previous grid
+        point's solution in this fold and this grid point's solution in the previous fold, to the
+        looser tolerance ``max(tol, CV_TOL)``. In memory (no group) each fold's training and
+        held-out rows are cut once; otherwise the folds are 0/1 row weights."""
         c = rows.classes
         k = self.cv
         scores = torch.zeros(len(grid), dtype=torch.float64)
+        cv_tol = max(tol, CV_TOL)
+        split = rows.in_memory and rows.group is None
+        if split:
+            x_all, y_all = rows.gather()
+            fold_all = folds.to(x_all.device)
+        previous: List[Optional[torch.Tensor]] = [None] * len(grid)  # the last fold's solutions
         for f in range(k):
-            def train_w(x, y, r0, f=f):
-                return (folds[r0:r0 + x.shape[0]] != f).to(torch.float64).to(x.device)
+            if split:
+                train, test = RowSubset(rows, x_all, y_all, fold_all != f), RowSubset(rows, x_all, y_all, fold_all == f)
+                train_w = test_w = None
+            else:
+                train = test = rows
 
-            def test_w(x, y, r0, f=f):
-                return (folds[r0:r0 + x.shape[0]] == f).to(torch.float64).to(x.device)
+                def train_w(x, y, r0, f=f):
+                    return (folds[r0:r0 + x.shape[0]] != f).to(torch.float64).to(x.device)
 
+                def test_w(x, y, r0, f=f):
+                    return (folds[r0:r0 + x.shape[0]] == f).to(torch.float64).to(x.device)
+
+            held = Problem(self._model(c, 0.0, 0.0), test, test_w)
             theta = first = None
             for i, (a, b) in enumerate(grid):
-                m = self._model(c, a, b)
-                # warm start: the previous grid point's solution (same lam: one mu apart; new
-                # lam: the solution of the previous lam at its first mu)
+                problem = Problem(self._model(c, a, b), train, train_w)
+                # warm start along the grid: the previous grid point's solution (same lam: one mu
+                # apart; new lam: the solution of the previous lam at its first mu) ...
                 if theta is None:
-                    start = m.identity(t0)
-                elif i > 0 and grid[i - 1][0] != a:
+                    start = problem.model.identity(t0)
+                elif grid[i - 1][0] != a:
                     start = first
                 else:
                     start = theta
-                res = newton(Problem(m, rows, train_w), start, max(tol, 1e-6), max_iter)
-                theta = res.theta
+                # ... or across the folds: this grid point's solution in the previous fold
+                if previous[i] is not None:
+                    if float(problem.evaluate(previous[i], 0)[0]) < float(problem.evaluate(start, 0)[0]):
+                        start = previous[i]
+                res = newton(problem, start, cv_tol, max_iter, precond_every=CV_PRECOND_EVERY)
+                theta = previous[i] = res.theta
                 if i == 0 or grid[i - 1][0] != a:
                     first = theta
-                held = Problem(self._model(c, 0.0, 0.0), rows, test_w)
                 scores[i] += held.evaluate(theta, 0)[1] / k
         return scores
+
+
+class RowSubset:
+    """Some rows of an in-memory :class:`Rows` (no group) as one chunk, for :class:`Problem`:
+    a cross-validation fold's training or held-out rows, cut once."""
+
+    def __init__(self, rows: Rows, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> None:
+        self.fn = rows.fn
+        self.group = None
+        self.in_memory = True
+        self.classes = rows.classes
+        self._chunk = [(x[keep], y[keep], 0)]
+        self.rows = self.total_rows = int(self._chunk[0][0].shape[0])
+
+    def chunks(self):
+        return iter(self._chunk)
 
 
 class VectorScaler(_LinearCalibrator):
