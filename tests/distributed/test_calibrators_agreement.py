@@ -148,7 +148,7 @@ CASES = [
 def _entry(rank, world, init_file, names, out_dir):
     torch.set_num_threads(1)
     if os.environ.get("SOFTCAL_EMULATE_CUDA", "0") == "1":  # as tests/conftest.py does
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_emu"))
         import emulator
 
         emulator.install()
