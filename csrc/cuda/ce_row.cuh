@@ -240,8 +240,9 @@ __device__ __forceinline__ acc_t ce_target_dz(acc_t log_p, const CECoef<acc_t>& 
 
 // The T-gradient's scale, in double, once per kernel: k1 = beta g beta / beta_f (t1 was summed
 // with z = beta_f (x - m)) and k2 = beta^2 g, for g the upstream gradient shared by every row (1
-// when it is per row) and beta_f the float beta of the element loop. Float beta and beta g would be the same rounding in every
-// row, a bias of the sum over rows (4e-8 of dL/dT) that no double partial sum removes.
+// when it is per row) and beta_f the float beta of the element loop. A float beta or beta g would
+// be the same rounding in every row, a bias of the sum over rows (3e-8 to 5e-8 of dL/dT) that no
+// double partial sum removes.
 struct TGradScale {
   double k1, k2;
 };
