@@ -153,7 +153,7 @@ struct CEAccum {
         if (S == Smoothing::kOn && !kPerElementWeights<S, W>) dd[k] = dx;
         if (kPerElementWeights<S, W>) {
           const acc_t wk = w[idx + k];
-          dd[k] = dx != acc_t(0) ? wk * dx : acc_t(0);  // not inf * 0 at the maximum (design.md §1)
+          dd[k] = wk * dx;  // NaN for a weight of inf at the maximum: ce_row_loss
           st.wc += wk;
         }
       }
@@ -183,7 +183,13 @@ __device__ __forceinline__ acc_t ce_row_loss(const CEState<acc_t>& st, acc_t bet
   ls = flog_sum(st.s);
   lse = beta * st.m + ls;
   acc_t loss = (acc_t(1) - eps) * w_y * (beta * (st.m - st.xy) + ls);
-  if (S == Smoothing::kOn) loss += smooth_coef * (beta * st.d + st.wc * ls);
+  if (S == Smoothing::kOn) {
+    // A class weight of inf makes W = inf and the smoothing term inf (as PyTorch's), whatever d;
+    // d itself may then be NaN (inf * 0 at the maximum: the element loop has no test for it), so
+    // it is left out here, once per row (docs/design.md §1).
+    const acc_t d = st.wc != std::numeric_limits<acc_t>::infinity() ? st.d : acc_t(0);
+    loss += smooth_coef * (beta * d + st.wc * ls);
+  }
   if (zl != acc_t(0)) loss += zl * (lse * lse);
   return loss;
 }
@@ -230,6 +236,21 @@ __device__ __forceinline__ CECoef<acc_t> ce_coef(acc_t beta, acc_t eps, acc_t sm
 template <typename acc_t>
 __device__ __forceinline__ acc_t ce_target_dz(acc_t log_p, const CECoef<acc_t>& c, acc_t w_y) {
   return c.target_coef * ::expm1(log_p) + c.smooth_mass * ::exp(log_p) - c.smooth_coef * w_y;
+}
+
+// The T-gradient's scale, in double, once per kernel: k1 = beta g beta / beta_f (t1 was summed
+// with z = beta_f (x - m)) and k2 = beta^2 g, for g the upstream gradient shared by every row (1
+// when it is per row) and beta_f the float beta of the element loop. A float beta or beta g would
+// be the same rounding in every row, a bias of the sum over rows (3e-8 to 5e-8 of dL/dT) that no
+// double partial sum removes.
+struct TGradScale {
+  double k1, k2;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ TGradScale t_grad_scale(double beta, acc_t beta_f, double g) {
+  const double bg = beta * g;
+  return TGradScale{beta_f > acc_t(0) ? bg * (beta / static_cast<double>(beta_f)) : 0.0, bg * beta};
 }
 
 // Writes the gradient of each element of a row (out, or nowhere) and sums the T-gradient's two
@@ -359,13 +380,14 @@ struct CEGrad {
     if (need_t) sum_t(dz - generic, xy);
   }
 
-  // dL/dT of the row from the group-reduced sums (t1, t0), valid for a non-ignored row:
-  // -beta g (sum dz (z - lse) + ...) as docs/design.md, shifted by beta m + t_shift (the live
-  // classes' sum of dz is c.dz_total - t.b).
-  __device__ __forceinline__ double temperature_grad(const Pair<double>& t) const {
-    return -static_cast<double>(c.grad_scale) *
-           (t.a - static_cast<double>(beta * row_max + t_shift) *
-                      (t.b - static_cast<double>(c.dz_total)));
+  // dL/dT of the row from the group-reduced sums (t1, t0), valid for a non-ignored row of the
+  // cross-entropy (t_shift = 0): -beta g (sum dz (z - lse) + ...) as docs/design.md, shifted by
+  // beta m (the live classes' sum of dz is c.dz_total - t.b), with beta and g in double from
+  // TGradScale and the row's g_row (docs/design.md: precision policy).
+  __device__ __forceinline__ double temperature_grad(const Pair<double>& t, const TGradScale& s,
+                                                     double g_row = 1.0) const {
+    return -g_row * (s.k1 * t.a -
+                     s.k2 * static_cast<double>(row_max) * (t.b - static_cast<double>(c.dz_total)));
   }
 };
 

@@ -61,7 +61,7 @@ template <typename T, Pass P, Smoothing S, ClassWeights W, Softcap Q,
           typename acc_t = at::opmath_type<T>>
 __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t row, int y,
                                            const CEConsts<acc_t, S>& k, acc_t g, acc_t zl,
-                                           acc_t& loss) {
+                                           const TGradScale& t_scale, acc_t& loss) {
   const int C = a.C;
   const int c0 = static_cast<int>(threadIdx.x % C);
   auto each = [&](auto&& f) {
@@ -88,7 +88,7 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
       st.s += fexp2(dx * k.beta_log2e);
       if (S == Smoothing::kOn && !kPerElementWeights<S, W>) st.d -= dx;
       if (kPerElementWeights<S, W>) {
-        if (dx != acc_t(0)) st.d -= a.weight[c] * dx;  // not inf * 0 at the maximum (design.md §1)
+        st.d -= a.weight[c] * dx;  // NaN for a weight of inf at the maximum: ce_row_loss
         st.wc += a.weight[c];
       }
     });
@@ -130,7 +130,8 @@ __device__ __forceinline__ double tile_row(const CEArgs<T>& a, T* xs, int64_t ro
   f.xy = x_y;  // the target's element in acc precision
   f.have_y = true;
   f.finish();
-  return a.need_t ? f.temperature_grad(Pair<double>{f.t1, f.t0}) : 0.0;
+  return a.need_t ? f.temperature_grad(Pair<double>{f.t1, f.t0}, t_scale, ce_t_grad_row<P>(a, row))
+                  : 0.0;
 }
 
 template <typename T, Pass P, Smoothing S, ClassWeights W, Softcap Q>
@@ -144,6 +145,8 @@ __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a
   if (P == Pass::kBackward && a.reduction != kNone) g0 = ce_grad_loss(a, 0);
   if (P == Pass::kFused && a.reduction == kMean) g0 = acc_t(1) / *a.denom;
   const acc_t zl = ce_zl(a);
+  const TGradScale t_scale =
+      (P != Pass::kForward && a.need_t) ? ce_t_grad_scale<P>(a, k.beta) : TGradScale{0.0, 0.0};
   double loss_sum = 0.0, w_sum = 0.0, t_sum = 0.0;
   const int64_t ntiles = (a.rows + kTileRows - 1) / kTileRows;
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
@@ -164,11 +167,11 @@ __global__ void __launch_bounds__(kTileRows, 2) ce_tile_kernel(const CEArgs<T> a
     double t_grad = 0;
     if (valid) {
       const acc_t g = (P == Pass::kBackward && a.reduction == kNone) ? ce_grad_loss(a, row) : g0;
-      t_grad = tile_row<T, P, S, W, Q>(a, xs, row, y, k, g, zl, loss);
+      t_grad = tile_row<T, P, S, W, Q>(a, xs, row, y, k, g, zl, t_scale, loss);
     } else if (active) {
       if (P != Pass::kBackward && a.lse) {
         if (a.lse_all && a.target[row] == a.ignore_index)
-          tile_row<T, P, S, W, Q>(a, xs, row, -1, k, g0, zl, loss);
+          tile_row<T, P, S, W, Q>(a, xs, row, -1, k, g0, zl, t_scale, loss);
         else
           a.lse[2 * row] = a.lse[2 * row + 1] = acc_t(0);
       }
@@ -210,15 +213,30 @@ inline Launch tile_launch(int64_t rows, int64_t C) {
   return l;
 }
 
-// Launches the tile kernel of pass P for the logits' loss variant.
-template <typename T, Pass P>
-inline void launch_tile(const CEArgs<T>& a, const Launch& l, double eps, double softcap,
-                        cudaStream_t stream) {
+// Launches pass P of the cross-entropy in the logits' loss variant (ce_switch_cap): the tile
+// kernel when `tile`, else the row kernel that Rows names for the launch's TPR, e.g.
+//   struct FwdRows {
+//     template <typename T, int TPR, Smoothing S, ClassWeights W, Softcap P>
+//     using kernel = KernelRef<&cross_entropy_fwd_kernel<T, TPR, S, W, P>>;
+//   };
+template <typename T, Pass P, typename Rows>
+inline void launch_ce(const CEArgs<T>& a, const Launch& l, bool tile, double eps, double softcap,
+                      cudaStream_t stream) {
   ce_switch_cap(eps, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
-    launch(
-        KernelRef<
-            &ce_tile_kernel<T, P, decltype(sc)::value, decltype(wc)::value, decltype(pc)::value>>{},
-        l, stream, a);
+    using S = decltype(sc);
+    using W = decltype(wc);
+    using Q = decltype(pc);
+    if (tile) {
+      launch(KernelRef<&ce_tile_kernel<T, P, S::value, W::value, Q::value>>{}, l, stream, a);
+    } else {
+      launch_rows(
+          l, stream,
+          [](auto tpr) {
+            return typename Rows::template kernel<T, decltype(tpr)::value, S::value, W::value,
+                                                  Q::value>{};
+          },
+          a);
+    }
   });
 }
 

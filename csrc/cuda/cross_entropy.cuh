@@ -71,6 +71,23 @@ __device__ __forceinline__ at::opmath_type<T> ce_grad_loss(const CEArgs<T>& a, i
   return a.reduction == kMean ? g / *a.denom : g;
 }
 
+// The T-gradient's scale of pass P (t_grad_scale): beta in double and g, the upstream gradient
+// shared by every row (backward: grad_loss / denom, 1 for reduction none; fused: 1 / denom).
+template <Pass P, typename T>
+__device__ __forceinline__ TGradScale ce_t_grad_scale(const CEArgs<T>& a,
+                                                      at::opmath_type<T> beta_f) {
+  double g = 1.0;
+  if (P == Pass::kBackward && a.reduction != kNone) g = a.grad_loss[0];
+  if (a.reduction == kMean) g /= static_cast<double>(*a.denom);
+  return t_grad_scale(load_beta<double>(a.temp), beta_f, g);
+}
+
+// A row's own upstream gradient for the T-gradient (backward, reduction none), else 1.
+template <Pass P, typename T>
+__device__ __forceinline__ double ce_t_grad_row(const CEArgs<T>& a, int64_t row) {
+  return (P == Pass::kBackward && a.reduction == kNone) ? a.grad_loss[row] : 1.0;
+}
+
 // The final reduction's writer: the loss (mean: divided by denom, given or summed here), denom
 // and dL/dT, each when asked for.
 template <typename acc_t>

@@ -21,6 +21,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
   const acc_t zl = ce_zl(a);
   const acc_t weight_total = a.weight_total ? *a.weight_total : static_cast<acc_t>(a.C);
   const acc_t g0 = a.reduction != kNone ? ce_grad_loss(a, 0) : acc_t(0);
+  const TGradScale t_scale =
+      a.need_t ? ce_t_grad_scale<Pass::kBackward>(a, k.beta) : TGradScale{0.0, 0.0};
   double t_sum = 0.0;
   for_each_row<TPR>(a.rows, [&](int64_t row, bool active, int tid) {
     const int y = active ? load_target(a.target, row, a.ignore_index, a.C) : -1;
@@ -48,11 +50,17 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
     }
     if (a.need_t) {
       const Pair<double> t = group_allreduce<TPR>(Pair<double>{f.t1, f.t0}, Plus(), sred);
-      if (valid && tid == 0) t_sum += f.temperature_grad(t);
+      if (valid && tid == 0)
+        t_sum += f.temperature_grad(t, t_scale, ce_t_grad_row<Pass::kBackward>(a, row));
     }
   });
   if (a.need_t) store_block_sums<kBlock<TPR>, 3>(a.parts, {0.0, 0.0, t_sum});
 }
+
+struct BwdRows {
+  template <typename T, int TPR, Smoothing S, ClassWeights W, Softcap P>
+  using kernel = KernelRef<&cross_entropy_bwd_kernel<T, TPR, S, W, P>>;
+};
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
@@ -102,22 +110,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_bwd_cuda(
         a.grad = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
         a.need_t = need_t;
         a.parts = need_t ? parts.data_ptr<double>() : nullptr;
-        if (tile) {
-          launch_tile<scalar_t, Pass::kBackward>(a, l, label_smoothing, softcap, stream);
-        } else {
-          ce_switch_cap(
-              label_smoothing, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
-                launch_rows(
-                    l, stream,
-                    [](auto tpr) {
-                      constexpr int TPR = decltype(tpr)::value;
-                      return KernelRef<
-                          &cross_entropy_bwd_kernel<scalar_t, TPR, decltype(sc)::value,
-                                                    decltype(wc)::value, decltype(pc)::value>>{};
-                    },
-                    a);
-              });
-        }
+        launch_ce<scalar_t, Pass::kBackward, BwdRows>(a, l, tile, label_smoothing, softcap, stream);
         if (need_t) {
           launch_ce_final(parts, l.grid,
                           CEFinal<acc_t>{AnyOut{}, 0, nullptr, nullptr, any_out(grad_t)}, stream);

@@ -31,6 +31,8 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
   const CEConsts<acc_t, S> k(a.temp, a.eps, a.C);
   const acc_t g = a.reduction == kMean ? acc_t(1) / *a.denom : acc_t(1);
   const acc_t zl = ce_zl(a);
+  const TGradScale t_scale =
+      a.need_t ? ce_t_grad_scale<Pass::kFused>(a, k.beta) : TGradScale{0.0, 0.0};
   double loss_sum = 0.0, w_sum = 0.0, t_sum = 0.0;
   for_each_row<TPR>(a.rows, [&](int64_t row, bool active, int tid) {
     const int y = active ? load_target(a.target, row, a.ignore_index, a.C) : -1;
@@ -89,7 +91,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
     double t_grad = 0;  // the row's dL/dT, in double up to the block sums
     if (a.need_t) {
       const Pair<double> t = group_allreduce<TPR>(Pair<double>{f.t1, f.t0}, Plus(), sred2);
-      if (valid) t_grad = f.temperature_grad(t);
+      if (valid) t_grad = f.temperature_grad(t, t_scale);
     }
     if (active && tid == 0) {
       if (valid) t_sum += t_grad;
@@ -98,6 +100,12 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
   });
   store_block_sums<kBlock<TPR>, 3>(a.parts, {loss_sum, w_sum, t_sum});
 }
+
+// The fused kernel with the row in registers (<= 4 vectors per thread), for launch_ce.
+struct ResidentRows {
+  template <typename T, int TPR, Smoothing S, ClassWeights W, Softcap P>
+  using kernel = KernelRef<&cross_entropy_fused_kernel<T, TPR, 4, true, S, W, P>>;
+};
 
 // The shared body of both ops (grad may be the logits themselves). Three launches by row length:
 // tiles (C * b <= 128 bytes), the row in registers (<= 4 vectors per thread, <= 512 threads), or
@@ -134,27 +142,13 @@ void fused(const at::Tensor& logits, const CEInputs& in,
   a.need_t = need_t;
   a.parts = parts.data_ptr<double>();
   if (need_t && reduction == kNone) a.t_rows = any_out(grad_t);
-  if (tile) {
-    launch_tile<scalar_t, Pass::kFused>(a, l, eps, softcap, stream);
+  if (tile || holds) {
+    launch_ce<scalar_t, Pass::kFused, ResidentRows>(a, l, tile, eps, softcap, stream);
   } else {
     ce_switch_cap(eps, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
-      constexpr Smoothing S = decltype(sc)::value;
-      constexpr ClassWeights W = decltype(wc)::value;
-      constexpr Softcap P = decltype(pc)::value;
-      if (holds) {
-        launch_rows(
-            l, stream,
-            [](auto tpr) {
-              constexpr int TPR = decltype(tpr)::value;
-              return KernelRef<
-                  &cross_entropy_fused_kernel<scalar_t, TPR, 4, true, decltype(sc)::value,
-                                              decltype(wc)::value, decltype(pc)::value>>{};
-            },
-            a);
-      } else {
-        launch(KernelRef<&cross_entropy_fused_kernel<scalar_t, 512, 1, false, S, W, P>>{}, l,
-               stream, a);
-      }
+      launch(KernelRef<&cross_entropy_fused_kernel<scalar_t, 512, 1, false, decltype(sc)::value,
+                                                   decltype(wc)::value, decltype(pc)::value>>{},
+             l, stream, a);
     });
   }
   const bool want_loss = reduction != kNone;

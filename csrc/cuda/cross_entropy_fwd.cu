@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
     const bool read = valid || (a.lse_all && active && a.target[row] == a.ignore_index);
     const T* xr = a.logits + row * a.row_stride;
     CEAccum<T, acc_t, S, W, P> acc{ce_init<acc_t>(), k.beta_log2e, a.weight, y, a.cap};
-    for_each_vec<TPR>(xr, read ? a.C : 0, tid, acc);
+    if (read) for_each_vec<TPR>(xr, a.C, tid, acc);
     const CEState<acc_t> st = group_allreduce<TPR>(acc.st, CEMerge<acc_t>{k.beta_log2e}, sred);
     if (active && tid == 0) {
       acc_t loss = 0, lse, ls = 0, m = 0;
@@ -47,6 +47,11 @@ __global__ void __launch_bounds__(kBlock<TPR>, kMinBlocks<TPR>)
   });
   store_block_sums<kBlock<TPR>, 3>(a.parts, {loss_sum, w_sum, 0.0});
 }
+
+struct FwdRows {
+  template <typename T, int TPR, Smoothing S, ClassWeights W, Softcap P>
+  using kernel = KernelRef<&cross_entropy_fwd_kernel<T, TPR, S, W, P>>;
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -81,22 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
         a.loss_rows = reduction == kNone ? loss.data_ptr<loss_t<scalar_t>>() : nullptr;
         a.lse = lse.data_ptr<acc_t>();
         a.parts = parts.data_ptr<double>();
-        if (tile) {
-          launch_tile<scalar_t, Pass::kForward>(a, l, label_smoothing, softcap, stream);
-        } else {
-          ce_switch_cap(
-              label_smoothing, a.weight != nullptr, softcap, [&](auto sc, auto wc, auto pc) {
-                launch_rows(
-                    l, stream,
-                    [](auto tpr) {
-                      constexpr int TPR = decltype(tpr)::value;
-                      return KernelRef<
-                          &cross_entropy_fwd_kernel<scalar_t, TPR, decltype(sc)::value,
-                                                    decltype(wc)::value, decltype(pc)::value>>{};
-                    },
-                    a);
-              });
-        }
+        launch_ce<scalar_t, Pass::kForward, FwdRows>(a, l, tile, label_smoothing, softcap, stream);
         const CEFinal<acc_t> w{reduction == kNone ? AnyOut{} : any_out(loss),
                                static_cast<int>(reduction), denom.data_ptr<acc_t>(), nullptr,
                                AnyOut{}};

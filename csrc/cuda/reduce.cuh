@@ -90,9 +90,8 @@ __device__ __forceinline__ void lse_merge(LseState<acc_t>& r, const LseState<acc
   const acc_t ea = af ? fexp2((a.m - r.m) * beta_log2e) : acc_t(0);
   const acc_t eb = bf ? fexp2((b.m - r.m) * beta_log2e) : acc_t(0);
   r.s = a.s * ea + b.s * eb;
-  // a part already at the maximum adds nothing (not wc * 0: a weight of inf, design.md §1)
-  r.d = (a.d + (af && a.m != r.m ? a.wc * (r.m - a.m) : acc_t(0))) +
-        (b.d + (bf && b.m != r.m ? b.wc * (r.m - b.m) : acc_t(0)));
+  // (a weight of inf in a part at the maximum: wc * 0 = NaN, left out by the reader of d)
+  r.d = (a.d + (af ? a.wc * (r.m - a.m) : acc_t(0))) + (b.d + (bf ? b.wc * (r.m - b.m) : acc_t(0)));
   r.wc = a.wc + b.wc;
 }
 

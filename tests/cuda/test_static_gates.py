@@ -93,6 +93,10 @@ def test_static_compare_matches_kernels_across_the_renames(tmp_path, capsys):
         "ce_tile_kernel<Half, softcal::Pass::kFused, softcal::Smoothing::kOn, softcal::ClassWeights::kPerClass>")
     assert static_compare.canonical("tsce_fused_kernel<float, 512, 4, true, 0>") == static_compare.canonical(
         "cross_entropy_fused_kernel<float, 512, 4, true, softcal::Smoothing::kOff, softcal::ClassWeights::kNone>")
+    # the soft-cap's kOff kernels are the kernels before it; its kOn kernels are new
+    cap = "cross_entropy_fwd_kernel<BFloat16, 256, (softcal::Smoothing)1, (softcal::ClassWeights)0, (softcal::Softcap){}>"
+    assert static_compare.canonical(cap.format(0)) == static_compare.canonical(old)
+    assert static_compare.canonical(cap.format(1)) != static_compare.canonical(old)
     assert static_compare.canonical("shard_grad_kernel<double, 8, 1>") == static_compare.canonical(
         "shard_grad_kernel<double, 8, softcal::Smoothing::kOn, softcal::ClassWeights::kNone>")
 
@@ -107,3 +111,9 @@ def test_static_compare_matches_kernels_across_the_renames(tmp_path, capsys):
     assert static_compare.main(["--sass", before, sass_csv(tmp_path / "same.csv", new, "12.0"), "--check"]) == 0
     assert static_compare.main(["--sass", before, sass_csv(tmp_path / "worse.csv", new, "12.5"), "--check"]) == 1
     assert "MORE: cross_entropy_fwd_kernel<BFloat16, 256, 1, 0>: 12.00 -> 12.50" in capsys.readouterr().out
+    # --matched: the table leaves out a kernel only one build has (a new soft-cap variant)
+    capped = sass_csv(tmp_path / "capped.csv", cap.format(1), "30.0")
+    static_compare.main(["--sass", before, capped])
+    assert "| 12.0 | 30.0 |" in capsys.readouterr().out
+    static_compare.main(["--sass", before, capped, "--matched"])
+    assert "30.0" not in capsys.readouterr().out

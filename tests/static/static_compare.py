@@ -1,7 +1,7 @@
 """Before/after comparison of the static gates' figures (no GPU needed).
 
     python tests/static/static_compare.py --sass BEFORE.csv AFTER.csv [--ptxas BEFORE.csv AFTER.csv]
-                                          [--arch sm_90] [--markdown OUT.md] [--check]
+                                          [--arch sm_90] [--markdown OUT.md] [--check] [--matched]
 
 Reads the CSV files that `sass_report.py --csv` and `ptxas_report.py --csv` write for two builds
 (for example main and a branch), matches kernels by a canonical key that survives renames (the
@@ -74,6 +74,9 @@ def canonical(name: str) -> str:
         return s
     family, args = m.group(1), _split_args(m.group(2))
     family = _FAMILY.get(family, family)
+    # the soft-cap variant (added after the baseline): its kOff kernels are the kernels before it
+    if args and re.fullmatch(r"(softcal::)?(Softcap::kOff|\((softcal::)?Softcap\)0)", args[-1]):
+        args = args[:-1]
     args = [_ENUMS.get(re.sub(r"^(softcal::)?(cuda::)?", "", a), a) for a in args]
     args = [re.sub(r"^\((?:softcal::)?(?:cuda::)?\w+\)(\d+)$", r"\1", a) for a in args]  # (Enum)1 -> 1
     if family in _WITH_KIND and len(args) == _KIND_ARGS[family] and args[-1] in _KIND:  # KIND -> S, W
@@ -107,9 +110,13 @@ def _num(x: str) -> Optional[float]:
 
 
 def compare(sass: Tuple[str, str], ptxas: Optional[Tuple[str, str]], arch: str,
-            markdown: Optional[str], check: bool) -> int:
+            markdown: Optional[str], check: bool, matched: bool = False) -> int:
     before = {r["key"]: r for r in _read(sass[0])}
     after = {r["key"]: r for r in _read(sass[1])}
+    if matched:  # the table of the kernels in both builds only (not the new variants')
+        common = set(before) & set(after)
+        before = {k: r for k, r in before.items() if k in common}
+        after = {k: r for k, r in after.items() if k in common}
     regs: Dict[str, Dict[str, Tuple[int, int]]] = {"before": {}, "after": {}}
     if ptxas:
         for tag, path in zip(("before", "after"), ptxas):
@@ -169,9 +176,10 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--markdown")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--matched", action="store_true", help="the table of the kernels in both builds only")
     args = ap.parse_args(argv)
     return compare(tuple(args.sass), tuple(args.ptxas) if args.ptxas else None, args.arch, args.markdown,
-                   args.check)
+                   args.check, args.matched)
 
 
 if __name__ == "__main__":
