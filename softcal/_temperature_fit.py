@@ -22,22 +22,26 @@ The iteration (``fit_temperature``):
 1. a full pass at the starting T (the NLL before; the checks; the sample);
 2. when Newton's step from there is longer than 5 %: Newton on the sample (Halley's step once
    two iterates give f'''), first on its 1/8 sub-sample while the steps are longer than 3 %,
-   until the step is below 1e-2; f''' per row there from the last two sample passes (or one
-   more at 0.2 % when they are further apart than 5 %);
-3. full passes from the sample's optimum: Halley's step (f' + f'' s + f''' s^2 / 2 = 0), with
-   f''' from the sample for the first and from the last two full passes after (when they are
-   within 5 % of each other), else Newton's step, a cubic Hermite root in a closed bracket, or
-   a factor of 4 towards the open side (the safeguards of the full-data method). It stops when
-   the Newton step is below ``tol`` (relative), or when the error left after the Halley step,
-   estimated as |Halley - Newton| x (the relative error of f''') + |Newton|^3 K^2 / beta^2
-   (K = |f'''| beta / f''), is below tol^2 beta (the Newton rule leaves about K tol^2), or below
-   1.2e-8 beta for logits in float32 or lower, whose statistics are float32 per row: their
-   optimum is only defined to about 3e-8 (every method's T differs from the float64 optimum
-   by that much), so no pass below it is worth its time.
+   until the step is below 1e-2; then the sample's optimum corrected by a regression on the
+   per-row NLL, f', f'' at the starting T (:mod:`softcal._temperature_sample`);
+3. a full pass there; f''' (the sample's difference of f'') and f'''' (per row, on 1/32 of the
+   sample), each corrected by a regression on the per-row NLL, f', f'' here and at the start,
+   with their standard errors; the root s of f' + f'' s + f''' s^2 / 2 + f'''' s^3 / 6;
+4. full passes after that: Halley's step with f''' from the last two full passes (when they
+   are within 5 % of each other), else Newton's step, a cubic Hermite root in a closed bracket,
+   Newton's step on log beta or a factor of 4 towards the open side (the safeguards of the
+   full-data method). It stops when the Newton step is below ``tol`` (relative), or when the
+   error left after the last step is below tol^2 beta (the Newton rule leaves about K tol^2,
+   K = |f'''| beta / f''), or below 1.2e-8 beta for logits in float32 or lower, whose
+   statistics are float32 per row: their optimum is only defined to about 3e-8 (every method's
+   T differs from the float64 optimum by that much), so no pass below it is worth its time.
+   The error left: after the quartic step of 3, (|f'''| s^2 / 2 x (3 standard errors of f''')
+   + |f''''| |s|^3 / 6 x (3 of f'''')) / f'' + s^4 K^3 / beta^3; after a Halley step,
+   |Halley - Newton| x (the relative error of f''') + |Newton|^3 K^2 / beta^2.
 
-Typically (50,000 x 1,000 float32 rows): 3 full passes and about 2.6 passes over the 3,125-row
-sample (0.16 of a full pass), where Newton on all rows takes 6 to 7 full passes; float64 logits
-take 3 or 4 (to tol^2).
+Typically (50,000 x 1,000 float32 rows): 2 full passes and about 7 passes over the 3,125-row
+sample (0.43 of a full pass; 2.7 passes' CPU time in all), where Newton on all rows takes 3
+full passes; float64 logits take 3 or 4 (to tol^2).
 """
 
 from __future__ import annotations
