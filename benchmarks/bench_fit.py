@@ -11,9 +11,10 @@ Methods (each fits T on the same tensor; times include everything the method doe
   one-pass             one call of softcal.temperature_stats on all rows: the unit of the "time in
                        passes" column (the target: a fit in at most 3 passes' time).
   softcal              TemperatureScaler().fit(logits, labels): a pass at T = 1 (NLL before, the
-                       checks, a row sample), Newton on the sample, then Halley steps on all rows
-                       (each a fused pass of softcal.temperature_stats giving the NLL and its first
-                       and second derivatives), tol 1e-6 (softcal._temperature_fit).
+                       checks, a row sample), Newton on the sample corrected by regression
+                       estimators, then quartic/Halley steps on all rows (each a fused pass of
+                       softcal.temperature_stats giving the NLL and its first and second
+                       derivatives), tol 1e-6 (softcal._temperature_fit, _temperature_sample).
   softcal-all-rows     the same with the sample phase switched off (all rows from the start).
   scipy-bounded        scipy.optimize.minimize_scalar(method="bounded", bounds=(0.05, 20)) on T,
                        default xatol (1e-5), on the float64 NLL (float64 copy made once, in the
