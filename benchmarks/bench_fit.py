@@ -11,9 +11,10 @@ Methods (each fits T on the same tensor; times include everything the method doe
   one-pass             one call of softcal.temperature_stats on all rows: the unit of the "time in
                        passes" column (the target: a fit in at most 3 passes' time).
   softcal              TemperatureScaler().fit(logits, labels): a pass at T = 1 (NLL before, the
-                       checks, a row sample), Newton on the sample, then Halley steps on all rows
-                       (each a fused pass of softcal.temperature_stats giving the NLL and its first
-                       and second derivatives), tol 1e-6 (softcal._temperature_fit).
+                       checks, a row sample), Newton on the sample corrected by regression
+                       estimators, then quartic/Halley steps on all rows (each a fused pass of
+                       softcal.temperature_stats giving the NLL and its first and second
+                       derivatives), tol 1e-6 (softcal._temperature_fit, _temperature_sample).
   softcal-all-rows     the same with the sample phase switched off (all rows from the start).
   scipy-bounded        scipy.optimize.minimize_scalar(method="bounded", bounds=(0.05, 20)) on T,
                        default xatol (1e-5), on the float64 NLL (float64 copy made once, in the
@@ -190,6 +191,52 @@ METHODS = {
 }
 
 
+def cpu_ratio(x, y, reps: int = 5):
+    """CPU time (time.process_time, one intra-op thread) of one temperature_stats pass, of the
+    fit and of the all-rows fit (best of ``reps``), and the fits' work counters: less sensitive
+    to other processes' load than wall time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def cpu(f):
+        ts, out = [], None
+        for _ in range(reps):
+            t0 = time.process_time()
+            out = f()
+            ts.append(time.process_time() - t0)
+        return min(ts), out
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            one, _ = cpu(lambda: m_one_pass(x, y))
+            fit, r = cpu(lambda: m_softcal(x, y))
+            allr, r2 = cpu(lambda: m_softcal_all_rows(x, y))
+    finally:
+        torch.set_num_threads(threads)
+    return one, fit, allr, r[1], r2[1]
+
+
+def cpu_ratio_text(one, fit, allr, work, work_all) -> str:
+    return (f"one pass {one:.3f} s CPU; fit {fit:.3f} s CPU = {fit / one:.2f} passes ({work}); "
+            f"all-rows fit {allr:.3f} s = {allr / one:.2f} passes ({work_all})")
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _loaded(*loads: str) -> bool:
+    """Whether a 1-minute load average exceeds half the logical CPUs."""
+    try:
+        return any(float(v.split(",")[0]) > 0.5 * (os.cpu_count() or 1) for v in loads)
+    except ValueError:
+        return True
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -225,7 +272,10 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="fit_cpu")
+    ap.add_argument("--no-cpu-ratio", action="store_true",
+                    help="skip the one-thread CPU-time measurement of the fits")
     args = ap.parse_args()
+    load_start = load_average()
 
     torch.manual_seed(0)
     x, y = make_problem(args.n, args.c, args.seed, args.margin, args.scale)
@@ -266,6 +316,8 @@ def main() -> int:
         r["softcal_speedup"] = r["time_s"] / base
         r["passes_time"] = r["time_s"] / unit
 
+    ratio = None if args.no_cpu_ratio else cpu_ratio(x, y)
+    load_end = load_average()
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
     header = ("| method | time (s) | time in passes | passes / evals | T | abs(T - T*) / T* | "
               "NLL (float64) | NLL - NLL* | softcal is x faster |")
@@ -286,7 +338,13 @@ def main() -> int:
         f"NLL* = {nll_star:.9f}.",
         "Time: best of the repeats (softcal: {} repeats; baselines: {}).".format(
             args.repeats, args.repeats if args.repeats_all else 1),
+        f"Load average (1, 5, 15 min) at the start {load_start}, at the end {load_end} on "
+        f"{os.cpu_count()} logical CPUs" + (": measured under load, the wall times are inflated "
+                                            "and noisy." if _loaded(load_start, load_end) else "."),
     ]
+    if ratio is not None:
+        info.append("CPU time with one thread (less sensitive to the load; also "
+                    "`python benchmarks/fit_cpu_ratio.py`): " + cpu_ratio_text(*ratio) + ".")
     print()
     print("\n".join(info))
     print()

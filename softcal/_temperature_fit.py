@@ -22,22 +22,26 @@ The iteration (``fit_temperature``):
 1. a full pass at the starting T (the NLL before; the checks; the sample);
 2. when Newton's step from there is longer than 5 %: Newton on the sample (Halley's step once
    two iterates give f'''), first on its 1/8 sub-sample while the steps are longer than 3 %,
-   until the step is below 1e-2; f''' per row there from the last two sample passes (or one
-   more at 0.2 % when they are further apart than 5 %);
-3. full passes from the sample's optimum: Halley's step (f' + f'' s + f''' s^2 / 2 = 0), with
-   f''' from the sample for the first and from the last two full passes after (when they are
-   within 5 % of each other), else Newton's step, a cubic Hermite root in a closed bracket, or
-   a factor of 4 towards the open side (the safeguards of the full-data method). It stops when
-   the Newton step is below ``tol`` (relative), or when the error left after the Halley step,
-   estimated as |Halley - Newton| x (the relative error of f''') + |Newton|^3 K^2 / beta^2
-   (K = |f'''| beta / f''), is below tol^2 beta (the Newton rule leaves about K tol^2), or below
-   1.2e-8 beta for logits in float32 or lower, whose statistics are float32 per row: their
-   optimum is only defined to about 3e-8 (every method's T differs from the float64 optimum
-   by that much), so no pass below it is worth its time.
+   until the step is below 1e-2; then the sample's optimum corrected by a regression on the
+   per-row NLL, f', f'' at the starting T (:mod:`softcal._temperature_sample`);
+3. a full pass there; f''' (the sample's difference of f'') and f'''' (per row, on 1/32 of the
+   sample), each corrected by a regression on the per-row NLL, f', f'' here and at the start,
+   with their standard errors; the root s of f' + f'' s + f''' s^2 / 2 + f'''' s^3 / 6;
+4. full passes after that: Halley's step with f''' from the last two full passes (when they
+   are within 5 % of each other), else Newton's step, a cubic Hermite root in a closed bracket,
+   Newton's step on log beta or a factor of 4 towards the open side (the safeguards of the
+   full-data method). It stops when the Newton step is below ``tol`` (relative), or when the
+   error left after the last step is below tol^2 beta (the Newton rule leaves about K tol^2,
+   K = |f'''| beta / f''), or below 1.2e-8 beta for logits in float32 or lower, whose
+   statistics are float32 per row: their optimum is only defined to about 3e-8 (every method's
+   T differs from the float64 optimum by that much), so no pass below it is worth its time.
+   The error left: after the quartic step of 3, (|f'''| s^2 / 2 x (3 standard errors of f''')
+   + |f''''| |s|^3 / 6 x (3 of f'''')) / f'' + s^4 K^3 / beta^3; after a Halley step,
+   |Halley - Newton| x (the relative error of f''') + |Newton|^3 K^2 / beta^2.
 
-Typically (50,000 x 1,000 float32 rows): 3 full passes and about 2.6 passes over the 3,125-row
-sample (0.16 of a full pass), where Newton on all rows takes 6 to 7 full passes; float64 logits
-take 3 or 4 (to tol^2).
+Typically (50,000 x 1,000 float32 rows): 2 full passes and about 7 passes over the 3,125-row
+sample (0.43 of a full pass; 2.7 passes' CPU time in all), where Newton on all rows takes 3
+full passes; float64 logits take 3 or 4 (to tol^2).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ import torch
 from . import functional as F
 from ._agree import all_reduce_checked
 from ._fit_data import Source, as_tensor, check_chunk, check_values, chunks, warn_if_probabilities
+from ._temperature_sample import (corrected_optimum, halley, row_stats, sample_optimum,
+                                  third_derivative)
 
 #: Largest sample, in logits (32 MiB of float32).
 SAMPLE_ELEMENTS = 1 << 23
@@ -61,6 +67,9 @@ TARGET_SAMPLE_ROWS = 3072
 MIN_SAMPLE_ROWS = 256
 #: The far steps run on a sub-sample: the sample rows with SUB_BITS more zero bits (1/8 of it).
 SUB_BITS = 3
+#: The regressions of the sample phase (softcal._temperature_sample) take per-row statistics of
+#: the sample rows with REG_BITS more zero bits (1/32 of it: 98 of 50,000 rows).
+REG_BITS = 5
 _HASH = 2654435769
 _MASK = 0xFFFFFFFF
 
@@ -121,8 +130,11 @@ class _Stats:
         self._kept: list = []              # (logits, labels, indices) of the kept rows
         self._sample: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._sub: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._reg: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # the regression rows
         self._single = isinstance(source, list) and len(source) == 1
         self._low = False                  # this rank read logits in a dtype below float64
+        self._sample_cache: dict = {}      # (beta, sub) -> the sample's sums
+        self._row_cache: dict = {}         # beta -> the sub-sample's per-row statistics
         self.low_precision = False         # some rank did: the statistics are float32 per row
 
     # ------------------------------------------------------------------ reading
@@ -153,6 +165,11 @@ class _Stats:
         if self._k is None:  # the final k if the rows are known (a list), else the smallest
             c = int(logits.shape[1])
             self._k = _sample_exponent(self._rows_hint, c) if self._rows_hint else 2
+            if self.group is None and self._rows_hint and not _use_sample(self._rows_hint,
+                                                                          self._k):
+                self._k = -1                   # too few rows for a sample phase: keep none
+        if self._k < 0:
+            return
         idx = torch.arange(start, start + n, dtype=torch.int64, device=logits.device)
         idx = idx[_in_sample(idx, self._k)]
         if idx.numel():
@@ -274,13 +291,18 @@ class _Stats:
             self._sample = (x, y)
             rows = _in_sample(i, k + SUB_BITS).nonzero().reshape(-1)
             self._sub = (x.index_select(0, rows), y.index_select(0, rows))
+            rows = _in_sample(i, k + REG_BITS).nonzero().reshape(-1)
+            self._reg = (x.index_select(0, rows), y.index_select(0, rows))
         local = [float(v[0].shape[0]) if v is not None else 0.0 for v in (self._sample, self._sub)]
         counts = self._sum(torch.tensor(local, dtype=torch.float64), None)
         self.sample_rows, self.sub_rows = int(counts[0]), int(counts[1])
 
     def sample(self, beta: float, sub: bool = False) -> Tuple[float, float, float, int]:
         """[sum NLL, f', f'', m] at beta over the sample rows (of every rank); ``sub``: over
-        the sub-sample (1/8 of the sample)."""
+        the sub-sample (1/8 of the sample). Each (beta, sub) is evaluated once."""
+        key = (beta, sub)
+        if key in self._sample_cache:
+            return self._sample_cache[key]
         rows = self._sub if sub else self._sample
 
         def work():
@@ -291,7 +313,28 @@ class _Stats:
         self.sample_passes += 1.0 / (1 << SUB_BITS) if sub else 1.0
         sums = self._sum(sums if sums is not None else torch.zeros(4, dtype=torch.float64), error)
         f, g, h, m = sums.tolist()
-        return f, g, h, int(m)
+        self._sample_cache[key] = (f, g, h, int(m))
+        return self._sample_cache[key]
+
+    def sub_row_stats(self, beta: float) -> torch.Tensor:
+        """This rank's regression rows' (1/2^REG_BITS of the sample) NLL and first four
+        derivatives at beta, (m_reg, 5) float64 on the CPU
+        (:func:`softcal._temperature_sample.row_stats`); counted as 4 passes over those rows
+        (PyTorch, not the fused kernel). Each beta is evaluated once."""
+        if beta not in self._row_cache:
+            def work():
+                if self._reg is None or self._reg[0].shape[0] == 0:
+                    return torch.zeros(0, 5, dtype=torch.float64)
+                return row_stats(self._reg[0], self._reg[1], beta).cpu()
+            out, error = self._guard(work)
+            self._sum(torch.zeros(1, dtype=torch.float64), error)  # raise on every rank
+            self.sample_passes += 4.0 / (1 << REG_BITS)
+            self._row_cache[beta] = out
+        return self._row_cache[beta]
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """A float64 vector summed over the ranks."""
+        return self._sum(values, None)
 
     # ------------------------------------------------------------------ degenerate data
     def all_correct(self) -> bool:
@@ -361,66 +404,29 @@ def _hermite_root(a: float, ga: float, ha: float, b: float, gb: float, hb: float
     return a + 0.5 * (lo + hi) * span
 
 
-def _halley(g: float, h: float, t: float) -> Optional[float]:
-    """The root nearest 0 of g + h s + t s^2 / 2 (None when it has none)."""
-    disc = h * h - 2.0 * t * g
-    if not (h > 0 and disc >= 0):
+def _log_newton(beta: float, g: float, h: float, lo: float, hi: float) -> Optional[float]:
+    """Newton's step for the root of d f / d log beta = beta f' (slope beta^2 f'' + beta f'),
+    capped at a factor of 4; None unless the slope is positive and the point inside (lo, hi)."""
+    slope = beta * h + g
+    if not slope > 0:
         return None
-    return -2.0 * g / (h + math.sqrt(disc))
+    cand = beta * math.exp(max(-math.log(4.0), min(math.log(4.0), -g / slope)))
+    return cand if lo < cand < hi else None
 
 
-def _sample_optimum(stats: _Stats, beta: float, g: float, h: float, b_min: float,
-                    b_max: float) -> Tuple[float, float]:
-    """From the full data's Newton step at beta (g, h per row): Newton (Halley once f''' is known
-    from two iterates) on the sub-sample while the steps are longer than 3 % (when it has at
-    least 64 rows), then on the sample until the step is below 1e-2 beta (taken: the point is
-    then within about 1e-4 of the sample's optimum, itself only within about 1e-2 of the
-    data's). Returns (that point, f''' per row there: the last finite difference when its
-    spacing was within [1e-4, 0.05] beta, else from one more sample pass at beta (1 + 2e-3))."""
-    lo, hi = b_min, b_max
-    step = -g / h if h > 0 else math.copysign(math.inf, -g)
-    cand = beta + step
-    if not lo < cand < hi:
-        cand = min(beta * 4.0, b_max) if g < 0 else max(beta / 4.0, b_min)
-    sub = stats.sub_rows >= 64
-    prev: Optional[Tuple[float, float]] = None      # (beta, f'' per row) of the last pass
-    t_row: Optional[float] = None
-    t_spacing = math.inf
-    b = hs = 0.0
-    for _ in range(60):
-        b = cand
-        _, gs, hs, m = stats.sample(b, sub)
-        if m == 0:
-            return b, 0.0
-        gs, hs = gs / m, hs / m
-        if gs == 0.0 and not sub:
-            break
-        if gs < 0:
-            lo = b
-        elif gs > 0:
-            hi = b
-        if prev is not None and 0 < abs(b - prev[0]) <= 0.5 * b:
-            t_row, t_spacing = (hs - prev[1]) / (b - prev[0]), abs(b - prev[0]) / b
-        prev = (b, hs)
-        step = -gs / hs if hs > 0 else math.copysign(math.inf, -gs)
-        s_h = _halley(gs, hs, t_row) if t_row is not None else None
-        if s_h is not None and lo < b + s_h < hi:
-            step = s_h
-        cand = b + step
-        if not lo < cand < hi:
-            cand = math.sqrt(lo * hi) if lo > b_min and hi < b_max else (
-                min(b * 4.0, b_max) if gs < 0 else max(b / 4.0, b_min))
-            if cand == b:
-                break
-        elif sub and abs(step) <= 0.03 * b:
-            sub, prev, t_row, lo, hi = False, None, None, b_min, b_max  # on to the sample
-        elif not sub and abs(step) <= 1e-2 * b:
-            break
-    if t_row is None or not 1e-4 <= t_spacing <= 0.05:
-        b2 = b * (1.0 + 2e-3)
-        _, _, h2, m = stats.sample(b2)
-        t_row = (h2 / m - hs) / (b2 - b)
-    return min(max(cand, b_min), b_max), t_row
+def _quartic_step(g: float, h: float, t: float, q: float, s: float) -> Optional[float]:
+    """The root near s (Halley's step) of g + h s + t s^2 / 2 + q s^3 / 6 (Newton on the
+    polynomial; None when it does not settle)."""
+    ds = math.inf
+    for _ in range(8):
+        d = h + t * s + q * s * s / 2.0
+        if not d > 0:
+            return None
+        ds = (g + h * s + t * s * s / 2.0 + q * s ** 3 / 6.0) / d
+        s -= ds
+        if abs(ds) <= 1e-15 * abs(s):
+            return s
+    return s if abs(ds) <= 1e-12 * abs(s) else None
 
 
 def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
@@ -452,7 +458,8 @@ def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
             f"equal); keeping T = {start_t:.6g}.", RuntimeWarning, stacklevel=3)
         return result(beta, f / n, its + 1, True, "keep")
 
-    if stats.all_correct():
+    # f' > 0 somewhere (here) proves a row whose label does not hold its maximum: no check
+    if g <= 0 and stats.all_correct():
         # Every label holds its row's maximum: f' < 0 for every beta, the NLL falls as T -> 0.
         if beta != b_max:
             f, g, h, _ = stats.full(b_max)
@@ -474,9 +481,13 @@ def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
     best_nll, best_beta = f / n, beta
     t_est: Optional[float] = None   # f''' (a sum over rows), where, and its relative error
     t_at, t_err = 0.0, 1.0
+    q_est: Optional[float] = None   # f'''' (a sum over rows) at t_at, and its relative error
+    q_err = 1.0
     far = not (h > 0 and abs(g / h) <= 0.05 * beta)  # Newton's step from here is long
     if stats.sample_rows and far and g != 0.0 and its < max_iter:
-        b_s, t_row = _sample_optimum(stats, beta, g / n, h / n, b_min, b_max)
+        beta0, full0 = beta, torch.tensor([f, g, h], dtype=torch.float64) / n
+        b, gs, hs, ts = sample_optimum(stats, beta, g / n, h / n, b_min, b_max)
+        b_s = corrected_optimum(stats, beta0, full0, b, gs, hs, ts, b_min, b_max)
         if abs(b_s - beta) > tol * beta:
             if g < 0:
                 lo, lo_known, g_lo, h_lo = beta, True, g, h
@@ -485,7 +496,13 @@ def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
             beta = b_s
             f, g, h, _ = stats.full(beta)
             its += 1
-            t_est, t_at, t_err = t_row * n, beta, 0.25
+            (t_row, se), (q_row, se_q) = third_derivative(
+                stats, beta0, full0, b, beta, torch.tensor([f, g, h], dtype=torch.float64) / n)
+            # the errors of f''' and f'''' are taken as 3 standard errors of their estimates
+            t_est, t_at = t_row * n, beta
+            t_err = min(1.0, 3.0 * se / abs(t_row)) if t_row != 0 else 1.0
+            q_est = q_row * n
+            q_err = min(1.0, 3.0 * se_q / abs(q_row)) if q_row != 0 else 1.0
     # Below the rounding of the statistics (float32 per row for float16/bfloat16/float32
     # logits: the fitted T is only defined to about 1e-7 there) no step is worth a pass.
     floor = 0.1 * torch.finfo(torch.float32).eps if stats.low_precision else 0.0
@@ -522,7 +539,7 @@ def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
         step = -g / h if h > 0 else math.copysign(math.inf, -g)
         cand = beta + step
         newton_ok = lo < cand < hi
-        s_h = _halley(g, h, t_est) if (t_est is not None and newton_ok) else None
+        s_h = halley(g, h, t_est) if (t_est is not None and newton_ok) else None
         if s_h is not None and not lo < beta + s_h < hi:
             s_h = None
         if newton_ok and abs(step) <= tol * beta:
@@ -533,12 +550,22 @@ def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
             nll = (f + g * s + 0.5 * h * s * s + tt * s * s * s / 6.0) / n
             return result(beta + s, nll, its, True, None)
         if s_h is not None:
-            k2 = max(1.0, (abs(t_est) * beta / h) ** 2)
-            left = abs(s_h - step) * t_err + abs(step) ** 3 * k2 / (beta * beta)
+            kk = max(1.0, abs(t_est) * beta / h)
+            q = q_est if (q_est is not None and t_at == beta) else None
+            s_c = _quartic_step(g, h, t_est, q, s_h) if q is not None else None
+            if q is not None and s_c is not None and lo < beta + s_c < hi:
+                # the error left: f''' and f'''' within their estimated errors, f''''' within
+                # the scale K^3 f'' / beta^3
+                left = ((abs(t_est) * s_c * s_c / 2.0 * t_err + abs(q) * abs(s_c) ** 3 / 6.0
+                         * q_err) / h + s_c ** 4 * kk ** 3 / beta ** 3)
+            else:
+                s_c, q = s_h, 0.0
+                left = abs(s_h - step) * t_err + abs(step) ** 3 * kk * kk / (beta * beta)
             if left <= max(tol * tol, floor) * beta:
-                nll = (f + g * s_h + 0.5 * h * s_h * s_h + t_est * s_h ** 3 / 6.0) / n
-                return result(beta + s_h, nll, its, True, None)
-            cand = beta + s_h
+                nll = (f + g * s_c + 0.5 * h * s_c ** 2 + t_est * s_c ** 3 / 6.0
+                       + q * s_c ** 4 / 24.0) / n
+                return result(beta + s_c, nll, its, True, None)
+            cand = beta + s_c
         elif lo_known and hi_known:
             # Closed bracket: the root of the cubic Hermite interpolant of f' (values and slopes
             # at both ends) models f' better than the tangent at one end (saves about one pass).
@@ -547,10 +574,12 @@ def fit_temperature(stats: _Stats, start_t: float, tol: float, max_iter: int,
                 cand = beta + step if newton_ok else math.sqrt(lo * hi)
         elif newton_ok:
             pass
-        elif g < 0:                            # root above beta, bracket open above
-            cand = min(beta * 4.0, b_max)
-        else:                                  # root below beta, bracket open below
-            cand = max(beta / 4.0, b_min)
+        else:
+            # Newton's step leaves the open bracket: Newton's step on log beta when it stays
+            # inside (a factor e at most towards a root below; 4 above), else a factor of 4
+            cand = _log_newton(beta, g, h, lo, hi)
+            if cand is None:
+                cand = min(beta * 4.0, b_max) if g < 0 else max(beta / 4.0, b_min)
         if lo_known and hi_known and hi - lo <= tol * lo:
             return result(math.sqrt(lo * hi), best_nll, its, True, None)
         if its >= max_iter:

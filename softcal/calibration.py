@@ -10,13 +10,14 @@ is convex in beta, so its minimiser is the root of the monotone function f'. One
 the logits (:func:`softcal.functional.temperature_stats`) gives f, f' and f'' at once. On data
 of more than 4,096 rows, Newton's first steps run on a sample of the rows (1/16 of them, at most
 2^23 logits) and the last ones on all rows, with Halley's correction (the third derivative from
-the sample, then from the last two passes): typically 3 full passes (the first at the starting
-T, for the NLL before and the checks) where Newton on all rows takes 6 to 7. The details and the
-stopping rule are in :mod:`softcal._temperature_fit`. The iteration on all rows is safeguarded:
+the sample and regression estimators, then from the last two passes): typically 2 full passes
+(the first at the starting T, for the NLL before and the checks). The details and the stopping
+rule are in :mod:`softcal._temperature_fit`. The iteration on all rows is safeguarded:
 
 * a bracket [lo, hi] with f'(lo) < 0 < f'(hi) is kept from every evaluated point;
 * while the bracket is open on one side, the Newton step beta - f'/f'' is taken when it stays
-  inside, otherwise beta moves by a factor of 4 towards the open side;
+  inside, otherwise Newton's step on log beta if it does, otherwise beta moves by a factor of 4
+  towards the open side;
 * once both ends are known, the next point is the root of the cubic Hermite interpolant of f'
   (f' and f'' at both ends: no extra pass), unless Halley's step is at hand; if that fails,
   Newton or a geometric bisection;

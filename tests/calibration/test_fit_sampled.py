@@ -67,7 +67,8 @@ def test_three_full_passes_at_the_same_exactness(seed, margin, scale):
     t_star = optimum(x, y)
     assert r.converged and r.sample_rows == 3125
     assert r.iterations <= 3, r
-    assert work(r) <= 3.35, (work(r), r)
+    # 2 full passes and about 0.35 of sample work; 3 and about 0.46 where the second is too far
+    assert work(r) <= 3.5, (work(r), r)
     # float32 logits: the kernel's per-row float32 arithmetic sets the floor (about 3e-8; the
     # full-data Newton fit had the same), far below the tests' 1e-5 against scipy
     assert r.temperature == pytest.approx(t_star, rel=2e-7)
