@@ -22,7 +22,9 @@ from test_cross_entropy_llm import composition, make_case, oracle, rel, run
 pytestmark = pytest.mark.skipif(softcal.backend("cpu") != "extension",
                                 reason="needs the compiled extension (the kernels are under test)")
 
-CPU = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cpu"
+# the repository root: the first folder above this file that holds csrc/ (tests/ or tests/<group>/)
+ROOT = next(d for d in pathlib.Path(__file__).resolve().parents if (d / "csrc").is_dir())
+CPU = ROOT / "csrc" / "cpu"
 OPTIONS = [dict(softcap=3.0), dict(z_loss=1e-2), dict(z_loss=0.1, softcap=2.0, eps=0.1),
            dict(softcap=5.0, eps=0.2, weight=True), dict(eps=0.1)]
 
