@@ -1,6 +1,6 @@
 // softcal CPU kernels: the cross-entropy ROW PATH (docs/design.md §4): rows of any length in
 // groups, the forward's statistics, the loss and the gradient of each row from the row terms of
-// cpu/ce_row.h, and the capped row path of a call with a softcap.
+// cpu/ce_row.h, with the call's compile-time variants (ZLoss, Softcap: common.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -64,7 +64,7 @@ double check_targets_and_denom(const CEParams<acc_t>& p, int64_t rows, const cha
 
 // The loss of a non-ignored row from its statistics and ls = log1p(st.arg()), and its [m, ls]
 // (NaN without a softmax: a NaN or +inf logit, or every logit -inf).
-template <typename scalar_t, typename acc_t>
+template <ZLoss kZ, typename scalar_t, typename acc_t>
 inline acc_t row_loss_of_stats(const CEParams<acc_t>& p, const scalar_t* x,
                                const RowStats<acc_t>& st, acc_t ls, int64_t y, acc_t* lse_out) {
   if (!st.has_softmax()) {
@@ -74,7 +74,7 @@ inline acc_t row_loss_of_stats(const CEParams<acc_t>& p, const scalar_t* x,
   lse_out[0] = st.m;
   lse_out[1] = ls;
   const acc_t nll = p.beta * (st.m - static_cast<acc_t>(x[y])) + ls;
-  return row_loss<acc_t>(p, p.weight_of(y), nll, st.D, ls, p.beta * st.m + ls);
+  return row_loss<kZ, acc_t>(p, p.weight_of(y), nll, st.D, ls, p.beta * st.m + ls);
 }
 
 // [m, ls] of a row from its statistics (NaN without a softmax).
@@ -88,7 +88,7 @@ inline void row_lse_of_stats(const RowStats<acc_t>& st, acc_t ls, acc_t* lse_out
 // The true-class elements of a group of n rows (kGroup): grad[j][y[j]] = gb[j] * dL/dz_y from
 // lp[j] = log p_y and the row's lse[j] (rows with grad[j] == nullptr skipped), the group's expm1
 // and exp as vector code. lp is overwritten.
-template <typename scalar_t, typename acc_t>
+template <ZLoss kZ, typename scalar_t, typename acc_t>
 inline void write_true_class(const CEParams<acc_t>& p, scalar_t* const* grad, const int64_t* y,
                              const acc_t* gb, acc_t* lp, const acc_t* lse, int64_t n) {
   constexpr int64_t V = Vec<acc_t>::size();
@@ -99,13 +99,13 @@ inline void write_true_class(const CEParams<acc_t>& p, scalar_t* const* grad, co
     const int64_t k = std::min(V, n - j);
     const Vec<acc_t> v = Vec<acc_t>::loadu(lp + j, k);
     v.expm1().store(em1 + j, k);
-    if (p.needs_p_y()) v.exp().store(e + j, k);
+    if (p.template needs_p_y<kZ>()) v.exp().store(e + j, k);
   }
   for (int64_t j = 0; j < n; ++j) {
     if (grad[j] == nullptr) continue;
     const acc_t w_y = p.weight_of(y[j]);
-    const RowCoef<acc_t> k = row_coef(p, w_y, lse[j]);
-    const acc_t dz = true_class_dz<acc_t>(p, k.ty, k.a_rest, k.cw * w_y, em1[j], e[j]);
+    const RowCoef<acc_t> k = row_coef<kZ>(p, w_y, lse[j]);
+    const acc_t dz = true_class_dz<kZ, acc_t>(p, k.ty, k.a_rest, k.cw * w_y, em1[j], e[j]);
     grad[j][y[j]] = static_cast<scalar_t>(gb[j] * dz);
   }
 }
@@ -115,13 +115,13 @@ inline void write_true_class(const CEParams<acc_t>& p, scalar_t* const* grad, co
 // element: its log p_y goes to *lp_y, for write_true_class over the row's group (a row without
 // a softmax is all NaN, its *lp_y NaN). Returns S of dL/dT = -(g / T) S (t_row_sum) when need_t,
 // its sums over the classes in double (the precision policy, §2).
-template <typename scalar_t, typename acc_t>
+template <ZLoss kZ, typename scalar_t, typename acc_t>
 inline double row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* grad, acc_t m,
                        acc_t ls, int64_t y, acc_t g, bool need_t, acc_t* xbuf, acc_t* gbuf,
                        acc_t* lp_y) {
   constexpr int64_t V = Vec<acc_t>::size();
   const int64_t C = p.C;
-  const RowCoef<acc_t> k = row_coef(p, p.weight_of(y), p.beta * m + ls);
+  const RowCoef<acc_t> k = row_coef<kZ>(p, p.weight_of(y), p.beta * m + ls);
   const acc_t gb = g * p.beta;
   if (!(std::isfinite(m) && std::isfinite(ls))) {  // no softmax: NaN gradient
     if (grad != nullptr) std::fill(grad, grad + C, static_cast<scalar_t>(kNaN<acc_t>));
@@ -171,7 +171,8 @@ inline double row_grad(const CEParams<acc_t>& p, const scalar_t* x, scalar_t* gr
     if (grad != nullptr) store_from_acc(out, grad + c0, n);
   }
   if (!need_t) return 0;
-  return t_row_sum(s_live.sum(), s_masked.sum(), static_cast<double>(k.ty), p.beta, x_y, m, k.a_z);
+  return t_row_sum<kZ>(s_live.sum(), s_masked.sum(), static_cast<double>(k.ty), p.beta, x_y, m,
+                       k.a_z);
 }
 
 // What a pass of the cross-entropy reads and writes (docs/design.md §4: what each pass saves).
@@ -210,24 +211,29 @@ struct CEIo {
   }
 };
 
-// Per-task buffers of the row path.
+// Per-task buffers of the row path; with a soft-cap, a row capped into xc (acc) and its gradient in
+// acc (gc).
 template <typename scalar_t, typename acc_t>
 struct RowScratch {
   std::vector<acc_t> xbuf, gbuf;  // a chunk of logits in acc, a chunk of gradient (bf16/half)
+  std::vector<acc_t> xc, gc;      // Softcap::kOn: the row's capped logits, its gradient
   RowStats<acc_t> st[kGroup];
   alignas(64) acc_t ls[kGroup], gb[kGroup], lp[kGroup], lse[kGroup];
-  scalar_t* grad_row[kGroup];
   int64_t y[kGroup];
   NextMax carry;
-  RowScratch()
+  RowScratch(int64_t C, Softcap cap)
       : xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk),
-        gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk) {}
+        gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : kChunk),
+        xc(cap == Softcap::kOn ? C : 0),
+        gc(cap == Softcap::kOn ? C : 0) {}
 };
 
 // Rows per group: kGroup; the fused pass takes a group's statistics, then writes its gradients
-// while its logits (<= 32 KB) are still in L1/L2.
-template <Pass kPass, typename scalar_t>
+// while its logits (<= 32 KB) are still in L1/L2. With a soft-cap one row (capped into the
+// scratch's row buffer).
+template <Pass kPass, Softcap kCap, typename scalar_t>
 inline int64_t row_group_size(int64_t C) {
+  if constexpr (kCap == Softcap::kOn) return 1;
   if constexpr (kPass != Pass::kFused) return kGroup;
   constexpr int64_t kFusedGroupBytes = 32768;
   return std::clamp<int64_t>(
@@ -236,29 +242,50 @@ inline int64_t row_group_size(int64_t C) {
 }
 
 // One pass over the rows [i0, i0 + ng) of a block that ends at `end` (docs/design.md §4): the
-// forward's statistics (forward, fused), the loss, the gradient (backward, fused).
-template <Pass kPass, typename scalar_t, typename acc_t>
+// forward's statistics (forward, fused), the loss, the gradient (backward, fused). With a soft-cap
+// (kCap, ng = 1) the row is read capped from the scratch (softcap_row) and its gradient computed
+// there in acc, then times the cap's derivative, rounded once into grad (which may alias the
+// logits: the row was read whole before).
+template <Pass kPass, ZLoss kZ, Softcap kCap, typename scalar_t, typename acc_t>
 inline void ce_row_group(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& io, int64_t i0,
-                         int64_t ng, int64_t end, RowScratch<scalar_t, acc_t>& s, BlockSums& sums) {
+                         int64_t ng, int64_t end, RowScratch<scalar_t, acc_t>& s,
+                         BlockSums& block_sums) {
+  // the block's running sums in a local (registers), written back once at the end, in the same
+  // order of additions: updated through the reference, each row's sum was a load-add-store
+  // chain (2 % of the bfloat16 forward at 1e6 x 100, benchmarks/NOTES.md)
+  BlockSums sums = block_sums;
   constexpr bool kStats = kPass != Pass::kBackward;  // reads the row's statistics
   constexpr bool kGrad = kPass != Pass::kForward;    // writes the row's gradient
+  constexpr bool kCapped = kCap == Softcap::kOn;
+  using row_t = std::conditional_t<kCapped, acc_t, scalar_t>;  // the row as the kernels read it
   const int64_t C = p.C;
+  const auto row = [&](int64_t i) -> const row_t* {
+    if constexpr (kCapped)
+      return s.xc.data();
+    else
+      return io.x + i * io.row_stride;
+  };
+  if constexpr (kCapped) {  // the group's one row, capped, where it is read
+    const bool used = p.target[i0] != p.ignore_index || (kStats && p.lse_all && io.lse_out);
+    if (used) softcap_row(io.x + i0 * io.row_stride, C, p.cap, s.xc.data());
+  }
   if constexpr (kStats) {
     for (int64_t j = 0; j < ng; ++j) {
       const int64_t i = i0 + j;
       s.ls[j] = 0;
       if (p.target[i] == p.ignore_index && !(p.lse_all && io.lse_out != nullptr)) continue;
-      const scalar_t* xr = io.x + i * io.row_stride;
+      const row_t* xr = row(i);
       s.st[j] = row_stats(xr, C, p.beta, p.w, p.smoothing == Smoothing::kOn, s.xbuf.data(),
-                          i + 1 < end ? xr + io.row_stride : nullptr, &s.carry);
+                          !kCapped && i + 1 < end ? xr + io.row_stride : nullptr, &s.carry);
       s.ls[j] = s.st[j].arg();
     }
     log1p_n(s.ls, ng);
   }
+  row_t* grad_row[kGroup];  // the rows whose true class write_true_class writes
   for (int64_t j = 0; j < ng; ++j) {
     const int64_t i = i0 + j, y = p.target[i];
     scalar_t* gr = kGrad && io.grad != nullptr ? io.grad + i * C : nullptr;
-    s.grad_row[j] = nullptr;
+    grad_row[j] = nullptr;
     s.y[j] = 0;
     if (y == p.ignore_index) {
       if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
@@ -277,10 +304,10 @@ inline void ce_row_group(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& 
       TORCH_CHECK(y >= 0 && y < C, io.op, ": target[", i, "] = ", y, " is out of range for ", C,
                   " classes");
     }
-    const scalar_t* xr = io.x + i * io.row_stride;
+    const row_t* xr = row(i);
     acc_t lse[2] = {0, 0}, loss = 0;
     if constexpr (kStats) {
-      loss = row_loss_of_stats(p, xr, s.st[j], s.ls[j], y, lse);
+      loss = row_loss_of_stats<kZ>(p, xr, s.st[j], s.ls[j], y, lse);
       if (io.lse_out != nullptr) {
         io.lse_out[2 * i] = lse[0];
         io.lse_out[2 * i + 1] = lse[1];
@@ -292,95 +319,31 @@ inline void ce_row_group(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& 
     double grad_t = 0;
     if constexpr (kGrad) {
       const acc_t g = io.g.of(i);
-      const double S = row_grad(p, xr, gr, lse[0], lse[1], y, g, io.need_t, s.xbuf.data(),
-                                s.gbuf.data(), &s.lp[j]);
+      row_t* go = nullptr;  // where the row's gradient is computed
+      if constexpr (kCapped)
+        go = gr != nullptr ? s.gc.data() : nullptr;
+      else
+        go = gr;
+      const double S = row_grad<kZ>(p, xr, go, lse[0], lse[1], y, g, io.need_t, s.xbuf.data(),
+                                    s.gbuf.data(), &s.lp[j]);
       if (io.need_t) grad_t = -static_cast<double>(g) * S * static_cast<double>(p.beta);
-      if (gr != nullptr && !std::isnan(s.lp[j])) s.grad_row[j] = gr;
+      if (go != nullptr && !std::isnan(s.lp[j])) grad_row[j] = go;
       s.y[j] = y;
       s.gb[j] = g * p.beta;
       s.lse[j] = p.beta * lse[0] + lse[1];
+      if constexpr (kCapped) {
+        if (gr != nullptr) {
+          write_true_class<kZ>(p, grad_row, s.y, s.gb, s.lp, s.lse, 1);
+          softcap_grad_row(s.xc.data(), s.gc.data(), C, p.cap, gr);
+        }
+      }
     }
     io.template emit<kPass>(i, loss, grad_t, sums);
   }
-  if constexpr (kGrad) {
-    if (io.grad != nullptr) write_true_class(p, s.grad_row, s.y, s.gb, s.lp, s.lse, ng);
+  if constexpr (kGrad && !kCapped) {
+    if (io.grad != nullptr) write_true_class<kZ>(p, grad_row, s.y, s.gb, s.lp, s.lse, ng);
   }
-}
-
-// ------------------------------------------------------------------------------------------
-// The capped row path (Softcap::kOn): one row at a time, its logits capped into an acc row
-// buffer (softcap_row), then the row path's statistics and gradient over that buffer, its
-// gradient in acc times the cap's derivative (softcap_grad_row), rounded once into grad (which
-// may alias the logits: the row was read whole before).
-// ------------------------------------------------------------------------------------------
-
-template <typename acc_t>
-struct CapScratch {
-  std::vector<acc_t> xc, g;  // the row's capped logits and its gradient, in acc
-  explicit CapScratch(int64_t C) : xc(C), g(C) {}
-};
-
-template <Pass kPass, typename scalar_t, typename acc_t>
-inline void ce_row_capped(const CEParams<acc_t>& p, const CEIo<scalar_t, acc_t>& io, int64_t i,
-                          CapScratch<acc_t>& s, BlockSums& sums) {
-  constexpr bool kStats = kPass != Pass::kBackward;
-  constexpr bool kGrad = kPass != Pass::kForward;
-  const int64_t C = p.C, y = p.target[i];
-  const bool ignored = y == p.ignore_index;
-  scalar_t* gr = kGrad && io.grad != nullptr ? io.grad + i * C : nullptr;
-  const bool lse_of_ignored = kStats && p.lse_all && io.lse_out != nullptr;
-  if (ignored && !lse_of_ignored) {
-    if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
-    if constexpr (kStats) {
-      if (io.lse_out != nullptr) io.lse_out[2 * i] = io.lse_out[2 * i + 1] = 0;
-    }
-    io.template emit<kPass>(i, 0, 0, sums);
-    return;
-  }
-  if constexpr (kPass == Pass::kBackward) {
-    TORCH_CHECK(y >= 0 && y < C, io.op, ": target[", i, "] = ", y, " is out of range for ", C,
-                " classes");
-  }
-  acc_t* xc = s.xc.data();
-  softcap_row(io.x + i * io.row_stride, C, p.cap, xc);
-  acc_t lse[2] = {0, 0}, loss = 0;
-  if constexpr (kStats) {
-    const RowStats<acc_t> st =
-        row_stats(static_cast<const acc_t*>(xc), C, p.beta, p.w, p.smoothing == Smoothing::kOn,
-                  static_cast<acc_t*>(nullptr));
-    const acc_t ls = std::log1p(st.arg());
-    if (ignored) {
-      row_lse_of_stats(st, ls, io.lse_out + 2 * i);
-      if (gr != nullptr) std::fill(gr, gr + C, scalar_t(0));
-      io.template emit<kPass>(i, 0, 0, sums);
-      return;
-    }
-    loss = row_loss_of_stats(p, static_cast<const acc_t*>(xc), st, ls, y, lse);
-    if (io.lse_out != nullptr) {
-      io.lse_out[2 * i] = lse[0];
-      io.lse_out[2 * i + 1] = lse[1];
-    }
-  } else {
-    lse[0] = io.lse_in[2 * i];
-    lse[1] = io.lse_in[2 * i + 1];
-  }
-  double grad_t = 0;
-  if constexpr (kGrad) {
-    const acc_t g = io.g.of(i);
-    acc_t* ga = gr != nullptr ? s.g.data() : nullptr;
-    alignas(64) acc_t lp[kGroup] = {}, gb[kGroup] = {g * p.beta},
-                      lser[kGroup] = {p.beta * lse[0] + lse[1]};
-    const int64_t ys[1] = {y};
-    const double S = row_grad(p, static_cast<const acc_t*>(xc), ga, lse[0], lse[1], y, g, io.need_t,
-                              static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), &lp[0]);
-    if (io.need_t) grad_t = -static_cast<double>(g) * S * static_cast<double>(p.beta);
-    if (ga != nullptr) {
-      acc_t* rows[1] = {std::isnan(lp[0]) ? nullptr : ga};
-      write_true_class(p, rows, ys, gb, lp, lser, 1);
-      softcap_grad_row(static_cast<const acc_t*>(xc), ga, C, p.cap, gr);
-    }
-  }
-  io.template emit<kPass>(i, loss, grad_t, sums);
+  block_sums = sums;
 }
 
 }  // namespace cpu

@@ -1,6 +1,7 @@
 // softcal CPU kernels: the tile path of the cross-entropy for small class counts (C <= 32, float
 // accumulation): 16 rows per vector, one skeleton for the forward, backward and fused passes
-// (docs/design.md §4). The maths is the row terms of cpu/ce_row.h.
+// (docs/design.md §4). The maths is the row terms of cpu/ce_row.h, with the call's compile-time
+// variants (ZLoss, Softcap: common.h): a tile without them holds no trace of them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -71,12 +72,14 @@ struct TileBuffers {
 };
 
 // Loads rows [i0, i0 + nr) into the tile, reads the targets (checked: an error names the row)
-// and gathers the classes into tT. Returns the row-major tile (tb, or the logits themselves).
-template <typename scalar_t>
+// and gathers the classes into tT (Softcap::kOn: capped there, c tanh(x / c)). Returns the
+// row-major tile (tb, or the logits themselves), as read (not capped).
+template <Softcap kCap, typename scalar_t>
 SOFTCAL_ALWAYS_INLINE const float* tile_load(const TileShape& ts, const scalar_t* x,
                                              int64_t row_stride, const int64_t* target,
                                              int64_t ignore_index, int64_t i0, int64_t nr,
-                                             TileBuffers& b, TileRows& t, const char* op) {
+                                             float cap, TileBuffers& b, TileRows& t,
+                                             const char* op) {
   constexpr int64_t R = TileShape::R;
   const int64_t C = ts.C;
   const float* tile;
@@ -116,12 +119,32 @@ SOFTCAL_ALWAYS_INLINE const float* tile_load(const TileShape& ts, const scalar_t
     t.yidx[l] = static_cast<int32_t>(l * C + y);
   }
   const at::vec::Vectorized<int32_t> vcol = at::vec::Vectorized<int32_t>::loadu(ts.col);
-  for (int64_t c = 0; c < C; ++c) at::vec::gather<4>(tile + c, vcol).store(b.tT + c * R);
+  for (int64_t c = 0; c < C; ++c) {
+    const Vec<float> v = at::vec::gather<4>(tile + c, vcol);
+    if constexpr (kCap == Softcap::kOn)
+      softcap_vec(v, Vec<float>(cap)).store(b.tT + c * R);
+    else
+      v.store(b.tT + c * R);
+  }
   return tile;
 }
 
+// x_y of each lane as the loss sees it: from the row-major tile as read, or (Softcap::kOn) the
+// capped value in tT.
+template <Softcap kCap>
+inline Vec<float> tile_true_logit(const float* tile, const TileBuffers& b, const TileRows& t) {
+  constexpr int64_t R = TileShape::R;
+  if constexpr (kCap == Softcap::kOn) {
+    alignas(64) int32_t idx[R];
+    for (int64_t l = 0; l < R; ++l) idx[l] = static_cast<int32_t>(t.y[l] * R + l);
+    return at::vec::gather<4>(b.tT, at::vec::Vectorized<int32_t>::loadu(idx));
+  } else {
+    return at::vec::gather<4>(tile, at::vec::Vectorized<int32_t>::loadu(t.yidx));
+  }
+}
+
 // Forward of a loaded tile: per lane m, ls, x_y and the loss (RowStats; row_loss of ce_row.h).
-template <bool kDot>
+template <bool kDot, ZLoss kZ, Softcap kCap>
 __attribute__((noinline))  // out of line, as before the split: the tile loop around it stays small
 void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* tile, TileBuffers& b,
                   TileRows& t) {
@@ -150,14 +173,14 @@ void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* ti
     }
   }
   const V ls = ((n1 - one) + rest).log1p();
-  const V xy = at::vec::gather<4>(tile, at::vec::Vectorized<int32_t>::loadu(t.yidx));
+  const V xy = tile_true_logit<kCap>(tile, b, t);
   V wy = one;
   if (p.w != nullptr) {
     alignas(64) float wyl[R];
     for (int64_t l = 0; l < R; ++l) wyl[l] = p.w[t.y[l]];
     wy = V::loadu(wyl);
   }
-  const V loss = row_loss<V>(p, wy, vb * (vm - xy) + ls, D, ls, vb * vm + ls);
+  const V loss = row_loss<kZ, V>(p, wy, vb * (vm - xy) + ls, D, ls, vb * vm + ls);
   vm.store(t.m);
   ls.store(t.ls);
   xy.store(t.xy);
@@ -172,8 +195,9 @@ void tile_forward(const TileShape& ts, const CEParams<float>& p, const float* ti
 
 // Gradient of a tile (rows with valid && ok; t.m, t.ls, t.xy, t.g set; t.g = upstream gradient
 // of the row), written row-major into out (nr rows, contiguous); with need_t, t.S = the row's
-// sum for dL/dT (t_row_sum), its sums over the classes in double (§2).
-template <typename scalar_t>
+// sum for dL/dT (t_row_sum), its sums over the classes in double (§2). Softcap::kOn: the gradient
+// times the cap's derivative (tT holds the capped logits).
+template <ZLoss kZ, Softcap kCap, typename scalar_t>
 inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers& b, TileRows& t,
                       int64_t nr, bool need_t, scalar_t* out) {
   constexpr int64_t R = TileShape::R;
@@ -181,11 +205,11 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   const int64_t C = ts.C;
   alignas(64) float ml[R], lsl[R], coefl[R], cwl[R], Al[R], tyl[R], wyl[R], arl[R], azl[R];
   float a_rest = 0, cw = 0;
-  const bool zl = p.zloss == ZLoss::kOn;  // (per row only with a z-loss: 2 zl lse)
+  constexpr bool zl = kZ == ZLoss::kOn;  // (per row only with a z-loss: 2 zl lse)
   for (int64_t l = 0; l < R; ++l) {
     const bool live = t.valid[l] && t.ok[l];
     const float w_y = p.weight_of(t.y[l]);
-    const RowCoef<float> k = row_coef(p, w_y, zl && live ? p.beta * t.m[l] + t.ls[l] : 0.0f);
+    const RowCoef<float> k = row_coef<kZ>(p, w_y, zl && live ? p.beta * t.m[l] + t.ls[l] : 0.0f);
     const float gb = live ? t.g[l] * p.beta : 0.0f;
     ml[l] = live ? t.m[l] : 0.0f;
     lsl[l] = live ? t.ls[l] : 0.0f;
@@ -194,7 +218,7 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
     Al[l] = k.A;
     tyl[l] = k.ty;
     wyl[l] = w_y;
-    if (zl) {
+    if constexpr (zl) {
       arl[l] = k.a_rest;
       azl[l] = k.a_z;
     }
@@ -223,9 +247,9 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
   }
   // the true class (true_class_dz), for the 16 rows at once
   const V lp = vb * (V::loadu(t.xy) - vm) + vnls;
-  const V e_y = p.needs_p_y() ? lp.exp() : zero;
-  const V dzy = true_class_dz<V>(p, V::loadu(tyl), zl ? V::loadu(arl) : V(a_rest),
-                                 vk_cw * V::loadu(wyl), lp.expm1(), e_y);
+  const V e_y = p.template needs_p_y<kZ>() ? lp.exp() : zero;
+  const V dzy = true_class_dz<kZ, V>(p, V::loadu(tyl), zl ? V::loadu(arl) : V(a_rest),
+                                     vk_cw * V::loadu(wyl), lp.expm1(), e_y);
   alignas(64) float dzyl[R];
   alignas(64) double Sl[R], Ml[R];
   dzy.store(dzyl);
@@ -246,8 +270,13 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
     }
     b.gT[t.y[l] * R + l] = t.g[l] * p.beta * dzyl[l];
     if (need_t)
-      t.S[l] = t_row_sum(Sl[l], Ml[l], static_cast<double>(tyl[l]), p.beta, t.xy[l], t.m[l],
-                         zl ? azl[l] : 0.0f);
+      t.S[l] = t_row_sum<kZ>(Sl[l], Ml[l], static_cast<double>(tyl[l]), p.beta, t.xy[l], t.m[l],
+                             zl ? azl[l] : 0.0f);
+  }
+  if constexpr (kCap == Softcap::kOn) {
+    const V vc(p.cap);
+    for (int64_t c = 0; c < C; ++c)
+      (V::loadu(b.gT + c * R) * softcap_slope(V::loadu(b.tT + c * R), vc)).store(b.gT + c * R);
   }
   // back to row-major: flat vector k of the tile gathers its elements from gT
   float* o = std::is_same_v<scalar_t, float> && nr == R ? reinterpret_cast<float*>(out) : b.ob;
@@ -259,13 +288,12 @@ inline void tile_grad(const TileShape& ts, const CEParams<float>& p, TileBuffers
 // Whether the tile path takes this call.
 template <typename scalar_t>
 inline bool use_tiles(int64_t C) {
-  // (a call with a soft-cap takes the capped row path: run_pass)
   return std::is_same_v<at::opmath_type<scalar_t>, float> && C >= 1 && C <= kTileMaxC;
 }
 
 // One pass of the tile path over blocks [b0, b1) of bs rows (docs/design.md §4): the forward's
 // statistics and loss (forward, fused), the gradient (backward, fused), per tile of 16 rows.
-template <Pass kPass, typename scalar_t>
+template <Pass kPass, ZLoss kZ, Softcap kCap, typename scalar_t>
 void ce_tile_blocks(const CEParams<float>& p, const CEIo<scalar_t, float>& io, int64_t bs,
                     int64_t b0, int64_t b1, BlockSums* parts) {
   constexpr bool kStats = kPass != Pass::kBackward;
@@ -276,25 +304,28 @@ void ce_tile_blocks(const CEParams<float>& p, const CEIo<scalar_t, float>& io, i
   TileRows t;
   for_block_groups(
       io.rows, bs, b0, b1, R, parts, [&](int64_t i0, int64_t nr, int64_t, BlockSums& sums) {
-        const float* tile =
-            tile_load(ts, io.x, io.row_stride, p.target, p.ignore_index, i0, nr, bufs, t, io.op);
+        const float* tile = tile_load<kCap>(ts, io.x, io.row_stride, p.target, p.ignore_index, i0,
+                                            nr, p.cap, bufs, t, io.op);
         if constexpr (kStats) {
           if (p.smoothing == Smoothing::kOn)
-            tile_forward<true>(ts, p, tile, bufs, t);
+            tile_forward<true, kZ, kCap>(ts, p, tile, bufs, t);
           else
-            tile_forward<false>(ts, p, tile, bufs, t);
+            tile_forward<false, kZ, kCap>(ts, p, tile, bufs, t);
         } else {  // the forward's [m, ls]
           for (int64_t l = 0; l < R; ++l) {
             const bool in = l < nr;
             t.m[l] = in ? io.lse_in[2 * (i0 + l)] : 0.0f;
             t.ls[l] = in ? io.lse_in[2 * (i0 + l) + 1] : 0.0f;
             t.ok[l] = std::isfinite(t.m[l]) && std::isfinite(t.ls[l]);
-            t.xy[l] = tile[t.yidx[l]];
           }
+          if constexpr (kCap == Softcap::kOn)
+            tile_true_logit<kCap>(tile, bufs, t).store(t.xy);
+          else
+            for (int64_t l = 0; l < R; ++l) t.xy[l] = tile[t.yidx[l]];
         }
         if constexpr (kGrad) {
           for (int64_t l = 0; l < R; ++l) t.g[l] = l < nr && t.valid[l] ? io.g.of(i0 + l) : 0.0f;
-          tile_grad(ts, p, bufs, t, nr, io.need_t, io.grad + i0 * p.C);
+          tile_grad<kZ, kCap>(ts, p, bufs, t, nr, io.need_t, io.grad + i0 * p.C);
         }
         // the tile's outputs, per row or added to the block's sums in row order; one loop per
         // output, so that each running sum stays in a register (interleaved with the stores of the

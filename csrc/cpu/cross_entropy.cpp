@@ -6,7 +6,8 @@
 //   backward  dL/dx_c = beta g (A p_c - (eps / C) w_c - (1 - eps) w_y [c == y]), and dL/dT
 //   fused     both in one read of the logits, the gradient for g = 1 (1 / denom for mean)
 // with the LLM terms (schemas.h): + zl lse^2 on the loss and 2 zl lse on A (z-loss, a row term),
-// the logits capped c tanh(x / c) as they are read (soft-cap: the capped row path).
+// the logits capped c tanh(x / c) as they are read (soft-cap, an element map); each a
+// compile-time variant of both paths (run_pass switches once).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,8 +31,9 @@ namespace softcal {
 namespace cpu {
 namespace {
 
-// Runs pass kPass over every row; returns the sums of each block of reduce_block_rows(rows)
-// rows (a function of the row count only: the same bits for any thread count).
+// Runs pass kPass over every row, the call's variants (ZLoss, Softcap) switched once
+// (llm_switch); returns the sums of each block of reduce_block_rows(rows) rows (a function of the
+// row count only: the same bits for any thread count).
 template <Pass kPass, typename scalar_t>
 std::vector<BlockSums> run_pass(const CEParams<at::opmath_type<scalar_t>>& p,
                                 const CEIo<scalar_t, at::opmath_type<scalar_t>>& io) {
@@ -40,30 +42,24 @@ std::vector<BlockSums> run_pass(const CEParams<at::opmath_type<scalar_t>>& p,
   const int64_t blocks = (io.rows + bs - 1) / bs;
   std::vector<BlockSums> parts(blocks);
   const int64_t grain = std::max<int64_t>(1, row_grain(p.C) / bs);
-  if (p.softcap == Softcap::kOn) {  // switched once: the kernels without a cap are unchanged
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      CapScratch<acc_t> scratch(p.C);
-      for_block_groups(io.rows, bs, b0, b1, 1, parts.data(),
-                       [&](int64_t i0, int64_t, int64_t, BlockSums& sums) {
-                         ce_row_capped<kPass>(p, io, i0, scratch, sums);
-                       });
-    });
-    return parts;
-  }
   // the backward of dL/dT alone (no logits gradient) takes the row path
   const bool tiles = use_tiles<scalar_t>(p.C) && (kPass != Pass::kBackward || io.grad != nullptr);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (tiles) {
-        ce_tile_blocks<kPass>(p, io, bs, b0, b1, parts.data());
-        return;
+  llm_switch(p, [&](auto z, auto cap) {
+    constexpr ZLoss kZ = decltype(z)::value;
+    constexpr Softcap kCap = decltype(cap)::value;
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (tiles) {
+          ce_tile_blocks<kPass, kZ, kCap>(p, io, bs, b0, b1, parts.data());
+          return;
+        }
       }
-    }
-    RowScratch<scalar_t, acc_t> scratch;
-    for_block_groups(io.rows, bs, b0, b1, row_group_size<kPass, scalar_t>(p.C), parts.data(),
-                     [&](int64_t i0, int64_t ng, int64_t end, BlockSums& sums) {
-                       ce_row_group<kPass>(p, io, i0, ng, end, scratch, sums);
-                     });
+      RowScratch<scalar_t, acc_t> scratch(p.C, kCap);
+      for_block_groups(io.rows, bs, b0, b1, row_group_size<kPass, kCap, scalar_t>(p.C),
+                       parts.data(), [&](int64_t i0, int64_t ng, int64_t end, BlockSums& sums) {
+                         ce_row_group<kPass, kZ, kCap>(p, io, i0, ng, end, scratch, sums);
+                       });
+    });
   });
   return parts;
 }
