@@ -18,7 +18,7 @@ from softcal import reference
 from softcal._temperature_sample import Regression, row_stats
 from softcal.calibration import TemperatureScaler
 
-DATA = Path(__file__).parent / "data" / "logits" / "netcal"
+DATA = Path(__file__).resolve().parents[1] / "data" / "logits" / "netcal"
 
 
 def problem(n, c, seed=0, margin=4.0, scale=8.0, dtype=torch.float32):

@@ -5,7 +5,7 @@ common.h's ZLoss and Softcap, so that a call without them runs kernels with no t
 The tile path now takes the soft-capped calls too (before, every capped call took a separate
 capped row path, one row at a time).
 
-The numbers are checked against the float64 composition of tests/test_cross_entropy_llm.py,
+The numbers are checked against the float64 composition of tests/loss/test_cross_entropy_llm.py,
 within what eager PyTorch achieves in the same dtype; the structure by reading the kernel
 headers. Under SOFTCAL_EMULATE_CUDA=1 the numerical cases run the CUDA kernels.
 """
