@@ -421,6 +421,10 @@ def main(argv=None):
             rows += r
         h = dict(heads[0])
         h["command"] = " ; ".join(x["command"] for x in heads)
+        h["versions"] = {k: next((x["versions"][k] for x in heads if x["versions"].get(k)), None)
+                         for x0 in heads for k in x0["versions"]}  # each library's version where one head has it
+        order = {f: i for i, (f, _) in enumerate(FILES)}
+        rows.sort(key=lambda r: order.get(r["file"], len(order)))  # stable: each file's rows together
         write_table(out, h, rows, name="calibrators.csv")
         markdown(out)
         return
@@ -482,7 +486,9 @@ def markdown(out):
              "Written by `benchmarks/bench_calibrators.py` (the command, date, machine and versions "
              "of each part below). Measured on a shared 2-core machine under load (other jobs "
              "running, load average about 18): the times are upper bounds; torch uses 1 thread. "
-             "Metrics on the scoring rows; ECE and classwise ECE with 15 equal-width bins.", ""]
+             "Metrics on the scoring rows; ECE and classwise ECE with 15 equal-width bins. The "
+             "dirichletcal rows (benchmarks/bench_dirichletcal.py: its own Python 3.12 venv, softcal's "
+             "CV-chosen ODIR weights on its scale) give the CPU time of one thread.", ""]
     if (out / "calibrators.csv").exists():
         head, rows = _read_csv(out / "calibrators.csv")
         lines += [f"Command: `{head['command']}`; {head['date']}; {head['machine']}; versions "
