@@ -99,7 +99,7 @@ class Rows:
         self._dtype: Optional[torch.dtype] = None
         if group is None:
             self.options = options(Signature(fn)) if options is not None else None
-            source = self._source(fn, data, labels, model, progress, False)
+            source = _fd.fit_source(fn, data, labels, model, progress, False)
         else:
             from ..distributed import _dist
 
@@ -107,7 +107,7 @@ class Rows:
 
             def checks(sig: Signature) -> Tuple[Any, Any]:
                 opts = options(sig) if options is not None else None
-                return opts, self._source(fn, data, labels, model, progress, True)
+                return opts, _fd.fit_source(fn, data, labels, model, progress, True)
 
             (self.options, source), _ = agree_on(fn, group, checks)
         self._stats = _Stats(fn, source, check_probabilities, group)
@@ -116,25 +116,6 @@ class Rows:
         self.device = torch.device("cpu")
         self._validated = False
         self._validate()
-
-    @staticmethod
-    def _source(fn: str, data: Any, labels: Any, model: Optional[torch.nn.Module], progress: bool,
-                distributed: bool) -> Any:
-        if isinstance(data, torch.nn.Module):
-            if labels is None:
-                raise ValueError(f"{fn}: fit(model, loader) needs a loader as the second argument")
-            return _fd.collect_logits(fn, data, labels, progress, distributed)
-        if _fd.is_array(data):
-            if labels is None:
-                raise ValueError(f"{fn}: labels is required with logits (fit(logits, labels))")
-            return [(data, labels)]
-        if labels is not None:
-            raise TypeError(
-                f"{fn}: data must be a tensor, numpy array, nn.Module or an iterable of "
-                f"(logits, labels) chunks, got {type(data).__name__} with labels")
-        if model is not None:
-            return _fd.collect_logits(fn, model, data, progress, distributed)
-        return _fd.chunk_source(fn, data)
 
     def _read(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
         row0 = 0
