@@ -11,18 +11,13 @@ The spawn runs under a deadline, so a hang fails the test instead of blocking th
 
 from __future__ import annotations
 
-import datetime
-import os
-import re
-import sys
-import tempfile
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+import agreement_harness
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -145,65 +140,9 @@ CASES = [
 ]
 
 
-def _entry(rank, world, init_file, names, out_dir):
-    torch.set_num_threads(1)
-    if os.environ.get("SOFTCAL_EMULATE_CUDA", "0") == "1":  # as tests/conftest.py does
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_emu"))
-        import emulator
-
-        emulator.install()
-    from softcal._teardown import release_group_references
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=45))
-    cases = {fn.__name__: (fn, exc, pattern) for fn, exc, pattern in CASES}
-    report = []
-    try:
-        for name in names:
-            fn, exc_type, pattern = cases[name]
-            t0 = time.perf_counter()
-            try:
-                fn(rank, world)
-                outcome = "no error"
-            except Exception as exc:  # noqa: BLE001 (compared below)
-                outcome = f"{type(exc).__name__}: {exc}"
-            seconds = time.perf_counter() - t0
-            msgs = [None] * world
-            dist.all_gather_object(msgs, outcome)        # the group still works ...
-            ones = torch.ones(3)
-            dist.all_reduce(ones)                        # ... and sums right
-            problems = []
-            want = "" if exc_type is None else exc_type.__name__ + ": "
-            if not outcome.startswith(want) or not re.search(pattern, outcome):
-                problems.append(f"expected {want or 'no error'} matching {pattern!r}, got {outcome!r}")
-            if len(set(msgs)) != 1:
-                problems.append(f"the ranks raised different errors: {msgs}")
-            if seconds > CASE_SECONDS:
-                problems.append(f"took {seconds:.1f} s")
-            if ones.tolist() != [float(world)] * 3:
-                problems.append(f"a later all_reduce gave {ones.tolist()}")
-            report.append(f"{name}: " + ("ok" if not problems else "; ".join(problems)))
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write("\n".join(report))
-        release_group_references()
-        dist.destroy_process_group()
-
-
 def _run(world, names):
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.spawn(_entry, args=(world, os.path.join(tmp, "init"), names, tmp),
-                       nprocs=world, join=False)
-        deadline = time.monotonic() + SPAWN_DEADLINE
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                path = os.path.join(tmp, "rank0.txt")
-                done = open(path).read() if os.path.exists(path) else "(no report)"
-                pytest.fail(f"{world} ranks hung (deadline {SPAWN_DEADLINE} s); report: {done}")
-        return [open(os.path.join(tmp, f"rank{r}.txt")).read().splitlines() for r in range(world)]
+    return agreement_harness.run_cases(__name__, world, names, gloo_seconds=45, case_seconds=CASE_SECONDS,
+                                       spawn_deadline=SPAWN_DEADLINE)
 
 
 @pytest.mark.parametrize("world", [2, 3])

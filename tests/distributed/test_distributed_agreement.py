@@ -10,21 +10,14 @@ instead of blocking CI), and a rank killed by a signal (gloo's abort on a size m
 
 from __future__ import annotations
 
-import datetime
-import os
-import re
-import sys
-import tempfile
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import agreement_harness
 from softcal import metrics as M
-from softcal._teardown import release_group_references
 from softcal.distributed import vocab_parallel_cross_entropy as vpce
 from softcal.nn import TemperatureScaler
 
@@ -272,67 +265,10 @@ CASES = [
 ]
 
 
-# ---------------------------------------------------------------------- the harness
-def _entry(rank, world, init_file, names, out_dir):
-    torch.set_num_threads(1)
-    if os.environ.get("SOFTCAL_EMULATE_CUDA", "0") == "1":  # as tests/conftest.py does
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_emu"))
-        import emulator
-
-        emulator.install()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    cases = {fn.__name__: (fn, exc, pattern) for fn, exc, pattern in CASES}
-    report = []
-    try:
-        for name in names:
-            fn, exc_type, pattern = cases[name]
-            t0 = time.perf_counter()
-            try:
-                fn(rank, world)
-                outcome = "no error"
-            except Exception as exc:  # noqa: BLE001 (compared below)
-                outcome = f"{type(exc).__name__}: {exc}"
-            seconds = time.perf_counter() - t0
-            msgs = [None] * world
-            dist.all_gather_object(msgs, outcome)        # the group still works ...
-            ones = torch.ones(3)
-            dist.all_reduce(ones)                        # ... and sums right
-            problems = []
-            if not outcome.startswith(exc_type.__name__ + ": ") or not re.search(pattern, outcome):
-                problems.append(f"expected {exc_type.__name__} matching {pattern!r}, got "
-                                f"{outcome!r}")
-            if len(set(msgs)) != 1:
-                problems.append(f"the ranks raised different errors: {msgs}")
-            if seconds > CASE_SECONDS:
-                problems.append(f"took {seconds:.1f} s")
-            if ones.tolist() != [float(world)] * 3:
-                problems.append(f"a later all_reduce gave {ones.tolist()}")
-            report.append(f"{name}: " + ("ok" if not problems else "; ".join(problems)))
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write("\n".join(report))
-        release_group_references()  # (no reference left to the group: softcal/_teardown.py)
-        dist.destroy_process_group()
-
-
 def run_cases(world, names):
-    """Spawn ``world`` gloo ranks running the named cases; return rank 0's report lines."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.spawn(_entry, args=(world, os.path.join(tmp, "init"), names, tmp),
-                       nprocs=world, join=False)
-        deadline = time.monotonic() + SPAWN_DEADLINE
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                done = open(os.path.join(tmp, "rank0.txt")).read() if os.path.exists(
-                    os.path.join(tmp, "rank0.txt")) else "(no report)"
-                pytest.fail(f"{world} ranks hung (deadline {SPAWN_DEADLINE} s); report: {done}")
-        reports = [open(os.path.join(tmp, f"rank{r}.txt")).read().splitlines()
-                   for r in range(world)]
-    return reports
+    """Spawn ``world`` gloo ranks running the named cases; return each rank's report lines."""
+    return agreement_harness.run_cases(__name__, world, names, gloo_seconds=60, case_seconds=CASE_SECONDS,
+                                       spawn_deadline=SPAWN_DEADLINE)
 
 
 @pytest.mark.parametrize("world", [2, 3])
