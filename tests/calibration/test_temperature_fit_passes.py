@@ -17,17 +17,9 @@ import torch
 from softcal import reference
 from softcal._temperature_sample import Regression, row_stats
 from softcal.calibration import TemperatureScaler
+from test_fit_sampled import problem  # benchmarks/bench_fit.py's overconfident classifier
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "logits" / "netcal"
-
-
-def problem(n, c, seed=0, margin=4.0, scale=8.0, dtype=torch.float32):
-    """benchmarks/bench_fit.py's overconfident classifier (T* about 2 at its defaults)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, c, (n,), generator=g)
-    z = torch.randn(n, c, generator=g)
-    z[torch.arange(n), y] += margin
-    return (scale * z).to(dtype).contiguous(), y
 
 
 def grad64(x, y, beta):
