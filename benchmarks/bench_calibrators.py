@@ -325,6 +325,13 @@ def speed(args):
 DC_LAM, DC_MU = 1e3, 1e-2  # ODIR values of the dirichletcal comparison (softcal's scale)
 
 
+def one_thread_env():
+    """The environment of a dirichletcal child: one thread for jax/XLA and BLAS, as torch has, so that
+    the times compared are CPU times of one thread each."""
+    return dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+                OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
 def _dirichletcal_row(python, xv, yv):
     """DirichletCalibrator(lam, mu) against dirichletcal's FullDirichletCalibrator on the same
     objective: its inputs are softcal's features exponentiated (p clamped at eps, so its
@@ -353,11 +360,8 @@ def _dirichletcal_row(python, xv, yv):
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         np.savez(src, X=phi.exp().numpy(), y=yv.numpy(), reg_lambda=DC_LAM / (c * (c - 1)), reg_mu=DC_MU / c)
-        # one thread for jax/XLA as for torch: the times compared are CPU times of one thread each
-        env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-                   OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         subprocess.run([python, str(ROOT / "benchmarks" / "_dirichletcal_fit.py"), src, dst], check=True,
-                       stdout=subprocess.DEVNULL, env=env)
+                       stdout=subprocess.DEVNULL, env=one_thread_env())
         d = np.load(dst)
         wt = torch.from_numpy(d["weights"])
         pwall, pt, ver = float(d["fit_s"]), float(d["cpu_s"]), str(d["version"])

@@ -56,8 +56,6 @@ def main(argv=None):
     p.add_argument("--methods", default="ts,vector,matrix,dirichlet")
     args = p.parse_args(argv)
     out = Path(args.out)
-    env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     rows, ver = [], None
     for i, (fname, path) in enumerate(BC.FILES):
         if args.files is not None and i not in args.files:
@@ -72,7 +70,7 @@ def main(argv=None):
                      lam_ms=ms["lam"] / (c * (c - 1)), mu_ms=ms["mu"] / c,
                      lam_dir=di["lam"] / (c * (c - 1)), mu_dir=di["mu"] / c)
             subprocess.run([args.python, str(ROOT / "benchmarks" / "_dirichletcal_table.py"), src, dst,
-                            *args.methods.split(",")], check=True, env=env)
+                            *args.methods.split(",")], check=True, env=BC.one_thread_env())
             d = np.load(dst)
             ver = str(d["version"])
             for m in args.methods.split(","):
