@@ -145,7 +145,8 @@ inline void define_ops(torch::Library& m) {
       "-> (Tensor grad_logits, Tensor grad_target, Tensor grad_temperature)");
   // ---------------------------------------------------------------- calibrators (CPU only)
   // Isotonic regression, one problem per row (softcal.nn.IsotonicCalibrator's fit; no CUDA
-  // kernel: the calibrator fits on the CPU). x, y: (K, n) float64 CPU, x without NaN, y finite;
+  // kernel: the calibrator fits on the CPU). x, y: (K, n) float64 CPU (x read at its strides),
+  // x without NaN, y finite;
   // w: (K, n) float64 > 0, or None for weights 1. Row k: the non-decreasing least-squares fit of
   // y_k on x_k with weights w_k (points with equal x pooled; adjacent blocks with equal means
   // merged), as knots: each block gives (its smallest x, its mean) and, when it spans more than

@@ -3,17 +3,16 @@
 // every (row, class) pair). The contract is in csrc/schemas.h.
 //
 // One problem, row k of the inputs: points (x_i, y_i, w_i), i < n. The points are sorted by x
-// (std::sort of (key, index) pairs below kRadixMin points, an LSD radix sort of the keys above:
-// 11-bit digits, a digit that every key shares is skipped, so probabilities in [0, 1] take 3-4
-// passes), points with equal x are pooled (weights summed, w y summed), then the pools are
-// merged left to right on a stack: a new pool is merged into the top of the stack while the
-// top's mean is >= the new one's (ties merged, as the Python fallback in
-// softcal/calibrators/_binning.py, so that both give the same blocks). Each block gives the knot
-// (smallest x, mean) and, when it spans more than one x, the knot (largest x, mean): linear
-// interpolation through the knots is the least-squares fit at every point (scikit-learn's
-// IsotonicRegression convention). The means are sums divided once per block; the sums are in
-// the sorted order, in double. O(n log n) (or O(n) with the radix sort) per problem; the
-// problems run in parallel (at::parallel_for).
+// (sort_words: std::sort below kRadixMin points, above it a radix sort of the keys' top 32
+// bits, then each run of equal cut keys by the exact x), points with equal x are pooled
+// (weights summed, w y summed), then the pools are merged left to right on a stack: a new pool
+// is merged into the top of the stack while the top's mean is >= the new one's (ties merged, as
+// the Python fallback in softcal/calibrators/_pav.py, so that both give the same blocks). Each
+// block gives the knot (smallest x, mean) and, when it spans more than one x, the knot (largest
+// x, mean): linear interpolation through the knots is the least-squares fit at every point
+// (scikit-learn's IsotonicRegression convention). The means are sums divided once per block;
+// the sums are in the sorted order, in double. O(n) per problem with the radix sort (plus the
+// runs of near ties); the problems run in parallel (at::parallel_for).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,123 +30,179 @@ namespace {
 constexpr int64_t kRadixMin = 512;  // from this many points a problem is radix-sorted
 constexpr int kDigitBits = 11;
 constexpr int kBuckets = 1 << kDigitBits;
-constexpr int kDigits = (64 + kDigitBits - 1) / kDigitBits;  // 6 digits of a 64-bit key
+constexpr int kDigits = 3;  // of the key's top 32 bits: bits 32-42, 43-53, 54-63
 
-// The bits of a double as an unsigned key with the same order (-0.0 before +0.0; no NaN here).
+// The bits of a double as an unsigned key with the same order (-0.0 as +0.0: the same x, pooled;
+// a NaN above +inf or below -inf).
 inline uint64_t order_key(double v) {
+  v += 0.0;  // -0.0 + 0.0 = +0.0
   uint64_t u;
   std::memcpy(&u, &v, sizeof u);
   return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
 }
 
-// order[0..n) = the indices of x in ascending order of x. The counts of every digit are taken
-// in one read of the keys; a digit that every key shares is skipped (no pass).
-void sort_indices(const double* x, int64_t n, std::vector<uint32_t>& order,
-                  std::vector<uint64_t>& keys, std::vector<uint64_t>& keys2,
-                  std::vector<uint32_t>& order2, std::vector<int64_t>& count) {
-  order.resize(n);
+// The points' (cut key, index) words in ascending order of x: the key of x cut to its top 32
+// bits (sign, exponent, 20 bits of mantissa; the same order, coarser) above the index. Below
+// kRadixMin points: std::sort by x. From kRadixMin: an LSD radix sort of the words on the cut
+// key (3 passes at most; the counts of every digit taken in one read, a digit that every key
+// shares skipped), then each run of equal cut keys (points within 2^-20 of each other) sorted
+// by the exact x. Returns false when x holds NaN.
+// A problem's x: n values at a stride (a row of a (K, n) tensor of any strides: x = p.T, a view
+// of the (n, K) probabilities, is read in place instead of copied).
+struct Points {
+  const double* p;
+  int64_t stride;
+  double operator[](int64_t i) const { return p[i * stride]; }
+};
+
+// A word: the cut key (bits 32-63), a label bit (bit 31: y of a problem whose y are all 0 or 1,
+// the one-vs-rest fits; else 0) and the point's index (bits 0-30).
+inline uint32_t cut_key(uint64_t word) { return static_cast<uint32_t>(word >> 32); }
+inline uint32_t index_of(uint64_t word) { return static_cast<uint32_t>(word) & 0x7FFFFFFFu; }
+inline double label_of(uint64_t word) { return static_cast<double>((word >> 31) & 1u); }
+
+bool sort_words(Points x, const double* labels, int64_t n, std::vector<uint64_t>& words,
+                std::vector<uint64_t>& words2, std::vector<uint32_t>& count) {
+  words.resize(n);
+  for (int64_t i = 0; i < n; ++i)
+    words[i] = (order_key(x[i]) & ~uint64_t{0xFFFFFFFF}) |
+               (labels != nullptr && labels[i] != 0.0 ? uint64_t{1} << 31 : 0) |
+               static_cast<uint64_t>(i);
+  auto by_x = [x](uint64_t a, uint64_t b) { return x[index_of(a)] < x[index_of(b)]; };
   if (n < kRadixMin) {
-    std::vector<std::pair<double, uint32_t>> pairs(n);
-    for (int64_t i = 0; i < n; ++i) pairs[i] = {x[i], static_cast<uint32_t>(i)};
-    std::sort(pairs.begin(), pairs.end());
-    for (int64_t i = 0; i < n; ++i) order[i] = pairs[i].second;
-    return;
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(x[i])) return false;
+    std::sort(words.begin(), words.end(), by_x);
+    return true;
   }
-  keys.resize(n);
-  keys2.resize(n);
-  order2.resize(n);
+  words2.resize(n);
   count.assign(static_cast<size_t>(kDigits) * kBuckets, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t k = order_key(x[i]);
-    keys[i] = k;
-    order[i] = static_cast<uint32_t>(i);
+  for (int64_t i = 0; i < n; ++i)
     for (int d = 0; d < kDigits; ++d)
-      ++count[d * kBuckets + ((k >> (d * kDigitBits)) & (kBuckets - 1))];
-  }
+      ++count[d * kBuckets + ((words[i] >> (32 + d * kDigitBits)) & (kBuckets - 1))];
   for (int d = 0; d < kDigits; ++d) {
-    const int shift = d * kDigitBits;
-    int64_t* cnt = count.data() + static_cast<size_t>(d) * kBuckets;
-    if (cnt[(keys[0] >> shift) & (kBuckets - 1)] == n) continue;  // every key has this digit
-    int64_t sum = 0;
+    const int shift = 32 + d * kDigitBits;
+    uint32_t* cnt = count.data() + static_cast<size_t>(d) * kBuckets;
+    if (cnt[(words[0] >> shift) & (kBuckets - 1)] == n) continue;  // every key has this digit
+    uint32_t sum = 0;
     for (int b = 0; b < kBuckets; ++b) {
-      const int64_t c = cnt[b];
+      const uint32_t c = cnt[b];
       cnt[b] = sum;
       sum += c;
     }
-    const uint64_t* kin = keys.data();
-    const uint32_t* oin = order.data();
-    uint64_t* kout = keys2.data();
-    uint32_t* oout = order2.data();
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t dst = cnt[(kin[i] >> shift) & (kBuckets - 1)]++;
-      kout[dst] = kin[i];
-      oout[dst] = oin[i];
-    }
-    keys.swap(keys2);
-    order.swap(order2);
+    const uint64_t* in = words.data();
+    uint64_t* out = words2.data();
+    for (int64_t i = 0; i < n; ++i) out[cnt[(in[i] >> shift) & (kBuckets - 1)]++] = in[i];
+    words.swap(words2);
   }
+  // a NaN's key is above +inf's (sign clear) or below -inf's (sign set): first or last
+  if (std::isnan(x[index_of(words[0])]) || std::isnan(x[index_of(words[n - 1])])) return false;
+  for (int64_t i = 0; i < n;) {  // the runs of equal cut keys, by the exact x
+    int64_t j = i + 1;
+    while (j < n && cut_key(words[j]) == cut_key(words[i])) ++j;
+    if (j - i > 1) std::sort(words.begin() + i, words.begin() + j, by_x);
+    i = j;
+  }
+  return true;
 }
 
 struct Scratch {
-  std::vector<uint32_t> order, order2;
-  std::vector<uint64_t> keys, keys2;
-  std::vector<int64_t> count;  // the radix sort's counts, kDigits x kBuckets
-  std::vector<double> bw, bwy, blo, bhi;
-  std::vector<int64_t> bend;  // a block's end in the sorted order (one past its last point)
+  std::vector<uint64_t> words, words2;  // (cut key, index) words of the sort
+  std::vector<uint32_t> count;          // the radix sort's counts, kDigits x kBuckets
+  std::vector<double> wys, ws;          // the points' w y and w in sorted order
+  std::vector<double> bw, bwy, bmean;   // a block's weight, weighted sum and mean
+  std::vector<int64_t> blo, bhi, bend;  // sorted positions: a block's first point, its last
+                                        // pool's first point, one past its last point
 };
 
 // One problem; writes its knots into kx, kv (n each, padded with the last knot) and the fit's
 // value at every point into fit (n, the input's order); returns the number of knots (>= 1 for
-// n >= 1; 0 for n = 0).
-int64_t pav_one(const double* x, const double* y, const double* w, int64_t n, double* kx,
+// n >= 1; 0 for n = 0), or -1 when x holds NaN, -2 when y holds NaN or infinity (nothing
+// written). x is read again only where the cut keys tie and at the blocks' ends.
+int64_t pav_one(Points x, const double* y, const double* w, int64_t n, double* kx,
                 double* kv, double* fit, Scratch& s) {
   if (n == 0) return 0;
-  sort_indices(x, n, s.order, s.keys, s.keys2, s.order2, s.count);
-  s.bw.resize(n);
-  s.bwy.resize(n);
-  s.blo.resize(n);
-  s.bhi.resize(n);
-  s.bend.resize(n);
+  // y all 0 or 1 without weights (the one-vs-rest fits): the labels travel in the words; else
+  // w y and w are gathered in sorted order (independent loads) for the walk below
+  const bool binary = w == nullptr && n < (int64_t{1} << 26) &&
+                      std::all_of(y, y + n, [](double v) { return v == 0.0 || v == 1.0; });
+  if (!sort_words(x, binary ? y : nullptr, n, s.words, s.words2, s.count)) return -1;
+  const uint64_t* words = s.words.data();
+  s.wys.resize(binary ? 0 : n);
+  s.ws.resize(w ? n : 0);
+  double* wys = binary ? nullptr : s.wys.data();
+  double* ws = w ? s.ws.data() : nullptr;
+  if (!binary) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t o = index_of(words[j]);
+      wys[j] = w ? w[o] * y[o] : y[o];
+      if (w) ws[j] = w[o];
+    }
+  }
+  for (auto* v : {&s.bw, &s.bwy, &s.bmean}) v->resize(n);
+  for (auto* v : {&s.blo, &s.bhi, &s.bend}) v->resize(n);
   double* bw = s.bw.data();
   double* bwy = s.bwy.data();
-  double* blo = s.blo.data();
-  double* bhi = s.bhi.data();
+  double* bmean = s.bmean.data();  // bwy / bw, divided once per block
+  int64_t* blo = s.blo.data();
+  int64_t* bhi = s.bhi.data();
   int64_t* bend = s.bend.data();
-  const uint32_t* ord = s.order.data();
   int64_t top = 0;  // blocks on the stack
   int64_t i = 0;
   while (i < n) {
-    const double xi = x[ord[i]];
+    const int64_t first = i;
+    const uint32_t key = cut_key(words[i]);
+    const double xi_if_tied = (i + 1 < n && cut_key(words[i + 1]) == key) ? x[index_of(words[i])]
+                                                                           : 0.0;
     double cw = 0.0, cwy = 0.0;
-    while (i < n && x[ord[i]] == xi) {  // pool the ties of x
-      const double wi = w ? w[ord[i]] : 1.0;
-      cw += wi;
-      cwy += wi * y[ord[i]];
+    do {  // pool the ties of x: equal cut keys, then equal x
+      cw += ws ? ws[i] : 1.0;
+      cwy += binary ? label_of(words[i]) : wys[i];
       ++i;
+    } while (i < n && cut_key(words[i]) == key && x[index_of(words[i])] == xi_if_tied);
+    if (!std::isfinite(cwy)) {  // y holds NaN or infinity (finite weights)
+      for (int64_t j = 0; j < n; ++j)
+        if (!std::isfinite(y[j])) return -2;
     }
-    double lo = xi;
-    while (top > 0 && bwy[top - 1] / bw[top - 1] >= cwy / cw) {
-      --top;
-      cw += bw[top];
-      cwy += bwy[top];
-      lo = blo[top];
+    int64_t lo = first;
+    if (binary) {
+      // integer sums below 2^26: the products are exact, so this is the comparison of the
+      // exact means, which the rounded means of the general branch make too (distinct ratios
+      // of such integers differ by far more than a rounding); no division on the loop's path
+      while (top > 0 && bwy[top - 1] * cw >= cwy * bw[top - 1]) {
+        --top;
+        cw += bw[top];
+        cwy += bwy[top];
+        lo = blo[top];
+      }
+    } else {
+      double m = cwy / cw;
+      while (top > 0 && bmean[top - 1] >= m) {
+        --top;
+        cw += bw[top];
+        cwy += bwy[top];
+        lo = blo[top];
+        m = cwy / cw;
+      }
     }
+    const double mean = cwy / cw;
     bw[top] = cw;
     bwy[top] = cwy;
+    bmean[top] = mean;
     blo[top] = lo;
-    bhi[top] = xi;
+    bhi[top] = first;
     bend[top] = i;
     ++top;
   }
   int64_t m = 0;
   for (int64_t b = 0, j = 0; b < top; ++b) {
-    const double v = bwy[b] / bw[b];
-    for (; j < bend[b]; ++j) fit[ord[j]] = v;
-    kx[m] = blo[b];
+    const double v = bmean[b];
+    for (; j < bend[b]; ++j) fit[index_of(words[j])] = v;
+    kx[m] = x[index_of(words[blo[b]])];
     kv[m] = v;
     ++m;
-    if (bhi[b] > blo[b]) {
-      kx[m] = bhi[b];
+    if (bhi[b] != blo[b]) {  // more than one pool: more than one x
+      kx[m] = x[index_of(words[bhi[b]])];
       kv[m] = v;
       ++m;
     }
@@ -168,11 +223,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isotonic_fit_cpu(
               ": y must be float64 of x's shape ", x.sizes(), ", got ", y.scalar_type(), " ",
               y.sizes());
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op, ": x and y must be CPU tensors");
-  TORCH_CHECK(x.size(1) < (int64_t{1} << 32), op, ": at most 2^32 - 1 points per problem, got ",
+  TORCH_CHECK(x.size(1) < (int64_t{1} << 31), op, ": at most 2^31 - 1 points per problem, got ",
               x.size(1));
-  const at::Tensor xc = x.contiguous(), yc = y.contiguous();
-  TORCH_CHECK(!at::isnan(xc).any().item<bool>(), op, ": x holds NaN");
-  TORCH_CHECK(at::isfinite(yc).all().item<bool>(), op, ": y holds NaN or infinity");
+  const at::Tensor yc = y.contiguous();  // x is read at its strides
   at::Tensor wc;
   if (w.has_value()) {
     TORCH_CHECK(w->sizes() == x.sizes() && w->scalar_type() == at::kDouble && w->device().is_cpu(),
@@ -186,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isotonic_fit_cpu(
   at::Tensor kv = at::empty({K, n}, x.options());
   at::Tensor counts = at::empty({K}, x.options().dtype(at::kLong));
   at::Tensor fitted = at::empty({K, n}, x.options());
-  const double* xp = xc.const_data_ptr<double>();
+  const double* xp = x.const_data_ptr<double>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
   const double* yp = yc.const_data_ptr<double>();
   const double* wp = wc.defined() ? wc.const_data_ptr<double>() : nullptr;
   double* kxp = kx.mutable_data_ptr<double>();
@@ -196,10 +250,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isotonic_fit_cpu(
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t k = begin; k < end; ++k) {
-      cp[k] = pav_one(xp + k * n, yp + k * n, wp ? wp + k * n : nullptr, n, kxp + k * n,
+      cp[k] = pav_one(Points{xp + k * xs0, xs1}, yp + k * n, wp ? wp + k * n : nullptr, n, kxp + k * n,
                       kvp + k * n, fp + k * n, s);
     }
   });
+  // the input checks, from the problems' codes (x's NaN first, as a check before the fit would)
+  TORCH_CHECK(std::none_of(cp, cp + K, [](int64_t c) { return c == -1; }), op, ": x holds NaN");
+  TORCH_CHECK(std::none_of(cp, cp + K, [](int64_t c) { return c == -2; }), op,
+              ": y holds NaN or infinity");
   return {kx, kv, counts, fitted};
 }
 

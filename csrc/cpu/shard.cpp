@@ -97,7 +97,7 @@ at::Tensor shard_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
               }
             }
             auto sum = [](const Vec<acc_t>& v) {
-              return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
+              return hsum(v);
             };
             o[0] = m;
             o[1] = std::log(sum(vs) + ss);

@@ -143,7 +143,7 @@ inline SoftRow<acc_t> soft_row(const SoftParams<acc_t>& p, const scalar_t* x, co
       vU = vU + u;
     }
     auto sum = [](const Vec<acc_t>& v) {
-      return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
+      return hsum(v);
     };
     r.s += sum(vs);
     r.d += sum(vd);

@@ -1,6 +1,7 @@
 // softcal CPU: softmax_fwd and softmax_bwd, softmax / log_softmax of x / T along any dim
 // (docs/design.md §1; checks in csrc/checks.h). x is viewed as (outer, C, inner), contiguous:
-//   forward   y = softmax(beta x) = exp(beta (x - m) - ls), exact at the maximum (§2)
+//   forward   y = softmax(beta x) = exp(beta (x - m) - ls), exact at the maximum (§2); float64
+//             rows of C <= 2048: exp(beta (x - m)) / S (double_softmax_row)
 //   backward  softmax: dz = y (g - sum g y);  log_softmax: dz = g - y sum g;  dx = beta dz,
 //             dL/dT = -(1/T) sum dz log y, summed in double (§2)
 #include <ATen/ATen.h>
@@ -24,6 +25,35 @@ namespace softcal {
 namespace cpu {
 namespace {
 
+// softmax(beta x) of one float64 row of C <= kChunk elements: e = exp(beta (x - m)) written to
+// out with its sum S, then out = e / S (two roundings after the exp; the form exp(beta (x - m)
+// - ls) of the other dtypes adds the rounding of (beta (x - m) - ls), large where p is tiny).
+// NaN for a row with NaN/+inf or entirely -inf (as torch.softmax).
+inline void double_softmax_row(const double* x, double* out, int64_t C, double beta) {
+  constexpr int64_t V = Vec<double>::size();
+  const double m = chunk_max(x, C);
+  if (!std::isfinite(m)) {
+    std::fill(out, out + C, kNaN<double>);
+    return;
+  }
+  const Vec<double> vm(m), vb(beta);
+  Vec<double> s(0.0);
+  int64_t c = 0;
+  for (; c + V <= C; c += V) {
+    const Vec<double> e = vexp((Vec<double>::loadu(x + c) - vm) * vb);
+    e.store(out + c);
+    s = s + e;
+  }
+  if (c < C) {
+    const Vec<double> e = vexp((load_tail(x + c, C - c).masked - vm) * vb);  // 0 past C
+    e.store(out + c, C - c);
+    s = s + e;
+  }
+  const Vec<double> vs(hsum(s));
+  for (c = 0; c + V <= C; c += V) (Vec<double>::loadu(out + c) / vs).store(out + c);
+  if (c < C) (Vec<double>::loadu(out + c, C - c) / vs).store(out + c, C - c);
+}
+
 template <typename scalar_t>
 void softmax_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C, double beta_d,
                   bool log) {
@@ -35,6 +65,12 @@ void softmax_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C, dou
     for (int64_t i = r0; i < r1; ++i) {
       const scalar_t* xr = x + i * C;
       scalar_t* orow = out + i * C;
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        if (!log && C <= kChunk) {  // float64 softmax of a row that fits a chunk: one exp each
+          double_softmax_row(xr, orow, C, beta_d);
+          continue;
+        }
+      }
       const auto st = row_stats<scalar_t, acc_t>(xr, C, beta, nullptr, false, xbuf.data());
       // NaN for a row with NaN/+inf or entirely -inf (as torch.softmax)
       const bool ok = st.has_softmax();
@@ -43,7 +79,10 @@ void softmax_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C, dou
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(kChunk, C - c0);
         const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
-        acc_t* oa = obuf.data();
+        // float/double: written in place (store_from_acc then copies nothing)
+        acc_t* oa;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) oa = orow + c0;
+        else oa = obuf.data();
         int64_t c = 0;
         for (; c + V <= n; c += V) {
           const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c) - vm, vb, vl);

@@ -92,58 +92,48 @@ at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& tar
             acc_t mx = kNegInf<acc_t>;
             for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
               const int64_t n = std::min(kChunk, C - c0);
-              const acc_t cm = chunk_max(as_acc(xr + c0, n, buf.data()), n);
+              const acc_t cm = max_ignoring_nan(as_acc(xr + c0, n, buf.data()), n);
               mx = (std::isnan(cm) || cm > mx) ? cm : mx;
             }
             if (!std::isfinite(mx)) {
               nll_p[i] = d1_p[i] = d2_p[i] = std::numeric_limits<double>::quiet_NaN();
               continue;
             }
-            const Vec<acc_t> vm(mx), vb(beta), vninf(kNegInf<acc_t>), vzero(0);
+            const Vec<acc_t> vm(mx), vb(beta), vninf(kNegInf<acc_t>), vzero(0), vone(1);
             Vec<acc_t> v0(0), v1(0), v2(0), vn(0);
-            acc_t s0 = 0, s1 = 0, s2 = 0, n1 = 0;
+            // one vector of the row: -inf lanes (masked tail lanes among them) add nothing; a
+            // NaN lane makes the sums NaN (the max above ignores NaN)
+            auto add = [&](const Vec<acc_t>& xv) __attribute__((always_inline)) {
+              const Vec<acc_t> live = xv != vninf;
+              const Vec<acc_t> d = Vec<acc_t>::blendv(vzero, xv - vm, live);
+              const Vec<acc_t> e = vexp(Vec<acc_t>::blendv(vninf, d * vb, live));
+              const Vec<acc_t> ed = e * d;
+              const Vec<acc_t> at_max = d == vzero;  // e == 1 exactly: counted apart (§2)
+              v0 = v0 + Vec<acc_t>::blendv(e, vzero, at_max);
+              vn = vn + Vec<acc_t>::blendv(vzero, vone, at_max & live);
+              v1 = v1 + ed;
+              v2 = at::vec::fmadd(ed, d, v2);
+            };
             for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
               const int64_t n = std::min(kChunk, C - c0);
               const acc_t* xa = as_acc(xr + c0, n, buf.data());
               int64_t c = 0;
-              for (; c + V <= n; c += V) {
-                const Vec<acc_t> xv = Vec<acc_t>::loadu(xa + c);
-                const Vec<acc_t> d = Vec<acc_t>::blendv(vzero, xv - vm, xv > vninf);
-                const Vec<acc_t> e = vexp(Vec<acc_t>::blendv(vninf, d * vb, xv > vninf));
-                const Vec<acc_t> ed = e * d;
-                const Vec<acc_t> at_max = d == vzero;  // e == 1 exactly: counted apart (§2)
-                v0 = v0 + Vec<acc_t>::blendv(e, vzero, at_max);
-                vn = vn + Vec<acc_t>::blendv(vzero, Vec<acc_t>(1), at_max & (xv > vninf));
-                v1 = v1 + ed;
-                v2 = at::vec::fmadd(ed, d, v2);
-              }
-              for (; c < n; ++c) {
-                const acc_t xv = xa[c];
-                if (!(xv > kNegInf<acc_t>)) continue;
-                const acc_t d = xv - mx, e = std::exp(beta * d);
-                if (d == 0)
-                  n1 += 1;
-                else
-                  s0 += e;
-                s1 += e * d;
-                s2 += e * d * d;
-              }
+              for (; c + V <= n; c += V) add(Vec<acc_t>::loadu(xa + c));
+              if (c < n) add(load_tail(xa + c, n - c).masked);
             }
-            auto sum = [](const Vec<acc_t>& v) {
-              return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
-            };
             // S0 = n1 + rest: log S0 = log1p(n1 - 1 + rest) keeps the digits of a confident row
-            const double rest = static_cast<double>(s0 + sum(v0));
-            const double N1 = static_cast<double>(n1 + sum(vn));
+            const double rest = static_cast<double>(hsum(v0));
+            const double N1 = static_cast<double>(hsum(vn));
             const double S0 = N1 + rest;
-            const double S1 = static_cast<double>(s1 + sum(v1));
-            const double S2 = static_cast<double>(s2 + sum(v2));
+            const double S1 = static_cast<double>(hsum(v1));
+            const double S2 = static_cast<double>(hsum(v2));
             const double mean_d = S1 / S0;
             const double x_y = to_double(xr[tp[i]]);
             // NLL = lse(beta x) - beta x_y = beta*mx + log S0 - beta x_y
             nll_p[i] = beta_d * (static_cast<double>(mx) - x_y) + std::log1p((N1 - 1) + rest);
             d1_p[i] = static_cast<double>(mx) + mean_d - x_y;
-            d2_p[i] = std::max(0.0, S2 / S0 - mean_d * mean_d);
+            const double var = S2 / S0 - mean_d * mean_d;
+            d2_p[i] = var < 0 ? 0.0 : var;  // NaN stays NaN
           }
         });
       });

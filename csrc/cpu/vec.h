@@ -86,9 +86,38 @@ inline __m512 exp2_avx512(__m512 t) {
 
 #endif
 
+#if SOFTCAL_AVX512_EXP
+// exp(x) for float64 lanes: x clamped to [-760, 710] (NaN kept), x = n ln2 + r with |r| <= ln2/2
+// (fdlibm's two-part ln2, both products exact under fma), e^r = 1 + r q(r) with q of degree 10
+// fitted on that interval (Chebyshev, relative error 6e-18 in exact arithmetic; exp(0) == 1
+// exactly), then scaled by 2^n with vscalefpd: one rounding, so results in the denormal range
+// are rounded, not flushed, x < -745.2 gives 0 (-inf gives 0) and x > 709.8 gives inf. About
+// 1 ulp at most against a float128 reference (tests/loss/test_exp_double.py), as Sleef's u10
+// exp of ATen; 17 instructions.
+inline __m512d exp_pd_avx512(__m512d x) {
+  x = _mm512_min_pd(_mm512_set1_pd(710.0), _mm512_max_pd(_mm512_set1_pd(-760.0), x));
+  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93147180369123816490e-01), x);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.90821492927058770002e-10), r);
+  __m512d q = _mm512_set1_pd(2.5105217004720745163e-8);
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(2.7626371065696356075e-7));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(2.755725540020642443e-6));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(0.000024801504313785540166));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(0.00019841269874820625271));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(0.0013888888932514779355));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(0.0083333333333261351258));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(0.041666666666573067732));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(0.16666666666666670991));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(0.50000000000000056225));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0));
+  return _mm512_scalef_pd(_mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0)), n);
+}
+#endif
+
 // exp on a vector. float: the AVX-512 routine above where built for AVX-512, else ATen's
-// polynomial exp_u20 (inputs below log(FLT_MIN) give exactly 0, so -inf gives 0); double:
-// Sleef's 1-ulp exp.
+// polynomial exp_u20 (inputs below log(FLT_MIN) give exactly 0, so -inf gives 0); double: the
+// AVX-512 routine above, else Sleef's 1-ulp exp.
 template <typename acc_t>
 inline Vec<acc_t> vexp(const Vec<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -98,7 +127,11 @@ inline Vec<acc_t> vexp(const Vec<acc_t>& v) {
     return v.exp_u20();
 #endif
   } else {
+#if SOFTCAL_AVX512_EXP
+    return Vec<double>(exp_pd_avx512(v));
+#else
     return v.exp();
+#endif
   }
 }
 
@@ -160,10 +193,43 @@ inline Tail<acc_t> load_tail(const acc_t* x, int64_t n) {
   return t;
 }
 
-// NaN-propagating max of x[0:n].
+// NaN-propagating max of x[0:n]. AVX-512: vmax (which drops a NaN of x) and a mask of the NaN
+// lanes seen, two instructions a vector; else ATen's NaN-propagating maximum.
 template <typename acc_t>
 inline acc_t chunk_max(const acc_t* x, int64_t n) {
   constexpr int64_t V = Vec<acc_t>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, double> || std::is_same_v<acc_t, float>) {
+    constexpr bool kD = std::is_same_v<acc_t, double>;
+    using M = std::conditional_t<kD, __mmask8, __mmask16>;
+    auto vmax = [](const Vec<acc_t>& a, const Vec<acc_t>& m) __attribute__((always_inline)) {
+      if constexpr (kD) return Vec<acc_t>(_mm512_max_pd(a, m));  // m where a is NaN
+      else return Vec<acc_t>(_mm512_max_ps(a, m));
+    };
+    auto nan_lanes = [](const Vec<acc_t>& a) __attribute__((always_inline)) {
+      if constexpr (kD) return _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q);
+      else return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    };
+    Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>);
+    M nan0 = 0, nan1 = 0;
+    int64_t i = 0;
+    for (; i + 2 * V <= n; i += 2 * V) {
+      const Vec<acc_t> a = Vec<acc_t>::loadu(x + i), b = Vec<acc_t>::loadu(x + i + V);
+      m0 = vmax(a, m0);
+      m1 = vmax(b, m1);
+      nan0 |= nan_lanes(a);
+      nan1 |= nan_lanes(b);
+    }
+    for (; i < n; i += V) {
+      const Vec<acc_t> a = i + V <= n ? Vec<acc_t>::loadu(x + i) : load_tail(x + i, n - i).masked;
+      m0 = vmax(a, m0);
+      nan0 |= nan_lanes(a);
+    }
+    if (nan0 | nan1) return kNaN<acc_t>;
+    if constexpr (kD) return _mm512_reduce_max_pd(vmax(m0, m1));
+    else return _mm512_reduce_max_ps(vmax(m0, m1));
+  }
+#endif
   Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>);
   int64_t i = 0;
   for (; i + 2 * V <= n; i += 2 * V) {
@@ -177,6 +243,20 @@ inline acc_t chunk_max(const acc_t* x, int64_t n) {
       at::vec::maximum(m0, m1));
 }
 
+// The sum of a vector's lanes: one AVX-512 reduction where built for it (ATen's generic
+// vec_reduce_all goes through the stack), else vec_reduce_all.
+template <typename acc_t>
+SOFTCAL_ALWAYS_INLINE acc_t hsum(const Vec<acc_t>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return _mm512_reduce_add_pd(v);
+  } else if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_reduce_add_ps(v);
+  }
+#endif
+  return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), v);
+}
+
 // sum_i x_i, or sum_i w_i x_i when w is given.
 template <typename acc_t>
 inline acc_t chunk_dot(const acc_t* x, const acc_t* w, int64_t n) {
@@ -187,7 +267,7 @@ inline acc_t chunk_dot(const acc_t* x, const acc_t* w, int64_t n) {
     const Vec<acc_t> xv = Vec<acc_t>::loadu(x + i, k);  // zero-filled past n
     s0 = w == nullptr ? s0 + xv : at::vec::fmadd(xv, Vec<acc_t>::loadu(w + i, k), s0);
   }
-  return at::vec::vec_reduce_all<acc_t>(std::plus<Vec<acc_t>>(), s0);
+  return hsum(s0);
 }
 
 
@@ -211,6 +291,31 @@ float max_ignoring_nan_f32(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
 }
 #endif
+
+// Max of x[0:n] ignoring NaN (-inf for none), float or double: the AVX-512 routine above (and
+// its double twin) where built for it, else the NaN-propagating chunk_max (whose NaN the callers
+// also detect through the exps).
+template <typename acc_t>
+SOFTCAL_ALWAYS_INLINE acc_t max_ignoring_nan(const acc_t* x, int64_t n) {
+#if SOFTCAL_AVX512_EXP
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return max_ignoring_nan_f32(x, n);
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    const __m512d ninf = _mm512_set1_pd(kNegInf<double>);
+    __m512d m[4] = {ninf, ninf, ninf, ninf};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+      for (int k = 0; k < 4; ++k) m[k] = _mm512_max_pd(_mm512_loadu_pd(x + i + 8 * k), m[k]);
+    for (int k = 0; i < n; i += 8, k = (k + 1) & 3) {
+      const __mmask8 lanes = n - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (n - i)) - 1);
+      m[k] = _mm512_max_pd(_mm512_mask_loadu_pd(ninf, lanes, x + i), m[k]);
+    }
+    return _mm512_reduce_max_pd(
+        _mm512_max_pd(_mm512_max_pd(m[0], m[1]), _mm512_max_pd(m[2], m[3])));
+  }
+#endif
+  return chunk_max(x, n);
+}
 
 // a[j] = log1p(a[j]) for j < n (SLEEF's vector log1p, 1 ulp)
 template <typename acc_t>
@@ -259,7 +364,7 @@ struct DoubleSum {
     if constexpr (!std::is_same_v<acc_t, double>) hi.store(out + Vec<double>::size());
   }
   inline double sum() const {
-    return at::vec::vec_reduce_all<double>(std::plus<Vec<double>>(), lo + hi);
+    return hsum(lo + hi);
   }
 };
 

@@ -26,6 +26,7 @@ import torch
 from ._base import (ArrayLike, Calibrator, CalibratorFitResult, Rows, check_folds, fold_ids,
                     grid_hash, timer)
 from ._pav import isotonic_knots
+from .. import _ops
 
 __all__ = ["HistogramBinning", "IsotonicCalibrator", "ScalingBinningCalibrator", "DEFAULT_BIN_GRID"]
 
@@ -77,6 +78,21 @@ def _flat_bins(p: torch.Tensor, bins: int, fold: Optional[torch.Tensor], inplace
     return idx.long()
 
 
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """softmax along dim 1 of an (n, C) tensor: for float64 on the CPU softcal's kernel where
+    it is built (one exp an entry, as accurate as torch.softmax and about 1.7x faster at C =
+    100), else torch.softmax. Fits and forward both use it: the same p, so the same bins."""
+    if _ops.HAVE_EXTENSION and x.device.type == "cpu" and x.dtype == torch.float64 and x.dim() == 2:
+        return torch.ops.softcal.softmax_fwd(x.contiguous(), None, 1.0, 1, False)
+    return torch.softmax(x, dim=1)
+
+
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table[idx] for a flat table and an index tensor of any shape (``table.take(idx)``;
+    index_select on the flattened indices is about 2.5x faster on the CPU)."""
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 def _nll_of_probs(x: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """sum_i -log softmax(x_i)_y_i given p = softmax(x): -log p_iy (one log per row, no second
     pass over x), exactly (logsumexp(x_i) - x_iy) in the rows where p_iy is below 1e-200, whose
@@ -101,7 +117,7 @@ def _brier_sum(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class _Elementwise(Calibrator):
     def _probs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Size, torch.dtype]:
         logits = self._logits_in(x)
-        flat = torch.softmax(logits.reshape(-1, logits.shape[-1]).to(torch.float64), dim=1)
+        flat = _softmax(logits.reshape(-1, logits.shape[-1]).to(torch.float64))
         return flat, logits.shape, logits.dtype
 
     def _map(self, p: torch.Tensor) -> torch.Tensor:
@@ -185,11 +201,11 @@ class HistogramBinning(_Elementwise):
         def probs(x, r0):
             if r0 in keep and keep[r0][0] is not None:
                 return keep[r0][0]
-            return torch.softmax(x, dim=1)
+            return _softmax(x)
 
         def counts(x, y, r0):
             """[sum NLL of the logits, rows, (counts, hits) of (fold, class, bin) per grid entry]"""
-            p = torch.softmax(x, dim=1)
+            p = _softmax(x)
             out = [_nll_of_probs(x, p, y).reshape(1),
                    torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)]
             f = fold_of(x, r0)
@@ -220,7 +236,7 @@ class HistogramBinning(_Elementwise):
             def held(x, y, r0):
                 p = probs(x, r0)
                 f = fold_of(x, r0)
-                out = [_brier_sum(held_tables[gi].to(x.device).take(_flat_bins(p, b, f)), y)
+                out = [_brier_sum(_lookup(held_tables[gi].to(x.device), _flat_bins(p, b, f)), y)
                        for gi, b in enumerate(grid)]
                 out.append(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
                 return torch.stack(out)
@@ -245,7 +261,7 @@ class HistogramBinning(_Elementwise):
             idx = keep[r0][1] if r0 in keep and keep[r0][1] is not None else None
             if idx is None:
                 idx = _flat_bins(probs(x, r0), nb, None)
-            q = flat.to(x.device).take(idx)  # the fitted map of p, as _map(p)
+            q = _lookup(flat.to(x.device), idx)  # the fitted map of p, as _map(p)
             return torch.stack([_nll_sum(q, y, self.min_prob, inplace=True),
                                 torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
 
@@ -278,7 +294,7 @@ def _mean_nll(cal: "_Elementwise", rows: Rows) -> float:
 
     def f(x, y, r0):
         with torch.no_grad():
-            q = cal._map(torch.softmax(x.to(torch.float64), dim=1))
+            q = cal._map(_softmax(x.to(torch.float64)))
         return torch.stack([_nll_sum(q, y, floor),
                             torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
     s = rows.row_sum(f, 2)
@@ -359,8 +375,8 @@ class IsotonicCalibrator(_Elementwise):
         c = rows.classes
         x, y = rows.gather()
         x, y = x.cpu(), y.cpu()
-        nll_before = float((torch.logsumexp(x, dim=1) - x.gather(1, y[:, None]).squeeze(1)).mean())
-        p = torch.softmax(x, dim=1)
+        p = _softmax(x)
+        nll_before = float(_nll_of_probs(x, p, y)) / max(x.shape[0], 1)
         q = self._fit_arrays(p, y)
         self.hyperparameters = {"classes": c, "mode": self.mode, "min_prob": self.min_prob, "_fitted": True}
         nll_after = float(_nll_sum(q, y, self.min_prob, dim=0 if self.mode == "ovr" else 1,
@@ -380,7 +396,7 @@ class IsotonicCalibrator(_Elementwise):
             q = fitted.view_as(p) + 1e-9 * p
         else:  # one problem per class: (C, N), the labels' indicator per class
             n, c = p.shape
-            pt = p.T.contiguous()
+            pt = p.T  # a view: the kernel reads x at its strides (no (C, N) copy)
             hits = torch.zeros(c, n, dtype=torch.float64).index_put_(
                 (y, torch.arange(n)), torch.ones((), dtype=torch.float64))
             kx, kv, kn, fitted = isotonic_knots(pt, hits)
@@ -482,7 +498,7 @@ class ScalingBinningCalibrator(_Elementwise):
                 for f in range(k):
                     tr, te = folds != f, folds == f
                     self._fit_arrays(x[tr], y[tr], b)
-                    q = _normalise_log(self._map(torch.softmax(x[te], dim=1)))
+                    q = _normalise_log(self._map(_softmax(x[te])))
                     tot += float(_brier(q, y[te]).sum())
                 scores.append(tot / x.shape[0])
             nb = self.bin_grid[int(torch.tensor(scores).argmin())]

@@ -28,21 +28,24 @@ def _data(c, n, seed=0):
 
 
 def test_histogram_binning_reads_the_probabilities_once(monkeypatch):
-    calls = {"softmax": 0, "log_softmax": 0}
-    for name in calls:
-        orig = getattr(torch, name)
+    # the calibrators' softmax (_binning._softmax: softcal's float64 kernel, else torch's) and
+    # torch's own, counted
+    calls = {"softmax": 0, "log_softmax": 0, "_binning._softmax": 0}
+    for owner, name, key in ((torch, "softmax", "softmax"), (torch, "log_softmax", "log_softmax"),
+                             (_binning, "_softmax", "_binning._softmax")):
+        orig = getattr(owner, name)
 
-        def counted(*a, _orig=orig, _name=name, **k):
-            calls[_name] += 1
+        def counted(*a, _orig=orig, _key=key, **k):
+            calls[_key] += 1
             return _orig(*a, **k)
-        monkeypatch.setattr(torch, name, counted)
+        monkeypatch.setattr(owner, name, counted)
     x, y = _data(7, 900)
     cal = HistogramBinning(n_bins=6)
     res = cal.fit(x, y, progress=False)
-    assert calls == {"softmax": 1, "log_softmax": 0}, calls
+    assert calls["softmax"] + calls["_binning._softmax"] == 1 and calls["log_softmax"] == 0, calls
     monkeypatch.undo()
     # the straightforward fit: frequency of each class per (class, bin), float64
-    p = torch.softmax(x, dim=1)
+    p = _binning._softmax(x)
     b = _binning._bin_of(p, 6)
     hit = (y[:, None] == torch.arange(7)).to(torch.float64)
     for k in range(7):

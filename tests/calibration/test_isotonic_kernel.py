@@ -1,6 +1,6 @@
 """The CPU op ``softcal::isotonic_fit`` (csrc/cpu/isotonic.cpp, contract in csrc/schemas.h):
 the same knots (and fitted values) as the Python pool-adjacent-violators (softcal/calibrators/_pav.py) and as
-scikit-learn's IsotonicRegression, on both of its sorts (std::sort below 2^14 points, radix
+scikit-learn's IsotonicRegression, on both of its sorts (std::sort below 512 points, radix
 sort above), with ties, weights and padding; its fake kernel (opcheck); its errors."""
 
 from __future__ import annotations
@@ -103,3 +103,32 @@ def test_errors_name_the_argument(bad, message):
     x, y, w = _problems(2, 5, seed=2, ties=False)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.softcal.isotonic_fit(*bad(x, y, w))
+
+
+@pytest.mark.parametrize("n", [300, 3000])
+def test_real_valued_y_strided_x_and_errors_on_both_sorts(n):
+    """y not all 0/1 (the general walk, whose labels do not travel in the sort's words), x a
+    transposed view (read at its strides), and the input errors on the std::sort (n < 512) and
+    radix-sort paths (a NaN of either sign is found after the radix sort, at one end)."""
+    x, y, _ = _problems(3, n, seed=n + 1, ties=True)
+    y = y * 0.75 + 0.5 * torch.rand(3, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    xt = x.T.contiguous().T  # the same values, strides (1, 3)
+    assert xt.stride() == (1, 3)
+    kx, kv, kn, fitted = torch.ops.softcal.isotonic_fit(xt, y, None)
+    for k in range(3):
+        px, pv = _pav.pav_python(x[k], y[k], None)
+        m = int(kn[k])
+        assert m == px.numel()
+        torch.testing.assert_close(kx[k, :m], px, rtol=0, atol=0)
+        torch.testing.assert_close(kv[k, :m], pv, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(fitted[k].numpy(), _interp_at(px, pv, x[k]), rtol=1e-12, atol=1e-15)
+    for nan in (float("nan"), -float("nan")):
+        bad = x.clone()
+        bad[1, n // 2] = nan
+        with pytest.raises(RuntimeError, match="x holds NaN"):
+            torch.ops.softcal.isotonic_fit(bad, y, None)
+    for v in (float("inf"), float("nan")):
+        bad = y.clone()
+        bad[2, n - 1] = v
+        with pytest.raises(RuntimeError, match="y holds NaN or infinity"):
+            torch.ops.softcal.isotonic_fit(x, bad, None)
