@@ -33,6 +33,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 import warnings
@@ -67,6 +68,12 @@ def load(path):
     x = torch.log(torch.from_numpy(d["predictions"]).double().clamp_min(1e-300))
     y = torch.from_numpy(d["ground_truth"]).long()
     return x[:5000], y[:5000], x[5000:], y[5000:], "fit on rows 0-4999, score on rows 5000-9999"
+
+
+def _speed_runs(command: str) -> int:
+    """The --speed-runs of a recorded command (3, the default, when it names none)."""
+    m = re.search(r"--speed-runs[ =](\d+)", command)
+    return int(m.group(1)) if m else 3
 
 
 def version(mod):
@@ -414,7 +421,7 @@ def main(argv=None):
         "threads": args.threads,
         "versions": {k: version(k) for k in ("softcal", "torch", "numpy", "sklearn", "netcal", "dirichletcal")},
         "python": platform.python_version(),
-        "load": (f"measured under load: load average {os.getloadavg()[0]:.1f} at the start"
+        "load": (f"load average {os.getloadavg()[0]:.1f} at the start"
                  + (f"; {args.load_note}" if args.load_note else "")),
     }
     if args.merge is not None:
@@ -515,7 +522,8 @@ def markdown(out):
                   f"Command: `{head['command']}`; {head['date']}; {head['machine']}; versions "
                   f"{json.dumps(head['versions'])}" + (f"; {head['load']}" if head.get("load") else "")
                   + ". Times: " + ("one run each" if "previous" in f.name else
-                                   "the least of up to 3 runs (1 run where a fit takes over 5 s)")
+                                   f"the least of up to {_speed_runs(head['command'])} runs (1 run "
+                                   "where a fit takes over 5 s)")
                   + (", CPU time of the process with one torch thread (wall times in the CSV)"
                      if sp and "softcal_wall_s" in sp[0] else ", wall time") + ". "
                   f"Objective: the mean NLL on the fit rows (matrix "
