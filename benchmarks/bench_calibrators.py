@@ -326,6 +326,9 @@ def speed(args):
 
     if args.dirichletcal_python and (want is None or "dirichletcal" in want):
         out.append(_dirichletcal_row(args.dirichletcal_python, xv, yv))
+    for m in ("matrix", "vector"):
+        if args.dirichletcal_python and (want is None or f"dirichletcal-{m}" in want):
+            out.append(_dirichletcal_row(args.dirichletcal_python, xv, yv, m))
     return out
 
 
@@ -339,45 +342,56 @@ def one_thread_env():
                 OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def _dirichletcal_row(python, xv, yv):
-    """DirichletCalibrator(lam, mu) against dirichletcal's FullDirichletCalibrator on the same
-    objective: its inputs are softcal's features exponentiated (p clamped at eps, so its
-    log(clip(p)) is softcal's clamped log p), its reg_lambda = lam / (C (C - 1)), reg_mu = mu /
-    C; both solutions are scored by softcal's objective (mean NLL + ODIR)."""
+def _dirichletcal_row(python, xv, yv, method="dirichlet"):
+    """DirichletCalibrator (method "dirichlet") or MatrixScaler ("matrix") with ODIR (lam, mu),
+    or VectorScaler ("vector", unregularised), against dirichletcal's fit of the same objective:
+    FullDirichletCalibrator on softcal's features exponentiated (p clamped at eps, so its
+    log(clip(p)) is softcal's clamped log p), its full MultinomialRegression on the logits
+    (MatrixScaling's regression; ref_row=False in both), or VectorScaling on the logits; its
+    reg_lambda = lam / (C (C - 1)), reg_mu = mu / C; both solutions are scored by softcal's
+    objective (mean NLL + ODIR; vector: the mean NLL of its probabilities)."""
     import subprocess
     import tempfile
 
-    from softcal.calibrators import DirichletCalibrator
+    from softcal.calibrators import DirichletCalibrator, MatrixScaler, VectorScaler
     from softcal.calibrators._newton import features
 
     c = xv.shape[1]
-    phi = features("logprobs", xv)
+    phi = features("logprobs" if method == "dirichlet" else "logits", xv)
+    lam, mu = (DC_LAM, DC_MU) if method != "vector" else (0.0, 0.0)
 
     def objective(w, b):
         z = phi @ w.T + b
         off = w - torch.diag(torch.diagonal(w))
-        return (float(torch.nn.functional.cross_entropy(z, yv)) + DC_LAM / (c * (c - 1)) * float((off ** 2).sum())
-                + DC_MU / c * float((b ** 2).sum()))
+        return (float(torch.nn.functional.cross_entropy(z, yv)) + lam / (c * (c - 1)) * float((off ** 2).sum())
+                + mu / c * float((b ** 2).sum()))
 
-    cal = DirichletCalibrator(lam=DC_LAM, mu=DC_MU)
+    cal = (VectorScaler() if method == "vector" else
+           (DirichletCalibrator if method == "dirichlet" else MatrixScaler)(lam=DC_LAM, mu=DC_MU))
     t0, c0 = time.perf_counter(), time.process_time()
     cal.fit(xv, yv, progress=False)
     wall, dt = time.perf_counter() - t0, time.process_time() - c0
-    mine = objective(cal.weight, cal.bias)
+    with torch.no_grad():
+        mine = (metrics.nll(cal(xv), yv) if method == "vector" else objective(cal.weight, cal.bias))
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
-        np.savez(src, X=phi.exp().numpy(), y=yv.numpy(), reg_lambda=DC_LAM / (c * (c - 1)), reg_mu=DC_MU / c)
-        subprocess.run([python, str(ROOT / "benchmarks" / "_dirichletcal_fit.py"), src, dst], check=True,
-                       stdout=subprocess.DEVNULL, env=one_thread_env())
+        np.savez(src, X=(phi.exp() if method == "dirichlet" else phi).numpy(), y=yv.numpy(),
+                 reg_lambda=lam / (c * (c - 1)), reg_mu=mu / c)
+        subprocess.run([python, str(ROOT / "benchmarks" / "_dirichletcal_fit.py"), src, dst, method],
+                       check=True, stdout=subprocess.DEVNULL, env=one_thread_env())
         d = np.load(dst)
         wt = torch.from_numpy(d["weights"])
+        proba = torch.from_numpy(d["proba"])
         pwall, pt, ver = float(d["fit_s"]), float(d["cpu_s"]), str(d["version"])
-    theirs = objective(wt[:, :-1], wt[:, -1])
-    print(f"speed C=100 dirichlet  softcal {dt:8.3f} s CPU ({wall:.3f} s wall) obj {mine:.8f} | dirichletcal {ver} "
+    theirs = nll_of_probs(proba, yv) if method == "vector" else objective(wt[:, :-1], wt[:, -1])
+    print(f"speed C=100 {method:10s} softcal {dt:8.3f} s CPU ({wall:.3f} s wall) obj {mine:.8f} | dirichletcal {ver} "
           f"{pt:.3f} s CPU ({pwall:.3f} s wall) obj {theirs:.8f}", flush=True)
-    return {"calibrator": "dirichlet",
-            "options": f"lam = {DC_LAM:g}, mu = {DC_MU:g} (ODIR, softcal's scale); CPU times, one thread each",
-            "softcal_s": dt, "softcal_nll": mine, "peer": f"dirichletcal {ver} FullDirichletCalibrator (L-BFGS)",
+    peer = {"dirichlet": "FullDirichletCalibrator (L-BFGS)", "matrix": "MultinomialRegression (full, L-BFGS)",
+            "vector": "VectorScaling"}[method]
+    opts = (f"lam = {DC_LAM:g}, mu = {DC_MU:g} (ODIR, softcal's scale)" if method != "vector"
+            else "unregularised")
+    return {"calibrator": method, "options": opts + "; CPU times, one thread each",
+            "softcal_s": dt, "softcal_nll": mine, "peer": f"dirichletcal {ver} {peer}",
             "peer_s": pt, "peer_nll": theirs, "speedup": pt / dt}
 
 
@@ -399,7 +413,7 @@ def main(argv=None):
                         "(benchmarks/_dirichletcal_fit.py runs in it)")
     p.add_argument("--speed-cases", default=None, metavar="A,B",
                    help="only these speed cases (ts, vector, histogram, isotonic, isotonic-shared, "
-                        "matrix, dirichlet-sklearn, dirichletcal)")
+                        "matrix, dirichlet-sklearn, dirichletcal, dirichletcal-matrix, dirichletcal-vector)")
     p.add_argument("--keep-other-rows", action="store_true",
                    help="with --speed-cases: keep the rows of the other cases from the existing "
                         "calibrators_speed.csv (their command noted in its head)")
@@ -482,6 +496,8 @@ def _case_of(row):
         return "isotonic-shared"
     if m == "dirichlet":
         return "dirichletcal" if peer.startswith("dirichletcal") else "dirichlet-sklearn"
+    if m in ("matrix", "vector") and peer.startswith("dirichletcal"):
+        return f"dirichletcal-{m}"
     return m
 
 

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from softcal import _temperature_fit as TF
 from softcal import reference
+from softcal._teardown import release_group_references
 from softcal.calibration import TemperatureScaler
 
 
@@ -171,6 +172,7 @@ def _entry(rank, world, init_file, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(repr((r.temperature, r.iterations, r.sample_rows, r.rows)))
     finally:
+        release_group_references()  # before destroy (softcal/_teardown.py)
         dist.destroy_process_group()
 
 

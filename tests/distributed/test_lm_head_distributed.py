@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from softcal._teardown import release_group_references
+
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
@@ -44,6 +46,7 @@ def _entry(rank, world, names, init_file):
                 raise
             dist.barrier()
     finally:
+        release_group_references()  # before destroy (softcal/_teardown.py)
         dist.destroy_process_group()
 
 

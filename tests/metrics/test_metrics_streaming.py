@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from softcal import metrics as M
+from softcal._teardown import release_group_references
 
 
 def _data(n=900, c=6, seed=0):
@@ -188,6 +189,7 @@ def _rank(rank, world, init, out):
         res.append(m.compute())
         torch.save(res, os.path.join(out, f"{rank}.pt"))
     finally:
+        release_group_references()  # before destroy (softcal/_teardown.py)
         dist.destroy_process_group()
 
 
