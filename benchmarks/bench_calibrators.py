@@ -537,11 +537,13 @@ def markdown(out):
         lines += ["", "## Fit speed at C = 100 (densenet-bc-100_c100, rows 0-4999)" + ("" if i == 0 else f" ({f.name})"), "",
                   f"Command: `{head['command']}`; {head['date']}; {head['machine']}; versions "
                   f"{json.dumps(head['versions'])}" + (f"; {head['load']}" if head.get("load") else "")
-                  + ". Times: " + ("one run each" if "previous" in f.name else
+                  + ". Times: " + ("one run each" if "previous" in f.name or "dirichletcal" in f.name else
                                    f"the least of up to {_speed_runs(head['command'])} runs (1 run "
                                    "where a fit takes over 5 s)")
                   + (", CPU time of the process with one torch thread (wall times in the CSV)"
-                     if sp and "softcal_wall_s" in sp[0] else ", wall time") + ". "
+                     if sp and "softcal_wall_s" in sp[0] else
+                     ", CPU time of one thread each" if sp and "CPU times" in sp[0].get("options", "")
+                     else ", wall time") + ". "
                   f"Objective: the mean NLL on the fit rows (matrix "
                   f"and Dirichlet against scikit-learn: its objective, mean NLL + ||W||^2 / (2 C N), C = {CREG}; "
                   "Dirichlet against dirichletcal: mean NLL + ODIR with the lam, mu given; each evaluated by the "
