@@ -119,8 +119,8 @@ struct Scratch {
 // value at every point into fit (n, the input's order); returns the number of knots (>= 1 for
 // n >= 1; 0 for n = 0), or -1 when x holds NaN, -2 when y holds NaN or infinity (nothing
 // written). x is read again only where the cut keys tie and at the blocks' ends.
-int64_t pav_one(Points x, const double* y, const double* w, int64_t n, double* kx,
-                double* kv, double* fit, Scratch& s) {
+int64_t pav_one(Points x, const double* y, const double* w, int64_t n, double* kx, double* kv,
+                double* fit, Scratch& s) {
   if (n == 0) return 0;
   // y all 0 or 1 without weights (the one-vs-rest fits): the labels travel in the words; else
   // w y and w are gathered in sorted order (independent loads) for the walk below
@@ -152,8 +152,8 @@ int64_t pav_one(Points x, const double* y, const double* w, int64_t n, double* k
   while (i < n) {
     const int64_t first = i;
     const uint32_t key = cut_key(words[i]);
-    const double xi_if_tied = (i + 1 < n && cut_key(words[i + 1]) == key) ? x[index_of(words[i])]
-                                                                           : 0.0;
+    const double xi_if_tied =
+        (i + 1 < n && cut_key(words[i + 1]) == key) ? x[index_of(words[i])] : 0.0;
     double cw = 0.0, cwy = 0.0;
     do {  // pool the ties of x: equal cut keys, then equal x
       cw += ws ? ws[i] : 1.0;
@@ -250,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> isotonic_fit_cpu(
   at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t k = begin; k < end; ++k) {
-      cp[k] = pav_one(Points{xp + k * xs0, xs1}, yp + k * n, wp ? wp + k * n : nullptr, n, kxp + k * n,
-                      kvp + k * n, fp + k * n, s);
+      cp[k] = pav_one(Points{xp + k * xs0, xs1}, yp + k * n, wp ? wp + k * n : nullptr, n,
+                      kxp + k * n, kvp + k * n, fp + k * n, s);
     }
   });
   // the input checks, from the problems' codes (x's NaN first, as a check before the fit would)

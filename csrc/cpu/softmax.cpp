@@ -81,8 +81,10 @@ void softmax_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t C, dou
         const acc_t* xa = as_acc(xr + c0, n, xbuf.data());
         // float/double: written in place (store_from_acc then copies nothing)
         acc_t* oa;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) oa = orow + c0;
-        else oa = obuf.data();
+        if constexpr (std::is_same_v<scalar_t, acc_t>)
+          oa = orow + c0;
+        else
+          oa = obuf.data();
         int64_t c = 0;
         for (; c + V <= n; c += V) {
           const Vec<acc_t> z = at::vec::fmadd(Vec<acc_t>::loadu(xa + c) - vm, vb, vl);

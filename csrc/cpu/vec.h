@@ -203,12 +203,16 @@ inline acc_t chunk_max(const acc_t* x, int64_t n) {
     constexpr bool kD = std::is_same_v<acc_t, double>;
     using M = std::conditional_t<kD, __mmask8, __mmask16>;
     auto vmax = [](const Vec<acc_t>& a, const Vec<acc_t>& m) __attribute__((always_inline)) {
-      if constexpr (kD) return Vec<acc_t>(_mm512_max_pd(a, m));  // m where a is NaN
-      else return Vec<acc_t>(_mm512_max_ps(a, m));
+      if constexpr (kD)
+        return Vec<acc_t>(_mm512_max_pd(a, m));  // m where a is NaN
+      else
+        return Vec<acc_t>(_mm512_max_ps(a, m));
     };
     auto nan_lanes = [](const Vec<acc_t>& a) __attribute__((always_inline)) {
-      if constexpr (kD) return _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q);
-      else return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+      if constexpr (kD)
+        return _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q);
+      else
+        return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
     };
     Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>);
     M nan0 = 0, nan1 = 0;
@@ -226,8 +230,10 @@ inline acc_t chunk_max(const acc_t* x, int64_t n) {
       nan0 |= nan_lanes(a);
     }
     if (nan0 | nan1) return kNaN<acc_t>;
-    if constexpr (kD) return _mm512_reduce_max_pd(vmax(m0, m1));
-    else return _mm512_reduce_max_ps(vmax(m0, m1));
+    if constexpr (kD)
+      return _mm512_reduce_max_pd(vmax(m0, m1));
+    else
+      return _mm512_reduce_max_ps(vmax(m0, m1));
   }
 #endif
   Vec<acc_t> m0(kNegInf<acc_t>), m1(kNegInf<acc_t>);
@@ -363,9 +369,7 @@ struct DoubleSum {
     lo.store(out);
     if constexpr (!std::is_same_v<acc_t, double>) hi.store(out + Vec<double>::size());
   }
-  inline double sum() const {
-    return hsum(lo + hi);
-  }
+  inline double sum() const { return hsum(lo + hi); }
 };
 
 template <typename scalar_t>
