@@ -41,12 +41,6 @@ inline uint64_t order_key(double v) {
   return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
 }
 
-// The points' (cut key, index) words in ascending order of x: the key of x cut to its top 32
-// bits (sign, exponent, 20 bits of mantissa; the same order, coarser) above the index. Below
-// kRadixMin points: std::sort by x. From kRadixMin: an LSD radix sort of the words on the cut
-// key (3 passes at most; the counts of every digit taken in one read, a digit that every key
-// shares skipped), then each run of equal cut keys (points within 2^-20 of each other) sorted
-// by the exact x. Returns false when x holds NaN.
 // A problem's x: n values at a stride (a row of a (K, n) tensor of any strides: x = p.T, a view
 // of the (n, K) probabilities, is read in place instead of copied).
 struct Points {
@@ -61,6 +55,12 @@ inline uint32_t cut_key(uint64_t word) { return static_cast<uint32_t>(word >> 32
 inline uint32_t index_of(uint64_t word) { return static_cast<uint32_t>(word) & 0x7FFFFFFFu; }
 inline double label_of(uint64_t word) { return static_cast<double>((word >> 31) & 1u); }
 
+// The points' (cut key, index) words in ascending order of x: the key of x cut to its top 32
+// bits (sign, exponent, 20 bits of mantissa; the same order, coarser) above the index. Below
+// kRadixMin points: std::sort by x. From kRadixMin: an LSD radix sort of the words on the cut
+// key (3 passes at most; the counts of every digit taken in one read, a digit that every key
+// shares skipped), then each run of equal cut keys (points within 2^-20 of each other) sorted
+// by the exact x. Returns false when x holds NaN.
 bool sort_words(Points x, const double* labels, int64_t n, std::vector<uint64_t>& words,
                 std::vector<uint64_t>& words2, std::vector<uint32_t>& count) {
   words.resize(n);

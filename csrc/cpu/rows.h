@@ -86,12 +86,11 @@ inline void chunk_accumulate(const acc_t* x, const acc_t* w, int64_t n, acc_t be
                                          : Vec<acc_t>::blendv(zero, one, t.lanes);
     step(1, t.masked, Vec<acc_t>::blendv(vm, t.loaded, t.lanes), wv);
   }
-  auto sum = [](const Vec<acc_t>& v) { return hsum(v); };
-  st.rest += sum(r[0] + r[1]);
-  st.n1 += sum(c[0] + c[1]);
+  st.rest += hsum(r[0] + r[1]);
+  st.n1 += hsum(c[0] + c[1]);
   if constexpr (kDot) {
-    st.D += sum(d[0] + d[1]);
-    Wseen += w != nullptr ? sum(ws[0] + ws[1]) : static_cast<acc_t>(n);
+    st.D += hsum(d[0] + d[1]);
+    Wseen += w != nullptr ? hsum(ws[0] + ws[1]) : static_cast<acc_t>(n);
   }
 }
 

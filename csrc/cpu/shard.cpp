@@ -96,10 +96,9 @@ at::Tensor shard_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
                 if (smoothing) sd += wc ? (m - xa[k]) * wc[k] : m - xa[k];
               }
             }
-            auto sum = [](const Vec<acc_t>& v) { return hsum(v); };
             o[0] = m;
-            o[1] = std::log(sum(vs) + ss);
-            o[2] = smoothing ? sum(vd) + sd : acc_t(0);
+            o[1] = std::log(hsum(vs) + ss);
+            o[2] = smoothing ? hsum(vd) + sd : acc_t(0);
           }
         });
       });

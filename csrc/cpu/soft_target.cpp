@@ -142,10 +142,9 @@ inline SoftRow<acc_t> soft_row(const SoftParams<acc_t>& p, const scalar_t* x, co
       vd = vd - Vec<acc_t>::blendv(vzero, u * dx, u != vzero);  // 0 log 0 = 0
       vU = vU + u;
     }
-    auto sum = [](const Vec<acc_t>& v) { return hsum(v); };
-    r.s += sum(vs);
-    r.d += sum(vd);
-    r.U += sum(vU);
+    r.s += hsum(vs);
+    r.d += hsum(vd);
+    r.U += hsum(vU);
   }
   return r;
 }

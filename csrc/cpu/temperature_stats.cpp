@@ -92,7 +92,7 @@ at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& tar
             acc_t mx = kNegInf<acc_t>;
             for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
               const int64_t n = std::min(kChunk, C - c0);
-              const acc_t cm = max_ignoring_nan(as_acc(xr + c0, n, buf.data()), n);
+              const acc_t cm = chunk_max(as_acc(xr + c0, n, buf.data()), n);
               mx = (std::isnan(cm) || cm > mx) ? cm : mx;
             }
             if (!std::isfinite(mx)) {
@@ -101,8 +101,7 @@ at::Tensor temperature_stats_cpu(const at::Tensor& logits, const at::Tensor& tar
             }
             const Vec<acc_t> vm(mx), vb(beta), vninf(kNegInf<acc_t>), vzero(0), vone(1);
             Vec<acc_t> v0(0), v1(0), v2(0), vn(0);
-            // one vector of the row: -inf lanes (masked tail lanes among them) add nothing; a
-            // NaN lane makes the sums NaN (the max above ignores NaN)
+            // one vector of the row: -inf lanes (masked tail lanes among them) add nothing
             auto add = [&](const Vec<acc_t>& xv) __attribute__((always_inline)) {
               const Vec<acc_t> live = xv != vninf;
               const Vec<acc_t> d = Vec<acc_t>::blendv(vzero, xv - vm, live);

@@ -298,31 +298,6 @@ float max_ignoring_nan_f32(const float* x, int64_t n) {
 }
 #endif
 
-// Max of x[0:n] ignoring NaN (-inf for none), float or double: the AVX-512 routine above (and
-// its double twin) where built for it, else the NaN-propagating chunk_max (whose NaN the callers
-// also detect through the exps).
-template <typename acc_t>
-SOFTCAL_ALWAYS_INLINE acc_t max_ignoring_nan(const acc_t* x, int64_t n) {
-#if SOFTCAL_AVX512_EXP
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return max_ignoring_nan_f32(x, n);
-  } else if constexpr (std::is_same_v<acc_t, double>) {
-    const __m512d ninf = _mm512_set1_pd(kNegInf<double>);
-    __m512d m[4] = {ninf, ninf, ninf, ninf};
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32)
-      for (int k = 0; k < 4; ++k) m[k] = _mm512_max_pd(_mm512_loadu_pd(x + i + 8 * k), m[k]);
-    for (int k = 0; i < n; i += 8, k = (k + 1) & 3) {
-      const __mmask8 lanes = n - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (n - i)) - 1);
-      m[k] = _mm512_max_pd(_mm512_mask_loadu_pd(ninf, lanes, x + i), m[k]);
-    }
-    return _mm512_reduce_max_pd(
-        _mm512_max_pd(_mm512_max_pd(m[0], m[1]), _mm512_max_pd(m[2], m[3])));
-  }
-#endif
-  return chunk_max(x, n);
-}
-
 // a[j] = log1p(a[j]) for j < n (SLEEF's vector log1p, 1 ulp)
 template <typename acc_t>
 inline void log1p_n(acc_t* a, int64_t n) {
